@@ -1,0 +1,124 @@
+"""The inferlet host API, declared once.
+
+Every call an inferlet can make is one row of HOST_CALLS. The WIT world
+(pie/runtime/inferlet.wit) is generated from this table and checked against it
+by a test; the host table (pie.runtime.hostapi) implements exactly these
+names; both executors (dev, wasm) and the guest SDK's ABI (pie.inferlet._abi)
+dispatch by these names. Types are WIT type expressions.
+
+Modes:
+- "sync":   answered at once by the host (no waiting), e.g. get_arguments.
+- "async":  the guest parks until the result is ready (a model forward, a
+            receive); in the guest this is `await _abi.call_async(name, *args)`.
+- "command": a model command queued in order on its queue; the guest does not
+            wait. If it fails later, the instance is terminated with the reason
+            (Pie's fire-and-forget semantics; `synchronize` waits for them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DIST = "tuple<list<u32>, list<f32>>"
+
+
+@dataclass(frozen=True)
+class HostCall:
+    name: str
+    params: tuple[tuple[str, str], ...]
+    result: str | None
+    mode: str  # "sync" | "async" | "command"
+    doc: str
+
+
+def _c(name: str, params: str, result: str | None, mode: str, doc: str) -> HostCall:
+    pairs = tuple(
+        tuple(p.strip().split(":", 1)) for p in params.split(";") if p.strip()
+    )
+    return HostCall(name, tuple((n.strip(), t.strip()) for n, t in pairs), result, mode, doc)
+
+
+_Q = "queue: u32;"
+
+HOST_CALLS: dict[str, HostCall] = {
+    c.name: c
+    for c in [
+        # ---- runtime
+        _c("get_version", "", "string", "sync", "Engine version."),
+        _c("get_instance_id", "", "string", "sync", "This instance's UUID."),
+        _c("get_arguments", "", "list<string>", "sync", "Launch arguments (argv style)."),
+        _c("set_return", "value: string", None, "sync", "The instance's result text."),
+        _c("debug_query", "query: string", "string", "sync", "Runtime debug query (Pie §3.6)."),
+        _c("time_ms", "", "u64", "sync", "Monotonic milliseconds."),
+        _c("sleep", "ms: u32", None, "async", "Park for ms milliseconds."),
+        # ---- models and queues
+        _c("get_all_models", "", "list<string>", "sync", "Names of served models."),
+        _c("get_model", "name: string", "option<u32>", "sync", "Service id of a model by name."),
+        _c("model_info", "service: u32", "list<tuple<string, string>>", "sync",
+           "name, description, version, license, traits (comma list), chat_template, "
+           "eos_token_ids (comma list), kv_page_size, dist_size, vocab_size."),
+        _c("create_queue", "service: u32", "u32", "sync", "A new command queue on a model."),
+        _c("set_priority", _Q + "priority: string", None, "sync", "low | normal | high."),
+        _c("synchronize", _Q, "bool", "async", "Wait until every earlier command ran."),
+        _c("queue_debug_query", _Q + "query: string", "string", "async", "Worker debug query."),
+        # ---- KV pages and embeds (virtual ids chosen by the guest)
+        _c("get_kv_page_size", _Q, "u32", "sync", "Tokens per KV page."),
+        _c("get_all_exported_kv_pages", _Q, "list<tuple<string, u32>>", "sync",
+           "Exported page sets: (name, page count)."),
+        _c("allocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Create pages."),
+        _c("deallocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Drop references."),
+        _c("allocate_embeds", _Q + "ids: list<u32>", None, "command", "Create embed slots."),
+        _c("deallocate_embeds", _Q + "ids: list<u32>", None, "command", "Free embed slots."),
+        _c("copy_kv_page", _Q + "src: u32; dst: u32; src_offset: u32; dst_offset: u32; size: u32",
+           None, "command", "Copy token slots between pages."),
+        _c("mask_kv_page", _Q + "page: u32; mask: list<bool>", None, "command",
+           "Slot validity for the embedding path."),
+        _c("export_kv_pages", _Q + "ids: list<u32>; name: string; persistent: bool", None,
+           "command", "Publish pages under a name."),
+        _c("unexport_kv_pages", _Q + "name: string", None, "command", "Remove an export."),
+        _c("import_kv_pages", _Q + "ids: list<u32>; name: string", None, "command",
+           "Map exported pages under new ids (shared, no copy)."),
+        # ---- forward passes
+        _c("forward_text",
+           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+           "masks: list<list<u32>>; output_indices: list<u32>",
+           f"list<{DIST}>", "async", "Forward tokens; top-k distribution per output index."),
+        _c("forward_text_no_output",
+           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+           "masks: list<list<u32>>", None, "command", "Prefill: forward without outputs."),
+        _c("embed_text", _Q + "embeds: list<u32>; tokens: list<u32>; positions: list<u32>",
+           None, "command", "Fill input embed slots from tokens."),
+        _c("forward",
+           _Q + "last_page_len: u32; pages: list<u32>; input_embeds: list<u32>; "
+           "output_embeds: list<u32>", None, "command",
+           "Forward input embeds; distributions of the last tokens go to output embeds."),
+        _c("get_next_token_distribution", _Q + "embeds: list<u32>", f"list<{DIST}>", "async",
+           "Distributions stored in output embeds."),
+        # ---- tokenizer
+        _c("tokenize", "service: u32; text: string", "list<u32>", "sync", "Encode text."),
+        _c("detokenize", "service: u32; tokens: list<u32>", "string", "sync", "Decode tokens."),
+        _c("get_vocabs", "service: u32", "tuple<list<u32>, list<list<u8>>>", "sync",
+           "Regular token ids and their bytes."),
+        # ---- messaging and the key-value store
+        _c("send", "message: string", None, "sync", "To the owning client (instance_event)."),
+        _c("receive", "", "string", "async", "Next message from the client (signal_instance)."),
+        _c("broadcast", "topic: string; message: string", None, "sync", "Publish to subscribers."),
+        _c("subscribe", "topic: string", "u32", "sync", "Subscribe; returns a subscription id."),
+        _c("subscription_next", "subscription: u32", "string", "async",
+           "Next message of a subscription (every message, in order)."),
+        _c("unsubscribe", "subscription: u32", None, "sync", "End a subscription."),
+        _c("store_get", "key: string", "option<string>", "async", "Persistent KV store get."),
+        _c("store_set", "key: string; value: string", None, "async", "Set (durable on return)."),
+        _c("store_delete", "key: string", None, "async", "Delete."),
+        _c("store_exists", "key: string", "bool", "async", "Membership."),
+        _c("store_list_keys", "", "list<string>", "async", "All keys."),
+    ]
+}
+
+MODEL_COMMANDS = frozenset(
+    name for name, c in HOST_CALLS.items()
+    if c.params and c.params[0] == ("queue", "u32") and name not in {
+        "set_priority", "get_kv_page_size", "get_all_exported_kv_pages",
+    }
+)
+"""Calls the runtime forwards to IModelService.submit (everything that runs on the model, in queue order)."""

@@ -142,6 +142,7 @@ class IModelWorker(Interface):
     """
 
     info = Attribute("pie.model.batch.WorkerInfo")
+    tokenizer = Attribute("ITokenizer of the served model (a remote worker ships it in its handshake).")
 
     def execute(job: object) -> object:
         """Run one pie.model.batch job; Deferred with its result."""

@@ -1,0 +1,125 @@
+"""Daemon settings: one table, read from command-line flags and a TOML file.
+
+Every setting has a TOML key (underscores) and a flag (dashes): `num_pages` in
+the file is `--num-pages` on the command line. A flag given on the command line
+wins over the file, the file wins over the default. docs/configuration.md
+documents each key; tests check that it names every one.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    kind: type
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return self.key.replace("_", "-")
+
+
+def default_home() -> str:
+    """$PIE_HOME, else ~/.cache/pie (where Pie keeps models and programs)."""
+    return os.environ.get("PIE_HOME") or str(Path.home() / ".cache" / "pie")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "port",
+        "tcp:8080:interface=127.0.0.1",
+        str,
+        "Endpoint to listen on for clients (a bare number N means tcp:N).",
+    ),
+    Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
+    Setting(
+        "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
+    ),
+    Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
+    Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
+    Setting("model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models or a path."),
+    Setting("device", "cpu", str, "Torch device for the model worker (cpu, cuda, cuda:1)."),
+    Setting("dtype", "float32", str, "Torch dtype of the weights (float32, bfloat16, float16)."),
+    Setting("page_size", 16, int, "Tokens per KV-cache page."),
+    Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
+    Setting("batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."),
+    Setting("executor", "wasm", str, "Inferlet executor: wasm (sandboxed) or dev (in-process)."),
+    Setting("max_program_size", 64 * 1024 * 1024, int, "Largest program upload accepted, in bytes."),
+    Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
+    Setting(
+        "max_outbound", 16 * 1024 * 1024, int, "Unread bytes queued for one client before it is dropped."
+    ),
+)
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+EXECUTORS = ("wasm", "dev")
+
+
+class ConfigError(usage.UsageError):
+    """A setting is unknown or has the wrong type; the message names it."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file of settings, checking every key and type."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    values = {}
+    for key, value in raw.items():
+        setting = SETTINGS_BY_KEY.get(key)
+        if setting is None:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} (known: {', '.join(SETTINGS_BY_KEY)})"
+            )
+        if (setting.kind is int and type(value) is not int) or not isinstance(value, setting.kind):
+            raise ConfigError(f"{path}: {key} must be a {setting.kind.__name__}, got {value!r}")
+        values[key] = value
+    return values
+
+
+def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
+    """Merge defaults < file < command line (cli holds None for flags not given)."""
+    merged: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = cli.get(setting.key)
+        if value is None:
+            value = file_values.get(setting.key, setting.default)
+        merged[setting.key] = value
+    if not merged["home"]:
+        merged["home"] = default_home()
+    port = str(merged["port"])
+    merged["port"] = f"tcp:{port}" if port.isdigit() else port
+    if merged["executor"] not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}")
+    for key in ("page_size", "num_pages", "dist_size", "max_program_size", "max_message_size"):
+        if merged[key] < 1:
+            raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    if merged["max_message_size"] < 300 * 1024:
+        raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
+    return merged
+
+
+def auth_secret(config: dict[str, Any]) -> str | None:
+    """The secret the daemon checks tokens with, or None when auth is off."""
+    from pie.server.auth import load_or_create_secret
+
+    if not config["auth"]:
+        return None
+    if config["auth_secret"]:
+        return config["auth_secret"]
+    path = config["auth_secret_file"] or os.path.join(config["home"], "auth_secret")
+    return load_or_create_secret(Path(path))

@@ -1,0 +1,490 @@
+"""One WebSocket session per client: Pie 0.1.1's protocol with its bugs fixed.
+
+Requests of one session are handled strictly in order (as the seed's
+per-session task does), so a `signal_instance` sent right after a
+`launch_instance` finds the instance owned. Each session is the
+`IInstanceOwner` of what it launched: the runtime delivers that instance's
+events here, and a disconnect terminates it.
+
+What differs from the seed (spec §10): unauthenticated requests are refused and
+have no effect; every bad frame gets an answer; unknown query subjects get a
+failure; uploads are validated; the owner is registered before the instance
+starts and early events are held back until the launch response is out; each
+instance yields exactly one `terminated`; a slow reader cannot make the daemon
+buffer without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pie.interfaces import IInstanceOwner, IRuntime, PieError
+from pie.server import messages
+from pie.server.auth import AuthError, Claims, validate_token
+from pie.server.messages import BadMessage
+from pie.server.uploads import (
+    DEFAULT_MAX_PROGRAM_SIZE,
+    Upload,
+    UploadAssembler,
+    UploadError,
+    check_program_hash,
+)
+
+REASON_USER_TERMINATED = "user terminated the program"
+REASON_CONNECTION_CLOSED = "socket terminated"
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
+DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
+INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
+CLOSE_GOING_AWAY = 1001
+
+
+@implementer(IPushProducer)
+class _OutboundGate:
+    """Registered with the transport so that a full send buffer pauses the session."""
+
+    def __init__(self, session: PieServerProtocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        self._session.setWritePaused(True)
+
+    def resumeProducing(self) -> None:
+        self._session.setWritePaused(False)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; onClose does the cleanup
+
+
+@implementer(IInstanceOwner)
+class PieServerProtocol(WebSocketServerProtocol):
+    log = Logger()
+    factory: PieServerFactory
+
+    # ------------------------------------------------------------------ connection life
+
+    def onConnect(self, request: Any) -> None:
+        self.authenticated = not self.factory.auth_enabled
+        self.claims: Claims | None = None
+        self.uploads = UploadAssembler(self.factory.max_program_size)
+        self.owned: set[str] = set()
+        self._early: dict[str, list[tuple[str, str]]] = {}
+        self._pending_launches = 0
+        self._inbox: deque[tuple[bytes, bool]] = deque()
+        self._busy = False
+        self._closed = False
+        self._dropping = False
+        self._write_paused = False
+        self._reading_paused = False
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self.closed: Deferred[None] = Deferred()
+
+    def onOpen(self) -> None:
+        self.registerProducer(_OutboundGate(self), True)
+        self.factory.sessions.add(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not hasattr(self, "closed") or self._closed:
+            return  # the handshake never completed, or already cleaned up
+        self._closed = True
+        self.factory.sessions.discard(self)
+        self._inbox.clear()
+        self._backlog.clear()
+        self.uploads.abandon()
+        for instance_id in sorted(self.owned):
+            self._terminate(instance_id, REASON_CONNECTION_CLOSED)
+        self.owned.clear()
+        self._early.clear()
+        self.closed.callback(None)
+
+    # ------------------------------------------------------------------ inbound, in order
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._inbox.append((payload, isBinary))
+        self._update_reading()
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._inbox and not self._busy and not self._closed:
+            payload, is_binary = self._inbox.popleft()
+            d = maybeDeferred(self._handle_frame, payload, is_binary)
+            d.addErrback(self._internal_error, None)
+            if not d.called:
+                self._busy = True
+                d.addBoth(self._resume_draining)
+        self._update_reading()
+
+    def _resume_draining(self, _: object) -> None:
+        self._busy = False
+        self._drain()
+
+    def _handle_frame(self, payload: bytes, is_binary: bool) -> Deferred | None:
+        if not is_binary:
+            self._send(
+                messages.server_event(
+                    "text frames are not supported: send msgpack maps in binary frames"
+                )
+            )
+            return None
+        try:
+            kind, fields = messages.decode_client_message(payload)
+        except BadMessage as e:
+            self._refuse(e.corr_id, f"bad message: {e}")
+            return None
+        if not self.authenticated and kind != "authenticate":
+            self._refuse(fields.get("corr_id"), f"Not authenticated ({kind} refused)")
+            return None
+        handler: Callable[..., Deferred | None] = getattr(self, f"_on_{kind}")
+        return handler(**fields)
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_authenticate(self, corr_id: int, token: str) -> None:
+        if self.authenticated:
+            self._respond(corr_id, True, "Already authenticated")
+            return
+        try:
+            claims = validate_token(self.factory.auth_secret, token)
+        except AuthError as e:
+            self._respond(corr_id, False, f"Invalid token: {e}")
+            return
+        self.authenticated, self.claims = True, claims
+        self._respond(corr_id, True, claims.subject)
+
+    def _on_query(self, corr_id: int, subject: str, record: str) -> Deferred | None:
+        runtime = self.factory.runtime
+        if subject == "program_exists":
+            return self._request(
+                corr_id,
+                lambda: maybeDeferred(
+                    runtime.program_exists, check_program_hash(record)
+                ).addCallback(lambda exists: "true" if exists else "false"),
+            )
+        if subject == "model_status":
+            return self._request(
+                corr_id, lambda: maybeDeferred(runtime.model_status).addCallback(json.dumps)
+            )
+        self._respond(
+            corr_id,
+            False,
+            f"Unknown query subject: {subject!r} (known: program_exists, model_status)",
+        )
+        return None
+
+    def _on_upload_program(
+        self,
+        corr_id: int,
+        program_hash: str,
+        chunk_index: int,
+        total_chunks: int,
+        chunk_data: bytes,
+    ) -> Deferred | None:
+        if self.uploads.is_leftover(corr_id, program_hash, chunk_index):
+            return None  # a later chunk of an upload already refused once
+        superseded = self.uploads.current if chunk_index == 0 else None
+        try:
+            program = self.uploads.add_chunk(
+                corr_id, program_hash, chunk_index, total_chunks, chunk_data
+            )
+        except UploadError as e:
+            self._respond(corr_id, False, str(e))
+            self._abandoned(corr_id, [e.dropped, superseded], f"upload abandoned: {e}")
+            return None
+        self._abandoned(
+            corr_id, [superseded], "upload abandoned: a new upload started on this connection"
+        )
+        if program is None:
+            return None
+        return self._request(corr_id, lambda: self.factory.runtime.add_program(program))
+
+    def _abandoned(self, corr_id: int, uploads: list[Upload | None], reason: str) -> None:
+        """Answer the other corr_ids whose uploads were dropped, once each."""
+        for corr in {u.corr_id for u in uploads if u is not None} - {corr_id}:
+            self._respond(corr, False, reason)
+
+    def _on_launch_instance(
+        self, corr_id: int, program_hash: str, arguments: list[str]
+    ) -> Deferred:
+        return self._launch(
+            corr_id,
+            lambda h: self.factory.runtime.launch(h, arguments, self),
+            program_hash,
+        )
+
+    def _on_launch_server_instance(
+        self, corr_id: int, port: int, program_hash: str, arguments: list[str]
+    ) -> Deferred:
+        if not 1 <= port <= 65535:
+            self._respond(corr_id, False, f"port {port} is not in 1..65535")
+            return succeed(None)
+        return self._launch(
+            corr_id,
+            lambda h: self.factory.runtime.launch_server(h, port, arguments, self),
+            program_hash,
+        )
+
+    def _on_attach_remote_service(
+        self, corr_id: int, endpoint: str, service_type: str, service_name: str
+    ) -> Deferred | None:
+        if self.factory.auth_enabled and not (self.claims and self.claims.is_admin):
+            self._respond(corr_id, False, "attach_remote_service requires a token with role Admin")
+            return None
+        return self._request(
+            corr_id,
+            lambda: self.factory.runtime.attach_remote_service(
+                endpoint, service_type, service_name
+            ),
+        )
+
+    # ------------------------------------------------------------------ fire-and-forget
+
+    def _on_signal_instance(self, instance_id: str, message: str) -> None:
+        instance_id = self._owned_id(instance_id, "signal_instance")
+        if instance_id is not None:
+            self._fire_and_forget(
+                "signal_instance", lambda: self.factory.runtime.signal(instance_id, message)
+            )
+
+    def _on_terminate_instance(self, instance_id: str) -> None:
+        instance_id = self._owned_id(instance_id, "terminate_instance")
+        if instance_id is not None:
+            self._fire_and_forget(
+                "terminate_instance", lambda: self._terminate(instance_id, REASON_USER_TERMINATED)
+            )
+
+    def _owned_id(self, instance_id: str, kind: str) -> str | None:
+        """The canonical id if this session owns it; otherwise tell the client and return None."""
+        try:
+            canonical = str(uuid.UUID(instance_id))
+        except ValueError:
+            canonical = instance_id
+        if canonical in self.owned:
+            return canonical
+        self._send(
+            messages.server_event(
+                f"{kind}: no running instance {instance_id[:80]!r} owned by this connection"
+            )
+        )
+        return None
+
+    def _fire_and_forget(self, kind: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+        except PieError as e:
+            self._send(messages.server_event(f"{kind} failed: {e}"))
+
+    def _terminate(self, instance_id: str, reason: str) -> None:
+        try:
+            self.factory.runtime.terminate(instance_id, reason)
+        except Exception:
+            self.log.failure("runtime.terminate({id}) failed", id=instance_id)
+
+    # ------------------------------------------------------------------ launches and events
+
+    def _launch(self, corr_id: int, start: Callable[[str], object], program_hash: str) -> Deferred:
+        try:
+            program_hash = check_program_hash(program_hash)
+        except UploadError as e:
+            self._respond(corr_id, False, str(e))
+            return succeed(None)
+        self._pending_launches += 1
+        d = maybeDeferred(start, program_hash)
+
+        def launched(instance_id: str) -> None:
+            self._pending_launches -= 1
+            if self._closed:  # the client left while it was starting
+                self._terminate(instance_id, REASON_CONNECTION_CLOSED)
+                return
+            self._respond(corr_id, True, instance_id)
+            self.owned.add(instance_id)
+            for event, message in self._early.pop(instance_id, []):
+                self._event(instance_id, event, message)
+            self._drop_unclaimed_events()
+
+        def failed(failure: Failure) -> None:
+            self._pending_launches -= 1
+            self._drop_unclaimed_events()
+            self._answer_failure(corr_id, failure)
+
+        d.addCallbacks(launched, failed)
+        return d
+
+    def instance_message(self, instance_id: str, message: str) -> None:
+        self._event(instance_id, "message", message)
+
+    def instance_terminated(self, instance_id: str, reason: str) -> None:
+        self._event(instance_id, "terminated", reason)
+
+    def _event(self, instance_id: str, event: str, message: str) -> None:
+        if self._closed:
+            return
+        if instance_id in self.owned:
+            if event == "terminated":
+                self.owned.discard(instance_id)
+            self._send(messages.instance_event(instance_id, event, message))
+        elif self._pending_launches:
+            # The runtime knows its owner before launch() answers; hold the
+            # events so the client sees the instance id first.
+            held = self._early.setdefault(instance_id, [])
+            if not (held and held[-1][0] == "terminated"):
+                held.append((event, message))
+        else:
+            self.log.debug("dropping {event} of {id}: not owned", event=event, id=instance_id)
+
+    def _drop_unclaimed_events(self) -> None:
+        if not self._pending_launches and self._early:
+            self.log.warn("dropping events of unclaimed instances {ids}", ids=sorted(self._early))
+            self._early.clear()
+
+    # ------------------------------------------------------------------ answering
+
+    def _request(self, corr_id: int, action: Callable[[], object]) -> Deferred:
+        d = maybeDeferred(action)
+        d.addCallbacks(
+            lambda result: self._respond(corr_id, True, str(result)),
+            lambda failure: self._answer_failure(corr_id, failure),
+        )
+        return d
+
+    def _answer_failure(self, corr_id: int | None, failure: Failure) -> None:
+        if failure.check(PieError):
+            self._refuse(corr_id, str(failure.value))
+        else:
+            self._internal_error(failure, corr_id)
+
+    def _internal_error(self, failure: Failure, corr_id: int | None) -> None:
+        self.log.failure("internal error while handling a request", failure)
+        self._refuse(
+            corr_id, f"internal server error ({failure.type.__name__}); see the daemon log"
+        )
+
+    def _refuse(self, corr_id: int | None, reason: str) -> None:
+        if corr_id is None:
+            self._send(messages.server_event(reason))
+        else:
+            self._respond(corr_id, False, reason)
+
+    def _respond(self, corr_id: int, successful: bool, result: str) -> None:
+        self._send(messages.response(corr_id, successful, result))
+
+    # ------------------------------------------------------------------ outbound, bounded
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._closed or self._dropping:
+            return
+        payload = messages.encode(message)
+        if len(payload) > self.factory.max_message_size:
+            payload = messages.encode(
+                _too_big(message, len(payload), self.factory.max_message_size)
+            )
+        if self._write_paused or self._backlog:
+            self._backlog.append(payload)
+            self._backlog_bytes += len(payload)
+            if self._backlog_bytes > self.factory.max_outbound:
+                self._give_up_on_slow_reader()
+            return
+        self.sendMessage(payload, isBinary=True)
+
+    def setWritePaused(self, paused: bool) -> None:
+        """Called by the transport (through the gate) as its send buffer fills and drains."""
+        self._write_paused = paused
+        while self._backlog and not self._write_paused and not self._closed:
+            payload = self._backlog.popleft()
+            self._backlog_bytes -= len(payload)
+            self.sendMessage(payload, isBinary=True)
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Stop reading a client that does not read its replies or floods requests."""
+        should_pause = not self._closed and (
+            self._write_paused or len(self._inbox) >= INBOX_HIGH_WATER
+        )
+        if should_pause != self._reading_paused and self.transport is not None:
+            self._reading_paused = should_pause
+            if should_pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _give_up_on_slow_reader(self) -> None:
+        limit = self.factory.max_outbound
+        self.log.warn(
+            "closing {peer}: over {limit} bytes of unread replies", peer=self.peer, limit=limit
+        )
+        self._dropping = True
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
+
+
+def _too_big(message: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
+    """What to send instead of a message the client could not accept (over its size limit)."""
+    what = message["type"]
+    if what == "response":
+        return messages.response(
+            message["corr_id"],
+            False,
+            f"result of {size} bytes exceeds the message size limit {limit}",
+        )
+    if what == "instance_event":
+        return messages.server_event(
+            f"instance {message['instance_id']}: {message['event']} of {size} bytes dropped, "
+            f"over the message size limit {limit}"
+        )
+    return messages.server_event(f"server event of {size} bytes dropped (limit {limit})")
+
+
+class PieServerFactory(WebSocketServerFactory):
+    """Shared state of all sessions: the runtime, the auth secret, the limits."""
+
+    protocol = PieServerProtocol
+
+    def __init__(
+        self,
+        runtime: IRuntime,
+        auth_secret: str | None,
+        max_program_size: int = DEFAULT_MAX_PROGRAM_SIZE,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_outbound: int = DEFAULT_MAX_OUTBOUND,
+        reactor: Any = None,
+    ) -> None:
+        """auth_secret None disables authentication (every session starts authenticated)."""
+        super().__init__(reactor=reactor)
+        self.runtime = runtime
+        self.auth_secret = auth_secret
+        self.max_program_size = max_program_size
+        self.max_message_size = max_message_size
+        self.max_outbound = max_outbound
+        self.sessions: set[PieServerProtocol] = set()
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            failByDrop=False,  # send a close frame with 1009 instead of a bare TCP reset
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            autoPingInterval=30,
+            autoPingTimeout=20,
+            allowNullOrigin=True,
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_secret is not None
+
+    def close_all(self, reason: str = "server shutting down") -> Deferred:
+        """Close every session (their instances end); fires when all are gone."""
+        waiting = [session.closed for session in self.sessions]
+        for session in list(self.sessions):
+            session.sendClose(CLOSE_GOING_AWAY, reason)
+        return DeferredList(waiting, consumeErrors=True)

@@ -1,0 +1,67 @@
+"""`twistd pie`: the daemon's options and its service tree.
+
+twisted/plugins/pie_plugin.py names this module; twistd imports it only when
+`pie` runs, so the heavy imports (runtime, torch) stay out of plugin scans.
+makeService runs before twistd forks, so it builds objects but starts no
+threads: those start in the services' startService.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from pie import config as pieconfig
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve pie: clients upload inferlets and run them next to the model over a "
+        "WebSocket (msgpack frames). Settings may also come from a TOML file (--config); "
+        "flags given here win. See docs/configuration.md."
+    )
+    optFlags = [["no-auth", None, "Disable authentication (local use only)."]]
+    optParameters = [["config", "c", None, "TOML file of settings."]] + [
+        [s.flag, None, None, f"{s.help} [default: {s.default}]", s.kind]
+        for s in pieconfig.SETTINGS
+        if s.kind is not bool
+    ]
+
+    def postOptions(self) -> None:
+        cli = {s.key: self[s.flag] for s in pieconfig.SETTINGS if s.kind is not bool}
+        cli["auth"] = False if self["no-auth"] else None
+        file_values = pieconfig.load_config_file(self["config"]) if self["config"] else {}
+        self.settings = pieconfig.resolve(cli, file_values)
+
+
+def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> MultiService:
+    """Compose the daemon: the runtime (built from the settings unless given) and the listener."""
+    from pie.server.protocol import PieServerFactory
+    from pie.server.service import ClientListenerService
+
+    if reactor is None:
+        from twisted.internet import reactor
+    settings = config.settings
+    top = MultiService()
+    if runtime is None:
+        from pie.runtime.runtime import Runtime
+
+        runtime = Runtime(settings, reactor=reactor)
+    if IService.providedBy(runtime):
+        runtime.setServiceParent(top)
+    factory = PieServerFactory(
+        runtime,
+        auth_secret=pieconfig.auth_secret(settings),
+        max_program_size=settings["max_program_size"],
+        max_message_size=settings["max_message_size"],
+        max_outbound=settings["max_outbound"],
+        reactor=reactor,
+    )
+    listener = ClientListenerService(serverFromString(reactor, settings["port"]), factory)
+    listener.setName("clients")
+    listener.setServiceParent(top)
+    return top

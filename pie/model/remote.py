@@ -1,0 +1,477 @@
+"""Model workers in other processes and on other hosts: the `l4m` wire, both ends.
+
+A `pie worker` process owns a model (the same IModelWorker as in-process)
+and serves it over a WebSocket; the daemon holds a RemoteWorker, an
+IModelWorker whose jobs travel as msgpack maps in binary frames. The jobs are
+pie.model.batch's plain dataclasses (`to_wire`/`from_wire`), so this module
+adds only the envelope, the handshake and the fault handling. docs/remote-workers.md
+is the reference for the frames.
+
+Handshake (protocol PROTOCOL_VERSION): the worker speaks first with a random
+nonce; the daemon proves it knows the shared secret with HMAC-SHA256(secret,
+nonce) (the secret never crosses the wire); the worker answers `welcome` with
+its WorkerInfo (model, page size, dist size, capacity) and its tokenizer.
+A worker serves one daemon at a time: everything else is refused.
+
+Faults: when the connection to a worker drops, every job in flight and every
+later job errbacks with InstanceFault("model worker <name> at <endpoint>
+lost: ..."), so the runtime terminates exactly the instances that used it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import os
+import re
+from collections.abc import Callable
+
+import msgpack
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pie.interfaces import IModelWorker, InstanceFault, PieError
+from pie.model import batch
+
+log = Logger()
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "pie-l4m.v1"
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a prefill of thousands of tokens with masks fits easily
+HELLO_TIMEOUT_S = 10.0  # the worker drops a peer that has not authenticated by then
+HANDSHAKE_TIMEOUT_S = 30.0  # the daemon gives up on a worker that has not said welcome
+
+CLOSE_REFUSED = 4001  # bad token, wrong protocol, or attached to another daemon
+CLOSE_BAD_FRAME = 4003  # text frame, bad msgpack, or a message out of place
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(payload: bytes) -> dict:
+    message = msgpack.unpackb(payload, raw=False)
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("not a msgpack map with a 'type'")
+    return message
+
+
+def proof(secret: bytes, nonce: bytes) -> bytes:
+    """What the daemon sends to show it holds the secret, without sending the secret."""
+    return hmac.new(secret, b"pie-l4m-hello:" + nonce, hashlib.sha256).digest()
+
+
+_ENDPOINT = re.compile(r"^(?:(?:ws|tcp)://)?(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d+)/?$")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of 'ws://host:port', 'tcp://host:port' (Pie's form) or 'host:port'."""
+    match = _ENDPOINT.match(endpoint.strip())
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise PieError(f"bad worker endpoint {endpoint!r}: expected ws://HOST:PORT")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+# --------------------------------------------------------------------------- tokenizer and results
+
+
+def tokenizer_to_wire(tokenizer: object) -> dict:
+    """The served model's tokenizer as msgpack-ready data (IModelWorker.tokenizer's to_wire)."""
+    return tokenizer.to_wire()
+
+
+def tokenizer_from_wire(data: dict) -> object:
+    """The daemon's ITokenizer rebuilt from a worker's handshake."""
+    from pie.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_wire(data)
+
+
+def result_from_wire(job: object, result: object) -> object:
+    """Restore the shapes msgpack flattens (a Distribution is a tuple of two lists)."""
+    if isinstance(job, batch.Forward):
+        return [
+            outputs if item.sampling is not None else [tuple(dist) for dist in outputs]
+            for item, outputs in zip(job.items, result, strict=True)
+        ]
+    if isinstance(job, batch.GetDistributions):
+        return [tuple(dist) for dist in result]
+    return result
+
+
+# --------------------------------------------------------------------------- the worker's end
+
+
+class WorkerServerProtocol(WebSocketServerProtocol):
+    """One peer of a `pie worker`: challenge, verify, then execute its jobs in order."""
+
+    factory: WorkerServerFactory
+
+    def onOpen(self) -> None:
+        self.nonce = os.urandom(32)
+        self.authenticated = False
+        self.helloTimer = self.factory.clock.callLater(
+            HELLO_TIMEOUT_S, self._refuse, "no hello within the handshake timeout"
+        )
+        self._send({"type": "challenge", "protocol": PROTOCOL_VERSION, "nonce": self.nonce})
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if not isBinary:
+                raise ValueError("text frame (binary msgpack frames only)")
+            message = unpack(payload)
+        except Exception as error:
+            self._drop(CLOSE_BAD_FRAME, f"bad frame: {error}")
+            return
+        if not self.authenticated:
+            self._hello(message)
+        elif message["type"] == "job":
+            self._job(message)
+        else:
+            self._drop(CLOSE_BAD_FRAME, f"unexpected message type {message['type']!r}")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        timer = getattr(self, "helloTimer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.factory.daemon is self:
+            self.factory.daemon = None
+            log.info("daemon {peer} detached ({reason})", peer=self.peer, reason=reason or code)
+
+    def _hello(self, message: dict) -> None:
+        if message["type"] != "hello":
+            self._refuse(f"{message['type']!r} before a successful hello")
+        elif message.get("protocol") != PROTOCOL_VERSION:
+            self._refuse(
+                f"protocol version mismatch: worker speaks {PROTOCOL_VERSION}, "
+                f"daemon sent {message.get('protocol')!r}"
+            )
+        elif not isinstance(message.get("proof"), bytes) or not hmac.compare_digest(
+            message["proof"], proof(self.factory.secret, self.nonce)
+        ):
+            self._refuse("bad worker token")
+        elif self.factory.daemon is not None:
+            self._refuse(f"already attached to the daemon at {self.factory.daemon.peer}")
+        else:
+            self.helloTimer.cancel()
+            self.authenticated = True
+            self.factory.daemon = self
+            log.info("attached by daemon {peer}", peer=self.peer)
+            self._send(self.factory.welcome())
+
+    def _job(self, message: dict) -> None:
+        job_id = message.get("id")
+        try:
+            job = batch.from_wire(message["job"])
+        except Exception as error:
+            self._send({"type": "error", "id": job_id, "message": f"malformed job: {error!r}"})
+            return
+        d = maybeDeferred(self.factory.worker.execute, job)
+        d.addCallbacks(self._result, self._error, callbackArgs=(job_id,), errbackArgs=(job_id,))
+
+    def _result(self, result: object, job_id: int) -> None:
+        try:
+            frame = pack({"type": "result", "id": job_id, "result": result})
+        except Exception as error:
+            self._error(Failure(error), job_id)
+            return
+        self.sendMessage(frame, isBinary=True)
+
+    def _error(self, failure: Failure, job_id: int) -> None:
+        error = failure.value
+        text = str(error) if isinstance(error, PieError) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, PieError):
+            log.failure("job {id} failed", failure, id=job_id)
+        self._send({"type": "error", "id": job_id, "message": text})
+
+    def _refuse(self, reason: str) -> None:
+        log.warn("refusing {peer}: {reason}", peer=self.peer, reason=reason)
+        self._send({"type": "refused", "reason": reason})
+        self.sendClose(CLOSE_REFUSED, reason[:120])
+
+    def _drop(self, code: int, reason: str) -> None:
+        log.warn("closing {peer}: {reason}", peer=self.peer, reason=reason)
+        self.sendClose(code, reason[:120])
+
+    def _send(self, message: dict) -> None:
+        self.sendMessage(pack(message), isBinary=True)
+
+
+class WorkerServerFactory(WebSocketServerFactory):
+    """Serves one IModelWorker to the one daemon that proves it holds `secret`."""
+
+    protocol = WorkerServerProtocol
+
+    def __init__(self, worker: object, secret: bytes, name: str, clock: object = None) -> None:
+        super().__init__(protocols=[SUBPROTOCOL])
+        from twisted.internet import reactor
+
+        if not secret:
+            raise PieError("a worker needs a token (the secret shared with the daemon)")
+        self.worker = worker
+        self.secret = secret
+        self.name = name
+        self.clock = clock or reactor
+        self.daemon: WorkerServerProtocol | None = None
+        self.setProtocolOptions(
+            maxMessagePayloadSize=MAX_FRAME_BYTES,
+            maxFramePayloadSize=MAX_FRAME_BYTES,
+            failByDrop=False,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def welcome(self) -> dict:
+        return {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "worker": self.name,
+            "info": dataclasses.asdict(self.worker.info),
+            "tokenizer": tokenizer_to_wire(self.worker.tokenizer),
+        }
+
+
+# --------------------------------------------------------------------------- the daemon's end
+
+
+@implementer(IModelWorker)
+class RemoteWorker:
+    """IModelWorker for a worker across the network; jobs are pipelined, matched by id."""
+
+    def __init__(self, protocol: WorkerClientProtocol, name: str, endpoint: str, welcome: dict):
+        self._protocol = protocol
+        self.name = name
+        self.endpoint = endpoint
+        self.remote_name = welcome["worker"]
+        self.info = batch.WorkerInfo(**welcome["info"])
+        self.tokenizer = tokenizer_from_wire(welcome["tokenizer"])
+        self.lost_reason: str | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[object, Deferred]] = {}
+        self._lost_observers: list[Callable[[RemoteWorker, str], None]] = []
+        self._closed: list[Deferred] = []
+
+    def __repr__(self) -> str:
+        return f"<RemoteWorker {self.name} at {self.endpoint}>"
+
+    def execute(self, job: object) -> Deferred:
+        if self.lost_reason is not None:
+            return fail(InstanceFault(self.lost_reason))
+        job_id = next(self._ids)
+        d = Deferred()
+        self._pending[job_id] = (job, d)
+        self._protocol.sendMessage(
+            pack({"type": "job", "id": job_id, "job": batch.to_wire(job)}), isBinary=True
+        )
+        return d
+
+    def close(self) -> Deferred:
+        """Detach: the worker stays up and may be attached again."""
+        if self.lost_reason is not None:
+            return succeed(None)
+        d = Deferred()
+        self._closed.append(d)
+        self._protocol.sendClose(1000, "detached by the daemon")
+        return d
+
+    def on_lost(self, observer: Callable[[RemoteWorker, str], None]) -> None:
+        """Call observer(worker, reason) once when the worker is lost or detached."""
+        self._lost_observers.append(observer)
+
+    def _answer(self, message: dict) -> None:
+        entry = self._pending.pop(message.get("id"), None)
+        if entry is None:
+            log.warn("{worker}: answer for unknown job {id!r}", worker=self, id=message.get("id"))
+            return
+        job, d = entry
+        if message["type"] == "error":
+            d.errback(InstanceFault(f"model worker {self.name}: {message.get('message')}"))
+            return
+        try:
+            result = result_from_wire(job, message.get("result"))
+        except Exception as error:
+            d.errback(InstanceFault(f"model worker {self.name}: malformed result: {error!r}"))
+            return
+        d.callback(result)
+
+    def _lost(self, why: str) -> None:
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = f"model worker {self.name} at {self.endpoint} lost: {why}"
+        for observer in self._lost_observers:
+            try:
+                observer(self, self.lost_reason)
+            except Exception:
+                log.failure("lost-worker observer failed")
+        pending, self._pending = self._pending, {}
+        for _job, d in pending.values():
+            d.errback(InstanceFault(self.lost_reason))
+        for d in self._closed:
+            d.callback(None)
+
+
+class WorkerClientProtocol(WebSocketClientProtocol):
+    """The daemon's side of one worker connection."""
+
+    factory: WorkerClientFactory
+    worker: RemoteWorker | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connection = self
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = unpack(payload)
+        except Exception as error:
+            self._fail(f"sent a bad frame ({error})")
+            return
+        kind = message["type"]
+        if self.worker is not None and kind in ("result", "error"):
+            self.worker._answer(message)
+        elif self.worker is None and kind == "challenge":
+            self._challenge(message)
+        elif self.worker is None and kind == "welcome":
+            self._welcome(message)
+        elif kind == "refused":
+            # the worker closes the connection right after; the attach fails when it has
+            self.factory.handshake_failed(f"refused the daemon: {message.get('reason')}")
+        else:
+            self._fail(f"sent an unexpected {kind!r} message")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.worker is not None:
+            self.worker._lost(f"connection closed ({reason or code})")
+        else:
+            self.factory.handshake_failed(
+                f"closed the connection during the handshake ({reason or code})"
+            )
+            self.factory.connection_closed()
+
+    def _challenge(self, message: dict) -> None:
+        if message.get("protocol") != PROTOCOL_VERSION:
+            self._fail(
+                f"speaks protocol {message.get('protocol')!r}, this daemon speaks {PROTOCOL_VERSION}"
+            )
+            return
+        nonce = message.get("nonce")
+        if not isinstance(nonce, bytes) or len(nonce) < 16:
+            self._fail("sent a bad challenge")
+            return
+        hello = {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "proof": proof(self.factory.secret, nonce),
+        }
+        self.sendMessage(pack(hello), isBinary=True)
+
+    def _welcome(self, message: dict) -> None:
+        try:
+            self.worker = RemoteWorker(self, self.factory.name, self.factory.endpoint, message)
+        except Exception as error:
+            self._fail(f"sent a bad welcome ({error!r})")
+            return
+        self.factory.handshake_done(self.worker)
+
+    def _fail(self, why: str) -> None:
+        if self.worker is None:
+            self.factory.handshake_failed(why)
+        else:
+            self.worker._lost(why)
+        self.dropConnection(abort=True)
+
+
+class WorkerClientFactory(WebSocketClientFactory):
+    """One connection attempt; `ready` fires with the RemoteWorker or, once the
+    connection is gone, errbacks with the first reason the handshake failed."""
+
+    protocol = WorkerClientProtocol
+
+    def __init__(self, endpoint: str, secret: bytes, name: str, host: str, port: int) -> None:
+        super().__init__(url=f"ws://{host}:{port}/", protocols=[SUBPROTOCOL])
+        self.endpoint = endpoint
+        self.secret = secret
+        self.name = name
+        self.ready: Deferred = Deferred()
+        self.connection: WorkerClientProtocol | None = None
+        self.failure: str | None = None
+        self.setProtocolOptions(
+            maxMessagePayloadSize=MAX_FRAME_BYTES,
+            maxFramePayloadSize=MAX_FRAME_BYTES,
+            failByDrop=False,
+            openHandshakeTimeout=0,  # our own handshake timer covers the whole exchange
+        )
+
+    def handshake_done(self, worker: RemoteWorker) -> None:
+        if not self.ready.called:
+            self.ready.callback(worker)
+
+    def handshake_failed(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+        if self.connection is None:
+            self.connection_closed()
+
+    def connection_closed(self) -> None:
+        if not self.ready.called:
+            self.ready.errback(PieError(f"model worker at {self.endpoint} {self.failure}"))
+
+
+def connect_worker(
+    endpoint: str,
+    secret: bytes,
+    name: str,
+    *,
+    reactor: object = None,
+    clock: object = None,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+) -> Deferred:
+    """Connect to a `pie worker` and complete the handshake; Deferred[RemoteWorker].
+
+    Errbacks with PieError when the endpoint is malformed, the connection
+    fails, the worker refuses, or no `welcome` arrives within `timeout` seconds
+    (measured on `clock`, the reactor by default).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    clock = clock or reactor
+    try:
+        host, port = parse_endpoint(endpoint)
+    except PieError as error:
+        return fail(error)
+    if not secret:
+        return fail(PieError("no worker token configured: the daemon needs the workers' secret"))
+    factory = WorkerClientFactory(endpoint, secret, name, host, port)
+    tcp_host = host.replace(":", r"\:")
+    connecting = clientFromString(reactor, f"tcp:host={tcp_host}:port={port}").connect(factory)
+
+    def on_connect_error(failure: Failure) -> None:
+        factory.handshake_failed(f"is unreachable: {failure.getErrorMessage()}")
+
+    connecting.addErrback(on_connect_error)
+
+    def on_timeout() -> None:
+        factory.handshake_failed(f"did not complete the handshake within {timeout:g} s")
+        if factory.connection is None:
+            connecting.cancel()
+        else:
+            factory.connection.transport.abortConnection()
+
+    timer = clock.callLater(timeout, on_timeout)
+
+    def stop_timer(result: object) -> object:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return factory.ready.addBoth(stop_timer)

@@ -1,0 +1,95 @@
+"""Test doubles for the remote-worker tests: a fake IModelWorker and a loopback worker server."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from zope.interface import implementer
+
+from pie.interfaces import IModelWorker, ITokenizer, PieError
+from pie.model import batch, remote
+
+SECRET = b"s" * 32
+
+
+@implementer(ITokenizer)
+class FakeTokenizer:
+    """One character per token; ships itself as its alphabet."""
+
+    def __init__(self, alphabet: str = "abcdefgh", chat_template: str = "{{ messages }}"):
+        self.alphabet = alphabet
+        self.chat_template = chat_template
+        self.eos_token_ids = [len(alphabet) - 1]
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.alphabet.index(c) for c in text]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return "".join(self.alphabet[i] for i in ids)
+
+    def vocabs(self) -> tuple[list[int], list[bytes]]:
+        return list(range(len(self.alphabet))), [c.encode() for c in self.alphabet]
+
+    def to_wire(self) -> dict:
+        return {"alphabet": self.alphabet, "chat_template": self.chat_template}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> FakeTokenizer:
+        return cls(data["alphabet"], data["chat_template"])
+
+
+@implementer(IModelWorker)
+class FakeWorker:
+    """Deterministic answers computed from the job, so a remote answer can be compared."""
+
+    def __init__(self, model_name: str = "fake-model"):
+        self.info = batch.WorkerInfo(
+            model_name=model_name,
+            kv_page_size=16,
+            dist_size=2,
+            num_kv_pages=128,
+            num_embeds=64,
+            vocab_size=8,
+            max_positions=2048,
+            device="cpu",
+            dtype="float32",
+        )
+        self.tokenizer = FakeTokenizer()
+        self.executed: list[object] = []
+        self.parked: list[Deferred] = []  # jobs answered only when a test fires them
+
+    def execute(self, job: object) -> Deferred:
+        self.executed.append(job)
+        if isinstance(job, batch.Query):
+            if job.text == "park":
+                self.parked.append(Deferred())
+                return self.parked[-1]
+            if job.text == "fail":
+                return fail(PieError("page 99 is not allocated"))
+            if job.text == "crash":
+                return fail(ZeroDivisionError("division by zero"))
+            return succeed("pong" if job.text == "ping" else f"echo {job.text}")
+        if isinstance(job, batch.Forward):
+            return succeed([self._outputs(item) for item in job.items])
+        if isinstance(job, batch.GetDistributions):
+            return succeed([([slot, slot + 1], [0.75, 0.25]) for slot in job.slots])
+        return succeed(None)
+
+    @staticmethod
+    def _outputs(item: batch.ForwardItem) -> list:
+        if item.sampling is not None:
+            return [item.tokens[i] + 1 for i in item.output_indices]
+        return [
+            ([item.tokens[i] + 1, item.tokens[i] + 2], [0.625, 0.375]) for i in item.output_indices
+        ]
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
+async def listen_worker(worker: object, secret: bytes = SECRET, name: str = "w-test", clock=None):
+    """Serve `worker` on a loopback port; (factory, port, 'ws://127.0.0.1:N')."""
+    factory = remote.WorkerServerFactory(worker, secret, name, clock=clock)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    return factory, port, f"ws://127.0.0.1:{port.getHost().port}"

@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from zope.interface import implementer
 
-from pie.interfaces import IModelWorker, ITokenizer, PieError
+from pie.interfaces import IModelWorker, PieError
 from pie.model import batch, remote
+from pie.model.tokenizer import Tokenizer
 
 SECRET = b"s" * 32
 
 
-@implementer(ITokenizer)
-class FakeTokenizer:
-    """One character per token; ships itself as its alphabet."""
-
-    def __init__(self, alphabet: str = "abcdefgh", chat_template: str = "{{ messages }}"):
-        self.alphabet = alphabet
-        self.chat_template = chat_template
-        self.eos_token_ids = [len(alphabet) - 1]
-
-    def tokenize(self, text: str) -> list[int]:
-        return [self.alphabet.index(c) for c in text]
-
-    def detokenize(self, ids: list[int]) -> str:
-        return "".join(self.alphabet[i] for i in ids)
-
-    def vocabs(self) -> tuple[list[int], list[bytes]]:
-        return list(range(len(self.alphabet))), [c.encode() for c in self.alphabet]
-
-    def to_wire(self) -> dict:
-        return {"alphabet": self.alphabet, "chat_template": self.chat_template}
-
-    @classmethod
-    def from_wire(cls, data: dict) -> FakeTokenizer:
-        return cls(data["alphabet"], data["chat_template"])
+def tiny_tokenizer() -> Tokenizer:
+    """A real pie Tokenizer over a word-level vocabulary 'a'..'h' plus one special token."""
+    words = {c: i for i, c in enumerate("abcdefgh")}
+    backend = HFTokenizer(models.WordLevel(dict(words, **{"<end>": 8}), unk_token="a"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<end>"])
+    return Tokenizer(
+        backend,
+        byte_level=False,
+        special_ids={8},
+        chat_template="{{ messages }}",
+        eos_token="<end>",
+        eos_token_ids=[8],
+    )
 
 
 @implementer(IModelWorker)
@@ -50,12 +43,12 @@ class FakeWorker:
             dist_size=2,
             num_kv_pages=128,
             num_embeds=64,
-            vocab_size=8,
+            vocab_size=9,
             max_positions=2048,
             device="cpu",
             dtype="float32",
         )
-        self.tokenizer = FakeTokenizer()
+        self.tokenizer = tiny_tokenizer()
         self.executed: list[object] = []
         self.parked: list[Deferred] = []  # jobs answered only when a test fires them
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import msgpack
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -13,7 +16,7 @@ from twisted.trial import unittest
 
 from pie.interfaces import InstanceFault, PieError
 from pie.model import batch, remote
-from tests.remote_helpers import SECRET, FakeTokenizer, FakeWorker, listen_worker
+from tests.remote_helpers import SECRET, FakeWorker, listen_worker
 
 
 class RawClient(WebSocketClientProtocol):
@@ -47,7 +50,6 @@ async def raw_exchange(url: str, reply) -> tuple[list[dict], int]:
 
 class WireTests(unittest.TestCase):
     async def asyncSetUp(self):
-        self.patch(remote, "tokenizer_from_wire", FakeTokenizer.from_wire)
         self.fake = FakeWorker()
         self.server, port, self.url = await listen_worker(self.fake)
         self.addCleanup(port.stopListening)
@@ -65,8 +67,11 @@ class WireTests(unittest.TestCase):
         worker = await self.attach()
         self.assertEqual(worker.info, self.fake.info)
         self.assertEqual(worker.remote_name, "w-test")
-        self.assertEqual(worker.tokenizer.tokenize("cab"), [2, 0, 1])
+        self.assertEqual(worker.tokenizer.tokenize("c a b<end>"), [2, 0, 1, 8])
+        self.assertEqual(worker.tokenizer.detokenize([2, 0, 8]), "ca<end>")
+        self.assertEqual(worker.tokenizer.vocabs(), self.fake.tokenizer.vocabs())
         self.assertEqual(worker.tokenizer.chat_template, "{{ messages }}")
+        self.assertEqual(worker.tokenizer.eos_token_ids, [8])
 
     async def test_results_equal_the_in_process_worker(self):
         """Forward (dists and sampled), GetDistributions and Query answer exactly as in-process."""
@@ -244,3 +249,36 @@ class ConnectFailureTests(unittest.TestCase):
     def test_worker_needs_a_secret(self):
         """A worker cannot be started without a token."""
         self.assertRaises(PieError, remote.WorkerServerFactory, FakeWorker(), b"", "w")
+
+
+def smollm2_gguf() -> str | None:
+    home = os.environ.get("PIE_HOME") or os.path.expanduser("~/.cache/pie")
+    found = sorted(glob.glob(os.path.join(home, "models", "smollm2-135m-instruct", "*.gguf")))
+    return found[0] if found else None
+
+
+class TokenizerWireTests(unittest.TestCase):
+    def test_smollm2_tokenizer_survives_the_handshake(self):
+        """The default model's tokenizer, shipped through msgpack, encodes and decodes identically."""
+        path = smollm2_gguf()
+        if path is None:
+            raise unittest.SkipTest(
+                "SmolLM2 GGUF not in $PIE_HOME/models (pie model add smollm2-135m-instruct)"
+            )
+        from gguf import GGUFReader
+
+        from pie.model.loaders.gguf_loader import read_metadata
+        from pie.model.tokenizer import Tokenizer
+
+        original = Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(path)))
+        shipped = remote.tokenizer_from_wire(
+            remote.unpack(remote.pack(dict(remote.tokenizer_to_wire(original), type="t")))
+        )
+        text = "<|im_start|>user\nPrix: 1234,56 € — naïve café 😀<|im_end|>\n"
+        self.assertEqual(shipped.tokenize(text), original.tokenize(text))
+        ids = original.tokenize(text)
+        self.assertEqual(shipped.detokenize(ids), original.detokenize(ids))
+        self.assertEqual(shipped.vocabs(), original.vocabs())
+        self.assertEqual(shipped.eos_token_ids, original.eos_token_ids)
+        self.assertEqual(shipped.chat_template, original.chat_template)
+        self.assertTrue(remote.tokenizer_to_wire(original)["byte_level"])

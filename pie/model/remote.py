@@ -35,6 +35,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from tokenizers import Tokenizer as HFTokenizer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
@@ -43,6 +44,7 @@ from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, InstanceFault, PieError
 from pie.model import batch
+from pie.model.tokenizer import Tokenizer, _byte_level_bytes
 
 log = Logger()
 
@@ -86,16 +88,34 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------- tokenizer and results
 
 
-def tokenizer_to_wire(tokenizer: object) -> dict:
-    """The served model's tokenizer as msgpack-ready data (IModelWorker.tokenizer's to_wire)."""
-    return tokenizer.to_wire()
+def tokenizer_to_wire(tokenizer: Tokenizer) -> dict:
+    """The served model's tokenizer as msgpack-ready data: the `tokenizers` pipeline
+    (tokenizer.json text) plus what pie.model.tokenizer.Tokenizer adds around it."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    regular = [(text, i) for text, i in vocab.items() if i not in tokenizer.special_ids]
+    byte_level = all(tokenizer.token_bytes([i]) == _byte_level_bytes(text) for text, i in regular)
+    return {
+        "backend": tokenizer.backend.to_str(),
+        "byte_level": byte_level,
+        "special_ids": sorted(tokenizer.special_ids),
+        "chat_template": tokenizer.chat_template,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "eos_token_ids": list(tokenizer.eos_token_ids),
+    }
 
 
-def tokenizer_from_wire(data: dict) -> object:
-    """The daemon's ITokenizer rebuilt from a worker's handshake."""
-    from pie.model.tokenizer import Tokenizer
-
-    return Tokenizer.from_wire(data)
+def tokenizer_from_wire(data: dict) -> Tokenizer:
+    """The daemon's ITokenizer, rebuilt from a worker's handshake."""
+    return Tokenizer(
+        HFTokenizer.from_str(data["backend"]),
+        byte_level=data["byte_level"],
+        special_ids=set(data["special_ids"]),
+        chat_template=data["chat_template"],
+        bos_token=data["bos_token"],
+        eos_token=data["eos_token"],
+        eos_token_ids=data["eos_token_ids"],
+    )
 
 
 def result_from_wire(job: object, result: object) -> object:

@@ -1,0 +1,238 @@
+"""The inferlet runtime: programs, instances, messaging, the store, server instances.
+
+`Runtime` is the IRuntime the protocol layer talks to, and a Twisted service:
+on start it rescans the program directory and opens the key-value store; on
+stop it ends every instance and server ("engine shutting down") and closes
+the store. Everything under PIE_HOME:
+
+    $PIE_HOME/programs/<blake3 hex>     uploaded programs (content-addressed)
+    $PIE_HOME/kvstore.sqlite3           the inferlets' key-value store
+
+Instances run in an IInferletExecutor (the wasm sandbox or dev mode) against
+a host binding from pie.runtime.hostapi; their model commands go to the
+IModelService of the model they use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from twisted.application import service
+from twisted.internet.defer import ensureDeferred, fail
+from zope.interface import implementer
+
+from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.runtime.hostapi import HostApi
+from pie.runtime.http import ServerInstance
+from pie.runtime.instances import Instance, Instances
+from pie.runtime.kvstore import KeyValueStore
+from pie.runtime.messaging import Inboxes, PubSub
+from pie.runtime.programs import (
+    DEFAULT_MAX_PROGRAM_BYTES,
+    ProgramStore,
+    is_program_hash,
+    program_hash,
+)
+
+SHUTDOWN_REASON = "engine shutting down"
+
+
+@implementer(IRuntime)
+class Runtime(service.Service):
+    name = "runtime"
+
+    def __init__(
+        self,
+        home: str,
+        model_services: dict[str, IModelService],
+        executor: IInferletExecutor,
+        reactor=None,
+        max_program_size: int = DEFAULT_MAX_PROGRAM_BYTES,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.home = home
+        self.reactor = reactor
+        self.executor = executor
+        self._services: dict[str, IModelService] = dict(model_services)
+        self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
+        self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
+        self.inboxes = Inboxes()
+        self.pubsub = PubSub()
+        self.instances = Instances(
+            reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
+        )
+        self.hostapi = HostApi(self)
+        self.servers: dict[str, ServerInstance] = {}
+        self._checked: set[str] = set()  # program hashes the executor has accepted
+
+    # ------------------------------------------------------------------ service
+
+    def startService(self) -> None:
+        os.makedirs(self.home, exist_ok=True)
+        self.programs.scan()
+        self.kvstore.start()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        for server_id in list(self.servers):
+            stopped = self._stop_server(server_id, SHUTDOWN_REASON)
+            if stopped is not None:
+                await stopped
+        for instance in list(self.instances.running.values()):
+            self.instances.end(instance, SHUTDOWN_REASON)
+        await self.kvstore.stop()
+
+    # ------------------------------------------------------------------ models
+
+    def model_services(self) -> Iterable[IModelService]:
+        return self._services.values()
+
+    def add_model_service(self, name: str, model_service: IModelService) -> None:
+        """Serve one more model (attach_remote_service plugins call this)."""
+        if name in self._services:
+            raise PieError(f"a model service named {name!r} is already attached")
+        self._services[name] = model_service
+
+    def model_status(self) -> list[dict]:
+        return [model_service.status() for model_service in self._services.values()]
+
+    def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
+        from pie.model.servicetypes import attach_remote_service
+
+        return attach_remote_service(self, endpoint, service_type, service_name)
+
+    # ------------------------------------------------------------------ programs
+
+    def program_exists(self, program_hash: str) -> bool:
+        return is_program_hash(program_hash) and self.programs.exists(program_hash)
+
+    def add_program(self, data: bytes):
+        return ensureDeferred(self._add_program(data))
+
+    async def _add_program(self, data: bytes) -> str:
+        self.programs.validate_size(data)
+        data = bytes(data)
+        self._check(program_hash(data), data)
+        return await self.programs.add(data)
+
+    def _check(self, digest: str, program: bytes) -> None:
+        """Let the executor refuse a program it cannot run (once per program and process)."""
+        if digest in self._checked:
+            return
+        try:
+            self.executor.check(program)
+        except PieError:
+            raise
+        except Exception as e:
+            raise PieError(f"the program cannot be loaded: {type(e).__name__}: {e}") from None
+        self._checked.add(digest)
+
+    async def _runnable(self, digest: str) -> bytes:
+        if not is_program_hash(digest):
+            raise PieError(f"invalid program hash {digest!r}: expected 64 lowercase hex digits")
+        program = await self.programs.load(digest)
+        self._check(digest, program)
+        return program
+
+    # ------------------------------------------------------------------ instances
+
+    def launch(self, program_hash: str, arguments: list[str], owner: IInstanceOwner):
+        try:
+            arguments = _checked_arguments(arguments)
+        except PieError as e:
+            return fail(e)
+        return ensureDeferred(self._launch(program_hash, arguments, owner))
+
+    async def _launch(self, digest: str, arguments: list[str], owner: IInstanceOwner) -> str:
+        program = await self._runnable(digest)
+        return self.start_instance(digest, program, arguments, owner).id
+
+    def start_instance(
+        self,
+        digest: str,
+        program: bytes,
+        arguments: list[str],
+        owner: IInstanceOwner | None,
+        server_id: str | None = None,
+    ) -> Instance:
+        """Register an instance (owner first) and run it on the next reactor turn.
+
+        The launch answer (the id) therefore reaches the client before any event
+        of the instance, and no event can be lost.
+        """
+        instance = Instance(digest, arguments, owner, server_id)
+        self.instances.register(instance)
+        self.inboxes.open(instance.id)
+        host = self.hostapi.bind(instance)
+        self.reactor.callLater(0, self.instances.start, instance, self.executor, program, host)
+        return instance
+
+    def signal(self, instance_id: str, message: str) -> None:
+        if not isinstance(message, str):
+            raise PieError(f"a message must be a string, not {type(message).__name__}")
+        self.inboxes.push(instance_id, message)
+
+    def terminate(self, instance_id: str, reason: str) -> None:
+        instance = self.instances.running.get(instance_id)
+        if instance is not None:
+            self.instances.end(instance, reason)
+        elif instance_id in self.servers:
+            self._stop_server(instance_id, reason)
+
+    # ------------------------------------------------------------------ server instances
+
+    def launch_server(
+        self, program_hash: str, port: int, arguments: list[str], owner: IInstanceOwner
+    ):
+        try:
+            arguments = _checked_arguments(arguments)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise PieError(f"port must be an integer 0..65535, not {port!r}")
+        except PieError as e:
+            return fail(e)
+        return ensureDeferred(self._launch_server(program_hash, port, arguments, owner))
+
+    async def _launch_server(self, digest: str, port: int, arguments: list[str], owner) -> str:
+        program = await self._runnable(digest)
+        server = ServerInstance(self, digest, program, arguments, owner, port)
+        await server.listen()
+        self.servers[server.id] = server
+        return server.id
+
+    def _stop_server(self, server_id: str, reason: str):
+        """Deferred fired when the port is closed, or None if there was nothing to stop."""
+        server = self.servers.pop(server_id, None)
+        return None if server is None else server.stop(reason)
+
+    # ------------------------------------------------------------------ debug queries
+
+    def debug_query(self, query: str) -> str:
+        """Pie's runtime debug queries (spec §3.6)."""
+        running = self.instances.running
+        if query == "ping":
+            return "pong"
+        if query == "get_instance_count":
+            return str(len(running))
+        if query == "get_server_instance_count":
+            return str(len(self.servers))
+        if query == "list_running_instances":
+            return "\n".join(
+                f"Instance ID: {i.id}, Program Hash: {i.program_hash}" for i in running.values()
+            )
+        if query == "list_in_memory_programs":
+            return "\n".join(self.programs.hashes())
+        if query == "get_cache_dir":
+            return self.programs.directory
+        return f"Unknown query: {query}"
+
+
+def _checked_arguments(arguments: list[str]) -> list[str]:
+    if not isinstance(arguments, list | tuple) or not all(isinstance(a, str) for a in arguments):
+        raise PieError("arguments must be a list of strings")
+    return list(arguments)

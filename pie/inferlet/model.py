@@ -1,0 +1,242 @@
+"""Models, their tokenizers and command queues: the SDK's handle on a served model.
+
+A Model is looked up once per instance and holds that instance's id pools for
+the model (KV pages, embed slots). A Queue is an ordered stream of model
+commands; every Context has its own so that independent contexts run
+concurrently and are batched together by the engine.
+
+Each queue numbers what it submits (`seq`) and remembers the highest number
+known to have run (`done_seq`): an awaited call on a queue answers only after
+every earlier command of that queue ran. Contexts use this to make a fork wait
+for its parent's pending prefill before reading the shared pages, and pools
+use it to reuse ids safely across queues.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from pie.inferlet import _abi
+from pie.inferlet.pool import IdPool
+from pie.inferlet.template import Template
+
+if TYPE_CHECKING:
+    from pie.inferlet.context import Context
+
+
+class Distribution(NamedTuple):
+    """Top-k next-token distribution: ids and their probabilities, most likely first."""
+
+    ids: list[int]
+    probs: list[float]
+
+
+class Tokenizer:
+    """The model's tokenizer (runs on the host; special-token strings map to their ids)."""
+
+    def __init__(self, service_id: int) -> None:
+        self.service_id = service_id
+        self._vocabs: tuple[list[int], list[bytes]] | None = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(_abi.call("tokenize", self.service_id, text))
+
+    encode = tokenize
+
+    def detokenize(self, ids: list[int]) -> str:
+        return _abi.call("detokenize", self.service_id, [int(i) for i in ids])
+
+    decode = detokenize
+
+    def get_vocabs(self) -> tuple[list[int], list[bytes]]:
+        """Every regular token id and its bytes (fetched once, then cached)."""
+        if self._vocabs is None:
+            ids, pieces = _abi.call("get_vocabs", self.service_id)
+            self._vocabs = (list(ids), [bytes(p) for p in pieces])
+        return self._vocabs
+
+
+class Queue:
+    """An ordered stream of commands to one model."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.id: int = _abi.call("create_queue", model.service_id)
+        self.seq = 0
+        self.done_seq = 0
+
+    def __repr__(self) -> str:
+        return f"Queue({self.id}, seq={self.seq}, done={self.done_seq})"
+
+    def command(self, name: str, *args: Any) -> int:
+        """Submit a fire-and-forget model command; returns its sequence number."""
+        self.seq += 1
+        _abi.call(name, self.id, *args)
+        return self.seq
+
+    async def call(self, name: str, *args: Any) -> Any:
+        """Submit a model call and wait for its result (everything before it has run then)."""
+        self.seq += 1
+        seq = self.seq
+        result = await _abi.call_async(name, self.id, *args)
+        self.done_seq = max(self.done_seq, seq)
+        return result
+
+    async def synchronize(self) -> bool:
+        return bool(await self.call("synchronize"))
+
+    async def wait_for(self, seq: int) -> None:
+        """Return once command number `seq` of this queue has run."""
+        if self.done_seq < seq:
+            await self.synchronize()
+
+    def set_priority(self, priority: str) -> None:
+        if priority not in ("low", "normal", "high"):
+            raise ValueError(f"priority must be low, normal or high, not {priority!r}")
+        _abi.call("set_priority", self.id, priority)
+
+    async def debug_query(self, query: str) -> str:
+        """A query for the model worker / service ('ping', 'stats', 'set_batching ...')."""
+        return await self.call("queue_debug_query", query)
+
+    def exported_kv_pages(self) -> list[tuple[str, int]]:
+        return [(str(n), int(c)) for n, c in _abi.call("get_all_exported_kv_pages", self.id)]
+
+    async def forward_text(
+        self,
+        last_page_len: int,
+        pages: list[int],
+        tokens: list[int],
+        positions: list[int],
+        masks: list[list[int]],
+        output_indices: list[int],
+    ) -> list[Distribution]:
+        dists = await self.call(
+            "forward_text", last_page_len, pages, tokens, positions, masks, output_indices
+        )
+        return [Distribution(list(ids), list(probs)) for ids, probs in dists]
+
+    def forward_text_no_output(
+        self,
+        last_page_len: int,
+        pages: list[int],
+        tokens: list[int],
+        positions: list[int],
+        masks: list[list[int]],
+    ) -> int:
+        return self.command(
+            "forward_text_no_output", last_page_len, pages, tokens, positions, masks
+        )
+
+    def copy_kv_page(self, src: int, dst: int, src_offset: int, dst_offset: int, size: int) -> int:
+        return self.command("copy_kv_page", src, dst, src_offset, dst_offset, size)
+
+    def mask_kv_page(self, page: int, mask: list[bool]) -> int:
+        return self.command("mask_kv_page", page, mask)
+
+    def embed_text(self, embeds: list[int], tokens: list[int], positions: list[int]) -> int:
+        return self.command("embed_text", embeds, tokens, positions)
+
+    def forward(
+        self,
+        last_page_len: int,
+        pages: list[int],
+        input_embeds: list[int],
+        output_embeds: list[int],
+    ) -> int:
+        return self.command("forward", last_page_len, pages, input_embeds, output_embeds)
+
+    async def get_next_token_distribution(self, embeds: list[int]) -> list[Distribution]:
+        dists = await self.call("get_next_token_distribution", embeds)
+        return [Distribution(list(ids), list(probs)) for ids, probs in dists]
+
+
+class Model:
+    """A served model as this instance sees it."""
+
+    def __init__(self, service_id: int) -> None:
+        self.service_id = service_id
+        self.info: dict[str, str] = dict(_abi.call("model_info", service_id))
+        self.name = self.info.get("name", "")
+        self.description = self.info.get("description", "")
+        self.version = self.info.get("version", "")
+        self.license = self.info.get("license", "")
+        self.traits = [t for t in self.info.get("traits", "").split(",") if t]
+        self.chat_template = self.info.get("chat_template", "")
+        self.eos_token_ids = [int(t) for t in self.info.get("eos_token_ids", "").split(",") if t]
+        self.kv_page_size = int(self.info.get("kv_page_size", "16"))
+        self.dist_size = int(self.info.get("dist_size", "64"))
+        self.vocab_size = int(self.info.get("vocab_size", "0"))
+        self.tokenizer = Tokenizer(service_id)
+        self.kv_pages = IdPool("kv_pages")
+        self.embeds = IdPool("embeds")
+        self._template: Template | None = None
+        self._eos_texts: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, service={self.service_id})"
+
+    def has_traits(self, traits: list[str]) -> bool:
+        return all(t in self.traits for t in traits)
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def create_queue(self) -> Queue:
+        return Queue(self)
+
+    def create_context(self) -> Context:
+        from pie.inferlet.context import Context
+
+        return Context(self)
+
+    @property
+    def eos_tokens(self) -> list[str]:
+        """The end-of-turn tokens as text."""
+        if self._eos_texts is None:
+            self._eos_texts = [self.tokenizer.detokenize([t]) for t in self.eos_token_ids]
+        return self._eos_texts
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
+    ) -> str:
+        """The model's own chat template applied to messages (see pie.inferlet.template)."""
+        if not self.chat_template:
+            raise RuntimeError(f"model {self.name!r} has no chat template")
+        if self._template is None:
+            self._template = Template(self.chat_template)
+        variables.setdefault("bos_token", self.info.get("bos_token", ""))
+        variables.setdefault("eos_token", self.eos_tokens[0] if self.eos_token_ids else "")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
+
+
+_models: dict[tuple[str, int], Model] = {}
+
+
+def get_model(name: str) -> Model | None:
+    """The served model called `name`, or None."""
+    service_id = _abi.call("get_model", name)
+    if service_id is None:
+        return None
+    key = (_abi.call("get_instance_id"), int(service_id))
+    model = _models.get(key)
+    if model is None:
+        model = _models[key] = Model(int(service_id))
+    return model
+
+
+def get_all_models() -> list[str]:
+    return list(_abi.call("get_all_models"))
+
+
+def get_auto_model() -> Model:
+    """The first served model (what most inferlets want)."""
+    names = get_all_models()
+    if not names:
+        raise RuntimeError("no model is served")
+    model = get_model(names[0])
+    if model is None:
+        raise RuntimeError(f"model {names[0]!r} disappeared")
+    return model

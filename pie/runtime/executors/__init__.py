@@ -1,0 +1,1 @@
+"""Inferlet executors: the wasm sandbox and in-process dev mode."""

@@ -1,0 +1,62 @@
+"""DevExecutor: the same inferlet source run in-process, for trusted debugging.
+
+The program is loaded by the same loader and stepped by the same driver as in
+the sandbox, but its host calls go straight to the host object: no wasm, no
+copies, real tracebacks with source lines, `print` on the server's stdout,
+and pdb works. There is NO isolation: no memory limit, no CPU deadline (a
+busy loop freezes the server), full access to files and the network. Use it
+for your own programs only (`--executor dev`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import implementer
+
+from pie.inferlet import _abi
+from pie.inferlet._driver import Driver, format_failure
+from pie.interfaces import IInferletExecutor
+from pie.runtime.executors import program
+from pie.runtime.executors.base import Execution, Step
+from pie.runtime.sandbox.loader import load_main
+
+
+class DevExecution(Execution):
+    def __init__(self, files: dict[str, str], arguments: list[str], host: Any) -> None:
+        super().__init__(host)
+        self._files = files
+        self._arguments = list(arguments)
+        self._driver: Driver | None = None
+
+    def _enter_start(self) -> Step:
+        try:
+            main = load_main(self._files, tag=f"<inferlet {id(self):x}>/")
+            self._driver, step = _abi.run(main, self._arguments, self)
+        except Exception as error:  # the program's own fault, as in the sandbox
+            return ("failed", format_failure(error))
+        return step
+
+    def _enter_resume(self, fut: int, name: str, value: Any) -> Step:
+        return self._driver.resume(fut, value)
+
+    def _release(self) -> None:
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.close()
+
+
+@implementer(IInferletExecutor)
+class DevExecutor:
+    """Runs programs as plain coroutines on the reactor thread (no sandbox)."""
+
+    name = "dev"
+
+    def check(self, program_bytes: bytes) -> None:
+        program.check(program_bytes)
+
+    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> DevExecution:
+        """Start main(args) now (until its first park); raises PieError if the program is invalid."""
+        execution = DevExecution(program.check(program_bytes), arguments, host)
+        execution.start()
+        return execution

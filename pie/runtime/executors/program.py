@@ -1,0 +1,92 @@
+"""The program format: a `.py` source file, or a zip archive of modules with a main.py.
+
+    main.py (or the single uploaded file):   async def main(args): ...
+
+`args` is the launch argument list (parse it with argparse). An archive may
+hold more modules and packages (`util.py`, `pkg/__init__.py`, `pkg/x.py`),
+imported by main.py as usual; non-.py members are ignored. All sources are UTF-8.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import zipfile
+
+from pie.interfaces import PieError
+from pie.runtime.sandbox.loader import MAIN_MODULE, module_name
+
+MAX_SOURCE_BYTES = 16 * 1024 * 1024
+"""Total uncompressed source accepted from one archive (guards against zip bombs)."""
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def parse(program: bytes) -> dict[str, str]:
+    """The program's modules as {path: source}; PieError if it is not a program."""
+    if program.startswith(ZIP_MAGIC):
+        files = _unzip(program)
+    else:
+        files = {MAIN_MODULE + ".py": _decode("the program", program)}
+    if MAIN_MODULE + ".py" not in files:
+        raise PieError("the program archive has no main.py")
+    return files
+
+
+def check(program: bytes) -> dict[str, str]:
+    """Parse and compile every module; PieError with the first syntax error's message."""
+    files = parse(program)
+    for path, source in files.items():
+        try:
+            tree = ast.parse(source, filename=path)
+        except SyntaxError as error:
+            where = f"{error.filename}, line {error.lineno}"
+            text = (error.text or "").strip()
+            message = f"SyntaxError: {error.msg} ({where})" + (f": {text}" if text else "")
+            raise PieError(message) from None
+        if path == MAIN_MODULE + ".py" and not _defines_main(tree):
+            raise PieError("main.py must define `async def main(args)`")
+    return files
+
+
+def _defines_main(tree: ast.Module) -> bool:
+    """True if a top-level statement binds the name `main`."""
+    for node in tree.body:
+        if isinstance(node, (ast.AsyncFunctionDef, ast.FunctionDef)) and node.name == "main":
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((alias.asname or alias.name) == "main" for alias in node.names):
+                return True
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = ast.walk(node)
+            if any(
+                isinstance(n, ast.Name) and n.id == "main" and isinstance(n.ctx, ast.Store)
+                for n in targets
+            ):
+                return True
+    return False
+
+
+def _decode(what: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PieError(f"{what} is not UTF-8 text ({error})") from None
+
+
+def _unzip(program: bytes) -> dict[str, str]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(program))
+        members = [m for m in archive.infolist() if m.filename.endswith(".py") and not m.is_dir()]
+        if sum(m.file_size for m in members) > MAX_SOURCE_BYTES:
+            raise PieError(f"the program's sources exceed {MAX_SOURCE_BYTES} bytes")
+        files = {}
+        for member in members:
+            path = member.filename.removeprefix("./")
+            try:
+                module_name(path)
+            except ValueError as error:
+                raise PieError(f"bad module in the program archive: {error}") from None
+            files[path] = _decode(path, archive.read(member))
+        return files
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+        raise PieError(f"the program archive is not a valid zip file: {error}") from None

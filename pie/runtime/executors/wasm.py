@@ -1,0 +1,299 @@
+"""WasmExecutor: inferlets as CPython inside WebAssembly (the sandbox).
+
+One runtime component (see build.py) is loaded once per process and
+instantiated per instance in its own wasmtime Store:
+
+- isolation: the guest sees nothing but the WIT `host` imports and a WASI
+  context with no preopened directories, no environment, no arguments, no
+  network and no stdin; stdout/stderr go to the server log, prefixed with the
+  instance. A trap ends only its own Store.
+- memory: `Store.set_limits(memory_size=...)`; a hog traps or gets MemoryError.
+- CPU: epoch interruption. A ticker thread bumps the engine epoch every
+  TICK_S; each step and each host call re-arms the deadline, so a guest gets at
+  most `deadline_ms` of CPU between two host calls.
+- parking: a step returns when every guest task waits on a host future; the
+  instance then costs memory only, and is resumed from the reactor when a
+  result arrives, so many parked instances join one model batch.
+- kill: dropping the Store (after the current step, if one is running).
+
+Every wasm call runs on the reactor thread, one at a time: wasmtime-py keeps
+the exception raised by a host function in a process global, so calls into
+two stores must not overlap. A guest can therefore hold the reactor for at most
+`deadline_ms`.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from wasmtime.component import Component, Linker
+from zope.interface import implementer
+
+from pie.interfaces import IInferletExecutor, InstanceFault, PieError
+from pie.runtime.executors import build, program
+from pie.runtime.executors.base import Execution, Killed, Step
+from pie.runtime.hostcalls import HOST_CALLS
+from pie.runtime.witgen import kebab, resume_export
+
+log = Logger()
+
+TICK_S = 0.01
+DEFAULT_DEADLINE_MS = 500
+DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
+OUTPUT_LINE_LIMIT = 2000
+"""Characters of one guest stdout/stderr write kept in the server log."""
+
+_active: WasmExecution | None = None
+"""The instance whose step is running; host imports act on it (one step at a time)."""
+
+
+class _Ticker(threading.Thread):
+    """Advances the engine's epoch; a separate thread because the reactor may be inside wasm."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        super().__init__(name="pie-wasm-epoch", daemon=True)
+        self._engine = engine
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self._engine.increment_epoch()
+
+
+class Runtime:
+    """The loaded runtime component plus the linker that gives it the host imports."""
+
+    _shared: dict[str, Runtime] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.engine = wasmtime.Engine(build.engine_config())
+        self.component = Component.deserialize_file(self.engine, str(path))
+        self.linker = Linker(self.engine)
+        self.linker.add_wasip2()
+        with self.linker.root() as root, root.add_instance("pie:inferlet/host") as iface:
+            for call in HOST_CALLS.values():
+                iface.add_func(kebab(call.name).lstrip("%"), _host_import(call.name, call.mode))
+        self.exports = {name: self.component.get_export_index(name) for name in _export_names()}
+        _Ticker(self.engine).start()
+
+    @classmethod
+    def shared(cls, path: Path) -> Runtime:
+        """One Runtime (engine, compiled code, ticker) per artifact per process."""
+        runtime = cls._shared.get(str(path))
+        if runtime is None:
+            runtime = cls._shared[str(path)] = cls(path)
+        return runtime
+
+
+def _export_names() -> list[str]:
+    names = ["start"]
+    for call in HOST_CALLS.values():
+        if call.mode == "async" and resume_export(call) not in names:
+            names.append(resume_export(call))
+    return names
+
+
+def _host_import(name: str, mode: str):
+    """The wasmtime host function for one row of the host-call table."""
+
+    def sync_call(store: Any, *args: Any) -> Any:
+        return _active.host_import(name, args, False)
+
+    def async_call(store: Any, *args: Any) -> int:
+        return _active.host_import(name, args, True)
+
+    def command_call(store: Any, *args: Any) -> None:
+        _active.host_import(name, args, False)
+
+    return {"sync": sync_call, "async": async_call, "command": command_call}[mode]
+
+
+class _GuestKilled(Exception):
+    """Raised out of a host import to unwind a killed guest (becomes a trap)."""
+
+
+class WasmExecution(Execution):
+    def __init__(
+        self, executor: WasmExecutor, files: dict[str, str], arguments: list[str], host: Any
+    ) -> None:
+        super().__init__(host)
+        self._executor = executor
+        self._files = sorted(files.items())
+        self._arguments = list(arguments)
+        self._runtime: Runtime | None = None
+        self._store: wasmtime.Store | None = None
+        self._instance = None
+        self._funcs: dict[str, Any] = {}
+        self._label = "Inst"
+
+    def begin(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.start()
+
+    # ------------------------------------------------------------ Execution hooks
+
+    def _enter_start(self) -> Step:
+        runtime = self._runtime
+        store = wasmtime.Store(runtime.engine)
+        wasi = wasmtime.WasiConfig()  # no preopens, env, args, stdin or network
+        wasi.stdout_custom = self._output("stdout")
+        wasi.stderr_custom = self._output("stderr")
+        store.set_wasi(wasi)
+        store.set_limits(memory_size=self._executor.memory_limit)
+        store.set_epoch_deadline(self._executor.deadline_ticks)
+        self._store = store
+        with _Active(self):
+            self._instance = runtime.linker.instantiate(store, runtime.component)
+        return self._call("start", self._files, self._arguments)
+
+    def _enter_resume(self, fut: int, name: str, value: Any) -> Step:
+        export = resume_export(HOST_CALLS[name])
+        if export == "resume":
+            return self._call(export, fut)
+        return self._call(export, fut, value)
+
+    def _release(self) -> None:
+        self._funcs.clear()
+        self._instance = None
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def _describe(self, error: BaseException) -> InstanceFault:
+        text = str(error)
+        if "interrupt" in text:
+            ms = self._executor.deadline_ms
+            return InstanceFault(f"CPU deadline exceeded (over {ms} ms without a host call)")
+        if "memory" in text and ("limit" in text or "grow" in text or "out of" in text):
+            return InstanceFault(self._memory_message())
+        if isinstance(error, (wasmtime.Trap, wasmtime.WasmtimeError)):
+            first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+            return InstanceFault(f"trap: {first}")
+        return InstanceFault(f"sandbox error: {type(error).__name__}: {text}")
+
+    def _memory_message(self) -> str:
+        return f"memory limit exceeded ({self._executor.memory_limit // (1024 * 1024)} MiB)"
+
+    # ------------------------------------------------------------ wasm calls
+
+    def _call(self, export: str, *params: Any) -> Step:
+        func = self._funcs.get(export)
+        if func is None:
+            index = self._runtime.exports[export]
+            func = self._funcs[export] = self._instance.get_func(self._store, index)
+        self._store.set_epoch_deadline(self._executor.deadline_ticks)
+        with _Active(self):
+            step = func(self._store, *params)
+        tag, payload = step.tag, step.payload
+        if tag == "failed" and payload.rstrip().endswith("MemoryError"):
+            return ("failed", self._memory_message() + "\n" + payload)
+        return (tag, payload)
+
+    def host_import(self, name: str, args: tuple, is_async: bool) -> Any:
+        """A host import called by the guest (inside a step, on the reactor thread)."""
+        try:
+            if is_async:
+                result = self.call_async(name, args)
+            else:
+                result = self.call(name, args)
+        except Killed:
+            raise _GuestKilled("instance killed") from None
+        self._store.set_epoch_deadline(self._executor.deadline_ticks)
+        return result
+
+    def _output(self, stream: str):
+        def write(data: bytes) -> None:
+            text = data.decode("utf-8", "replace").rstrip("\n")[:OUTPUT_LINE_LIMIT]
+            if text:
+                log.info("[{label}] {stream}: {text}", label=self._label, stream=stream, text=text)
+
+        return write
+
+
+class _Active:
+    """Marks which instance the host imports belong to during one wasm call."""
+
+    __slots__ = ("_execution",)
+
+    def __init__(self, execution: WasmExecution) -> None:
+        self._execution = execution
+
+    def __enter__(self) -> None:
+        global _active
+        _active = self._execution
+
+    def __exit__(self, *exc: Any) -> None:
+        global _active
+        _active = None
+
+
+@implementer(IInferletExecutor)
+class WasmExecutor:
+    """Runs each instance in its own wasmtime Store of the shared runtime component."""
+
+    name = "wasm"
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        deadline_ms: int = DEFAULT_DEADLINE_MS,
+    ) -> None:
+        self.home = home
+        self.memory_limit = memory_limit
+        self.deadline_ms = deadline_ms
+        self.deadline_ticks = max(1, round(deadline_ms / 1000 / TICK_S))
+        self._runtime: Runtime | None = None
+        self._waiters: list[Deferred] = []
+
+    def check(self, program_bytes: bytes) -> None:
+        program.check(program_bytes)
+
+    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> WasmExecution:
+        """Start main(args) on the next reactor turn; raises PieError if the program is invalid."""
+        files = program.check(program_bytes)
+        execution = WasmExecution(self, files, arguments, host)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            reason = error if isinstance(error, PieError) else PieError(str(error))
+            execution._end(Failure(PieError(f"sandbox runtime unavailable: {reason}")))
+
+        self.ready().addCallbacks(execution.begin, failed)
+        return execution
+
+    def ready(self) -> Deferred:
+        """Deferred firing with the loaded Runtime; builds it in a thread the first time."""
+        if self._runtime is not None:
+            return succeed(self._runtime)
+        path = build.artifact_path(self.home)
+        if path.exists():
+            self._runtime = Runtime.shared(path)
+            return succeed(self._runtime)
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            log.info("building the sandbox runtime (once per install, ~15 s) ...")
+            progress = lambda line: log.info("sandbox build: {line}", line=line)  # noqa: E731
+            deferToThread(build.build, self.home, False, progress).addBoth(self._loaded)
+        return waiter
+
+    def _loaded(self, result: Path | Failure) -> None:
+        if not isinstance(result, Failure):
+            try:
+                self._runtime = Runtime.shared(result)
+            except Exception:
+                result = Failure()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(self._runtime)

@@ -1,0 +1,77 @@
+"""The runtime component's exports: load a program, then start and resume its driver.
+
+componentize-py pre-initialises this module at build time, so every module
+imported here is snapshotted into the component. Nothing else of the stdlib
+is available inside the sandbox, hence the explicit allow-list below.
+"""
+
+# The stdlib allow-list: imported for the snapshot (user programs import them freely).
+import argparse  # noqa: F401
+import bisect  # noqa: F401
+import collections  # noqa: F401
+import copy  # noqa: F401
+import dataclasses  # noqa: F401
+import enum  # noqa: F401
+import functools  # noqa: F401
+import heapq  # noqa: F401
+import itertools  # noqa: F401
+import json  # noqa: F401
+import math  # noqa: F401
+import operator  # noqa: F401
+import random  # noqa: F401
+import re  # noqa: F401
+import string  # noqa: F401
+import textwrap  # noqa: F401
+import typing  # noqa: F401
+
+import wit_world
+from wit_world.imports import host  # noqa: F401  (snapshotted here; pie.inferlet._abi binds it)
+from wit_world.imports.types import Step_Done, Step_Failed, Step_Parked
+
+import pie.inferlet  # noqa: F401  (the SDK, with every submodule it imports)
+from pie.inferlet import _abi
+from pie.inferlet._driver import Driver, Step, format_failure
+from pie.runtime.sandbox.loader import load_main
+
+_driver: Driver | None = None
+
+
+def _export(step: Step):
+    tag = step[0]
+    if tag == "parked":
+        return Step_Parked()
+    if tag == "done":
+        return Step_Done(step[1])
+    return Step_Failed(step[1])
+
+
+def _resume(fut: int, value) -> object:
+    if _driver is None:
+        return Step_Failed("resume before start")
+    return _export(_driver.resume(fut, value))
+
+
+class WitWorld(wit_world.WitWorld):
+    def start(self, files, args):
+        global _driver
+        try:
+            main = load_main(dict(files))
+            _driver, step = _abi.run(main, list(args))
+        except BaseException as error:  # a broken program fails itself, with its message
+            return Step_Failed(format_failure(error))
+        return _export(step)
+
+    def resume(self, fut):
+        return _resume(fut, None)
+
+
+def _value_resume(self, fut, value):
+    return _resume(fut, value)
+
+
+# One `resume-<call>` export per async call with a result (see pie/runtime/witgen.py);
+# they all deliver the value the same way.
+for _name in wit_world.WitWorld.__abstractmethods__:
+    if _name.startswith("resume_"):
+        setattr(WitWorld, _name, _value_resume)
+WitWorld.__abstractmethods__ = frozenset()

@@ -1,0 +1,112 @@
+"""Turn a program's sources into its `main` function, without touching sys.modules.
+
+A program is a set of modules (path -> source) with a `main.py` defining
+`async def main(args)`. The program's own modules are imported through a
+per-program `__import__`, so two programs (in dev mode, in one process) can
+both have a `utils.py` without seeing each other's; every other import goes
+to the interpreter as usual (inside the sandbox that is the bundled stdlib
+allow-list and `pie.inferlet`).
+
+Pure Python: runs inside the runtime component and in the dev executor.
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+MAIN_MODULE = "main"
+
+
+def module_name(path: str) -> str:
+    """'pkg/util.py' -> 'pkg.util'; 'pkg/__init__.py' -> 'pkg'."""
+    if not path.endswith(".py"):
+        raise ValueError(f"not a Python module: {path}")
+    parts = path[:-3].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    if not parts or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"not an importable module path: {path}")
+    return ".".join(parts)
+
+
+class Program:
+    """The modules of one program instance, imported lazily on first use."""
+
+    def __init__(self, files: dict[str, str], tag: str = "") -> None:
+        self._sources: dict[str, tuple[str, str, bool]] = {}
+        for path, source in files.items():
+            name = module_name(path)
+            self._sources[name] = (tag + path, source, path.endswith("__init__.py"))
+        if MAIN_MODULE not in self._sources:
+            raise ImportError("the program has no main.py")
+        self._tops = {name.partition(".")[0] for name in self._sources}
+        self._modules: dict[str, ModuleType] = {}
+        self._builtins = dict(vars(builtins), __import__=self._import)
+
+    def main(self) -> Callable[[list[str]], Any]:
+        """Execute main.py and return its `main` function."""
+        module = self._load(MAIN_MODULE)
+        main = getattr(module, "main", None)
+        if not callable(main):
+            raise ImportError("main.py defines no `async def main(args)`")
+        return main
+
+    def _load(self, name: str) -> ModuleType:
+        module = self._modules.get(name)
+        if module is not None:
+            return module
+        if name not in self._sources:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        parent, _, child = name.rpartition(".")
+        parent_module = self._load(parent) if parent else None
+        filename, source, is_package = self._sources[name]
+        module = ModuleType(name)
+        module.__file__ = filename
+        module.__package__ = name if is_package else parent
+        module.__builtins__ = self._builtins
+        if is_package:
+            module.__path__ = []
+        self._modules[name] = module
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        try:
+            exec(compile(source, filename, "exec"), module.__dict__)
+        except BaseException:
+            del self._modules[name]
+            raise
+        if parent_module is not None:
+            setattr(parent_module, child, module)
+        return module
+
+    def _import(
+        self,
+        name: str,
+        globals: dict | None = None,
+        locals: Any = None,
+        fromlist: tuple = (),
+        level: int = 0,
+    ) -> ModuleType:
+        if level:
+            package = (globals or {}).get("__package__") or ""
+            base = package.rsplit(".", level - 1)[0] if level > 1 else package
+            if not base:
+                raise ImportError("relative import outside the program's packages")
+            name = f"{base}.{name}" if name else base
+        if name.partition(".")[0] not in self._tops:
+            return builtins.__import__(name, globals, locals, fromlist, 0)
+        module = self._load(name)
+        if not fromlist:
+            return self._modules[name.partition(".")[0]]
+        for item in fromlist:
+            sub = f"{name}.{item}"
+            if item != "*" and not hasattr(module, item) and sub in self._sources:
+                self._load(sub)
+        return module
+
+
+def load_main(files: dict[str, str], tag: str = "") -> Callable[[list[str]], Any]:
+    """The program's main function; `tag` prefixes file names in tracebacks."""
+    return Program(files, tag).main()

@@ -1,0 +1,531 @@
+"""Command order and batching for one model: per-queue FIFO, cross-queue batches (Pie §6.5).
+
+Every queue is a FIFO of commands. A command only starts once every earlier
+command of its queue has been *dispatched* to the worker (which runs jobs in
+order), so one queue's effects are always seen in submission order, across
+command types. Forward-type commands of different queues (and consecutive
+ones of the same queue) are staged into one open `Forward` batch that the
+batching policy releases; other worker jobs are sent at once (EmbedText and
+GetDistributions of different queues that are ready together share one job).
+Bookkeeping commands (allocate, export, ...) run on the reactor thread when
+they reach their queue's head.
+
+Event driven (Pie §11): the scheduler pumps once per reactor turn after a
+submit, after a job completes, and on a `callLater` timer for the t policies.
+
+Two items that touch the same KV page, one of them writing it, never share a
+batch: the second waits for the next one, so a worker is free to write the
+new K/V of all items before or after attending.
+
+Results and failures are fired only after the scheduler's own state is
+settled, because a caller may react synchronously (submit again, or end the
+instance).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pie.interfaces import InstanceFault, PieError
+from pie.model.batch import EmbedText, Forward, ForwardItem, GetDistributions
+
+PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
+_MERGEABLE = {"EmbedText", "GetDistributions"}
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """When the open forward batch is released.
+
+    adaptive: at once when no Forward job is in flight (one batch in flight,
+        Pie's default: everything that arrives meanwhile joins the next one).
+    k: when k items are staged; releases exactly k (never fewer: with fewer
+        than k runnable queues nothing runs, as in Pie).
+    t: everything, once the oldest staged item was submitted t seconds ago.
+    kort: at most k, when k are staged or the oldest waited t.
+    """
+
+    name: str = "adaptive"
+    k: int = 8
+    t: float = 0.016
+
+    NAMES = ("adaptive", "k", "t", "kort")
+
+    @classmethod
+    def parse(cls, words: list[str]) -> BatchingPolicy:
+        """From ['k', '8'], ['t', '16'] (ms), ['kort', '8', '16'] or ['adaptive']; ValueError if bad."""
+        if not words:
+            raise ValueError("no policy given")
+        name = {"k-or-t": "kort", "k_or_t": "kort"}.get(words[0].lower(), words[0].lower())
+        if name not in cls.NAMES:
+            raise ValueError(f"unknown batching policy {words[0]!r} (adaptive, k, t, kort)")
+        args = words[1:]
+        wanted = {"adaptive": 0, "k": 1, "t": 1, "kort": 2}[name]
+        if len(args) > wanted:
+            raise ValueError(f"policy {name} takes {wanted} parameter(s)")
+        policy = cls(name)
+        try:
+            if name in ("k", "kort") and args:
+                policy = cls(name, k=int(args[0]), t=policy.t)
+            t_arg = (
+                args[0] if name == "t" else args[1] if name == "kort" and len(args) > 1 else None
+            )
+            if t_arg is not None:
+                policy = cls(name, k=policy.k, t=float(t_arg) / 1000.0)
+        except ValueError:
+            raise ValueError(f"bad parameter in {' '.join(words)!r}") from None
+        if policy.k < 1 or policy.t < 0:
+            raise ValueError("k must be >= 1 and t >= 0")
+        return policy
+
+    def describe(self) -> str:
+        ms = f"{self.t * 1000:g}"
+        return {
+            "adaptive": "adaptive",
+            "k": f"k {self.k}",
+            "t": f"t {ms}",
+            "kort": f"kort {self.k} {ms}",
+        }[self.name]
+
+
+class FollowUp:
+    """Returned by a local command: run `command` next on the same queue, answering the original."""
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
+
+
+@dataclass(eq=False)
+class Command:
+    """One queued model command.
+
+    prepare() runs at the queue head on the reactor thread: for a local
+    command it does the work and returns the result (or a FollowUp); for
+    others it validates, translates to physical ids and returns the
+    ForwardItem or batch job. It raises InstanceFault on bad input and must
+    have no side effect for non-local commands (it may run again if the item
+    has to wait for the next batch). finish() maps the worker's answer to the
+    command's result; dispatched(prepared) is told when the job is sent.
+    """
+
+    group: str
+    prepare: Callable[[], object]
+    finish: Callable[[object], object] = lambda answer: answer
+    dispatched: Callable[[object], None] | None = None
+    deferred: Deferred = field(default_factory=Deferred)
+    seq: int = 0
+    submitted: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Queue:
+    id: int
+    instance: str
+    priority: int = PRIORITIES["normal"]
+    items: deque = field(default_factory=deque)
+    staged: int = 0  # commands of this queue in the open forward batch
+    outstanding: list = field(default_factory=list)  # completion Deferreds of its dispatched jobs
+    dead: bool = False
+
+
+@dataclass(eq=False)
+class _Entry:
+    queue: _Queue
+    command: Command
+    prepared: object
+    reads: frozenset = frozenset()
+    writes: frozenset = frozenset()
+
+
+def _footprint(item: ForwardItem, page_size: int) -> tuple[frozenset, frozenset]:
+    """(pages read, pages written) by a forward item: it writes the pages of its last n slots."""
+    count = len(item.tokens) or len(item.input_embeds)
+    total = page_size * (len(item.pages) - 1) + item.last_page_len
+    first, last = (total - count) // page_size, (total - 1) // page_size
+    return frozenset(item.pages), frozenset(item.pages[first : last + 1])
+
+
+class Scheduler:
+    """Queues, the open forward batch and the policy for one model worker."""
+
+    def __init__(
+        self,
+        reactor,
+        execute: Callable[[object], Deferred],
+        page_size: int,
+        policy: BatchingPolicy | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._execute = execute
+        self._page_size = page_size
+        self.policy = policy or BatchingPolicy()
+        self._queues: dict[int, _Queue] = {}
+        self._faults: dict[str, str] = {}  # instance -> reason of its first failure
+        self._open: list[_Entry] = []  # the open forward batch
+        self._open_reads: set = set()
+        self._open_writes: set = set()
+        self._groups: dict[str, list[_Entry]] = {}  # eager jobs of the current pass
+        self._seq = itertools.count()
+        self._forwards_in_flight = 0
+        self._pump_call = None
+        self._timer = None
+        self._to_fire: list[tuple[Deferred, object]] = []
+        self._pumping = False
+        self.stats = {"forward_jobs": 0, "forward_items": 0, "other_jobs": 0, "max_batch": 0}
+
+    # ------------------------------------------------------------------ queues
+
+    def add_queue(self, queue_id: int, instance: str) -> None:
+        self._queues[queue_id] = _Queue(queue_id, instance)
+
+    def queue_instance(self, queue_id: int) -> str | None:
+        q = self._queues.get(queue_id)
+        return q.instance if q else None
+
+    def set_priority(self, queue_id: int, priority: str) -> None:
+        if priority not in PRIORITIES:
+            raise InstanceFault(f"unknown priority {priority!r} (low, normal, high)")
+        self._queues[queue_id].priority = PRIORITIES[priority]
+
+    def fault_reason(self, instance: str) -> str | None:
+        return self._faults.get(instance)
+
+    def set_policy(self, policy: BatchingPolicy) -> None:
+        self.policy = policy
+        self._schedule_pump()
+
+    def pending(self) -> int:
+        """Commands queued or staged, not yet dispatched."""
+        return sum(len(q.items) for q in self._queues.values()) + len(self._open)
+
+    # ------------------------------------------------------------------ submit, fault, drop
+
+    def submit(self, queue_id: int, command: Command) -> Deferred:
+        q = self._queues.get(queue_id)
+        if q is None:
+            return fail(InstanceFault(f"unknown queue {queue_id}"))
+        reason = self._faults.get(q.instance)
+        if reason is not None:
+            return fail(InstanceFault(reason))
+        command.seq = next(self._seq)
+        command.submitted = self._reactor.seconds()
+        q.items.append(command)
+        self._schedule_pump()
+        return command.deferred
+
+    def fault(self, instance: str, reason: str) -> None:
+        """The instance failed: its queued commands and any later submit errback with reason."""
+        if instance in self._faults:
+            return
+        self._faults[instance] = reason
+        self._cancel(instance, reason)
+        self._flush()
+
+    def drop_instance(self, instance: str) -> None:
+        """The instance ended: cancel what it still has queued and forget its queues."""
+        self._cancel(instance, self._faults.pop(instance, "the instance ended"))
+        for queue_id in [i for i, q in self._queues.items() if q.instance == instance]:
+            self._queues.pop(queue_id).dead = True
+        self._flush()
+
+    def _cancel(self, instance: str, reason: str) -> None:
+        cancelled = []
+        for q in self._queues.values():
+            if q.instance == instance:
+                cancelled.extend(q.items)
+                q.items.clear()
+                q.staged = 0
+        keep = [e for e in self._open if e.queue.instance != instance]
+        if len(keep) != len(self._open):
+            cancelled.extend(e.command for e in self._open if e.queue.instance == instance)
+            self._set_open(keep)
+        for entries in self._groups.values():
+            cancelled.extend(e.command for e in entries if e.queue.instance == instance)
+        for command in cancelled:
+            if not command.cancelled:
+                command.cancelled = True
+                self._fire(command.deferred, Failure(InstanceFault(reason)))
+
+    def _fail(self, q: _Queue, command: Command, reason: str) -> None:
+        command.cancelled = True
+        self._fire(command.deferred, Failure(InstanceFault(reason)))
+        if q.instance not in self._faults:
+            self._faults[q.instance] = reason
+            self._cancel(q.instance, reason)
+
+    # ------------------------------------------------------------------ firing results late
+
+    def _fire(self, deferred: Deferred, result: object) -> None:
+        self._to_fire.append((deferred, result))
+
+    def _flush(self) -> None:
+        if self._pumping:  # the pump flushes when its state is settled
+            return
+        while self._to_fire:
+            batch, self._to_fire = self._to_fire, []
+            for deferred, result in batch:
+                if isinstance(result, Failure):
+                    deferred.errback(result)
+                else:
+                    deferred.callback(result)
+
+    # ------------------------------------------------------------------ the pump
+
+    def _schedule_pump(self) -> None:
+        if self._pump_call is None:
+            self._pump_call = self._reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._pump_call = None
+        self._pumping = True
+        try:
+            while self._pass():
+                pass
+        finally:
+            self._pumping = False
+            self._groups = {}
+            self._flush()
+
+    def _pass(self) -> bool:
+        """Advance every queue as far as order allows, send what is ready; True if anything moved."""
+        progress = False
+        order = sorted(
+            (q for q in self._queues.values() if q.items),
+            key=lambda q: (q.priority, q.items[0].seq),
+        )
+        for q in order:
+            progress |= self._advance(q)
+        while self._groups:  # entries stay visible to _cancel until the moment they are sent
+            group = next(iter(self._groups))
+            entries = self._groups[group]
+            if group in _MERGEABLE:
+                live = [e for e in entries if not e.command.cancelled]
+                entries.clear()
+                if live:
+                    self._dispatch(_merge(group, [e.prepared for e in live]), live)
+                    progress = True
+            while entries:
+                entry = entries.pop(0)
+                if not entry.command.cancelled:
+                    self._dispatch(entry.prepared, [entry])
+                    progress = True
+            del self._groups[group]
+        progress |= self._release_forwards()
+        return progress
+
+    def _advance(self, q: _Queue) -> bool:
+        current = None  # the group this queue contributes to in this pass
+        moved = False
+        while q.items and not q.dead:
+            command = q.items[0]
+            group = command.group
+            if group in (LOCAL, SYNC):
+                if current is not None or q.staged:
+                    break
+                q.items.popleft()
+                if group == SYNC:
+                    self._synchronize(q, command)
+                else:
+                    self._run_local(q, command)
+                moved = True
+                continue
+            if current not in (None, group) or (group != FORWARD and q.staged):
+                break
+            prepared = self._prepare(q, command)
+            if prepared is None:
+                return True
+            if group == FORWARD:
+                reads, writes = _footprint(prepared, self._page_size)
+                if writes & (self._open_reads | self._open_writes) or reads & self._open_writes:
+                    break
+                q.items.popleft()
+                q.staged += 1
+                self._open.append(_Entry(q, command, prepared, reads, writes))
+                self._open_reads |= reads
+                self._open_writes |= writes
+            else:
+                q.items.popleft()
+                self._groups.setdefault(group, []).append(_Entry(q, command, prepared))
+            current = group
+            moved = True
+        return moved
+
+    def _prepare(self, q: _Queue, command: Command) -> object | None:
+        """command.prepare(), or None after failing the command (popped) if it raised."""
+        try:
+            return command.prepare()
+        except Exception as e:  # noqa: BLE001 - any failure ends the instance, never the scheduler
+            q.items.popleft()
+            self._fail(q, command, _reason(e))
+            return None
+
+    def _run_local(self, q: _Queue, command: Command) -> None:
+        try:
+            result = command.prepare()
+        except Exception as e:  # noqa: BLE001
+            self._fail(q, command, _reason(e))
+            return
+        if isinstance(result, FollowUp):
+            result.command.deferred.chainDeferred(command.deferred)
+            result.command.seq, result.command.submitted = command.seq, command.submitted
+            q.items.appendleft(result.command)
+        else:
+            self._fire(command.deferred, command.finish(result))
+
+    def _synchronize(self, q: _Queue, command: Command) -> None:
+        """True once every job this queue has dispatched so far has completed."""
+        if not q.outstanding:
+            self._fire(command.deferred, True)
+            return
+        waiting = DeferredList(list(q.outstanding))
+        waiting.addCallback(lambda _: self._fire(command.deferred, True))
+
+    # ------------------------------------------------------------------ forward batches
+
+    def _set_open(self, entries: list[_Entry]) -> None:
+        self._open = entries
+        self._open_reads = set().union(*(e.reads for e in entries))
+        self._open_writes = set().union(*(e.writes for e in entries))
+
+    def _release_forwards(self) -> bool:
+        count, wake = self._release_count()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if wake is not None:
+            self._timer = self._reactor.callLater(max(wake, 0.0), self._on_timer)
+        if not count:
+            return False
+        ranked = sorted(range(len(self._open)), key=lambda i: (self._open[i].queue.priority, i))
+        chosen = set(ranked[:count])
+        released = [e for i, e in enumerate(self._open) if i in chosen]
+        self._set_open([e for i, e in enumerate(self._open) if i not in chosen])
+        for entry in released:
+            entry.queue.staged -= 1
+        self._dispatch(Forward(items=[e.prepared for e in released]), released)
+        return True
+
+    def _release_count(self) -> tuple[int, float | None]:
+        """(items to release now, seconds until the policy should be asked again or None)."""
+        staged = len(self._open)
+        if not staged:
+            return 0, None
+        policy = self.policy
+        if policy.name == "adaptive":
+            return (staged if self._forwards_in_flight == 0 else 0), None
+        if policy.name == "k":
+            return (policy.k if staged >= policy.k else 0), None
+        # (a microsecond of slack so that a timer firing at t on the dot counts as "waited t")
+        age = self._reactor.seconds() - min(e.command.submitted for e in self._open) + 1e-6
+        if policy.name == "t":
+            return (staged, None) if age >= policy.t else (0, policy.t - age)
+        if staged >= policy.k or age >= policy.t:
+            return min(staged, policy.k), None
+        return 0, policy.t - age
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    # ------------------------------------------------------------------ dispatch and completion
+
+    def _dispatch(self, job: object, entries: list[_Entry]) -> None:
+        for entry in entries:
+            if entry.command.dispatched is not None:
+                entry.command.dispatched(entry.prepared)
+        is_forward = isinstance(job, Forward)
+        if is_forward:
+            self._forwards_in_flight += 1
+            self.stats["forward_jobs"] += 1
+            self.stats["forward_items"] += len(entries)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(entries))
+        else:
+            self.stats["other_jobs"] += 1
+        done = Deferred()
+        queues = list({id(e.queue): e.queue for e in entries}.values())
+        for q in queues:
+            q.outstanding.append(done)
+        result = maybeDeferred(self._execute, job)
+        result.addCallback(self._answer, job, entries)
+        result.addErrback(self._job_failed, entries)
+        result.addBoth(self._completed, done, queues, is_forward)
+
+    def _answer(self, result: object, job: object, entries: list[_Entry]) -> None:
+        answers = _split(job, result, entries)
+        for entry, answer in zip(entries, answers, strict=True):
+            try:
+                value = entry.command.finish(answer)
+            except Exception as e:  # noqa: BLE001
+                self._fail(entry.queue, entry.command, _reason(e))
+                continue
+            self._fire(entry.command.deferred, value)
+
+    def _job_failed(self, failure: Failure, entries: list[_Entry]) -> None:
+        if failure.check(PieError):  # the worker refused the job with a reason
+            log.warn("model worker job failed: {reason}", reason=failure.getErrorMessage())
+        else:
+            log.failure("model worker job failed", failure)
+        reason = f"model worker failed: {failure.getErrorMessage()}"
+        for entry in entries:
+            if not entry.command.cancelled:
+                self._fail(entry.queue, entry.command, reason)
+
+    def _completed(self, _: object, done: Deferred, queues: list[_Queue], is_forward: bool) -> None:
+        for q in queues:
+            q.outstanding.remove(done)
+        if is_forward:
+            self._forwards_in_flight -= 1
+        done.callback(None)
+        self._schedule_pump()
+        self._flush()
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, InstanceFault):
+        return str(error)
+    log.failure("internal error in a model command", Failure(error))
+    return f"internal error: {error!r}"
+
+
+def _merge(group: str, jobs: list) -> object:
+    """One job standing for several jobs of a mergeable type, in order."""
+    if group == "EmbedText":
+        return EmbedText(
+            slots=[s for j in jobs for s in j.slots],
+            tokens=[t for j in jobs for t in j.tokens],
+            positions=[p for j in jobs for p in j.positions],
+        )
+    return GetDistributions(slots=[s for j in jobs for s in j.slots])
+
+
+def _split(job: object, result: object, entries: list[_Entry]) -> list:
+    """The share of a job's result that belongs to each command, checking its shape."""
+    if isinstance(job, Forward):
+        if not isinstance(result, list) or len(result) != len(entries):
+            raise ValueError(
+                f"worker answered {type(result).__name__} for {len(entries)} forward items"
+            )
+        return result
+    if isinstance(job, GetDistributions):
+        if not isinstance(result, list) or len(result) != len(job.slots):
+            raise ValueError("worker answered the wrong number of distributions")
+        out, at = [], 0
+        for entry in entries:
+            n = len(entry.prepared.slots)
+            out.append(result[at : at + n])
+            at += n
+        return out
+    if isinstance(job, EmbedText):
+        return [None] * len(entries)
+    return [result]

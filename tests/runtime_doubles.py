@@ -180,13 +180,16 @@ class RecordingOwner:
         return [m for kind, i, m in self.events if kind == "terminated" and i == instance_id]
 
 
-def make_runtime(testcase, home: str | None = None, executor=None, services=None) -> Runtime:
+def make_runtime(
+    testcase, home: str | None = None, executor=None, services=None, **kwargs
+) -> Runtime:
     """A started Runtime in a fresh (or the given) PIE_HOME, stopped at cleanup."""
     home = home or os.path.abspath(testcase.mktemp())
     runtime = Runtime(
         home,
         services if services is not None else {"fake": FakeModelService()},
         executor if executor is not None else ScriptExecutor(),
+        **kwargs,
     )
     runtime.startService()
     testcase.addCleanup(lambda: runtime.stopService() if runtime.running else None)

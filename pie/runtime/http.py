@@ -30,8 +30,10 @@ from __future__ import annotations
 import json
 import uuid
 
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -112,6 +114,7 @@ class ServerInstance:
         self._runtime = runtime
         self._program = program
         self._listening = None
+        self.closed: Deferred = Deferred()  # fires once the port is closed after stop()
 
     @property
     def port(self) -> int:
@@ -129,20 +132,26 @@ class ServerInstance:
         except Exception as e:
             raise PieError(f"cannot serve on 127.0.0.1:{self.requested_port}: {e}") from None
 
-    def stop(self, reason: str):
-        """Stop listening, end the requests in flight, tell the owner; Deferred when closed."""
+    def stop(self, reason: str) -> Deferred:
+        """Stop listening, end the requests in flight, tell the owner; `closed` fires when done."""
         if self.stopped:
-            return None
+            return self.closed
         self.stopped = True
         for instance in list(self.in_flight):
             self._runtime.terminate(instance.id, reason)
-        d = self._listening.stopListening() if self._listening else None
+        d = maybeDeferred(self._listening.stopListening) if self._listening else succeed(None)
+        d.addBoth(self._closed)
         if self.owner is not None:
             try:
                 self.owner.instance_terminated(self.id, reason)
             except Exception:
                 self.log.failure("instance_terminated failed for server {id}", id=self.id)
-        return d
+        return self.closed
+
+    def _closed(self, result) -> None:
+        if isinstance(result, Failure):
+            self.log.failure("closing server {id}", result, id=self.id)
+        self.closed.callback(None)
 
     # ------------------------------------------------------------------ one request
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 
 from twisted.application import service
-from twisted.internet.defer import ensureDeferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
@@ -81,9 +81,7 @@ class Runtime(service.Service):
 
     async def _stop(self) -> None:
         for server_id in list(self.servers):
-            stopped = self._stop_server(server_id, SHUTDOWN_REASON)
-            if stopped is not None:
-                await stopped
+            await self._stop_server(server_id, SHUTDOWN_REASON)
         for instance in list(self.instances.running.values()):
             self.instances.end(instance, SHUTDOWN_REASON)
         await self.kvstore.stop()
@@ -205,10 +203,10 @@ class Runtime(service.Service):
         self.servers[server.id] = server
         return server.id
 
-    def _stop_server(self, server_id: str, reason: str):
-        """Deferred fired when the port is closed, or None if there was nothing to stop."""
+    def _stop_server(self, server_id: str, reason: str) -> Deferred:
+        """Deferred fired when the server's port is closed."""
         server = self.servers.pop(server_id, None)
-        return None if server is None else server.stop(reason)
+        return succeed(None) if server is None else server.stop(reason)
 
     # ------------------------------------------------------------------ debug queries
 

@@ -1,0 +1,148 @@
+"""Server instances: HTTP on a real loopback port, one instance per request (issue 4 point 4; spec §3.5, §10.7)."""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from pie.interfaces import PieError
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, parse_response
+from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
+
+
+async def handler(host, args):
+    """What an executor does for a server program: handle(request) → response JSON."""
+    assert args[0] == HTTP_REQUEST_ARGUMENT
+    request = json.loads(args[1])
+    if request["path"] == "/fail":
+        raise RuntimeError("handler exploded")
+    if request["path"] == "/garbage":
+        return "not json"
+    if request["path"] == "/alloc":
+        queue = host.call("create_queue", (0,))
+        host.call("allocate_kv_pages", (queue, [1, 2]))
+    await host.call("store_set", ("last-path", request["path"]))
+    body = json.dumps(
+        {k: request[k] for k in ("method", "path", "query", "body", "arguments")}
+        | {"agent": request["headers"].get("x-test"), "id": host.call("get_instance_id", ())}
+    )
+    return json.dumps({"status": 201, "headers": {"x-pie": "yes"}, "body": body})
+
+
+class ServerInstanceTests(unittest.TestCase):
+    def setUp(self):
+        self.model = FakeModelService()
+        self.runtime = make_runtime(self, services={"fake": self.model})
+        self.owner = RecordingOwner()
+
+    async def serve(self, arguments=("--mode", "test")) -> tuple[str, int]:
+        digest = await self.runtime.add_program(self.runtime.executor.program(handler))
+        server_id = await self.runtime.launch_server(digest, 0, list(arguments), self.owner)
+        return server_id, self.runtime.servers[server_id].port
+
+    async def request(self, port: int, path: str, method=b"GET", body: bytes | None = None):
+
+        producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+        response = await Agent(reactor).request(
+            method,
+            f"http://127.0.0.1:{port}{path}".encode(),
+            Headers({b"x-test": [b"trial"]}),
+            producer,
+        )
+        return response, (await readBody(response)).decode()
+
+    async def test_each_request_runs_a_fresh_instance(self):
+        server_id, port = await self.serve()
+        response, text = await self.request(port, "/echo?x=1", b"POST", b"payload")
+        self.assertEqual(response.code, 201)
+        self.assertEqual(response.headers.getRawHeaders(b"x-pie"), [b"yes"])
+        first = json.loads(text)
+        self.assertEqual(
+            {k: v for k, v in first.items() if k != "id"},
+            {
+                "method": "POST",
+                "path": "/echo",
+                "query": "x=1",
+                "body": "payload",
+                "arguments": ["--mode", "test"],
+                "agent": "trial",
+            },
+        )
+        _, text = await self.request(port, "/again")
+        self.assertNotEqual(json.loads(text)["id"], first["id"])
+        self.assertEqual(await self.runtime.kvstore.get("last-path"), "/again")
+        self.assertEqual(self.runtime.debug_query("get_server_instance_count"), "1")
+        self.assertEqual(self.owner.events, [])  # per-request instances have no owner
+
+    async def test_failing_handler_is_a_500_with_the_reason(self):
+        _, port = await self.serve()
+        response, text = await self.request(port, "/fail")
+        self.assertEqual(response.code, 500)
+        self.assertIn("Runtime error: RuntimeError: handler exploded", text)
+        response, text = await self.request(port, "/garbage")
+        self.assertEqual(response.code, 500)
+        self.assertIn("not JSON", text)
+        response, _ = await self.request(port, "/fine")
+        self.assertEqual(response.code, 201)
+        self.flushLoggedErrors(RuntimeError)
+
+    async def test_per_request_instances_free_model_resources(self):
+        _, port = await self.serve()
+        response, text = await self.request(port, "/alloc")
+        self.assertEqual(response.code, 201)
+        request_instance = json.loads(text)["id"]
+        self.assertIn(request_instance, self.model.destroyed)
+        self.assertEqual(self.model.pages, {})
+        self.assertEqual(self.runtime.instances.running, {})
+
+    async def test_owner_stops_the_server(self):
+        server_id, port = await self.serve()
+        closed = self.runtime.servers[server_id].closed
+        self.runtime.terminate(server_id, "user terminated the program")
+        await closed
+        self.assertEqual(self.owner.terminations(server_id), ["user terminated the program"])
+        self.assertEqual(self.runtime.servers, {})
+        with self.assertRaises(ConnectionRefusedError):
+            await self.request(port, "/gone")
+
+    async def test_port_in_use_is_reported(self):
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(taken.stopListening)
+        digest = await self.runtime.add_program(self.runtime.executor.program(handler))
+        with self.assertRaises(PieError) as caught:
+            await self.runtime.launch_server(digest, taken.getHost().port, [], self.owner)
+        self.assertIn(f"cannot serve on 127.0.0.1:{taken.getHost().port}", str(caught.exception))
+
+    async def test_unknown_program_and_bad_port(self):
+        with self.assertRaises(PieError):
+            await self.runtime.launch_server("0" * 64, 0, [], self.owner)
+        with self.assertRaises(PieError):
+            await self.runtime.launch_server("0" * 64, 70000, [], self.owner)
+
+
+class ParseResponseTests(unittest.TestCase):
+    def test_defaults_and_errors(self):
+        self.assertEqual(parse_response("{}"), (200, [], b""))
+        self.assertEqual(
+            parse_response('{"status": 404, "headers": [["a", "b"]], "body": "é"}'),
+            (404, [("a", "b")], "é".encode()),
+        )
+        for bad in (
+            None,
+            "[]",
+            '{"status": 99}',
+            '{"status": "200"}',
+            '{"body": 3}',
+            '{"headers": {"a": 1}}',
+        ):
+            self.assertRaises(PieError, parse_response, bad)

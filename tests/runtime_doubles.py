@@ -156,9 +156,20 @@ class RecordingOwner:
         self.events: list[tuple[str, str, str]] = []
         self._waiters: dict[str, list[Deferred]] = {}
         self._reasons: dict[str, str] = {}
+        self._listeners: dict[tuple[str, str], list[Deferred]] = {}
 
     def instance_message(self, instance_id: str, message: str) -> None:
         self.events.append(("message", instance_id, message))
+        for d in self._listeners.pop((instance_id, message), []):
+            d.callback(None)
+
+    def heard(self, instance_id: str, message: str) -> Deferred:
+        """Fires once the instance has sent this message."""
+        if message in self.messages(instance_id):
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._listeners.setdefault((instance_id, message), []).append(d)
+        return d
 
     def instance_terminated(self, instance_id: str, reason: str) -> None:
         self.events.append(("terminated", instance_id, reason))

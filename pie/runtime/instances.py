@@ -9,8 +9,9 @@ in every model service, and tells its owner `instance_terminated(reason)` —
 in that order, so the owner's event is the last thing it hears.
 
 Reasons follow Pie: "instance normally finished"; "Runtime error: <message>"
-for an exception; the fault text for an InstanceFault; the kill reason given
-to terminate().
+when the program fails (an exception, a trap, a limit); the fault text when a
+model command of it fails (InstanceFault); the kill reason given to
+terminate().
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pie.interfaces import IInstanceOwner, IModelService, InstanceFault, PieError
+from pie.interfaces import IInstanceOwner, IModelService, PieError
 
 NORMAL_FINISH = "instance normally finished"
 
@@ -57,13 +58,17 @@ class Instance:
 
 
 def failure_reason(failure: Failure) -> str:
-    """The termination reason for an execution that failed."""
+    """The termination reason for an execution that failed by itself.
+
+    Whatever the executor reports — a guest exception (with its traceback), a
+    trap, a deadline, a memory limit — is a runtime error, as Pie's
+    "Runtime error: <text>". Faults the runtime itself decided (a failed model
+    command, a broken host call, a kill) never come through here: they are
+    recorded on the instance first and used verbatim.
+    """
     error = failure.value
-    if isinstance(error, InstanceFault):
-        return str(error)
-    if isinstance(error, PieError):
-        return f"Runtime error: {error}"
-    return f"Runtime error: {type(error).__name__}: {error}"
+    text = str(error) if isinstance(error, PieError) else f"{type(error).__name__}: {error}"
+    return text if text.startswith("Runtime error") else f"Runtime error: {text}"
 
 
 class Instances:

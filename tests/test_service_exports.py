@@ -1,0 +1,116 @@
+"""Persistent KV exports survive a restart: recorded tokens are replayed on the first import."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import maybeDeferred
+
+from pie.model.batch import Forward
+from pie.model.exportstore import ExportStore
+from tests.service_case import ServiceCase
+from tests.service_doubles import FakeWorker
+
+PREFIX = [11, 12, 13, 14, 15, 16, 17, 18]  # two full pages of 4
+
+
+class PersistentExportTests(ServiceCase):
+    def setUp(self):
+        self.state = self.mktemp()
+        self.restart()
+
+    def restart(self):
+        """A fresh service on a fresh worker (empty KV cache) over the same state directory."""
+        if getattr(self, "service", None) is not None:
+            self.service.close()
+        self.make(
+            FakeWorker(num_pages=8),
+            state_dir=self.state,
+            run_blocking=lambda fn, *a: maybeDeferred(fn, *a),
+        )
+        self.addCleanup(self.service.close)
+
+    def do(self, inst, queue, op, *args):
+        box = self.submit(inst, queue, op, *args)
+        self.run_reactor()
+        return box
+
+    def prefill_and_export(self, masks=()):
+        q = self.service.create_queue("a")
+        self.do("a", q, "allocate_kv_pages", [0, 1])
+        self.do("a", q, "forward_text_no_output", 4, [0, 1], PREFIX, list(range(8)), list(masks))
+        self.assertEqual(self.do("a", q, "export_kv_pages", [0, 1], "sys", True), [None])
+        self.service.destroy_instance("a")
+
+    def decode_after_import(self, inst):
+        q = self.service.create_queue(inst)
+        self.assertEqual(self.do(inst, q, "import_kv_pages", [4, 5], "sys"), [None])
+        self.do(inst, q, "allocate_kv_pages", [6])
+        got = self.do(inst, q, "forward_text", 1, [4, 5, 6], [9], [8], [], [0])
+        self.service.destroy_instance(inst)
+        return got
+
+    def test_restart_recomputes_the_pages_from_recorded_tokens(self):
+        self.prefill_and_export()
+        before = self.decode_after_import("b")
+        self.assertEqual(
+            before, [[self.expected([(t, p) for p, t in enumerate(PREFIX)] + [(9, 8)])]]
+        )
+        self.assertTrue(os.path.exists(os.path.join(self.state, ExportStore.FILENAME)))
+
+        self.restart()
+        self.assertEqual(self.service.list_exports(), [("sys", 2)])
+        self.assertEqual(self.service.status()["free_kv_pages"], 8, "dormant until imported")
+        after = self.decode_after_import("c")
+        self.assertEqual(after, before)
+        replay = self.worker.jobs_of(Forward)[0].items[0]
+        self.assertEqual(
+            (replay.tokens, replay.positions, replay.masks), (PREFIX, list(range(8)), [])
+        )
+        self.assertEqual(
+            self.service.status()["free_kv_pages"], 6, "the export holds its two pages"
+        )
+        # a second importer shares the recomputed pages: no second replay
+        self.assertEqual(self.decode_after_import("d"), before)
+        self.assertEqual(len(self.worker.jobs_of(Forward)), 3)
+
+    def test_masked_rows_are_replayed_exactly(self):
+        # token 5 does not attend to tokens 1..2
+        masks = [[i + 1] for i in range(8)]
+        masks[5] = [1, 2, 3]
+        self.prefill_and_export(masks)
+        before = self.decode_after_import("b")
+        self.restart()
+        after = self.decode_after_import("c")
+        self.assertEqual(after, before)
+        self.assertEqual(self.worker.jobs_of(Forward)[0].items[0].masks, masks)
+
+    def test_unexport_removes_it_from_disk(self):
+        self.prefill_and_export()
+        q = self.service.create_queue("b")
+        self.do("b", q, "unexport_kv_pages", "sys")
+        self.restart()
+        self.assertEqual(self.service.list_exports(), [])
+
+    def test_pages_that_attended_elsewhere_are_not_persisted(self):
+        q = self.service.create_queue("a")
+        self.do("a", q, "allocate_kv_pages", [0, 1])
+        self.do("a", q, "forward_text_no_output", 4, [0, 1], PREFIX, list(range(8)), [])
+        self.do("a", q, "export_kv_pages", [1], "tail", True)  # page 1's tokens attended to page 0
+        self.assertEqual(self.service.list_exports(), [("tail", 1)])
+        self.restart()
+        self.assertEqual(self.service.list_exports(), [])
+
+    def test_a_failed_replay_leaves_the_export_dormant(self):
+        self.prefill_and_export()
+        self.restart()
+        self.worker.fail_next = "boom"
+        q = self.service.create_queue("b")
+        box = self.do("b", q, "import_kv_pages", [4, 5], "sys")
+        self.assertIn("boom", self.fault_of(box))
+        self.service.destroy_instance("b")
+        self.assertEqual(self.service.status()["free_kv_pages"], 8)
+        self.assertEqual(
+            self.decode_after_import("c"),
+            [[self.expected([(t, p) for p, t in enumerate(PREFIX)] + [(9, 8)])]],
+        )

@@ -101,6 +101,8 @@ class Brle:
     def is_range_all_value(self, start: int, end: int, value: bool) -> bool:
         """True if every entry in [start, end) equals value (vacuously True if empty)."""
         self._check_range(start, end)
+        if start == end:
+            return True
         for run_value, run_start, run_end in self.iter_runs():
             if run_end > start and run_start < end and run_value != value:
                 return False

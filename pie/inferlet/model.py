@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pie.inferlet import _abi
+from pie.inferlet import _abi, _driver
 from pie.inferlet.pool import IdPool
 from pie.inferlet.template import Template
 
@@ -64,6 +64,7 @@ class Queue:
         self.id: int = _abi.call("create_queue", model.service_id)
         self.seq = 0
         self.done_seq = 0
+        self._sync: Any = None  # the shared synchronize task of wait_for, while in flight
 
     def __repr__(self) -> str:
         return f"Queue({self.id}, seq={self.seq}, done={self.done_seq})"
@@ -86,9 +87,18 @@ class Queue:
         return bool(await self.call("synchronize"))
 
     async def wait_for(self, seq: int) -> None:
-        """Return once command number `seq` of this queue has run."""
-        if self.done_seq < seq:
+        """Return once command number `seq` of this queue has run (several
+        waiters share one synchronize round trip)."""
+        while self.done_seq < seq:
+            if self._sync is None:
+                self._sync = _abi.spawn(self._sync_once())
+            await self._sync
+
+    async def _sync_once(self) -> None:
+        try:
             await self.synchronize()
+        finally:
+            self._sync = None
 
     def set_priority(self, priority: str) -> None:
         if priority not in ("low", "normal", "high"):
@@ -212,7 +222,17 @@ class Model:
         )
 
 
-_models: dict[tuple[str, int], Model] = {}
+def _instance_models() -> dict[int, Model]:
+    """This instance's Model objects by service id.
+
+    Kept on the instance's guest driver, so every instance (several share one
+    process in dev mode) has its own id pools and nothing outlives it.
+    """
+    driver = _driver.current()
+    models = getattr(driver, "_pie_models", None)
+    if models is None:
+        models = driver._pie_models = {}
+    return models
 
 
 def get_model(name: str) -> Model | None:
@@ -220,10 +240,10 @@ def get_model(name: str) -> Model | None:
     service_id = _abi.call("get_model", name)
     if service_id is None:
         return None
-    key = (_abi.call("get_instance_id"), int(service_id))
-    model = _models.get(key)
+    models = _instance_models()
+    model = models.get(int(service_id))
     if model is None:
-        model = _models[key] = Model(int(service_id))
+        model = models[int(service_id)] = Model(int(service_id))
     return model
 
 

@@ -1,0 +1,460 @@
+"""pie.inferlet.Context and friends, run by the real guest driver against a host double.
+
+The double (pie.inferlet.testing) keeps real page bookkeeping, checks masks
+and never runs a queue's commands before something on that queue is awaited,
+so wrong sharing, masks, positions or missing synchronisation show up here
+as errors or wrong tokens. References are computed straight from the fake
+model's definition.
+"""
+
+from __future__ import annotations
+
+import jinja2.sandbox
+from twisted.trial import unittest
+
+from pie.inferlet import (
+    Brle,
+    Context,
+    Greedy,
+    Length,
+    Subscription,
+    TopK,
+    broadcast,
+    gather,
+    get_auto_model,
+    receive,
+    send,
+    sleep,
+    store_get,
+    store_list_keys,
+    store_set,
+    subscribe,
+    time_ms,
+)
+from pie.inferlet.testing import (
+    SMOLLM2_TEMPLATE,
+    FakeModel,
+    FakeWorld,
+    greedy_reference,
+    reference_distribution,
+)
+
+PROMPT = "The quick brown fox"  # 19 tokens: pages of 4 end partial
+
+
+def run(main, world=None, args=None):
+    world = world or FakeWorld()
+    return world, world.run(main, args)
+
+
+class GenerationTests(unittest.TestCase):
+    def test_generate_matches_the_model(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill(PROMPT)
+            await ctx.flush()
+            return await ctx.generate(Greedy(), Length(9))
+
+        world, text = run(main)
+        model = world.model
+        self.assertEqual(text, model.detokenize(greedy_reference(model, model.tokenize(PROMPT), 9)))
+
+    def test_pages_grow_one_at_a_time_and_are_freed(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("abcdef")  # 6 tokens, page size 4
+            await ctx.flush()
+            assert ctx.pages == [0, 1] and ctx.last_page_len == 1, ctx
+            await ctx.generate(Greedy(), Length(4))
+            assert len(ctx.tokens) == 9 and ctx.pages == [0, 1, 2], ctx
+            ctx.close()
+
+        world = FakeWorld()
+        world.run(main)
+        self.assertEqual(world.live_pages, 0)
+        allocs = [a[1] for n, a in world.instances[0].calls if n == "allocate_kv_pages"]
+        self.assertEqual(allocs, [[0, 1], [2]])
+
+    def test_causal_masks_go_out_empty_and_custom_ones_as_brle(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("ab")
+            ctx.fill_tokens(
+                [30, 31],
+                masks=[
+                    Brle.from_list([True, False, False]),
+                    Brle.from_list([True, True, False, False]),
+                ],
+            )
+            dist = await ctx.decode_step()
+            return ",".join(map(str, dist.ids))
+
+        world, ids = run(main)
+        forwards = [a for n, a in world.instances[0].calls if n == "forward_text"]
+        self.assertEqual(forwards[0][5], [[1], [2], [0, 1, 2], [0, 2, 2]])
+        want = world.model.distribution([(30, 2), (31, 3)], 3)[0]
+        self.assertEqual(ids, ",".join(map(str, want)))
+
+    def test_decode_step_without_a_pending_token_is_an_error(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            await ctx.decode_step()
+
+        world = FakeWorld()
+        instance = world.spawn(main)
+        world.run_until_idle()
+        self.assertEqual(instance.status, "failed")
+        self.assertIn("needs a pending token", instance.error)
+
+
+class ForkTests(unittest.TestCase):
+    def _check_fork(self, prompt: str, generate_first: int):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill(prompt)
+            await ctx.flush()
+            head = (
+                await ctx.generate_tokens(Greedy(), Length(generate_first))
+                if generate_first
+                else []
+            )
+            children = [ctx.fork() for _ in range(3)]
+            outs = await gather(*(c.generate_tokens(Greedy(), Length(6)) for c in children))
+            own = await ctx.generate_tokens(Greedy(), Length(6))
+            for c in children:
+                c.close()
+            ctx.close()
+            return repr((head, outs, own))
+
+        world, result = run(main)
+        head, outs, own = eval(result)
+        model = world.model
+        want = greedy_reference(model, model.tokenize(prompt), generate_first + 6)
+        self.assertEqual(head + own, want)
+        for out in outs:
+            self.assertEqual(head + out, want)
+        self.assertEqual(world.live_pages, 0)
+        return world
+
+    def test_fork_with_a_partial_last_page_recomputes_it(self):
+        world = self._check_fork(PROMPT, 0)
+        instance = world.instances[0]
+        first_child_forward = [a for n, a in instance.calls if n == "forward_text"][0]
+        # 18 committed tokens = 4 full pages shared, 2 recomputed, then the seed
+        self.assertEqual(first_child_forward[2][:4], [0, 1, 2, 3])
+        self.assertEqual(len(first_child_forward[3]), 3)
+
+    def test_fork_on_a_page_boundary_with_nothing_pending(self):
+        """Pie #287: the child of a page-aligned context with no pending token had no seed."""
+
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("abcdefgh")  # exactly 2 pages once decoded
+            await ctx.decode_step()
+            assert not ctx.pending and ctx.last_page_len == 4
+            child = ctx.fork()
+            return await child.generate(Greedy(), Length(5))
+
+        world, text = run(main)
+        model = world.model
+        self.assertEqual(
+            text, model.detokenize(greedy_reference(model, model.tokenize("abcdefgh"), 5))
+        )
+
+    def test_fork_right_after_flush_waits_for_the_parent_queue(self):
+        """Pie #48: the child's queue is not ordered with the parent's prefill."""
+        world = self._check_fork("x" * 40, 0)
+        syncs = [a for n, a in world.instances[0].calls if n == "synchronize"]
+        self.assertEqual(len(syncs), 1)  # one wait for the parent's queue, by the first child
+
+    def test_fork_after_generation(self):
+        self._check_fork("hello there", 3)
+
+    def test_fork_shares_full_pages_physically(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("abcdefghij")
+            await ctx.flush()
+            child = ctx.fork()
+            await gather(ctx.decode_step(), child.decode_step())
+            return repr((ctx.pages, child.pages))
+
+        world, result = run(main)
+        parent, child = eval(result)
+        kv = world.instances[0].kv
+        self.assertEqual(parent[:2], child[:2])  # 9 committed -> 2 full pages shared
+        self.assertNotEqual(kv[parent[2]], kv[child[2]])  # partial page private
+        self.assertEqual(world.page_refs[kv[parent[0]]], 1)  # one virtual id, refcount in SDK
+
+
+class MaskTests(unittest.TestCase):
+    def test_windowed_attention_drops_pages_and_keeps_positions(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("0123456789abcdef")  # 16 tokens = 4 pages
+            await ctx.flush()
+            ctx.mask_token_range(4, 12)  # hide pages 1 and 2
+            dropped = ctx.drop_masked_kv_pages()
+            dist = await ctx.decode_step()
+            return repr((dropped, ctx.pages, ctx.positions, dist.ids))
+
+        world, result = run(main)
+        dropped, pages, positions, ids = eval(result)
+        self.assertEqual(dropped, 2)
+        self.assertEqual(pages, [0, 3])
+        self.assertEqual(positions, [0, 1, 2, 3, 12, 13, 14, 15])
+        tokens = world.model.tokenize("0123456789abcdef")
+        keep = [0, 1, 2, 3, 12, 13, 14, 15]
+        want = world.model.distribution([(tokens[i], i) for i in keep], 15)[0]
+        self.assertEqual(ids, want)
+        instance = world.instances[0]
+        self.assertEqual(sorted(instance.kv), [0, 3])  # pages 1, 2 deallocated on the host
+
+    def test_masked_tokens_added_later_do_not_see_the_range(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("abcdef")
+            ctx.mask_token_range(1, 3)
+            ctx.fill("g")
+            dist = await ctx.decode_step()
+            return dist.ids
+
+        world, ids = run(main)
+        t = world.model.tokenize("abcdefg")
+        attended = [(t[i], i) for i in (0, 3, 4, 5, 6)]
+        self.assertEqual(eval(ids), world.model.distribution(attended, 6)[0])
+
+
+class SpeculationTests(unittest.TestCase):
+    def test_drafter_output_equals_greedy_and_accepts_drafts(self):
+        model = FakeModel()
+        prompt = model.tokenize("speculate")
+        truth = greedy_reference(model, prompt, 14)
+
+        class OracleDrafter:
+            """Drafts a wrong sibling first, then the true 3 next tokens (a trie)."""
+
+            def update(self, tokens):
+                self.done = len(tokens) - len(prompt)
+
+            def draft(self):
+                nxt = truth[self.done : self.done + 3]
+                if len(nxt) < 3:
+                    return [], []
+                wrong = 3 if nxt[0] != 3 else 4
+                return [wrong, nxt[0], nxt[1], nxt[2]], [1, 1, 2, 3]
+
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill_tokens(prompt)
+            stats = {}
+            text = await ctx.generate_with_drafter(OracleDrafter(), Greedy(), Length(12), stats)
+            tail = await ctx.generate_tokens(Greedy(), Length(2))
+            return repr((text, stats, tail))
+
+        world, result = run(main, FakeWorld(model))
+        text, stats, tail = eval(result)
+        self.assertEqual(text, model.detokenize(truth[:12]))
+        self.assertEqual(tail, truth[12:14])  # the context is consistent afterwards
+        self.assertGreater(stats["accepted"], 6)
+        self.assertLess(stats["steps"], 12)
+        masks = [a[5] for n, a in world.instances[0].calls if n == "forward_text"][0]
+        # the wrong sibling (index 1) is hidden from the true chain (rows 2..4)
+        self.assertEqual(masks[2][-2:], [1, 1])
+
+    def test_bad_trie_is_refused(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("ab")
+            await ctx.verify_drafts([5, 6], [1, 3])
+
+        world = FakeWorld()
+        instance = world.spawn(main)
+        world.run_until_idle()
+        self.assertIn("invalid draft depths", instance.error)
+
+
+class BeamTests(unittest.TestCase):
+    def test_beam_of_one_is_greedy_and_pages_are_returned(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill(PROMPT)
+            text = await ctx.generate_with_beam(1, Length(5))
+            more = await ctx.generate(Greedy(), Length(2))
+            ctx.close()
+            return text + more
+
+        world, text = run(main)
+        model = world.model
+        self.assertEqual(text, model.detokenize(greedy_reference(model, model.tokenize(PROMPT), 7)))
+        self.assertEqual(world.live_pages, 0)
+
+    def test_wider_beam_scores_at_least_greedy(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("beam")
+            return await ctx.generate_with_beam(3, Length(4))
+
+        world, text = run(main)
+        model = world.model
+
+        def score(tokens):
+            seq, total = model.tokenize("beam"), 0.0
+            for t in tokens:
+                ids, probs = reference_distribution(model, seq)
+                total += __import__("math").log(probs[ids.index(t)])
+                seq = seq + [t]
+            return total
+
+        greedy = greedy_reference(model, model.tokenize("beam"), 4)
+        self.assertGreaterEqual(score(model.tokenize(text)), score(greedy) - 1e-9)
+
+
+class ExportTests(unittest.TestCase):
+    def test_open_recomputes_a_partial_tail_instead_of_writing_the_shared_page(self):
+        world = FakeWorld()
+
+        async def saver(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill(PROMPT)
+            await ctx.save("prefix")
+            return ctx.get_text()
+
+        async def opener(args):
+            model = get_auto_model()
+            a, b = await gather(Context.open(model, "prefix"), Context.open(model, "prefix"))
+            outs = await gather(
+                a.generate(Greedy(), Length(5)), b.generate(TopK(3, seed=1), Length(5))
+            )
+            again = await Context.open(model, "prefix")
+            return repr((a.get_text(), outs, await again.generate(Greedy(), Length(5))))
+
+        self.assertEqual(world.run(saver), PROMPT)
+        exported = list(world.exports["prefix"])
+        before = [list(world.pages[p]) for p in exported]
+        text, outs, again = eval(world.run(opener))
+        model = world.model
+        want = model.detokenize(greedy_reference(model, model.tokenize(PROMPT), 5))
+        self.assertEqual(outs[0], want)
+        self.assertEqual(again, want)  # b's sampling did not disturb the shared prefix
+        self.assertEqual([list(world.pages[p]) for p in exported], before)
+        self.assertIn("pie.kv/prefix", world.store)
+
+    def test_open_of_unknown_name_is_none_and_lost_pages_are_recomputed(self):
+        world = FakeWorld()
+
+        async def saver(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("persist me")
+            await ctx.save("p")
+
+        async def opener(args):
+            model = get_auto_model()
+            assert await Context.open(model, "missing") is None
+            ctx = await Context.open(model, "p")
+            return await ctx.generate(Greedy(), Length(3))
+
+        world.run(saver)
+        for page in world.exports.pop("p"):  # as after a restart: the record without pages
+            world.unref(page)
+        model = world.model
+        self.assertEqual(
+            world.run(opener),
+            model.detokenize(greedy_reference(model, model.tokenize("persist me"), 3)),
+        )
+
+    def test_delete_removes_export_and_record(self):
+        world = FakeWorld()
+
+        async def main(args):
+            model = get_auto_model()
+            ctx = model.create_context()
+            ctx.fill("abcdefgh")
+            await ctx.save("gone", persistent=False)
+            await Context.delete(model, "gone")
+            return repr(await store_list_keys())
+
+        self.assertEqual(eval(world.run(main)), [])
+        self.assertNotIn("gone", world.exports)
+
+
+class ChatTests(unittest.TestCase):
+    def test_chat_helpers_render_the_models_own_template(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.user("Hi")
+            ctx.cue()
+            reply = await ctx.generate(Greedy(), Length(3))
+            ctx.user("More")
+            ctx.cue()
+            return repr((ctx.get_text(), reply))
+
+        world, result = run(main)
+        text, reply = eval(result)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        want = env.from_string(SMOLLM2_TEMPLATE).render(
+            messages=[
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "More"},
+            ],
+            add_generation_prompt=True,
+        )
+        self.assertEqual(text, want)
+
+
+class PoolTests(unittest.TestCase):
+    def test_smallest_free_first_and_no_cross_queue_reuse_in_flight(self):
+        async def main(args):
+            model = get_auto_model()
+            pool = model.kv_pages
+            qa, qb = model.create_queue(), model.create_queue()
+            first = pool.acquire(qa, 3)
+            pool.release(qa, [first[1]])  # deallocate queued on qa, not yet run
+            reuse_b = pool.acquire(qb, 1)  # must not be id 1
+            reuse_a = pool.acquire(qa, 1)  # qa is ordered after its own deallocate
+            await qb.synchronize()
+            await qa.synchronize()
+            pool.release(qa, [reuse_a[0]])
+            await qa.synchronize()
+            after_sync = pool.acquire(qb, 1)
+            return repr((first, reuse_b, reuse_a, after_sync))
+
+        world, result = run(main)
+        self.assertEqual(eval(result), ([0, 1, 2], [3], [1], [1]))
+
+
+class RuntimeTests(unittest.TestCase):
+    def test_messaging_subscription_delivers_every_message(self):
+        world = FakeWorld()
+
+        async def listener(args):
+            sub = subscribe("news")
+            got = []
+            async for message in sub:
+                got.append(message)
+                if len(got) == 3:
+                    sub.close()
+            first = await receive()
+            send(f"{first}:{','.join(got)}")
+
+        async def talker(args):
+            for i in range(3):
+                broadcast("news", str(i))
+                await sleep(10)
+            return str(time_ms())
+
+        listen = world.spawn(listener)
+        talk = world.spawn(talker)
+        listen.signal("hello")
+        world.run_until_idle()
+        self.assertEqual(listen.sent, ["hello:0,1,2"])
+        self.assertEqual(talk.outcome(), "30")
+        self.assertIsInstance(Subscription, type)
+
+    def test_store(self):
+        async def main(args):
+            await store_set("k", "v")
+            return await store_get("k")
+
+        self.assertEqual(run(main)[1], "v")

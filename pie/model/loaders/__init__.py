@@ -1,0 +1,112 @@
+"""Model loaders: turn a file or folder into a LoadedModel (config, weights, tokenizer).
+
+Each format is an IModelLoader plugin (pie/plugins/pie_loaders.py); a
+third-party distribution adds a format by shipping a module in pie/plugins/
+with an object that provides IPlugin and IModelLoader. `load_model` asks
+every loader (pie's own first) whether it recognises the path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from pie.interfaces import PieError
+from pie.model.llama import LlamaConfig
+from pie.model.quant import Q4_1Weight
+from pie.model.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory, on the CPU, ready to be placed on a device by LlamaModel.
+
+    weights: Hugging Face names -> float tensors ([out, in] for linear layers);
+    quantized: the same names -> Q4_1 blocks where the file had them (lossless
+    int4 kernels on CPU use these instead of the dense copies).
+    """
+
+    name: str
+    path: str
+    format: str
+    config: LlamaConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    quantized: dict[str, Q4_1Weight] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu; anything else is checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PieError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PieError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16 matmuls, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        caps = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if _cpu_has_bf16() or "AMX" in caps else torch.float32
+    if dtype not in DTYPES:
+        raise PieError(f"bad dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any("avx512_bf16" in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def model_name_for(path: str) -> str:
+    """The cache folder's name for $PIE_HOME/models/<name>/<file>, else the file or folder stem."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.basename(os.path.dirname(parent)) == "models":
+        return os.path.basename(parent)
+    base = os.path.basename(path.rstrip(os.sep))
+    return base.split(".")[0] if os.path.isfile(path) else base
+
+
+def loaders() -> list:
+    """Every verified IModelLoader plugin, pie's built-in ones first."""
+    from pie.model.servicetypes import model_loaders
+
+    found = list(model_loaders().values())
+    return sorted(found, key=lambda loader: not type(loader).__module__.startswith("pie.model."))
+
+
+def load_model(path: str, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a model with the first loader that recognises `path`."""
+    if not os.path.exists(path):
+        raise PieError(f"model path {path!r} does not exist")
+    for loader in loaders():
+        if loader.can_load(path):
+            return loader.load(path, "cpu", dtype)
+    raise PieError(
+        f"no model loader recognises {path!r} "
+        f"(known formats: {', '.join(loader.formatName for loader in loaders())})"
+    )

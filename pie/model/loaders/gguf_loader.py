@@ -1,0 +1,161 @@
+"""GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
+
+Linear weights stored as Q4_1 are also kept in block form so that the CPU
+int4 kernel can use them losslessly (pie.model.quant). Q and K rows are
+un-permuted: convert_hf_to_gguf interleaves them for llama.cpp's pair-wise
+RoPE, while our RoPE (like Hugging Face's) rotates halves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from pie.interfaces import IModelLoader, PieError
+from pie.model.llama import LlamaConfig
+from pie.model.loaders import DTYPES, LoadedModel, model_name_for
+from pie.model.quant import Q4_1Weight, parse_q4_1
+from pie.model.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face tensor name of a GGUF tensor (None: not a weight we use)."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def unpermute_order(rows: int, heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K interleaving (rows of one head: pairs -> halves)."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def read_metadata(reader) -> dict:
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def config_from_metadata(
+    meta: dict, rope_freqs: np.ndarray | None, tied_head: bool, name: str
+) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise PieError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
+
+    def key(suffix: str, default=None):
+        value = meta.get(f"{arch}.{suffix}", default)
+        if value is None:
+            raise PieError(f"GGUF metadata lacks {arch}.{suffix}")
+        return value
+
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    rope_scaling = None
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    if rope_freqs is not None:  # Llama 3.1+: per-frequency divisors stored as a tensor
+        rope_scaling = {"rope_type": "freq_factors", "factors": rope_freqs.tolist()}
+    elif scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    elif scaling_type not in (None, "none"):
+        raise PieError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    return LlamaConfig(
+        vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=key("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv", heads),
+        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=key("context_length", 2048),
+        tie_word_embeddings=tied_head,
+        name=name,
+    )
+
+
+@implementer(IPlugin, IModelLoader)
+class GGUFLoader:
+    formatName = "gguf"
+
+    def can_load(self, path: str) -> bool:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+
+    def load(self, path: str, device: str, dtype: str) -> LoadedModel:
+        from gguf import GGMLQuantizationType, GGUFReader
+        from gguf.quants import dequantize
+
+        try:
+            reader = GGUFReader(path)
+        except (ValueError, OSError) as e:
+            raise PieError(f"cannot read GGUF file {path}: {e}") from None
+        meta = read_metadata(reader)
+        tensors = {t.name: t for t in reader.tensors}
+        rope_freqs = None
+        if "rope_freqs.weight" in tensors:
+            rope_freqs = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32)
+        name = model_name_for(path)
+        config = config_from_metadata(meta, rope_freqs, "output.weight" not in tensors, name)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+        weights: dict[str, torch.Tensor] = {}
+        quantized: dict[str, Q4_1Weight] = {}
+        for gname, t in tensors.items():
+            name_hf = hf_name(gname)
+            if name_hf is None:
+                continue
+            array = dequantize(t.data, t.tensor_type)
+            if not array.flags.writeable:  # F32 tensors come straight from the mmap
+                array = array.copy()
+            order = None
+            if name_hf.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = (
+                    config.num_attention_heads
+                    if "q_proj" in name_hf
+                    else config.num_key_value_heads
+                )
+                order = unpermute_order(array.shape[0], heads)
+                array = array[order]
+            weights[name_hf] = torch.from_numpy(np.ascontiguousarray(array)).to(target)
+            if t.tensor_type == GGMLQuantizationType.Q4_1 and array.ndim == 2:
+                q = parse_q4_1(t.data, array.shape[0], array.shape[1])
+                quantized[name_hf] = q if order is None else q.permute_rows(order)
+        return LoadedModel(
+            name=name,
+            path=path,
+            format=self.formatName,
+            config=config,
+            weights=weights,
+            tokenizer=tokenizer,
+            quantized=quantized,
+        )

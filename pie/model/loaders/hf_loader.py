@@ -1,0 +1,54 @@
+"""Hugging Face model folders: config.json, *.safetensors (sharded or not), tokenizer.json."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from pie.interfaces import IModelLoader, PieError
+from pie.model.llama import LlamaConfig
+from pie.model.loaders import DTYPES, LoadedModel, model_name_for
+from pie.model.tokenizer import Tokenizer
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+@implementer(IPlugin, IModelLoader)
+class SafetensorsLoader:
+    formatName = "safetensors"
+
+    def can_load(self, path: str) -> bool:
+        return (
+            os.path.isdir(path)
+            and os.path.isfile(os.path.join(path, "config.json"))
+            and bool(glob.glob(os.path.join(path, "*.safetensors")))
+        )
+
+    def load(self, path: str, device: str, dtype: str) -> LoadedModel:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            hf_config = json.load(f)
+        model_type = hf_config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PieError(f"model_type {model_type!r} is not supported (llama-family only)")
+        config = LlamaConfig.from_hf(hf_config, name=model_name_for(path))
+        target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+        weights: dict[str, torch.Tensor] = {}
+        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            for name, tensor in load_file(file).items():
+                weights[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+        if config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return LoadedModel(
+            name=config.name,
+            path=path,
+            format=self.formatName,
+            config=config,
+            weights=weights,
+            tokenizer=Tokenizer.from_folder(path),
+        )

@@ -1,0 +1,106 @@
+"""Linear layers: dense weights, or GGUF Q4_1 blocks run by torch's CPU int4 kernel.
+
+Why int4: on a CPU a decode step is bound by the matmul kernels, and Q4_1
+maps *losslessly* onto `aten._weight_int4pack_mm_for_cpu`: Q4_1 stores
+w = d*q + m per block of 32 (q in 0..15), the kernel computes
+w = (q - 8)*scale + zero per group of 32, so scale = d and zero = m + 8d.
+The kernel wants 2-D activations; the model always feeds it [tokens, features].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Q4_1_GROUP = 32
+
+
+@dataclass
+class Q4_1Weight:
+    """A [out, in] weight kept in Q4_1 form: w[n, k] = d[n, k//32] * q[n, k] + m[n, k//32]."""
+
+    q: np.ndarray  # uint8 [out, in], values 0..15
+    d: np.ndarray  # float32 [out, in // 32]
+    m: np.ndarray  # float32 [out, in // 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight (equal to gguf's own dequantization)."""
+        out, inp = self.q.shape
+        blocks = self.q.reshape(out, inp // Q4_1_GROUP, Q4_1_GROUP).astype(np.float32)
+        w = blocks * self.d[:, :, None] + self.m[:, :, None]
+        return w.reshape(out, inp)
+
+    def permute_rows(self, order: np.ndarray) -> Q4_1Weight:
+        return Q4_1Weight(self.q[order], self.d[order], self.m[order])
+
+    @staticmethod
+    def concat(parts: list[Q4_1Weight]) -> Q4_1Weight:
+        return Q4_1Weight(
+            np.concatenate([p.q for p in parts]),
+            np.concatenate([p.d for p in parts]),
+            np.concatenate([p.m for p in parts]),
+        )
+
+
+def parse_q4_1(raw: np.ndarray, out_features: int, in_features: int) -> Q4_1Weight:
+    """Split GGUF Q4_1 bytes (blocks of fp16 d, fp16 m, 16 bytes of nibbles) into arrays.
+
+    Within a block, byte j holds element j in its low nibble and element j+16
+    in its high nibble (ggml's layout).
+    """
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    nibbles = blocks[:, 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
+    groups = in_features // Q4_1_GROUP
+    return Q4_1Weight(
+        q.reshape(out_features, in_features),
+        d.reshape(out_features, groups),
+        m.reshape(out_features, groups),
+    )
+
+
+class DenseLinear:
+    """y = x @ W^T with a dense weight on the model's device and dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Int4Linear:
+    """y = x @ W^T with W packed for torch's CPU int4 weight-only kernel (bf16 activations)."""
+
+    def __init__(self, weight: Q4_1Weight, dtype: torch.dtype):
+        out, inp = weight.shape
+        if inp % Q4_1_GROUP:
+            raise ValueError(f"int4 weights need in_features divisible by 32, got {inp}")
+        q = torch.from_numpy(weight.q.astype(np.int32))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        scale = torch.from_numpy(weight.d)
+        zero = torch.from_numpy(weight.m) + 8.0 * scale
+        # [in/32, out, 2] as the kernel expects
+        self.scales_zeros = (
+            torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        )
+        self.out_features = out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, Q4_1_GROUP, self.scales_zeros
+        )
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """The int4 kernel is worth it on CPU with bf16 activations (fp32 int4 is slower than dense)."""
+    return device.type == "cpu" and dtype == torch.bfloat16

@@ -1,0 +1,92 @@
+"""Tiny random Llama models for the model tests, and the Hugging Face reference to compare with.
+
+A model is written the way users have them (config.json + model.safetensors +
+tokenizer.json) and loaded back through pie's own loader, so the tests cover
+the loader as well as the forward pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from pie.model.hf_reference import hf_model
+from pie.model.loaders import LoadedModel, load_model
+
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def write_byte_tokenizer(folder: str) -> None:
+    """A byte-level BPE tokenizer.json: 256 byte tokens, a few merges, two special tokens."""
+    from pie.model.tokenizer import BYTE_LEVEL
+
+    alphabet = sorted(BYTE_LEVEL, key=BYTE_LEVEL.get)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "th")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = HFTokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    backend.save(os.path.join(folder, "tokenizer.json"))
+
+
+def write_tiny_model(folder: str, *, seed: int = 0, **overrides) -> None:
+    """A random LlamaForCausalLM saved with save_pretrained (safetensors), plus a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.25,  # large weights: sharp attention, so mask mistakes show
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    with torch.no_grad():  # HF initialises norms to 1; randomise them too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_byte_tokenizer(folder)
+    assert glob.glob(os.path.join(folder, "*.safetensors"))
+
+
+def tiny_model(folder: str, **overrides) -> tuple[LoadedModel, object]:
+    """(our LoadedModel, the HF reference model on the same weights), both fp32."""
+    write_tiny_model(folder, **overrides)
+    loaded = load_model(folder, dtype="float32")
+    return loaded, hf_model(loaded)
+
+
+def hf_probs(reference, tokens: list[int], positions: list[int] | None = None) -> torch.Tensor:
+    """Softmax of the reference model's logits at every position of one sequence."""
+    ids = torch.tensor([tokens])
+    kwargs = {}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions])
+    with torch.no_grad():
+        logits = reference(ids, **kwargs).logits[0]
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def dense(distribution: tuple[list[int], list[float]], vocab_size: int) -> torch.Tensor:
+    """A full probability vector from a (ids, probs) distribution."""
+    ids, probs = distribution
+    out = torch.zeros(vocab_size)
+    out[torch.tensor(ids)] = torch.tensor(probs)
+    return out

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, PieError
@@ -14,6 +19,7 @@ from pie.model import batch, remote
 from pie.model.tokenizer import Tokenizer
 
 SECRET = b"s" * 32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -86,3 +92,72 @@ async def listen_worker(worker: object, secret: bytes = SECRET, name: str = "w-t
     factory = remote.WorkerServerFactory(worker, secret, name, clock=clock)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     return factory, port, f"ws://127.0.0.1:{port.getHost().port}"
+
+
+class WorkerProcess(ProcessProtocol):
+    """A real `pie worker` child process; `url` fires with its ws:// address once it listens."""
+
+    def __init__(self) -> None:
+        self.url: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+        self.output = b""
+
+    @classmethod
+    def start(
+        cls,
+        model: str,
+        token_file: str,
+        *extra: str,
+        listen: str = "tcp:0:interface=127.0.0.1",
+        prefix: tuple[str, ...] = (),
+    ) -> WorkerProcess:
+        process = cls()
+        args = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "pie.model.remote",
+            "--model",
+            model,
+            "--listen",
+            listen,
+        ]
+        args += [
+            "--token-file",
+            token_file,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num-pages",
+            "64",
+            *extra,
+        ]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        reactor.spawnProcess(process, args[0], args, env=env, path=ROOT)
+        return process
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"on (ws://\S+)\n", self.output)
+        if match and not self.url.called:
+            self.url.callback(match.group(1).decode())
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        if not self.url.called:
+            self.url.errback(
+                RuntimeError(f"pie worker exited before listening:\n{self.output.decode()[-3000:]}")
+            )
+        self.ended.callback(reason.value.exitCode)
+
+    def kill(self) -> Deferred:
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")
+        return self.ended
+
+    def stop(self) -> Deferred:
+        if not self.ended.called:
+            self.transport.signalProcess("TERM")
+        return self.ended

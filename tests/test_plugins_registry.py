@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -22,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pie-echo-plugin")
 
 PROBE = """
+import json
 from pie.model.servicetypes import attach_remote_service, model_loaders, service_types
-print(sorted(service_types()), sorted(model_loaders()))
 out = []
-attach_remote_service(None, "ws://10.0.0.1:1", "echo", "svc").addCallback(out.append)
-print(out[0])
+attach_remote_service(None, "ws://10.0.0.1:1", "echo", "svc").addBoth(out.append)
+print(json.dumps([sorted(service_types()), sorted(model_loaders()), str(out[0])]))
 """
 
 
@@ -75,23 +76,24 @@ class ThirdPartyPackageTests(unittest.TestCase):
         self.assertEqual(code, 0, err.decode())
         self.assertFalse(os.path.exists(os.path.join(target, "pie", "__init__.py")))
 
-    async def _probe(self, *paths: str) -> list[str]:
+    async def _probe(self, *paths: str) -> list:
+        """[service types, model loaders, result of attaching type 'echo'] in a fresh interpreter."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join((ROOT,) + paths))
         out, err, code = await getProcessOutputAndValue(sys.executable, ["-c", PROBE], env=env)
         self.assertEqual(code, 0, err.decode())
-        return out.decode().splitlines()
+        return json.loads(out)
 
     async def test_installed_distribution_adds_a_service_type_and_a_loader(self):
-        """A pip-installed package shipping only pie/plugins/pie_echo.py adds type and loader."""
+        """A pip-installed package shipping only pie/plugins/pie_echo.py adds type and loader;
+        the same probe without it on the path knows neither."""
         target = os.path.join(self.tmp, "site")
         await self._pip_install(target)
-        lines = await self._probe(target)
-        self.assertEqual(lines[0], "['echo', 'l4m'] ['echo']")
-        self.assertEqual(lines[1], "echo attached ws://10.0.0.1:1 as svc")
+        types, loaders, attached = await self._probe(target)
+        self.assertEqual(types, ["echo", "l4m"])
+        self.assertIn("echo", loaders)
+        self.assertEqual(attached, "echo attached ws://10.0.0.1:1 as svc")
 
-    async def test_without_the_distribution_the_type_is_unknown(self):
-        """Control: the same probe without the package on the path does not know 'echo'."""
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        probe = "from pie.model.servicetypes import service_types; print(sorted(service_types()))"
-        out, err, code = await getProcessOutputAndValue(sys.executable, ["-c", probe], env=env)
-        self.assertEqual((code, out.decode().strip()), (0, "['l4m']"), err.decode())
+        types, loaders, attached = await self._probe()
+        self.assertEqual(types, ["l4m"])
+        self.assertNotIn("echo", loaders)
+        self.assertIn("Unknown service type: 'echo' (installed: l4m)", attached)

@@ -20,12 +20,18 @@ lost: ..."), so the runtime terminates exactly the instances that used it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import glob
 import hashlib
 import hmac
 import itertools
 import os
 import re
+import secrets
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import msgpack
@@ -36,6 +42,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from tokenizers import Tokenizer as HFTokenizer
+from torch import device as torch_device
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
@@ -53,6 +60,9 @@ SUBPROTOCOL = "pie-l4m.v1"
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a prefill of thousands of tokens with masks fits easily
 HELLO_TIMEOUT_S = 10.0  # the worker drops a peer that has not authenticated by then
 HANDSHAKE_TIMEOUT_S = 30.0  # the daemon gives up on a worker that has not said welcome
+
+WORKER_TOKEN_ENV = "PIE_WORKER_TOKEN"
+WORKER_TOKEN_FILE = "worker_token"
 
 CLOSE_REFUSED = 4001  # bad token, wrong protocol, or attached to another daemon
 CLOSE_BAD_FRAME = 4003  # text frame, bad msgpack, or a message out of place
@@ -72,6 +82,29 @@ def unpack(payload: bytes) -> dict:
 def proof(secret: bytes, nonce: bytes) -> bytes:
     """What the daemon sends to show it holds the secret, without sending the secret."""
     return hmac.new(secret, b"pie-l4m-hello:" + nonce, hashlib.sha256).digest()
+
+
+def worker_token(home: str, *, create: bool = False) -> bytes:
+    """The secret shared by a daemon and its workers: $PIE_WORKER_TOKEN, else HOME/worker_token.
+
+    `create` makes the file (mode 0600, 32 random bytes in hex) when it is
+    missing, as `pie worker` does; copy it to the daemon's host (or set the
+    variable on both sides) to let that daemon attach the worker.
+    """
+    token = os.environ.get(WORKER_TOKEN_ENV, "")
+    if token:
+        return token.encode()
+    path = os.path.join(home, WORKER_TOKEN_FILE)
+    if create and not os.path.exists(path):
+        os.makedirs(home, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip().encode()
+    except OSError:
+        return b""
 
 
 _ENDPOINT = re.compile(r"^(?:(?:ws|tcp)://)?(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d+)/?$")
@@ -495,3 +528,154 @@ def connect_worker(
         return result
 
     return factory.ready.addBoth(stop_timer)
+
+
+# --------------------------------------------------------------------------- `pie worker`
+
+
+def _worker_options(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pie worker",
+        description="Load a model and serve it to one pie daemon (attach_remote_service, type l4m).",
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="a model path, or a name under HOME/models"
+    )
+    parser.add_argument(
+        "--listen", default="tcp:9100:interface=127.0.0.1", help="Twisted server endpoint"
+    )
+    parser.add_argument("--home", default=None, help="pie home ($PIE_HOME, ~/.cache/pie)")
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help="the shared secret (default: $PIE_WORKER_TOKEN, else HOME/worker_token, created if missing)",
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="the name inferlets see (default: from the model)"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--num-embeds", type=int, default=4096)
+    parser.add_argument("--dist-size", type=int, default=64)
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel ranks (processes) in this worker"
+    )
+    parser.add_argument("--tp-rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--tp-init", default="", help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    options.home = options.home or os.environ.get("PIE_HOME") or os.path.expanduser("~/.cache/pie")
+    return options
+
+
+def _model_path(model: str, home: str) -> str:
+    """A path as given, else HOME/models/<name>/ (its .gguf file, or the folder itself)."""
+    if os.path.exists(model):
+        return model
+    folder = os.path.join(home, "models", model)
+    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if ggufs:
+        return ggufs[0]
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    raise PieError(f"model {model!r} is neither a path nor installed under {home}/models")
+
+
+def _engine(options: argparse.Namespace, path: str) -> object:
+    """The Engine this process runs: the whole model, or this rank's shard of it."""
+    from pie.model import tp
+    from pie.model.engine import Engine, create_engine
+    from pie.model.loaders import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(options.device)
+    if device.type == "cuda" and options.tp > 1:
+        device = torch_device("cuda", options.tp_rank)
+    dtype = resolve_dtype(options.dtype, device)
+    loaded = load_model(path, dtype=dtype)
+    sizes = dict(
+        page_size=options.page_size,
+        num_pages=options.num_pages,
+        num_embeds=options.num_embeds,
+        dist_size=options.dist_size,
+    )
+    if options.tp == 1:
+        return create_engine(
+            loaded, device=str(device), dtype=dtype, name=options.model_name, **sizes
+        )
+    tp.init_group(options.tp_rank, options.tp, options.tp_init, device)
+    model = tp.sharded_model(loaded.config, loaded.weights, device=device, dtype=dtype)
+    return Engine(model, loaded.tokenizer, name=options.model_name or loaded.name, **sizes)
+
+
+def _start_followers(argv: list[str], options: argparse.Namespace) -> list[subprocess.Popen]:
+    """Ranks 1..tp-1 as child processes running this same command."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        options.tp_init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    command = [sys.executable, "-m", "pie.model.remote", *argv, "--tp-init", options.tp_init]
+    return [subprocess.Popen([*command, "--tp-rank", str(rank)]) for rank in range(1, options.tp)]
+
+
+def worker_main(argv: list[str]) -> int:
+    """`pie worker ...`: load the model, listen, serve one daemon until SIGTERM/SIGINT."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from pie.model import tp
+    from pie.model.worker import Worker
+
+    options = _worker_options(argv)
+    if options.tp < 1:
+        raise SystemExit("pie worker: --tp must be at least 1")
+    try:
+        path = _model_path(options.model, options.home)
+        if options.tp_rank > 0:  # a follower rank: no network, just rank 0's jobs
+            tp.follow(_engine(options, path))
+            return 0
+        if options.token_file:
+            with open(options.token_file, encoding="utf-8") as f:
+                secret = f.read().strip().encode()
+        else:
+            secret = worker_token(options.home, create=True)
+        followers = _start_followers(argv, options) if options.tp > 1 else []
+        engine = _engine(options, path)
+    except (PieError, OSError) as error:
+        print(f"pie worker: {error}", file=sys.stderr)
+        return 2
+    leader = tp.TPEngine(engine) if options.tp > 1 else None
+    worker = Worker(leader or engine)
+    factory = WorkerServerFactory(worker, secret, socket.gethostname())
+
+    def listening(port: object) -> None:
+        address = port.getHost()
+        print(
+            f"pie worker: serving {worker.info.model_name} (tp={options.tp}, {worker.info.device}) "
+            f"on ws://{address.host}:{address.port}",
+            flush=True,
+        )
+
+    def failed(failure: Failure) -> None:
+        print(
+            f"pie worker: cannot listen on {options.listen}: {failure.getErrorMessage()}",
+            file=sys.stderr,
+        )
+        reactor.stop()
+
+    serverFromString(reactor, options.listen).listen(factory).addCallbacks(listening, failed)
+
+    def shutdown() -> Deferred:
+        d = worker.close()
+        if leader is not None:
+            d.addCallback(lambda _: leader.close())
+        return d
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+    for follower in followers:
+        follower.wait()
+    return 0
+
+
+if __name__ == "__main__":  # the follower ranks of a tensor-parallel worker
+    sys.exit(worker_main(sys.argv[1:]))

@@ -125,6 +125,7 @@ class TPEngine:
 
     def __init__(self, engine: object) -> None:
         self.engine = engine
+        self.name = engine.name
         self.info = engine.info
         self.tokenizer = engine.tokenizer
 

@@ -7,7 +7,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, InstanceFault
-from pie.model.batch import CopyKv, Forward
+from pie.model.batch import CopyKv, Forward, Sampling
 from pie.model.loaders import load_model
 from pie.model.service import CONTENTION_REASON, ModelService
 from pie.model.worker import start_worker
@@ -136,3 +136,29 @@ class ServiceOnWorkerTests(TestCase):
         )
         self.assertEqual(len(got[0][0]), 8)
         self.assertEqual(self.terminated, [("b", CONTENTION_REASON)])
+
+    @inlineCallbacks
+    def test_generation_fast_path_equals_guest_side_greedy_decoding(self):
+        s = self.service
+        qa, qb = s.create_queue("a"), s.create_queue("b")
+        s.submit("a", qa, "allocate_kv_pages", [0, 1])
+        s.submit("b", qb, "allocate_kv_pages", [0, 1])
+        fast = yield s.generate("a", qa, [0, 1], 0, [3, 4, 5], [0, 1, 2], Sampling(), 5)
+        tokens, slow = [3, 4, 5], []
+        while len(slow) < 5:
+            n = len(tokens)
+            pages = [0, 1] if n > PS else [0]
+            dists = yield s.submit(
+                "b",
+                qb,
+                "forward_text",
+                n - PS * (len(pages) - 1),
+                pages,
+                tokens[-1:] if slow else tokens,
+                [n - 1] if slow else [0, 1, 2],
+                [],
+                [0 if slow else 2],
+            )
+            slow.append(dists[0][0][0])
+            tokens.append(slow[-1])
+        self.assertEqual(fast, slow)

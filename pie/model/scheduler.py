@@ -116,6 +116,9 @@ class Command:
     have no side effect for non-local commands (it may run again if the item
     has to wait for the next batch). finish() maps the worker's answer to the
     command's result; dispatched(prepared) is told when the job is sent.
+    A command that holds_queue keeps the rest of its queue waiting until
+    its answer is in; its finish() may then return a FollowUp to continue
+    (the host-side generation loop).
     """
 
     group: str
@@ -123,6 +126,7 @@ class Command:
     finish: Callable[[object], object] = lambda answer: answer
     dispatched: Callable[[object], None] | None = None
     deferred: Deferred = field(default_factory=Deferred)
+    holds_queue: bool = False
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
@@ -135,6 +139,7 @@ class _Queue:
     priority: int = PRIORITIES["normal"]
     items: deque = field(default_factory=deque)
     staged: int = 0  # commands of this queue in the open forward batch
+    holding: int = 0  # dispatched commands that hold the queue until answered
     outstanding: list = field(default_factory=list)  # completion Deferreds of its dispatched jobs
     dead: bool = False
 
@@ -327,7 +332,7 @@ class Scheduler:
     def _advance(self, q: _Queue) -> bool:
         current = None  # the group this queue contributes to in this pass
         moved = False
-        while q.items and not q.dead:
+        while q.items and not q.dead and not q.holding:
             command = q.items[0]
             group = command.group
             if group in (LOCAL, SYNC):
@@ -377,11 +382,22 @@ class Scheduler:
             self._fail(q, command, _reason(e))
             return
         if isinstance(result, FollowUp):
-            result.command.deferred.chainDeferred(command.deferred)
-            result.command.seq, result.command.submitted = command.seq, command.submitted
-            q.items.appendleft(result.command)
+            self._follow_up(q, command, result)
         else:
             self._fire(command.deferred, command.finish(result))
+
+    def _follow_up(self, q: _Queue, command: Command, follow: FollowUp) -> None:
+        """Run follow.command next on q, in command's place (it answers command's Deferred)."""
+        nxt = follow.command
+        nxt.deferred.chainDeferred(command.deferred)
+        nxt.seq, nxt.submitted = command.seq, command.submitted
+        reason = self._faults.get(q.instance)
+        if q.dead or reason is not None:
+            nxt.cancelled = True
+            self._fire(nxt.deferred, Failure(InstanceFault(reason or "the instance ended")))
+            return
+        q.items.appendleft(nxt)
+        self._schedule_pump()
 
     def _synchronize(self, q: _Queue, command: Command) -> None:
         """True once every job this queue has dispatched so far has completed."""
@@ -444,6 +460,7 @@ class Scheduler:
         for entry in entries:
             if entry.command.dispatched is not None:
                 entry.command.dispatched(entry.prepared)
+            entry.queue.holding += entry.command.holds_queue
         is_forward = isinstance(job, Forward)
         if is_forward:
             self._forwards_in_flight += 1
@@ -464,12 +481,16 @@ class Scheduler:
     def _answer(self, result: object, job: object, entries: list[_Entry]) -> None:
         answers = _split(job, result, entries)
         for entry, answer in zip(entries, answers, strict=True):
+            entry.queue.holding -= entry.command.holds_queue
             try:
                 value = entry.command.finish(answer)
             except Exception as e:  # noqa: BLE001
                 self._fail(entry.queue, entry.command, _reason(e))
                 continue
-            self._fire(entry.command.deferred, value)
+            if isinstance(value, FollowUp):
+                self._follow_up(entry.queue, entry.command, value)
+            else:
+                self._fire(entry.command.deferred, value)
 
     def _job_failed(self, failure: Failure, entries: list[_Entry]) -> None:
         if failure.check(PieError):  # the worker refused the job with a reason
@@ -478,6 +499,7 @@ class Scheduler:
             log.failure("model worker job failed", failure)
         reason = f"model worker failed: {failure.getErrorMessage()}"
         for entry in entries:
+            entry.queue.holding = max(0, entry.queue.holding - entry.command.holds_queue)
             if not entry.command.cancelled:
                 self._fail(entry.queue, entry.command, reason)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -23,8 +24,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 import pie
-from pie.interfaces import IModelService, IModelWorker, InstanceFault
-from pie.model.batch import CopyKv, EmbedText, ForwardItem, GetDistributions, MaskKv, Query
+from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
+from pie.model.batch import (
+    CopyKv,
+    EmbedText,
+    ForwardItem,
+    GetDistributions,
+    MaskKv,
+    Query,
+    Sampling,
+)
 from pie.model.exportstore import ExportStore
 from pie.model.resources import Recipe, Resources
 from pie.model.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
@@ -63,6 +72,18 @@ def _text(name: str, value: object) -> str:
 
 def _dists(answer: object) -> list[tuple[list[int], list[float]]]:
     return [(list(ids), list(probs)) for ids, probs in answer]
+
+
+@dataclass
+class _Generation:
+    """One host-side generation in progress (see ModelService.generate)."""
+
+    instance: str
+    pages: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stops: frozenset
+    out: list[int] = field(default_factory=list)
 
 
 @implementer(IModelService)
@@ -146,11 +167,7 @@ class ModelService:
         self.resources.release_instance(instance_id)
 
     def submit(self, instance_id: str, queue_id: int, op: str, *args) -> Deferred:
-        try:
-            self._own_queue(instance_id, queue_id)
-            reason = self.scheduler.fault_reason(instance_id)
-            if reason is not None:
-                raise InstanceFault(reason)
+        def build() -> Command:
             if op not in MODEL_COMMANDS:
                 raise InstanceFault(f"{op!r} is not a model command")
             params = [name for name, _ in HOST_CALLS[op].params[1:]]
@@ -158,7 +175,18 @@ class ModelService:
                 raise InstanceFault(
                     f"{op} takes {len(params)} arguments ({', '.join(params)}), got {len(args)}"
                 )
-            command = getattr(self, "_op_" + op)(instance_id, *args)
+            return getattr(self, "_op_" + op)(instance_id, *args)
+
+        return self._enqueue(instance_id, queue_id, build)
+
+    def _enqueue(self, instance_id: str, queue_id: int, build: Callable[[], Command]) -> Deferred:
+        """Queue the command build() makes after the checks every command gets."""
+        try:
+            self._own_queue(instance_id, queue_id)
+            reason = self.scheduler.fault_reason(instance_id)
+            if reason is not None:
+                raise InstanceFault(reason)
+            command = build()
         except InstanceFault as e:
             self.scheduler.fault(instance_id, str(e))
             return fail(e)
@@ -532,6 +560,90 @@ class ModelService:
                 f"the worker returned {len(dists)} distributions for {count} output indices"
             )
         return dists
+
+    # ------------------------------------------------------------------ host-side generation
+
+    def generate(
+        self,
+        instance_id: str,
+        queue_id: int,
+        pages: list[int],
+        filled: int,
+        tokens: list[int],
+        positions: list[int],
+        sampling: Sampling,
+        max_tokens: int,
+        stop_tokens: list[int] = (),
+    ) -> Deferred:
+        """Generate up to max_tokens tokens in the engine, with no guest round trip per token.
+
+        The context holds `filled` slots of `pages`; `tokens` (at `positions`)
+        are forwarded first, then each sampled token is forwarded to sample the
+        next, causally, until a stop token or max_tokens. Fires with the sampled
+        ids; the last one is not forwarded yet (it is the context's next pending
+        token, as after the SDK's generate). `pages` must have room for
+        filled + len(tokens) + max_tokens - 1 slots. The queue holds later
+        commands until the generation ends, so its order is kept.
+        """
+
+        def build() -> Command:
+            page_ids = _u32s("pages", pages)
+            new, at = self._tokens(tokens), self._positions(positions)
+            stops = frozenset(_u32s("stop_tokens", stop_tokens))
+            if not new or len(new) != len(at):
+                raise InstanceFault(f"generate: {len(new)} tokens and {len(at)} positions")
+            if type(max_tokens) is not int or max_tokens < 1:
+                raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
+            if not isinstance(sampling, Sampling):
+                raise InstanceFault("generate: sampling must be a pie.model.batch.Sampling")
+            from pie.model.sampling import check_sampling  # (torch: only when generating)
+
+            try:
+                check_sampling(sampling)
+            except PieError as e:
+                raise InstanceFault(f"generate: {e}") from None
+            need = _u32("filled", filled) + len(new) + max_tokens - 1
+            if need > self.kv_page_size * len(page_ids):
+                raise InstanceFault(
+                    f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
+                    f"{need} are needed"
+                )
+            run = _Generation(instance_id, page_ids, sampling, max_tokens, stops)
+            return self._generation_step(run, filled, new, at)
+
+        return self._enqueue(instance_id, queue_id, build)
+
+    def _generation_step(
+        self, run: _Generation, filled: int, tokens: list[int], positions: list[int]
+    ) -> Command:
+        ps = self.kv_page_size
+        total = filled + len(tokens)
+        used = -(-total // ps)
+
+        def prepare() -> ForwardItem:
+            return ForwardItem(
+                pages=self.resources.translate_pages(run.instance, run.pages[:used]),
+                last_page_len=total - ps * (used - 1),
+                positions=positions,
+                tokens=tokens,
+                output_indices=[len(tokens) - 1],
+                sampling=run.sampling,
+            )
+
+        def finish(answer: list[int]) -> list[int] | FollowUp:
+            (token,) = answer
+            run.out.append(token)
+            if token in run.stops or len(run.out) >= run.max_tokens:
+                return run.out
+            return FollowUp(self._generation_step(run, total, [token], [positions[-1] + 1]))
+
+        return Command(
+            FORWARD,
+            prepare,
+            finish=finish,
+            holds_queue=True,
+            dispatched=self._track_forward if self._store else None,
+        )
 
     # ------------------------------------------------------------------ what the slots hold
 

@@ -47,18 +47,27 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
-    Setting("model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models or a path."),
+    Setting(
+        "model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models or a path."
+    ),
     Setting("device", "cpu", str, "Torch device for the model worker (cpu, cuda, cuda:1)."),
     Setting("dtype", "float32", str, "Torch dtype of the weights (float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
-    Setting("batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."),
+    Setting(
+        "batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."
+    ),
     Setting("executor", "wasm", str, "Inferlet executor: wasm (sandboxed) or dev (in-process)."),
-    Setting("max_program_size", 64 * 1024 * 1024, int, "Largest program upload accepted, in bytes."),
+    Setting(
+        "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
+    ),
     Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
     Setting(
-        "max_outbound", 16 * 1024 * 1024, int, "Unread bytes queued for one client before it is dropped."
+        "max_outbound",
+        16 * 1024 * 1024,
+        int,
+        "Unread bytes queued for one client before it is dropped.",
     ),
 )
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
@@ -104,7 +113,9 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     port = str(merged["port"])
     merged["port"] = f"tcp:{port}" if port.isdigit() else port
     if merged["executor"] not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}")
+        raise ConfigError(
+            f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"
+        )
     for key in ("page_size", "num_pages", "dist_size", "max_program_size", "max_message_size"):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")

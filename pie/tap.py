@@ -50,7 +50,14 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if runtime is None:
         from pie.runtime.runtime import Runtime
 
-        runtime = Runtime(settings, reactor=reactor)
+        # The lead wires the model services and the inferlet executor here.
+        runtime = Runtime(
+            settings["home"],
+            model_services={},
+            executor=None,
+            reactor=reactor,
+            max_program_size=settings["max_program_size"],
+        )
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
     factory = PieServerFactory(

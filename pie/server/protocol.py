@@ -46,7 +46,7 @@ REASON_CONNECTION_CLOSED = "socket terminated"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
-CLOSE_GOING_AWAY = 1001
+CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
 
 
 @implementer(IPushProducer)
@@ -225,8 +225,8 @@ class PieServerProtocol(WebSocketServerProtocol):
     def _on_launch_server_instance(
         self, corr_id: int, port: int, program_hash: str, arguments: list[str]
     ) -> Deferred:
-        if not 1 <= port <= 65535:
-            self._respond(corr_id, False, f"port {port} is not in 1..65535")
+        if port > 65535:
+            self._respond(corr_id, False, f"port {port} is not in 0..65535")
             return succeed(None)
         return self._launch(
             corr_id,
@@ -486,5 +486,5 @@ class PieServerFactory(WebSocketServerFactory):
         """Close every session (their instances end); fires when all are gone."""
         waiting = [session.closed for session in self.sessions]
         for session in list(self.sessions):
-            session.sendClose(CLOSE_GOING_AWAY, reason)
+            session.sendClose(CLOSE_SHUTDOWN, reason)
         return DeferredList(waiting, consumeErrors=True)

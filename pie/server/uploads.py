@@ -17,7 +17,7 @@ import blake3
 from pie.interfaces import PieError
 
 CHUNK_SIZE_BYTES = 256 * 1024
-DEFAULT_MAX_PROGRAM_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_PROGRAM_SIZE = 32 * 1024 * 1024
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 

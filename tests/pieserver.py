@@ -1,0 +1,56 @@
+"""Test harness: a real pie server on a loopback port with a runtime double."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from pie.server.auth import issue_token
+from pie.server.protocol import PieServerFactory
+from tests import rawclient
+from tests.fakeruntime import FakeRuntime
+
+SECRET = "test-secret-that-is-long-enough-for-hs256!"
+
+
+class LiveServer:
+    """Listens on 127.0.0.1:<free port>; everything is torn down by the test's cleanup."""
+
+    def __init__(self, testcase: Any, runtime: Any = None, auth: bool = False, **limits: Any):
+        self.testcase = testcase
+        self.runtime = runtime if runtime is not None else FakeRuntime()
+        self.factory = PieServerFactory(
+            self.runtime, auth_secret=SECRET if auth else None, reactor=reactor, **limits
+        )
+        self.clients: list[rawclient.RawClient] = []
+        self.port: Any = None
+
+    async def start(self) -> LiveServer:
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        self.port = await endpoint.listen(self.factory)
+        self.testcase.addCleanup(self.stop)
+        return self
+
+    @property
+    def port_number(self) -> int:
+        return self.port.getHost().port
+
+    async def connect(self) -> rawclient.RawClient:
+        client = await rawclient.connect(self.port_number)
+        self.clients.append(client)
+        return client
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            if client.transport.connected:
+                client.transport.loseConnection()
+        await gatherResults([c.closed for c in self.clients])
+        await gatherResults([s.closed for s in list(self.factory.sessions)])
+        await self.port.stopListening()
+
+
+def token(role: str = "User", subject: str = "tester", **kw: Any) -> str:
+    return issue_token(SECRET, subject=subject, role=role, **kw)

@@ -1,0 +1,178 @@
+"""The daemon: options and config file, service tree, plugin, SIGTERM, restart with programs kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+from pie import config as pieconfig
+from pie.server.protocol import PieServerFactory
+from pie.server.uploads import hash_program
+from pie.tap import Options, makeService
+from tests import rawclient
+from tests.fakeruntime import FakeRuntime
+from tests.test_server_protocol import PROGRAM, launch, upload
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(*argv: str) -> dict:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.settings
+
+
+class OptionsTests(unittest.TestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_defaults(self):
+        settings = parse("--home", "/h")
+        self.assertEqual(settings["port"], "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(
+            (settings["auth"], settings["executor"], settings["page_size"]), (True, "wasm", 16)
+        )
+
+    def test_file_then_flags(self):
+        """The file overrides defaults; flags override the file; a bare port becomes tcp:N."""
+        path = self.write('port = "9000"\nnum_pages = 64\nauth = false\ndevice = "cuda:1"\n')
+        settings = parse("--config", path, "--num-pages", "128")
+        self.assertEqual(settings["port"], "tcp:9000")
+        self.assertEqual(
+            (settings["num_pages"], settings["auth"], settings["device"]), (128, False, "cuda:1")
+        )
+
+    def test_bad_files_and_values(self):
+        for text, message in (
+            ("colour = 1\n", "unknown setting 'colour'"),
+            ('num_pages = "many"\n', "num_pages must be a int"),
+            ("auth = 1\n", "auth must be a bool"),
+            ("port = [\n", "not valid TOML"),
+            ('executor = "docker"\n', "executor must be one of wasm, dev"),
+        ):
+            error = self.assertRaises(usage.UsageError, parse, "--config", self.write(text))
+            self.assertIn(message, str(error))
+        self.assertRaises(usage.UsageError, parse, "--page-size", "zero")
+        self.assertIn(
+            "cannot read config file",
+            str(self.assertRaises(usage.UsageError, parse, "--config", "/nonexistent.toml")),
+        )
+
+    def test_every_setting_is_documented(self):
+        with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+            doc = f.read()
+        for setting in pieconfig.SETTINGS:
+            self.assertIn(f"`{setting.key}`", doc)
+            self.assertIn(f"--{setting.flag}" if setting.kind is not bool else "--no-auth", doc)
+
+
+class ServiceTests(unittest.TestCase):
+    def test_plugin_is_found(self):
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+        self.assertIn("pie", makers)
+        self.assertIs(makers["pie"].options, Options)
+
+    def test_make_service_listens_on_the_endpoint(self):
+        memory = MemoryReactor()
+        home = self.mktemp()
+        options = Options()
+        options.parseOptions(["--port", "tcp:9123:interface=127.0.0.1", "--home", home])
+        top = makeService(options, reactor=memory, runtime=FakeRuntime())
+        top.privilegedStartService()
+        port, factory, _, interface = memory.tcpServers[0]
+        self.assertEqual((port, interface), (9123, "127.0.0.1"))
+        self.assertIsInstance(factory, PieServerFactory)
+        self.assertTrue(factory.auth_enabled)
+        # with no secret configured one is created under HOME and reused
+        with open(os.path.join(home, "auth_secret")) as f:
+            self.assertEqual(f.read().strip(), factory.auth_secret)
+        self.assertEqual(factory.maxMessagePayloadSize, 1024 * 1024)
+
+
+class _Child(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.port: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.port.called and b"\n" in self.output:
+            self.port.callback(int(self.output.split(b"\n")[0]))
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+class DaemonTests(unittest.TestCase):
+    async def test_sigterm_closes_sessions_and_exits_cleanly(self):
+        child = _Child()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        process = reactor.spawnProcess(
+            child,
+            sys.executable,
+            [sys.executable, "-m", "tests.servechild", self.mktemp()],
+            env=env,
+            path=ROOT,
+        )
+        port = await child.port
+        client = await rawclient.connect(port)
+        await launch(client, (await upload(client, PROGRAM))["result"])
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual(await client.closed, 1000)  # a proper close frame from the daemon
+        self.assertEqual(await child.ended, 0, child.output)
+        self.assertIn(b"stopped cleanly", child.output)
+
+    async def test_restart_keeps_uploaded_programs(self):
+        """A fresh daemon on the same home finds the program uploaded to the previous one.
+
+        The program store is the runtime's (pie.runtime.programs.ProgramStore), used here
+        under the runtime double so the test exercises the daemon's own upload path.
+        """
+        from pie.runtime.programs import ProgramStore
+
+        home = self.mktemp()
+
+        async def daemon():
+            store = ProgramStore(os.path.join(home, "programs"), reactor)
+            store.scan()
+            options = Options()
+            options.parseOptions(
+                ["--port", "tcp:0:interface=127.0.0.1", "--no-auth", "--home", home]
+            )
+            top = makeService(options, reactor=reactor, runtime=FakeRuntime(store=store))
+            top.startService()
+            port = await top.getServiceNamed("clients").whenListening()
+            return top, await rawclient.connect(port.getHost().port)
+
+        top, client = await daemon()
+        self.assertEqual((await upload(client, PROGRAM))["result"], hash_program(PROGRAM))
+        await top.stopService()
+        await client.closed
+
+        top, client = await daemon()
+        self.addCleanup(top.stopService)
+        query = {
+            "type": "query",
+            "corr_id": 1,
+            "subject": "program_exists",
+            "record": hash_program(PROGRAM),
+        }
+        self.assertEqual((await client.request(query))["result"], "true")
+        self.assertTrue(await launch(client, hash_program(PROGRAM)))

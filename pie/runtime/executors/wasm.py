@@ -24,6 +24,7 @@ two stores must not overlap. A guest can therefore hold the reactor for at most
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -167,16 +168,17 @@ class WasmExecution(Execution):
             store.close()
 
     def _describe(self, error: BaseException) -> InstanceFault:
+        if not isinstance(error, wasmtime.Trap | wasmtime.WasmtimeError):
+            return InstanceFault(f"sandbox error: {type(error).__name__}: {error}")
         text = str(error)
-        if "interrupt" in text:
+        found = re.search(r"wasm trap: (.+)", text)
+        trap = found.group(1).strip() if found else (text.strip().splitlines() or ["?"])[0]
+        if trap == "interrupt":
             ms = self._executor.deadline_ms
             return InstanceFault(f"CPU deadline exceeded (over {ms} ms without a host call)")
-        if "memory" in text and ("limit" in text or "grow" in text or "out of" in text):
+        if "memory" in trap and ("limit" in trap or "grow" in trap):
             return InstanceFault(self._memory_message())
-        if isinstance(error, (wasmtime.Trap, wasmtime.WasmtimeError)):
-            first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-            return InstanceFault(f"trap: {first}")
-        return InstanceFault(f"sandbox error: {type(error).__name__}: {text}")
+        return InstanceFault(f"trap: {trap}")
 
     def _memory_message(self) -> str:
         return f"memory limit exceeded ({self._executor.memory_limit // (1024 * 1024)} MiB)"

@@ -14,13 +14,16 @@ import dataclasses  # noqa: F401
 import enum  # noqa: F401
 import functools  # noqa: F401
 import heapq  # noqa: F401
+import io
 import itertools  # noqa: F401
 import json  # noqa: F401
+import locale  # noqa: F401  (argparse's messages import it lazily, via gettext)
 import math  # noqa: F401
 import operator  # noqa: F401
 import random  # noqa: F401
 import re  # noqa: F401
 import string  # noqa: F401
+import sys
 import textwrap  # noqa: F401
 import typing  # noqa: F401
 
@@ -34,6 +37,43 @@ from pie.inferlet._driver import Driver, Step, format_failure
 from pie.runtime.sandbox.loader import load_main
 
 _driver: Driver | None = None
+
+
+def _warm_up() -> None:
+    """Exercise the allow-list once so modules they import lazily land in the snapshot too."""
+    parser = argparse.ArgumentParser(prog="warm-up", description="d")
+    parser.add_argument("--flag", type=int, default=1, help="h")
+    parser.add_argument("rest", nargs="*")
+    parser.parse_args(["--flag", "2", "x"])
+    parser.format_help()
+    stderr, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        parser.parse_args(["--nope"])
+    except SystemExit:
+        pass
+    finally:
+        sys.stderr = stderr
+
+    @dataclasses.dataclass(frozen=True, order=True)
+    class Point:
+        x: int = 0
+        y: list = dataclasses.field(default_factory=list)
+
+    dataclasses.asdict(Point(1, [2]))
+    json.loads(json.dumps({"a": [1.5, None, "é"]}, indent=1, sort_keys=True))
+    re.compile(r"(?P<w>\w+)\s*").findall("a b")
+    rng = random.Random(7)
+    rng.choices([1, 2], weights=[1, 2])
+    rng.gauss(0, 1)
+    random.random()
+    textwrap.dedent(textwrap.fill("a b c", 2))
+    string.Template("$a").substitute(a=1)
+    enum.Enum("Colour", "RED GREEN")
+    copy.deepcopy({"a": [1]})
+    typing.get_type_hints(Point)
+
+
+_warm_up()
 
 
 def _export(step: Step):
@@ -54,6 +94,7 @@ def _resume(fut: int, value) -> object:
 class WitWorld(wit_world.WitWorld):
     def start(self, files, args):
         global _driver
+        sys.argv = ["main.py"]  # no WASI args in the sandbox; argparse wants a program name
         try:
             main = load_main(dict(files))
             _driver, step = _abi.run(main, list(args))

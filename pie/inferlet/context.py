@@ -336,6 +336,17 @@ class Context:
             self.model.kv_pages.release(self.queue, freed)
         return len(drop)
 
+    def keep_window(self, sink: int, window: int) -> int:
+        """StreamingLLM-style eviction: hide every token but the first `sink`
+        and the last `window` from tokens added later, and free the pages that
+        became fully hidden. Returns the number of pages freed."""
+        if sink < 0 or window < 1:
+            raise ValueError("keep_window needs sink >= 0 and window >= 1")
+        end = len(self.mask) - window
+        if end > sink:
+            self.mask_token_range(sink, end)
+        return self.drop_masked_kv_pages()
+
     # ------------------------------------------------------------------ speculation
     async def verify_drafts(
         self, drafts: Sequence[int], depths: Sequence[int]

@@ -1,0 +1,44 @@
+"""attention-sink: StreamingLLM generation in bounded KV memory.
+
+Keeps the first --sink tokens (the attention sink) and the last --window
+tokens visible; after every token the evicted range is masked and pages that
+became fully masked are freed, so memory stays bounded however long the
+output. Positions keep counting (gaps are allowed). Sends the text, then
+"tokens=T max_pages=P pages_freed=F".
+
+    --prompt TEXT  --max-tokens N (default 64)  --sink N (default 4)  --window N (default 32)
+"""
+
+import argparse
+
+from pie.inferlet import Greedy, get_auto_model, send
+
+
+async def main(args):
+    parser = argparse.ArgumentParser(prog="attention-sink")
+    parser.add_argument("--prompt", default="Tell me a long story about a dragon.")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=32)
+    opts = parser.parse_args(args)
+
+    model = get_auto_model()
+    ctx = model.create_context()
+    ctx.user(opts.prompt)
+    ctx.cue()
+    sampler = Greedy()
+    generated = []
+    max_pages = freed = 0
+    while len(generated) < opts.max_tokens:
+        dist = await ctx.decode_step()
+        token = sampler.sample(dist.ids, dist.probs)
+        generated.append(token)
+        if token in model.eos_token_ids:
+            break
+        ctx.fill_token(token)
+        freed += ctx.keep_window(opts.sink, opts.window)
+        max_pages = max(max_pages, len(ctx.pages))
+    text = model.tokenizer.detokenize(generated)
+    send(text)
+    send(f"tokens={len(generated)} max_pages={max_pages} pages_freed={freed}")
+    return text

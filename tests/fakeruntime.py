@@ -51,6 +51,7 @@ class FakeRuntime:
         self.attached: list[tuple[str, str, str]] = []
         self.status = [{"model_name": "fake", "kv_page_size": 16}]
         self._launch_waiters: list[Deferred] = []
+        self._signal_waiters: list[Deferred] = []
 
     # -- IRuntime
     def program_exists(self, program_hash: str) -> bool:
@@ -78,6 +79,9 @@ class FakeRuntime:
         if message == "overflow":
             raise PieError("inbox full")
         self.instances[instance_id].inbox.append(message)
+        waiters, self._signal_waiters = self._signal_waiters, []
+        for waiter in waiters:
+            waiter.callback(message)
 
     def terminate(self, instance_id: str, reason: str) -> None:
         instance = self.instances.pop(instance_id, None)
@@ -99,6 +103,12 @@ class FakeRuntime:
         """Fires with the next FakeInstance started."""
         d: Deferred = Deferred()
         self._launch_waiters.append(d)
+        return d
+
+    def next_signal(self) -> Deferred:
+        """Fires with the next message signalled to any instance."""
+        d: Deferred = Deferred()
+        self._signal_waiters.append(d)
         return d
 
     def _start(self, program_hash, arguments, owner, port):

@@ -352,7 +352,11 @@ class Scheduler:
                 return True
             if group == FORWARD:
                 reads, writes = _footprint(prepared, self._page_size)
-                if writes & (self._open_reads | self._open_writes) or reads & self._open_writes:
+                if not (
+                    writes.isdisjoint(self._open_reads)
+                    and writes.isdisjoint(self._open_writes)
+                    and reads.isdisjoint(self._open_writes)
+                ):
                     break
                 q.items.popleft()
                 q.staged += 1

@@ -58,7 +58,8 @@ def _u32s(name: str, values: object) -> list[int]:
     if not isinstance(values, (list, tuple)):
         raise InstanceFault(f"{name} must be a list of integers, got {type(values).__name__}")
     values = list(values)
-    if not all(type(v) is int and 0 <= v < _U32 for v in values):
+    # (set/min/max run in C: this is on every forward's path)
+    if values and (set(map(type, values)) != {int} or min(values) < 0 or max(values) >= _U32):
         bad = next(v for v in values if type(v) is not int or not 0 <= v < _U32)
         raise InstanceFault(f"{name} must hold unsigned 32-bit integers, got {bad!r}")
     return values
@@ -145,7 +146,9 @@ class ModelService:
             "num_distributions": self.info.num_embeds,  # distributions live in embed slots
             "free_kv_pages": self.resources.pages.available,
             "free_embeddings": self.resources.embeds.available,
+            "vocab_size": self.info.vocab_size,
             "batching": self.scheduler.policy.describe(),
+            "pending_commands": self.scheduler.pending(),
             "device": self.info.device,
         }
 

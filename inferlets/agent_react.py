@@ -56,4 +56,3 @@ async def main(args):
     ctx.cue()
     answer = await ctx.generate_until(max_tokens=opts.max_tokens)
     send(f"answer: {answer}")
-    return answer

@@ -49,4 +49,3 @@ async def main(args):
     send(f"{opts.role}: {text}")
     if index + 1 < len(ROLES):
         broadcast(f"{opts.topic_prefix}/{opts.role}", text)
-    return text

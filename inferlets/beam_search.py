@@ -20,4 +20,3 @@ async def main(args):
     ctx.cue()
     text = await ctx.generate_with_beam(opts.beam_size, ctx.eos_stop(opts.max_tokens))
     send(text)
-    return text

@@ -48,4 +48,3 @@ async def main(args):
     )
     await store_set("bench-host-call/last", result)
     send(result)
-    return result

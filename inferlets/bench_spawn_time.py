@@ -5,4 +5,3 @@ from pie.inferlet import send
 
 async def main(args):
     send("spawned")
-    return "spawned"

@@ -252,4 +252,3 @@ async def main(args):
         text = text.removesuffix(eos)
     json.loads(text)  # guaranteed by construction; fail loudly if not
     send(text)
-    return text

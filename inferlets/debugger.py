@@ -25,4 +25,3 @@ async def main(args):
             raise ValueError(answer)
     send(f"after: {await queue.debug_query('get_batching')}")
     send(f"runtime ping: {debug_query('ping')}")
-    return "ok"

@@ -47,5 +47,4 @@ async def main(args):
     proposals = [spawn(propose(i)) for i in range(4)]
     left = spawn(merge("0+1", proposals[0], proposals[1], 12))
     right = spawn(merge("2+3", proposals[2], proposals[3], 12))
-    final = await merge("final", left, right, 16)
-    return final
+    await merge("final", left, right, 16)

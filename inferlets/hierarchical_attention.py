@@ -70,4 +70,3 @@ async def main(args):
     answer = await ctx.generate_until(max_tokens=opts.max_tokens)
     send(f"nodes={node_count} tokens={document_tokens}")
     send(answer)
-    return answer

@@ -53,4 +53,3 @@ async def main(args):
     text = model.tokenizer.detokenize(generated)
     send(text)
     send(f"iterations={iterations} tokens={len(generated)}")
-    return text

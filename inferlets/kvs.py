@@ -47,4 +47,3 @@ async def main(args):
     runs = int(await store_get("kvs-demo/runs") or "0") + 1
     await store_set("kvs-demo/runs", str(runs))
     send(f"runs={runs}")
-    return "ok"

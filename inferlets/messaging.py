@@ -15,4 +15,3 @@ async def main(args):
     for i in range(opts.count):
         message = await receive()
         send(f"reply {i + 1}: {message.upper()}")
-    return "done"

@@ -55,4 +55,3 @@ async def main(args):
     for candidate, prob in ranked:
         send(f"{candidate}\t{prob:.4f}")
     send(f"best: {ranked[0][0]}")
-    return ranked[0][0]

@@ -28,4 +28,3 @@ async def main(args):
     texts = await gather(*(answer(c, p) for c, p in zip(children, prompts, strict=True)))
     for i, text in enumerate(texts):
         send(f"{i}: {text}")
-    return str(len(texts))

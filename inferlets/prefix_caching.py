@@ -43,4 +43,3 @@ async def main(args):
     ctx.cue()
     text = await ctx.generate_until(max_tokens=opts.max_tokens)
     send(text)
-    return text

@@ -46,4 +46,3 @@ async def main(args):
     answers = await gather(*(c.generate_until(max_tokens=opts.max_tokens) for _, c in leaves))
     for i, ((prompt, _), answer) in enumerate(zip(leaves, answers, strict=True)):
         send(f"{i}: {prompt} -> {answer}")
-    return str(len(answers))

@@ -2,7 +2,7 @@
 
 Each node asks the model whether to answer or split; a split forks two
 children that recurse in parallel (down to --depth), and their answers are
-merged. Sends one line per node ("node <path> leaf|branch: ...").
+merged. Sends one line per node ("node <path> leaf|branch: ...") and "answer: ...".
 
     --problem TEXT  --depth N (default 2)  --max-tokens N (default 16)
 """
@@ -56,4 +56,5 @@ async def main(args):
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     opts = parser.parse_args(args)
-    return await solve(get_auto_model(), opts.problem, 0, opts.depth, opts.max_tokens, "")
+    answer = await solve(get_auto_model(), opts.problem, 0, opts.depth, opts.max_tokens, "")
+    send(f"answer: {answer}")

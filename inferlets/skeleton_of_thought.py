@@ -49,4 +49,3 @@ async def main(args):
     )
     for i, text in enumerate(texts):
         send(f"point {i}: {text}")
-    return str(len(points))

@@ -70,4 +70,3 @@ async def main(args):
     text = await ctx.generate_with_drafter(drafter, Greedy(), ctx.eos_stop(opts.max_tokens), stats)
     send(text)
     send(f"steps={stats['steps']} accepted={stats['accepted']}")
-    return text

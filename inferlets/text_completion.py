@@ -34,4 +34,3 @@ async def main(args):
         text = text.removesuffix(eos)
     send(text)
     send(f"tokens={generated} ms_per_token={elapsed / max(generated, 1):.1f}")
-    return text

@@ -2,7 +2,7 @@
 
 Every level forks each node `branches` times and generates all branches at
 once, so the engine batches them: branches**3 leaves. Sends one line per
-leaf ("leaf i: ...") and returns the number of leaves.
+leaf ("leaf i: ...").
 
     --question TEXT  --branches N (default 2)  --max-tokens N per step (default 24)
 """
@@ -43,4 +43,3 @@ async def main(args):
     leaves = await expand(root, 0, opts.branches, opts.max_tokens)
     for i, leaf in enumerate(leaves):
         send(f"leaf {i}: {leaf[-200:]}")
-    return str(len(leaves))

@@ -79,4 +79,3 @@ async def main(args):
             f"{name}: green={sum(sampler.lists)}/{len(sampler.lists)} "
             f"z={z_score(sampler.lists, opts.gamma):.2f}"
         )
-    return text

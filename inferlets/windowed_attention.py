@@ -38,4 +38,3 @@ async def main(args):
     text = model.tokenizer.detokenize(generated)
     send(text)
     send(f"tokens={len(generated)} max_pages={max_pages} pages_freed={freed}")
-    return text

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import hmac
 import itertools
@@ -569,19 +568,6 @@ def _worker_options(argv: list[str]) -> argparse.Namespace:
     return options
 
 
-def _model_path(model: str, home: str) -> str:
-    """A path as given, else HOME/models/<name>/ (its .gguf file, or the folder itself)."""
-    if os.path.exists(model):
-        return model
-    folder = os.path.join(home, "models", model)
-    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if ggufs:
-        return ggufs[0]
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    raise PieError(f"model {model!r} is neither a path nor installed under {home}/models")
-
-
 def _engine(options: argparse.Namespace, path: str) -> object:
     """The Engine this process runs: the whole model, or this rank's shard of it."""
     from pie.model import tp
@@ -623,13 +609,14 @@ def worker_main(argv: list[str]) -> int:
     from twisted.internet.endpoints import serverFromString
 
     from pie.model import tp
+    from pie.model.registry import resolve_model
     from pie.model.worker import Worker
 
     options = _worker_options(argv)
     if options.tp < 1:
         raise SystemExit("pie worker: --tp must be at least 1")
     try:
-        path = _model_path(options.model, options.home)
+        path = resolve_model(options.model, options.home)
         if options.tp_rank > 0:  # a follower rank: no network, just rank 0's jobs
             tp.follow(_engine(options, path))
             return 0

@@ -109,6 +109,8 @@ class FakeWorker:
         if isinstance(job, MaskKv):
             return None
         if isinstance(job, Query):
+            if job.text.startswith("bad"):
+                raise PieError(f"unknown worker query {job.text!r}")
             return "pong" if job.text == "ping" else f"echo {job.text}"
         raise AssertionError(f"unexpected job {job!r}")
 

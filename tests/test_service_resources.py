@@ -68,6 +68,34 @@ class ResourceTests(ServiceCase):
         got = self.do("get_next_token_distribution", [2])
         self.assertEqual(got, [[self.expected([(5, 0), (6, 1)])]])
 
+    def test_embed_slots_must_hold_what_is_read(self):
+        self.do("allocate_kv_pages", [0])
+        self.do("allocate_embeds", [0, 1, 2])
+        box = self.do("forward", 1, [0], [0], [1])
+        self.assertIn("input embeds never filled", self.fault_of(box))
+        self.make(FakeWorker(num_pages=8, num_embeds=4))
+        q = self.service.create_queue("a")
+        self.do("allocate_embeds", [0], queue=q)
+        box = self.do("get_next_token_distribution", [0], queue=q)
+        self.assertIn("no forward wrote these embeds", self.fault_of(box))
+        self.assertEqual(self.worker.jobs, [])
+
+    def test_a_reallocated_embed_slot_shows_nothing_of_its_past(self):
+        self.do("allocate_kv_pages", [0])
+        self.do("allocate_embeds", [0, 1])
+        self.do("embed_text", [0], [5], [0])
+        self.do("forward", 1, [0], [0], [1])
+        self.do("deallocate_embeds", [0, 1])
+        self.do("allocate_embeds", [0, 1])
+        box = self.do("get_next_token_distribution", [1])
+        self.assertIn("no forward wrote these embeds", self.fault_of(box))
+
+    def test_a_worker_query_error_is_an_answer(self):
+        self.assertEqual(
+            self.do("queue_debug_query", "bad query"), ["error: unknown worker query 'bad query'"]
+        )
+        self.assertEqual(self.do("queue_debug_query", "ping"), ["pong"])
+
     def test_destroy_frees_everything(self):
         self.do("allocate_kv_pages", [0, 1, 2])
         self.do("allocate_embeds", [0])
@@ -86,6 +114,8 @@ class ResourceTests(ServiceCase):
             (("forward_text", 1, [0], [1, 2], [0, 1], [], []), "do not fit"),
             (("forward_text", 2, [0], [1], [1], [[1], [2]], []), "2 masks for 1 tokens"),
             (("forward_text", 2, [0], [1], [1], [[1]], []), "covers 1 slots, token 0 sees 2"),
+            (("forward_text", 2, [0], [1], [1], [[0, 2]], []), "attends to no slot"),
+            (("forward_text", 1, [0], [1], [1 << 24], [], []), "positions must be below"),
             (("forward_text", 1, [0], [1], [0], [], [1]), "output indices [1] out of range"),
             (("forward_text", 1, [0], [1000], [0], [], []), "outside the vocabulary"),
             (("forward_text", 1, [0], ["x"], [0], [], []), "tokens must hold"),

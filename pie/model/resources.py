@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from pie.interfaces import InstanceFault
 
+HOLDS_TOKEN, HOLDS_DISTRIBUTION = 1, 2  # what an embed slot has been given
+
 OPAQUE = "opaque"
 """Slot record of a slot written through the embedding path: it cannot be replayed from tokens."""
 
@@ -115,6 +117,7 @@ class Resources:
         self.pages = IdPool(num_pages)
         self.embeds = IdPool(num_embeds)
         self._refs = [0] * num_pages
+        self._embed_holds = bytearray(num_embeds)  # per slot: HOLDS_TOKEN | HOLDS_DISTRIBUTION bits
         self._incarnation = [0] * num_pages  # bumps on every allocation of a physical page
         self._incarnations = itertools.count(1)
         self._slots: dict[int, list] = {}  # physical page -> per-slot record (see record_forward)
@@ -211,6 +214,7 @@ class Resources:
         embeds = self._inst(instance).embeds
         fresh = self.embeds.acquire_many(len(ids))
         for vid, slot in zip(ids, fresh, strict=True):
+            self._embed_holds[slot] = 0
             old = embeds.get(vid)
             if old is not None:
                 self.embeds.release(old)
@@ -223,6 +227,22 @@ class Resources:
         for vid, slot in zip(ids, slots, strict=True):
             del embeds[vid]
             self.embeds.release(slot)
+
+    def mark_embeds(self, slots: list[int], what: int) -> None:
+        """Slots now hold a token (embed_text) or a distribution (forward's output embeds)."""
+        for slot in slots:
+            self._embed_holds[slot] |= what
+
+    def check_embeds(self, slots: list[int], what: int, message: str) -> None:
+        """InstanceFault(message + the empty ids) unless every slot holds `what`.
+
+        A worker refuses a batch that reads an empty slot, which would fail the
+        other instances' items in that batch too; this catches it first (and a
+        fresh slot never shows a previous owner's data).
+        """
+        empty = [s for s in slots if not self._embed_holds[s] & what]
+        if empty:
+            raise InstanceFault(f"{message} (physical slots {empty[:8]})")
 
     # ------------------------------------------------------------------ contention
 

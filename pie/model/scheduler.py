@@ -127,6 +127,7 @@ class Command:
     dispatched: Callable[[object], None] | None = None
     deferred: Deferred = field(default_factory=Deferred)
     holds_queue: bool = False
+    recover: Callable[[Failure], object] | None = None  # answer instead of faulting on a PieError
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
@@ -503,9 +504,14 @@ class Scheduler:
             log.failure("model worker job failed", failure)
         reason = f"model worker failed: {failure.getErrorMessage()}"
         for entry in entries:
-            entry.queue.holding = max(0, entry.queue.holding - entry.command.holds_queue)
-            if not entry.command.cancelled:
-                self._fail(entry.queue, entry.command, reason)
+            command = entry.command
+            entry.queue.holding = max(0, entry.queue.holding - command.holds_queue)
+            if command.cancelled:
+                continue
+            if command.recover is not None and failure.check(PieError):
+                self._fire(command.deferred, command.recover(failure))
+            else:
+                self._fail(entry.queue, command, reason)
 
     def _completed(self, _: object, done: Deferred, queues: list[_Queue], is_forward: bool) -> None:
         for q in queues:

@@ -35,7 +35,7 @@ from pie.model.batch import (
     Sampling,
 )
 from pie.model.exportstore import ExportStore
-from pie.model.resources import Recipe, Resources
+from pie.model.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
 from pie.model.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 
@@ -44,6 +44,9 @@ log = Logger()
 _QUEUE_IDS = itertools.count(1)  # queue ids are unique in the process (Pie: a global counter)
 _SERVICE_IDS = itertools.count(0)
 _U32 = 1 << 32
+# Positions past the model's trained window are allowed (RoPE extrapolates, and windowed or
+# sink attention keeps counting); this cap keeps every position exact in fp32 on any worker.
+_MAX_POSITION = 1 << 24
 
 CONTENTION_REASON = "terminated by the system, due to resource contention"
 
@@ -407,21 +410,30 @@ class ModelService:
         return Command(
             "EmbedText",
             lambda: EmbedText(self.resources.translate_embeds(inst, embeds), tokens, positions),
+            dispatched=lambda job: self.resources.mark_embeds(job.slots, HOLDS_TOKEN),
         )
 
     def _op_get_next_token_distribution(self, inst: str, embeds) -> Command:
         embeds = _u32s("embeds", embeds)
-        return Command(
-            "GetDistributions",
-            lambda: GetDistributions(self.resources.translate_embeds(inst, embeds)),
-            finish=_dists,
-        )
+
+        def prepare() -> GetDistributions:
+            slots = self.resources.translate_embeds(inst, embeds)
+            self.resources.check_embeds(
+                slots,
+                HOLDS_DISTRIBUTION,
+                "get_next_token_distribution: no forward wrote these embeds",
+            )
+            return GetDistributions(slots)
+
+        return Command("GetDistributions", prepare, finish=_dists)
 
     def _op_queue_debug_query(self, inst: str, query) -> Command:
         query = _text("query", query)
         if self._service_query(query) is not None:
             return Command(LOCAL, lambda: self._service_query(query))
-        return Command("Query", lambda: Query(query))
+        return Command(
+            "Query", lambda: Query(query), recover=lambda f: f"error: {f.getErrorMessage()}"
+        )
 
     def _op_synchronize(self, inst: str) -> Command:
         return Command(SYNC, lambda: None)
@@ -486,6 +498,11 @@ class ModelService:
 
         def prepare() -> ForwardItem:
             embeds = self.resources.translate_embeds(inst, inputs + outputs)
+            self.resources.check_embeds(
+                embeds[: len(inputs)],
+                HOLDS_TOKEN,
+                "forward: input embeds never filled by embed_text",
+            )
             return ForwardItem(
                 pages=self.resources.translate_pages(inst, pages),
                 last_page_len=last_page_len,
@@ -495,11 +512,11 @@ class ModelService:
             )
 
         def dispatched(item: ForwardItem) -> None:
-            self.resources.record_opaque(item.pages, item.last_page_len, len(item.input_embeds))
+            self.resources.mark_embeds(item.output_embeds, HOLDS_DISTRIBUTION)
+            if self._store is not None:
+                self.resources.record_opaque(item.pages, item.last_page_len, len(item.input_embeds))
 
-        return Command(
-            FORWARD, prepare, finish=lambda _: None, dispatched=dispatched if self._store else None
-        )
+        return Command(FORWARD, prepare, finish=lambda _: None, dispatched=dispatched)
 
     def _check_layout(self, op: str, last_page_len, pages: list[int], count: int) -> int:
         """Total slots of the pages after the call; the new tokens must fit in them."""
@@ -537,6 +554,8 @@ class ModelService:
                 raise InstanceFault(
                     f"forward_text: masks[{i}] covers {sum(row)} slots, token {i} sees {want}"
                 )
+            if not sum(row[0::2]):
+                raise InstanceFault(f"forward_text: masks[{i}] attends to no slot at all")
             rows.append(row)
         return rows
 
@@ -550,9 +569,8 @@ class ModelService:
 
     def _positions(self, positions) -> list[int]:
         positions = _u32s("positions", positions)
-        limit = self.info.max_positions
-        if limit and any(p >= limit for p in positions):
-            raise InstanceFault(f"positions must be below the model's limit of {limit}")
+        if positions and max(positions) >= _MAX_POSITION:
+            raise InstanceFault(f"positions must be below {_MAX_POSITION}")
         return positions
 
     @staticmethod

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
 
 import torch
 from twisted.internet import defer, task
-from twisted.internet.protocol import ProcessProtocol
 
 from pie.model.placement import attach_worker
 from pie.model.registry import resolve_model
-from pie.model.remote import WORKER_TOKEN_FILE
+from pie.model.remote import WORKER_TOKEN_FILE, WorkerProcess, spawn_worker
 from pie.model.service import ModelService
 from pie.model.worker import load_worker
 
@@ -56,34 +54,12 @@ class BenchRuntime:
         raise SystemExit(f"instance {instance_id} ended: {reason}")
 
 
-class Worker(ProcessProtocol):
-    def __init__(self) -> None:
-        self.url = defer.Deferred()
-        self.ended = defer.Deferred()
-        self.output = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"on (ws://\S+)\n", self.output)
-        if match and not self.url.called:
-            self.url.callback(match.group(1).decode())
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.url.called:
-            self.url.errback(RuntimeError(self.output.decode()[-2000:]))
-        self.ended.callback(None)
-
-
-def spawn_worker(reactor, options, token_file: str) -> Worker:
-    worker = Worker()
-    args = [sys.executable, "-m", "pie.model.remote", "--model", options.model]
-    args += ["--listen", "tcp:0:interface=127.0.0.1", "--token-file", token_file]
-    args += ["--device", "cpu", "--dtype", options.dtype, "--num-pages", str(options.pages)]
+def start_worker(reactor, options, token_file: str) -> WorkerProcess:
+    args = ["--model", options.model, "--listen", "tcp:0:interface=127.0.0.1"]
+    args += ["--token-file", token_file, "--device", "cpu", "--dtype", options.dtype]
+    args += ["--num-pages", str(options.pages)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(options.threads))
-    reactor.spawnProcess(worker, sys.executable, args, env=env, path=ROOT)
-    return worker
+    return spawn_worker(reactor, args, env=env)
 
 
 async def decode(service, tokenizer, sequences: int, prompt_len: int, new: int) -> float:
@@ -154,7 +130,7 @@ async def main(reactor, argv: list[str]) -> None:
         f.write(os.urandom(32).hex())
 
     local = load_worker(options.model, device="cpu", dtype=options.dtype, num_pages=options.pages)
-    workers = [spawn_worker(reactor, options, token_file) for _ in range(3)]
+    workers = [start_worker(reactor, options, token_file) for _ in range(3)]
     urls = await defer.gatherResults([w.url for w in workers])
     one, two = BenchRuntime(reactor, home), BenchRuntime(reactor, home)
     await attach_worker(one, urls[0], "w1")
@@ -177,9 +153,7 @@ async def main(reactor, argv: list[str]) -> None:
         for pool in runtime.model_services():
             await pool.close()
     await local.close()
-    for w in workers:
-        w.transport.signalProcess("TERM")
-    await defer.gatherResults([w.ended for w in workers])
+    await defer.gatherResults([w.stop() for w in workers])
 
     print(
         f"model {os.path.basename(options.model)}, {options.dtype}, {options.sequences} sequences, "

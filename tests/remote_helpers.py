@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
-import sys
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import ProcessProtocol
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, PieError
@@ -94,70 +91,15 @@ async def listen_worker(worker: object, secret: bytes = SECRET, name: str = "w-t
     return factory, port, f"ws://127.0.0.1:{port.getHost().port}"
 
 
-class WorkerProcess(ProcessProtocol):
-    """A real `pie worker` child process; `url` fires with its ws:// address once it listens."""
-
-    def __init__(self) -> None:
-        self.url: Deferred = Deferred()
-        self.ended: Deferred = Deferred()
-        self.output = b""
-
-    @classmethod
-    def start(
-        cls,
-        model: str,
-        token_file: str,
-        *extra: str,
-        listen: str = "tcp:0:interface=127.0.0.1",
-        prefix: tuple[str, ...] = (),
-    ) -> WorkerProcess:
-        process = cls()
-        args = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "pie.model.remote",
-            "--model",
-            model,
-            "--listen",
-            listen,
-        ]
-        args += [
-            "--token-file",
-            token_file,
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--num-pages",
-            "64",
-            *extra,
-        ]
-        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-        reactor.spawnProcess(process, args[0], args, env=env, path=ROOT)
-        return process
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"on (ws://\S+)\n", self.output)
-        if match and not self.url.called:
-            self.url.callback(match.group(1).decode())
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.url.called:
-            self.url.errback(
-                RuntimeError(f"pie worker exited before listening:\n{self.output.decode()[-3000:]}")
-            )
-        self.ended.callback(reason.value.exitCode)
-
-    def kill(self) -> Deferred:
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")
-        return self.ended
-
-    def stop(self) -> Deferred:
-        if not self.ended.called:
-            self.transport.signalProcess("TERM")
-        return self.ended
+def start_worker_process(
+    model: str,
+    token_file: str,
+    *extra: str,
+    listen: str = "tcp:0:interface=127.0.0.1",
+    prefix: tuple[str, ...] = (),
+) -> remote.WorkerProcess:
+    """A real `pie worker` on the CPU in fp32 with 64 KV pages (one torch thread)."""
+    args = ["--model", model, "--listen", listen, "--token-file", token_file]
+    args += ["--device", "cpu", "--dtype", "float32", "--num-pages", "64", *extra]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return remote.spawn_worker(reactor, args, env=env, prefix=prefix)

@@ -1,6 +1,6 @@
 """Real `pie worker` processes attached to a real Runtime (issue 6, points 2, 3, 4, 5).
 
-Each test starts worker processes over the tiny random model (tests/fixtures/tiny_model.py),
+Each test starts worker processes over a tiny random model (tests/model_fixtures.write_tiny_model),
 attaches them with attach_remote_service (service type l4m) and runs inferlets through the
 dev executor, so the whole path is real: SDK -> host table -> ModelPool -> ModelService ->
 RemoteWorker -> WebSocket -> worker process -> Engine.
@@ -24,9 +24,9 @@ from pie.model.service import ModelService
 from pie.model.worker import start_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
-from tests.fixtures.tiny_model import write_tiny_model
 from tests.fixtures.tp_rank import engine_for, jobs
-from tests.remote_helpers import WorkerProcess
+from tests.model_fixtures import write_tiny_model
+from tests.remote_helpers import start_worker_process
 from tests.runtime_doubles import RecordingOwner, make_runtime
 
 GREEDY = textwrap.dedent(
@@ -52,7 +52,8 @@ class RemoteWorkerCase(unittest.TestCase):
 
     def setUp(self):
         tmp = tempfile.mkdtemp(prefix="pie-remote-")
-        self.model = write_tiny_model(os.path.join(tmp, "tiny"))
+        self.model = os.path.join(tmp, "tiny")
+        write_tiny_model(self.model)
         self.home = os.path.join(tmp, "home")
         os.makedirs(self.home)
         self.token_file = os.path.join(self.home, remote.WORKER_TOKEN_FILE)
@@ -61,9 +62,11 @@ class RemoteWorkerCase(unittest.TestCase):
         self.runtime = make_runtime(self, home=self.home, executor=DevExecutor(), services={})
         self.owner = RecordingOwner()
 
-    async def worker(self, *extra: str, token_file: str | None = None) -> tuple[WorkerProcess, str]:
-        process = WorkerProcess.start(self.model, token_file or self.token_file, *extra)
-        self.addCleanup(process.kill)
+    async def worker(
+        self, *extra: str, token_file: str | None = None
+    ) -> tuple[remote.WorkerProcess, str]:
+        process = start_worker_process(self.model, token_file or self.token_file, *extra)
+        self.addCleanup(process.stop, "KILL")
         return process, await process.url
 
     async def launch(self, *arguments: str, runtime=None) -> str:
@@ -136,7 +139,9 @@ class FaultTests(RemoteWorkerCase):
     async def test_killed_worker_ends_only_its_instances_and_can_be_replaced(self):
         """Two workers share four instances; SIGKILL on one ends exactly its two instances with a
         reason naming it, the others finish normally, and a new worker attaches under its name."""
-        (p1, url1), (p2, url2) = await gatherResults([ensureDeferred(self.worker()) for _ in range(2)])
+        (p1, url1), (p2, url2) = await gatherResults(
+            [ensureDeferred(self.worker()) for _ in range(2)]
+        )
         await self.runtime.attach_remote_service(url1, "l4m", "w1")
         await self.runtime.attach_remote_service(url2, "l4m", "w2")
         holders = [await self.launch(PROMPT, "3", "hold") for _ in range(4)]
@@ -146,7 +151,7 @@ class FaultTests(RemoteWorkerCase):
         on_w2 = set(pool.members["w2"].instances)
         self.assertEqual((len(on_w1), len(on_w2)), (2, 2))
 
-        await p1.kill()
+        await p1.stop("KILL")
         for instance_id in on_w1:
             reason = await self.owner.ended(instance_id)
             self.assertTrue(reason.startswith(f"model worker w1 at {url1} lost: "), reason)

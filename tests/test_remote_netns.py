@@ -20,7 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from pie.runtime.instances import NORMAL_FINISH
-from tests.remote_helpers import WorkerProcess
+from tests.remote_helpers import start_worker_process
 from tests.test_remote_attach import PROMPT, RemoteWorkerCase
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -64,13 +64,13 @@ class NamespaceWorkerTests(RemoteWorkerCase):
     async def test_worker_in_another_namespace_is_attached_by_its_address(self):
         """A worker that listens on its namespace's veth address serves an inferlet in this one."""
         worker_ip = await self.make_namespace()
-        process = WorkerProcess.start(
+        process = start_worker_process(
             self.model,
             self.token_file,
             listen=f"tcp:0:interface={worker_ip}",
             prefix=(IP, "netns", "exec", self.namespace),
         )
-        self.addCleanup(process.kill)
+        self.addCleanup(process.stop, "KILL")
         url = await process.url
         self.assertTrue(url.startswith(f"ws://{worker_ip}:"), url)
         port = int(url.rsplit(":", 1)[1])

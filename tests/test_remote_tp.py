@@ -17,8 +17,8 @@ from pie.interfaces import PieError
 from pie.model import tp
 from pie.model.llama import LlamaConfig, LlamaModel
 from pie.model.loaders import load_model
-from tests.fixtures.tiny_model import write_tiny_model
 from tests.fixtures.tp_rank import engine_for, jobs
+from tests.model_fixtures import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,8 @@ def free_port() -> int:
 class ShardingTests(unittest.TestCase):
     def test_shards_partition_every_sharded_weight(self):
         """Concatenating the ranks' q/k/v/gate/up rows and o/down columns gives back the weights."""
-        folder = write_tiny_model(tempfile.mkdtemp(prefix="pie-tiny-"))
+        folder = tempfile.mkdtemp(prefix="pie-tiny-")
+        write_tiny_model(folder)
         loaded = load_model(folder)
         shards = [tp.shard_weights(loaded.config, loaded.weights, r, 2) for r in range(2)]
         for name, full in loaded.weights.items():
@@ -45,7 +46,7 @@ class ShardingTests(unittest.TestCase):
                     or all(torch.equal(p, full) for p in parts),
                     name,
                 )
-        self.assertEqual(shards[0]["model.layers.0.self_attn.k_proj.weight"].shape, (8, 32))
+        self.assertEqual(shards[0]["model.layers.0.self_attn.k_proj.weight"].shape, (16, 64))
 
     def test_indivisible_heads_are_refused(self):
         """A TP size that does not divide the heads fails with a clear error."""
@@ -69,7 +70,8 @@ class TwoRankTests(unittest.TestCase):
     async def test_tp2_on_gloo_equals_tp1(self):
         """Two CPU ranks (gloo) return the same distributions as one process, job after job."""
         tmp = tempfile.mkdtemp(prefix="pie-tp-")
-        folder = write_tiny_model(os.path.join(tmp, "tiny"))
+        folder = os.path.join(tmp, "tiny")
+        write_tiny_model(folder)
         out = os.path.join(tmp, "tp2.msgpack")
         init = f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

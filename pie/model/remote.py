@@ -44,6 +44,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import device as torch_device
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -527,6 +528,51 @@ def connect_worker(
         return result
 
     return factory.ready.addBoth(stop_timer)
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+class WorkerProcess(ProcessProtocol):
+    """A `pie worker` child process; `url` fires with its ws:// address once it listens.
+
+    `ended` fires with the exit code. For tests, benchmarks and supervisors
+    that run workers on this host (`prefix` runs it under e.g. `ip netns exec NS`).
+    """
+
+    def __init__(self) -> None:
+        self.url: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = re.search(rb"on (ws://\S+)\n", self.output)
+        if match and not self.url.called:
+            self.url.callback(match.group(1).decode())
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.url.called:
+            tail = self.output.decode(errors="replace")[-3000:]
+            self.url.errback(PieError(f"pie worker exited before listening:\n{tail}"))
+        self.ended.callback(reason.value.exitCode)
+
+    def stop(self, signal: str = "TERM") -> Deferred:
+        if not self.ended.called:
+            self.transport.signalProcess(signal)
+        return self.ended
+
+
+def spawn_worker(
+    reactor: object, args: list[str], *, env: dict | None = None, prefix: tuple[str, ...] = ()
+) -> WorkerProcess:
+    """Start `pie worker ARGS` with this interpreter (pie importable from its environment)."""
+    process = WorkerProcess()
+    argv = [*prefix, sys.executable, "-m", "pie.model.remote", *args]
+    reactor.spawnProcess(process, argv[0], argv, env=env if env is not None else dict(os.environ))
+    return process
 
 
 # --------------------------------------------------------------------------- `pie worker`

@@ -178,6 +178,7 @@ class HostApi:
     def __init__(self, runtime) -> None:
         self._runtime = runtime
         self._handlers: dict[str, Callable] = {}
+        self._vocab_sizes: dict[int, int] = {}  # service id -> number of regular tokens
         for name in HOST_CALLS:
             if name in MODEL_COMMANDS:
                 self._handlers[name] = functools.partial(self._model_command, name)
@@ -288,7 +289,11 @@ class HostApi:
         return None
 
     def _model_info(self, instance: Instance, service_id: int) -> list[tuple[str, str]]:
-        return model_info(self._service(service_id))
+        service = self._service(service_id)
+        if service_id not in self._vocab_sizes:  # every Model() asks; the vocabulary is big
+            status_size = (service.status() or {}).get("vocab_size")
+            self._vocab_sizes[service_id] = status_size or len(service.tokenizer.vocabs()[0])
+        return model_info(service, self._vocab_sizes[service_id])
 
     def _create_queue(self, instance: Instance, service_id: int) -> int:
         service = self._service(service_id)
@@ -360,20 +365,17 @@ class HostApi:
         return self._runtime.kvstore.list_keys()
 
 
-def model_info(service: IModelService) -> list[tuple[str, str]]:
+def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]:
     """The model_info rows: from the service's status() where it says, Pie's defaults elsewhere."""
     status = service.status() or {}
     tokenizer = service.tokenizer
     traits = status.get("traits", ["input_text", "tokenize", "output_text"])
-    vocab_size = status.get("vocab_size")
-    if vocab_size is None:
-        vocab_size = len(tokenizer.vocabs()[0])
     return [
         ("name", service.name),
         ("description", str(status.get("description", "A large language model."))),
         ("version", str(status.get("model_version", "1.0"))),
         ("license", str(status.get("license", ""))),
-        ("traits", ",".join(traits) if not isinstance(traits, str) else traits),
+        ("traits", traits if isinstance(traits, str) else ",".join(traits)),
         ("chat_template", tokenizer.chat_template or ""),
         ("eos_token_ids", ",".join(str(i) for i in tokenizer.eos_token_ids)),
         ("kv_page_size", str(service.kv_page_size)),

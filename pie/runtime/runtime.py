@@ -55,7 +55,7 @@ class Runtime(service.Service):
         self.home = home
         self.reactor = reactor
         self.executor = executor
-        self._services: dict[str, IModelService] = dict(model_services)
+        self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
         self.inboxes = Inboxes()
@@ -66,6 +66,8 @@ class Runtime(service.Service):
         self.hostapi = HostApi(self)
         self.servers: dict[str, ServerInstance] = {}
         self._checked: set[str] = set()  # program hashes the executor has accepted
+        for name, model_service in model_services.items():
+            self.add_model_service(name, model_service)
 
     # ------------------------------------------------------------------ service
 
@@ -95,6 +97,8 @@ class Runtime(service.Service):
         """Serve one more model (attach_remote_service plugins call this)."""
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
+        if hasattr(model_service, "instance_terminator"):  # pie.model.service evicts through it
+            model_service.instance_terminator = self.terminate
         self._services[name] = model_service
 
     def model_status(self) -> list[dict]:

@@ -44,8 +44,6 @@ async def main(args):
     ctx.user(TASKS[opts.role].format(source))
     ctx.cue()
     text = await ctx.generate_until(max_tokens=opts.max_tokens)
-    for eos in model.eos_tokens:
-        text = text.removesuffix(eos)
     send(f"{opts.role}: {text}")
     if index + 1 < len(ROLES):
         broadcast(f"{opts.topic_prefix}/{opts.role}", text)

@@ -24,8 +24,6 @@ async def solve(model, task, depth, max_depth, max_tokens, path):
     ctx.cue()
     text = await ctx.generate_until(max_tokens=max_tokens)
     ctx.close()
-    for eos in model.eos_tokens:
-        text = text.removesuffix(eos)
     if "<branch>" in text and depth < max_depth:
         lines = [ln.strip() for ln in text.split("<branch>", 1)[1].splitlines() if ln.strip()]
         subtasks = (lines + [f"first half of: {task}", f"second half of: {task}"])[:2]

@@ -33,8 +33,6 @@ async def main(args):
     ctx.user(opts.question)
     ctx.cue()
     skeleton = await ctx.generate_until(max_tokens=opts.max_tokens * 2)
-    for eos in model.eos_tokens:
-        skeleton = skeleton.removesuffix(eos)
     points = parse_points(skeleton, opts.points)
     send(f"skeleton: {' | '.join(points)}")
 

@@ -30,7 +30,5 @@ async def main(args):
     text = await ctx.generate_until(max_tokens=opts.max_tokens)
     generated = len(ctx) - before
     elapsed = time_ms() - start
-    for eos in model.eos_tokens:
-        text = text.removesuffix(eos)
     send(text)
     send(f"tokens={generated} ms_per_token={elapsed / max(generated, 1):.1f}")

@@ -363,6 +363,31 @@ class ExportTests(unittest.TestCase):
             model.detokenize(greedy_reference(model, model.tokenize("persist me"), 3)),
         )
 
+    def test_open_keeps_the_chat_state(self):
+        world = FakeWorld()
+
+        async def saver(args):
+            ctx = get_auto_model().create_context()
+            ctx.system("Be brief.")
+            await ctx.save("chat")
+
+        async def opener(args):
+            ctx = await Context.open(get_auto_model(), "chat")
+            ctx.user("Hi")
+            ctx.cue()
+            return ctx.get_text()
+
+        world.run(saver)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        want = env.from_string(SMOLLM2_TEMPLATE).render(
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            add_generation_prompt=True,
+        )
+        self.assertEqual(world.run(opener), want)
+
     def test_delete_removes_export_and_record(self):
         world = FakeWorld()
 
@@ -379,6 +404,21 @@ class ExportTests(unittest.TestCase):
 
 
 class ChatTests(unittest.TestCase):
+    def test_generate_until_leaves_the_stop_out_of_the_text_only(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("x")
+            first = await ctx.generate(Greedy(), Length(3))
+            ctx2 = get_auto_model().create_context()
+            ctx2.fill("x")
+            cut = await ctx2.generate_until(first[-1], max_tokens=10)
+            return repr((first, cut, ctx2.get_text()))
+
+        world, result = run(main)
+        first, cut, text = eval(result)
+        self.assertEqual(cut, first[:-1])
+        self.assertEqual(text, "x" + first)
+
     def test_chat_helpers_render_the_models_own_template(self):
         async def main(args):
             ctx = get_auto_model().create_context()

@@ -231,13 +231,20 @@ class Context:
         self, stop: str | None = None, max_tokens: int = 256, sampler: SamplerLike | None = None
     ) -> str:
         """Greedy (or `sampler`) generation until the text `stop`, the model's
-        end-of-turn tokens (when stop is None) or max_tokens."""
+        end-of-turn tokens (when stop is None) or max_tokens. The returned text
+        leaves out the stop text / end-of-turn token (the context keeps it)."""
+        stop_tokens = self.tokenizer.tokenize(stop) if stop else []
         condition: StopLike = Length(max_tokens)
-        if stop:
-            condition = any_of(condition, Until(self.tokenizer.tokenize(stop)))
+        if stop_tokens:
+            condition = any_of(condition, Until(stop_tokens))
         else:
             condition = any_of(condition, UntilAny(self.model.eos_token_ids))
-        return await self.generate(sampler or Greedy(), condition)
+        tokens = await self.generate_tokens(sampler or Greedy(), condition)
+        if stop_tokens and tokens[-len(stop_tokens) :] == stop_tokens:
+            tokens = tokens[: -len(stop_tokens)]
+        elif not stop_tokens and tokens and tokens[-1] in self.model.eos_token_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.detokenize(tokens)
 
     def eos_stop(self, max_tokens: int) -> StopLike:
         """Stop at the model's end-of-turn tokens or after max_tokens."""
@@ -496,6 +503,9 @@ class Context:
             "next_position": self.next_position,
             "page_size": self.page_size,
             "num_pages": len(self.pages),
+            "chat": self._chat,
+            "chat_text": self._chat_text,
+            "cued": self._cued,
         }
         await store_set(EXPORT_META_PREFIX + name, json.dumps(meta))
         await self.queue.synchronize()  # the export is visible to others from now on
@@ -547,6 +557,9 @@ class Context:
                 after=[],
                 retain=False,
             )
+        ctx._chat = meta.get("chat", [])
+        ctx._chat_text = meta.get("chat_text", "")
+        ctx._cued = meta.get("cued", False)
         return ctx
 
     @staticmethod

@@ -181,6 +181,18 @@ async def main(args):
         _, _, outcome = self.launch(data, ["hey"])
         self.assertFinishedWith(outcome, "HEY!")
 
+    def test_http_server_program_defines_handle(self) -> None:
+        source = b"""
+async def handle(request):
+    return {"status": 201, "body": request.method + " " + request.path}
+"""
+        self.executor.check(source)
+        request = json.dumps({"method": "POST", "path": "/x", "arguments": []})
+        _, _, outcome = self.launch(source, ["--pie-http-request", request])
+        self.assertEqual(len(outcome), 1)
+        self.assertEqual(json.loads(outcome[0])["status"], 201)
+        self.assertEqual(json.loads(outcome[0])["body"], "POST /x")
+
     def test_exception_ends_the_instance_with_message_and_traceback(self) -> None:
         source = (
             b"async def main(args):\n    x = 1\n    raise ValueError('bad input: ' + args[0])\n"

@@ -22,7 +22,7 @@ class WitWorldTests(TestCase):
 
     def test_every_call_is_an_import_with_its_mode(self) -> None:
         text = witgen.generate()
-        host = text[text.index("interface host {") : text.index("interface types")]
+        host = text[text.index("interface host {") : text.index("world runtime")]
         imported = dict(re.findall(r"^    (%?[a-z][a-z0-9-]*): (func.*);$", host, re.M))
         self.assertEqual(set(imported), {witgen.kebab(n) for n in HOST_CALLS})
         for name, call in HOST_CALLS.items():
@@ -41,10 +41,10 @@ class WitWorldTests(TestCase):
                 continue
             export = witgen.resume_export(call)
             if call.result is None:
-                self.assertIn("export resume: func(fut: u32) -> step;", text)
+                self.assertIn("export resume: func(fut: u32) -> bool;", text)
             else:
                 self.assertIn(
-                    f"export {export}: func(fut: u32, value: {call.result}) -> step;", text
+                    f"export {export}: func(fut: u32, value: {call.result}) -> bool;", text
                 )
 
     def test_keywords_are_escaped(self) -> None:

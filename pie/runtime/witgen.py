@@ -73,25 +73,14 @@ def generate() -> str:
     lines += [
         "}",
         "",
-        "/// What start/resume report back to the host.",
-        "interface types {",
-        "    variant step {",
-        "        /// Every task waits on a host future; call a resume export when one is ready.",
-        "        parked,",
-        "        /// main(args) returned this value (None if it returned None).",
-        "        done(option<string>),",
-        "        /// main(args) raised: the error text with a short traceback.",
-        "        failed(string),",
-        "    }",
-        "}",
-        "",
         "/// One CPython runtime; the program's source is passed to `start`.",
+        "/// `start` and every `resume*` run the program's tasks until all of them wait",
+        "/// on host futures (false) or main has ended (true: ask `outcome`).",
         f"world {WORLD} {{",
         "    import host;",
-        "    use types.{step};",
         "    /// Load the program (module path -> source; `main.py` defines",
         "    /// `async def main(args)`) and run main until it parks or ends.",
-        "    export start: func(files: list<tuple<string, string>>, args: list<string>) -> step;",
+        "    export start: func(files: list<tuple<string, string>>, args: list<string>) -> bool;",
     ]
     resumes: dict[str, str | None] = {}
     for call in HOST_CALLS.values():
@@ -99,8 +88,13 @@ def generate() -> str:
             resumes[resume_export(call)] = call.result
     for export, result in resumes.items():
         params = [("fut", "u32")] + ([("value", result)] if result else [])
-        lines.append(f"    export {export}: {_signature(params, 'step')};")
-    lines += ["}", ""]
+        lines.append(f"    export {export}: {_signature(params, 'bool')};")
+    lines += [
+        "    /// How main ended: ok(its return value) or err(the error with a short traceback).",
+        "    export outcome: func() -> result<option<string>, string>;",
+        "}",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The program format: a `.py` source file, or a zip archive of modules with a main.py.
 
     main.py (or the single uploaded file):   async def main(args): ...
+                                             (HTTP servers: async def handle(request))
 
 `args` is the launch argument list (parse it with argparse). An archive may
 hold more modules and packages (`util.py`, `pkg/__init__.py`, `pkg/x.py`),
@@ -43,23 +44,26 @@ def check(program: bytes) -> dict[str, str]:
             text = (error.text or "").strip()
             message = f"SyntaxError: {error.msg} ({where})" + (f": {text}" if text else "")
             raise PieError(message) from None
-        if path == MAIN_MODULE + ".py" and not _defines_main(tree):
-            raise PieError("main.py must define `async def main(args)`")
+        if path == MAIN_MODULE + ".py" and not (_binds(tree, "main") or _binds(tree, "handle")):
+            raise PieError(
+                "main.py must define `async def main(args)` "
+                "(or `async def handle(request)` for an HTTP server)"
+            )
     return files
 
 
-def _defines_main(tree: ast.Module) -> bool:
-    """True if a top-level statement binds the name `main`."""
+def _binds(tree: ast.Module, name: str) -> bool:
+    """True if a top-level statement binds `name`."""
     for node in tree.body:
-        if isinstance(node, (ast.AsyncFunctionDef, ast.FunctionDef)) and node.name == "main":
+        if isinstance(node, (ast.AsyncFunctionDef, ast.FunctionDef)) and node.name == name:
             return True
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((alias.asname or alias.name) == "main" for alias in node.names):
+            if any((alias.asname or alias.name) == name for alias in node.names):
                 return True
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = ast.walk(node)
             if any(
-                isinstance(n, ast.Name) and n.id == "main" and isinstance(n.ctx, ast.Store)
+                isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store)
                 for n in targets
             ):
                 return True

@@ -40,6 +40,7 @@ from zope.interface import implementer
 from pie.interfaces import IInferletExecutor, InstanceFault, PieError
 from pie.runtime.executors import build, program
 from pie.runtime.executors.base import Execution, Killed, Step
+from pie.runtime.executors.fastcall import ExportSignature, ValueMismatch, add_host_func
 from pie.runtime.hostcalls import HOST_CALLS
 from pie.runtime.witgen import kebab, resume_export
 
@@ -80,8 +81,10 @@ class Runtime:
         self.linker.add_wasip2()
         with self.linker.root() as root, root.add_instance("pie:inferlet/host") as iface:
             for call in HOST_CALLS.values():
-                iface.add_func(kebab(call.name).lstrip("%"), _host_import(call.name, call.mode))
+                name = kebab(call.name).lstrip("%")
+                add_host_func(iface, name, _host_import(call.name, call.mode))
         self.exports = {name: self.component.get_export_index(name) for name in _export_names()}
+        self.signatures: dict[str, ExportSignature] = {}
         _Ticker(self.engine).start()
 
     @classmethod
@@ -94,7 +97,7 @@ class Runtime:
 
 
 def _export_names() -> list[str]:
-    names = ["start"]
+    names = ["start", "outcome"]
     for call in HOST_CALLS.values():
         if call.mode == "async" and resume_export(call) not in names:
             names.append(resume_export(call))
@@ -104,13 +107,13 @@ def _export_names() -> list[str]:
 def _host_import(name: str, mode: str):
     """The wasmtime host function for one row of the host-call table."""
 
-    def sync_call(store: Any, *args: Any) -> Any:
+    def sync_call(*args: Any) -> Any:
         return _active.host_import(name, args, False)
 
-    def async_call(store: Any, *args: Any) -> int:
+    def async_call(*args: Any) -> int:
         return _active.host_import(name, args, True)
 
-    def command_call(store: Any, *args: Any) -> None:
+    def command_call(*args: Any) -> None:
         _active.host_import(name, args, False)
 
     return {"sync": sync_call, "async": async_call, "command": command_call}[mode]
@@ -168,6 +171,8 @@ class WasmExecution(Execution):
             store.close()
 
     def _describe(self, error: BaseException) -> InstanceFault:
+        if isinstance(error, ValueMismatch):
+            return InstanceFault(str(error))
         if not isinstance(error, wasmtime.Trap | wasmtime.WasmtimeError):
             return InstanceFault(f"sandbox error: {type(error).__name__}: {error}")
         text = str(error)
@@ -190,13 +195,24 @@ class WasmExecution(Execution):
         if func is None:
             index = self._runtime.exports[export]
             func = self._funcs[export] = self._instance.get_func(self._store, index)
+        signature = self._runtime.signatures.get(export)
+        if signature is None:
+            signature = self._runtime.signatures[export] = ExportSignature(
+                export, func, self._store
+            )
         self._store.set_epoch_deadline(self._executor.deadline_ticks)
         with _Active(self):
-            step = func(self._store, *params)
-        tag, payload = step.tag, step.payload
-        if tag == "failed" and payload.rstrip().endswith("MemoryError"):
-            return ("failed", self._memory_message() + "\n" + payload)
-        return (tag, payload)
+            result = signature.call(func, self._store, *params)
+        if export == "outcome":
+            return result
+        if not result:
+            return ("parked",)
+        outcome = self._call("outcome")
+        if outcome.tag == "ok":
+            return ("done", outcome.payload)
+        if outcome.payload.rstrip().endswith("MemoryError"):
+            return ("failed", self._memory_message() + "\n" + outcome.payload)
+        return ("failed", outcome.payload)
 
     def host_import(self, name: str, args: tuple, is_async: bool) -> Any:
         """A host import called by the guest (inside a step, on the reactor thread)."""

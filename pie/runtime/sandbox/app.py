@@ -14,12 +14,14 @@ import dataclasses  # noqa: F401
 import enum  # noqa: F401
 import functools  # noqa: F401
 import heapq  # noqa: F401
+import importlib
 import io
 import itertools  # noqa: F401
 import json  # noqa: F401
 import locale  # noqa: F401  (argparse's messages import it lazily, via gettext)
 import math  # noqa: F401
 import operator  # noqa: F401
+import pkgutil
 import random  # noqa: F401
 import re  # noqa: F401
 import string  # noqa: F401
@@ -28,8 +30,8 @@ import textwrap  # noqa: F401
 import typing  # noqa: F401
 
 import wit_world
+from componentize_py_types import Err
 from wit_world.imports import host  # noqa: F401  (snapshotted here; pie.inferlet._abi binds it)
-from wit_world.imports.types import Step_Done, Step_Failed, Step_Parked
 
 import pie.inferlet  # noqa: F401  (the SDK, with every submodule it imports)
 from pie.inferlet import _abi
@@ -37,6 +39,7 @@ from pie.inferlet._driver import Driver, Step, format_failure
 from pie.runtime.sandbox.loader import load_main
 
 _driver: Driver | None = None
+_last: Step = ("parked",)
 
 
 def _warm_up() -> None:
@@ -73,22 +76,30 @@ def _warm_up() -> None:
     typing.get_type_hints(Point)
 
 
+def _import_sdk() -> None:
+    """Import every pie.inferlet module so it is in the snapshot (only imports work at runtime)."""
+    for info in pkgutil.iter_modules(pie.inferlet.__path__, "pie.inferlet."):
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # a host-only helper module; programs cannot use it in the sandbox
+            pass
+
+
 _warm_up()
+_import_sdk()
 
 
-def _export(step: Step):
-    tag = step[0]
-    if tag == "parked":
-        return Step_Parked()
-    if tag == "done":
-        return Step_Done(step[1])
-    return Step_Failed(step[1])
+def _ended(step: Step) -> bool:
+    """Keep the step for `outcome`; true once main has ended."""
+    global _last
+    _last = step
+    return step[0] != "parked"
 
 
-def _resume(fut: int, value) -> object:
+def _resume(fut: int, value) -> bool:
     if _driver is None:
-        return Step_Failed("resume before start")
-    return _export(_driver.resume(fut, value))
+        return _ended(("failed", "resume before start"))
+    return _ended(_driver.resume(fut, value))
 
 
 class WitWorld(wit_world.WitWorld):
@@ -99,11 +110,16 @@ class WitWorld(wit_world.WitWorld):
             main = load_main(dict(files))
             _driver, step = _abi.run(main, list(args))
         except BaseException as error:  # a broken program fails itself, with its message
-            return Step_Failed(format_failure(error))
-        return _export(step)
+            return _ended(("failed", format_failure(error)))
+        return _ended(step)
 
     def resume(self, fut):
         return _resume(fut, None)
+
+    def outcome(self):
+        if _last[0] == "done":
+            return _last[1]
+        raise Err(_last[1] if _last[0] == "failed" else "main(args) has not ended")
 
 
 def _value_resume(self, fut, value):

@@ -1,7 +1,8 @@
 """Turn a program's sources into its `main` function, without touching sys.modules.
 
 A program is a set of modules (path -> source) with a `main.py` defining
-`async def main(args)`. The program's own modules are imported through a
+`async def main(args)` (or, for an HTTP server, `async def handle(request)`,
+wrapped with pie.inferlet.server.http_main). The program's own modules are imported through a
 per-program `__import__`, so two programs (in dev mode, in one process) can
 both have a `utils.py` without seeing each other's; every other import goes
 to the interpreter as usual (inside the sandbox that is the bundled stdlib
@@ -51,6 +52,11 @@ class Program:
         """Execute main.py and return its `main` function."""
         module = self._load(MAIN_MODULE)
         main = getattr(module, "main", None)
+        handle = getattr(module, "handle", None)
+        if main is None and callable(handle):  # an HTTP server program (launch_server_instance)
+            from pie.inferlet.server import http_main
+
+            return http_main(handle)
         if not callable(main):
             raise ImportError("main.py defines no `async def main(args)`")
         return main

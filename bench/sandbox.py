@@ -1,0 +1,102 @@
+"""Sandbox microbenchmarks: instance spawn time and host-call round trip.
+
+    PYTHONPATH=. .venv/bin/python bench/sandbox.py [--n 200] [--calls 20000]
+
+Prints, for the wasm sandbox and for dev mode: the time to spawn an instance
+and run a trivial main to completion, the time a guest spends per "sync" host
+call, and per "async" host call (park, host answers, resume), plus the
+sandbox/dev ratios. No model is involved: the host answers at once, so these
+are the pure costs of the executor. bench/inferlets.py can call the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from twisted.internet.defer import succeed
+
+from pie.runtime.executors import build
+from pie.runtime.executors.dev import DevExecutor
+from pie.runtime.executors.wasm import WasmExecutor
+
+
+class InstantHost:
+    """Answers every call at once: sync calls with a short string, async ones already fired."""
+
+    def call(self, name: str, args: tuple):
+        if name in ("store_get", "receive", "sleep"):
+            return succeed("v")
+        return "0.2.0"
+
+
+TRIVIAL = b"async def main(args):\n    return None\n"
+SYNC_LOOP = b"""
+from pie.inferlet import _abi
+async def main(args):
+    for _ in range(int(args[0])):
+        _abi.call("get_version")
+"""
+ASYNC_LOOP = b"""
+from pie.inferlet import _abi
+async def main(args):
+    for _ in range(int(args[0])):
+        await _abi.call_async("store_get", "k")
+"""
+
+
+def _run(executor, source: bytes, arguments: list[str]) -> None:
+    outcome: list = []
+    executor.run(source, arguments, InstantHost()).finished.addBoth(outcome.append)
+    if not outcome or not (outcome[0] is None or isinstance(outcome[0], str)):
+        raise RuntimeError(f"benchmark program did not finish cleanly: {outcome}")
+
+
+def spawn_time(executor, n: int = 200) -> float:
+    """Mean seconds to start an instance and run a trivial main to completion."""
+    _run(executor, TRIVIAL, [])  # warm (loads the runtime)
+    started = time.perf_counter()
+    for _ in range(n):
+        _run(executor, TRIVIAL, [])
+    return (time.perf_counter() - started) / n
+
+
+def host_call_latency(executor, calls: int = 20000, mode: str = "sync") -> float:
+    """Mean seconds per host call made from inside an instance ("sync" or "async")."""
+    source = SYNC_LOOP if mode == "sync" else ASYNC_LOOP
+    _run(executor, source, ["10"])
+    started = time.perf_counter()
+    _run(executor, source, [str(calls)])
+    empty = time.perf_counter()
+    _run(executor, source, ["0"])
+    baseline = time.perf_counter() - empty
+    return (empty - started - baseline) / calls
+
+
+def wasm_executor() -> WasmExecutor:
+    build.build(progress=lambda line: print("  " + line, flush=True))
+    return WasmExecutor(deadline_ms=10_000)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="instances spawned")
+    parser.add_argument("--calls", type=int, default=20000, help="host calls per measurement")
+    opts = parser.parse_args(argv)
+    executors = {"wasm": wasm_executor(), "dev": DevExecutor()}
+    rows = {}
+    for name, executor in executors.items():
+        rows[name] = (
+            spawn_time(executor, opts.n),
+            host_call_latency(executor, opts.calls, "sync"),
+            host_call_latency(executor, opts.calls, "async"),
+        )
+    print(f"{'executor':8} {'spawn':>10} {'sync call':>11} {'async call':>11}")
+    for name, (spawn, sync, async_) in rows.items():
+        print(f"{name:8} {spawn * 1e3:8.3f}ms {sync * 1e6:9.2f}µs {async_ * 1e6:9.2f}µs")
+    ratios = [rows["wasm"][i] / rows["dev"][i] for i in range(3)]
+    print(f"{'wasm/dev':8} {ratios[0]:9.1f}x {ratios[1]:10.1f}x {ratios[2]:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Calls across the wasm boundary with cached function types.
+
+wasmtime-py 50 reflects a component function's type over FFI on every call,
+in both directions (host import callbacks and export calls); for our small
+signatures that reflection is most of the cost of a host call. The types of a
+given import or export never change, so this module looks them up once and
+reuses them. It uses the same FFI entry points and exception plumbing as
+wasmtime.component (`_linker.func_impl`, `_func.Func.__call__`), only without
+the per-call reflection. Pinned to wasmtime 50.* (setup.cfg); if a future
+wasmtime-py caches types itself, this module can go.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from ctypes import CFUNCTYPE, byref, c_void_p, create_string_buffer, pointer
+from typing import Any
+
+from wasmtime import WasmtimeError
+from wasmtime import _ffi as ffi
+from wasmtime._slab import Slab
+from wasmtime.component import Func, LinkerInstance
+from wasmtime.component._enter import catch_exceptions, enter_wasm
+from wasmtime.component._types import FuncType
+
+_HOST_FUNCS: Slab[list] = Slab()
+"""idx -> [name, python function, (param types, result type, owning FuncType) once known]."""
+
+
+class ValueMismatch(TypeError):
+    """A Python value handed to wasm does not have the shape of its WIT type.
+
+    wasmtime-py is strict: a WIT list must be a list, a tuple a tuple, a
+    list<u8> bytes, an option None or the value.
+    """
+
+
+def _lower(ty: Any, store: Any, value: Any, into: Any, what: str) -> None:
+    try:
+        ty.convert_to_c(store, value, into)
+    except (TypeError, ValueError, OverflowError) as error:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ValueMismatch(f"{what} {shown} does not fit its WIT type: {error}") from None
+
+
+@ffi.wasmtime_component_func_callback_t
+def _host_call(idx, context, ty_raw, args, nargs, results, nresults):  # noqa: ANN001
+    def run(store: Any) -> None:
+        entry = _HOST_FUNCS.get(idx or 0)
+        fty = FuncType._from_ptr(ty_raw, owner=store)
+        if entry[2] is None:
+            entry[2] = ([ty for _, ty in fty.params], fty.result, fty)  # keeps fty alive
+        else:
+            fty.close()
+        params, result_ty, _ = entry[2]
+        value = entry[1](*[ty.convert_from_c(args[i]) for i, ty in enumerate(params)])
+        if result_ty is not None:
+            _lower(result_ty, store, value, results, f"host call {entry[0]} returned")
+
+    return catch_exceptions(context, run)
+
+
+@CFUNCTYPE(None, c_void_p)
+def _finalize(idx) -> None:  # noqa: ANN001
+    if _HOST_FUNCS:
+        _HOST_FUNCS.deallocate(idx or 0)
+
+
+def add_host_func(instance: LinkerInstance, name: str, function: Callable[..., Any]) -> None:
+    """Like LinkerInstance.add_func, but `function(*args)` gets no store and types are cached."""
+    instance._assert_not_locked()
+    encoded = name.encode("utf-8")
+    idx = _HOST_FUNCS.allocate([name, function, None])
+    error = ffi.wasmtime_component_linker_instance_add_func(
+        instance.ptr(), create_string_buffer(encoded), len(encoded), _host_call, idx, _finalize
+    )
+    if error:
+        raise WasmtimeError._from_ptr(error)
+
+
+class ExportSignature:
+    """The cached type of one export; `call` replaces Func.__call__."""
+
+    def __init__(self, name: str, func: Func, store: Any) -> None:
+        self._name = name
+        self._fty = func.type(store)
+        self._params = [ty for _, ty in self._fty.params]
+        self._result = self._fty.result
+
+    def call(self, func: Func, store: Any, *params: Any) -> Any:
+        if len(params) != len(self._params):
+            raise TypeError(f"expected {len(self._params)} parameters, got {len(params)}")
+        param_capi = (ffi.wasmtime_component_val_t * len(params))()
+        lowered = 0
+        try:
+            for ty, value in zip(self._params, params, strict=True):
+                _lower(ty, store, value, pointer(param_capi[lowered]), f"{self._name} got")
+                lowered += 1
+            result_space = ffi.wasmtime_component_val_t()
+            result_ref = byref(result_space) if self._result is not None else None
+            context = store._context()
+
+            def run() -> ctypes._Pointer:
+                return ffi.wasmtime_component_func_call(
+                    byref(func._func), context, param_capi, lowered, result_ref,
+                    1 if self._result is not None else 0,
+                )  # fmt: skip
+
+            enter_wasm(run)
+            return None if self._result is None else self._result.convert_from_c(result_space)
+        finally:
+            for i in range(lowered):
+                ffi.wasmtime_component_val_delete(byref(param_capi[i]))

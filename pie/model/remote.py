@@ -664,6 +664,7 @@ def worker_main(argv: list[str]) -> int:
     try:
         path = resolve_model(options.model, options.home)
         if options.tp_rank > 0:  # a follower rank: no network, just rank 0's jobs
+            tp.die_with_parent()
             tp.follow(_engine(options, path))
             return 0
         if options.token_file:

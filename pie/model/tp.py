@@ -16,7 +16,11 @@ order, so the collectives inside the forward pass line up.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -24,6 +28,8 @@ import torch.distributed as dist
 from pie.interfaces import PieError
 from pie.model import batch
 from pie.model.llama import LlamaConfig, LlamaModel
+
+PR_SET_PDEATHSIG = 1
 
 
 def shard_config(config: LlamaConfig, world: int) -> LlamaConfig:
@@ -137,6 +143,18 @@ class TPEngine:
         """Release the followers (they leave `follow`) and leave the group."""
         dist.broadcast_object_list([None], src=0, device=_object_device())
         dist.destroy_process_group()
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this follower when rank 0's process dies (even by SIGKILL);
+    a collective waiting for a dead rank 0 might otherwise wait for a long time."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: rank 0's close() or the collective's own error ends the follower
+    if os.getppid() == 1:  # rank 0 died before the prctl
+        os._exit(1)
 
 
 def follow(engine: object) -> None:

@@ -185,3 +185,13 @@ class BatchingTests(ServiceCase):
         self.run_reactor()
         self.assertEqual(len(self.worker.jobs), 1, "the cancelled item never reaches the worker")
         self.assertEqual(self.service.status()["free_kv_pages"], 15)
+
+    def test_a_full_batch_leaves_the_rest_for_the_next_one(self):
+        self.make(FakeWorker(auto=False), max_batch_tokens=3, policy="kort 8 50")
+        qs = [self.start(name, [0]) for name in "abc"]
+        for name, q in zip("abc", qs, strict=True):
+            self.forward(name, q, 2, [0], [1, 2], 0)
+        self.run_reactor()
+        self.assertEqual([len(j.items) for j in self.worker.jobs], [1, 1], "full: sent below k")
+        self.clock.advance(0.05)
+        self.assertEqual([len(j.items) for j in self.worker.jobs], [1, 1, 1], "the rest on time")

@@ -11,7 +11,7 @@ from pie.model.batch import CopyKv, Forward, Sampling
 from pie.model.loaders import load_model
 from pie.model.service import CONTENTION_REASON, ModelService
 from pie.model.worker import start_worker
-from tests.fixtures.tiny_model import write_tiny_model
+from tests.model_fixtures import write_tiny_model
 
 PS = 4
 
@@ -36,7 +36,9 @@ class SpyWorker:
 
 class ServiceOnWorkerTests(TestCase):
     def setUp(self):
-        loaded = load_model(write_tiny_model(self.mktemp()), dtype="float32")
+        folder = self.mktemp()
+        write_tiny_model(folder)
+        loaded = load_model(folder, dtype="float32")
         worker = start_worker(
             loaded,
             device="cpu",

@@ -15,7 +15,9 @@ submit, after a job completes, and on a `callLater` timer for the t policies.
 
 Two items that touch the same KV page, one of them writing it, never share a
 batch: the second waits for the next one, so a worker is free to write the
-new K/V of all items before or after attending.
+new K/V of all items before or after attending. A batch holds at most
+max_batch_tokens new tokens (one larger item still goes alone), and a batch
+that is full is released by every policy but adaptive's one-in-flight rule.
 
 Results and failures are fired only after the scheduler's own state is
 settled, because a caller may react synchronously (submit again, or end the
@@ -154,9 +156,14 @@ class _Entry:
     writes: frozenset = frozenset()
 
 
+def _size(item: ForwardItem) -> int:
+    """New tokens of a forward item."""
+    return len(item.tokens) or len(item.input_embeds)
+
+
 def _footprint(item: ForwardItem, page_size: int) -> tuple[frozenset, frozenset]:
     """(pages read, pages written) by a forward item: it writes the pages of its last n slots."""
-    count = len(item.tokens) or len(item.input_embeds)
+    count = _size(item)
     total = page_size * (len(item.pages) - 1) + item.last_page_len
     first, last = (total - count) // page_size, (total - 1) // page_size
     return frozenset(item.pages), frozenset(item.pages[first : last + 1])
@@ -171,16 +178,20 @@ class Scheduler:
         execute: Callable[[object], Deferred],
         page_size: int,
         policy: BatchingPolicy | None = None,
+        max_batch_tokens: int = 16384,
     ) -> None:
         self._reactor = reactor
         self._execute = execute
         self._page_size = page_size
+        self.max_batch_tokens = max_batch_tokens
         self.policy = policy or BatchingPolicy()
         self._queues: dict[int, _Queue] = {}
         self._faults: dict[str, str] = {}  # instance -> reason of its first failure
         self._open: list[_Entry] = []  # the open forward batch
         self._open_reads: set = set()
         self._open_writes: set = set()
+        self._open_tokens = 0
+        self._full = False  # an item waits because the open batch has no room for its tokens
         self._groups: dict[str, list[_Entry]] = {}  # eager jobs of the current pass
         self._seq = itertools.count()
         self._forwards_in_flight = 0
@@ -359,11 +370,16 @@ class Scheduler:
                     and reads.isdisjoint(self._open_writes)
                 ):
                     break
+                size = _size(prepared)
+                if self._open and self._open_tokens + size > self.max_batch_tokens:
+                    self._full = True
+                    break
                 q.items.popleft()
                 q.staged += 1
                 self._open.append(_Entry(q, command, prepared, reads, writes))
                 self._open_reads |= reads
                 self._open_writes |= writes
+                self._open_tokens += size
             else:
                 q.items.popleft()
                 self._groups.setdefault(group, []).append(_Entry(q, command, prepared))
@@ -418,6 +434,8 @@ class Scheduler:
         self._open = entries
         self._open_reads = set().union(*(e.reads for e in entries))
         self._open_writes = set().union(*(e.writes for e in entries))
+        self._open_tokens = sum(_size(e.prepared) for e in entries)
+        self._full = False
 
     def _release_forwards(self) -> bool:
         count, wake = self._release_count()
@@ -445,6 +463,8 @@ class Scheduler:
         policy = self.policy
         if policy.name == "adaptive":
             return (staged if self._forwards_in_flight == 0 else 0), None
+        if self._full:  # no policy waits for items that cannot join anyway
+            return staged, None
         if policy.name == "k":
             return (policy.k if staged >= policy.k else 0), None
         # (a microsecond of slack so that a timer firing at t on the dot counts as "waited t")

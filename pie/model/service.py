@@ -99,6 +99,7 @@ class ModelService:
     service ends an instance it evicts under contention (the runtime sets it;
     the evicted instance's later commands errback with the reason anyway).
     run_blocking(fn, *args) -> Deferred runs store I/O off the reactor thread.
+    max_batch_tokens caps the new tokens of one Forward job (a longer item goes alone).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class ModelService:
         service_id: int | None = None,
         state_dir: str | None = None,
         policy: str = "adaptive",
+        max_batch_tokens: int = 16384,
         instance_terminator: Callable[[str, str], None] | None = None,
         run_blocking: Callable[..., Deferred] | None = None,
     ) -> None:
@@ -126,7 +128,11 @@ class ModelService:
         self.instance_terminator = instance_terminator
         self.resources = Resources(info.num_kv_pages, info.num_embeds, info.kv_page_size)
         self.scheduler = Scheduler(
-            reactor, worker.execute, info.kv_page_size, BatchingPolicy.parse(policy.split())
+            reactor,
+            worker.execute,
+            info.kv_page_size,
+            BatchingPolicy.parse(policy.split()),
+            max_batch_tokens,
         )
         self._run_blocking = run_blocking or (
             lambda fn, *a: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *a)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import TestCase
 
+from pie.interfaces import InstanceFault
 from pie.model.batch import Forward
 from pie.model.exportstore import ExportStore
+from pie.model.resources import IdPool, Resources
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -114,3 +117,51 @@ class PersistentExportTests(ServiceCase):
             self.decode_after_import("c"),
             [[self.expected([(t, p) for p, t in enumerate(PREFIX)] + [(9, 8)])]],
         )
+
+
+class RecipeTests(TestCase):
+    """Which page sets can be replayed from their recorded slots."""
+
+    def setUp(self):
+        self.res = Resources(num_pages=8, num_embeds=2, page_size=4)
+        self.res.allocate_pages("a", [0, 1, 2])
+        self.pages = self.res.translate_pages("a", [0, 1, 2])
+
+    def test_partial_last_page(self):
+        self.res.record_forward(self.pages[:2], 2, [1, 2, 3, 4, 5, 6], list(range(6)), [])
+        recipe = self.res.recipe_for(self.pages[:2])
+        self.assertEqual(
+            (recipe.last_page_len, recipe.tokens, recipe.masks), (2, [1, 2, 3, 4, 5, 6], [])
+        )
+
+    def test_decode_steps_join_into_one_run(self):
+        self.res.record_forward(self.pages[:1], 3, [1, 2, 3], [0, 1, 2], [])
+        self.res.record_forward(self.pages[:1], 4, [4], [3], [])
+        self.res.record_forward(self.pages[:2], 1, [5], [4], [[2, 2, 1]])
+        recipe = self.res.recipe_for(self.pages[:2])
+        self.assertEqual(recipe.tokens, [1, 2, 3, 4, 5])
+        self.assertEqual(recipe.masks, [[1], [2], [3], [4], [2, 2, 1]])
+
+    def test_not_replayable(self):
+        self.assertIsNone(self.res.recipe_for(self.pages[:1]), "nothing written")
+        self.res.record_forward(self.pages[:2], 4, [1, 2, 3, 4, 5, 6, 7, 8], list(range(8)), [])
+        self.assertIsNone(self.res.recipe_for(self.pages[1:2]), "attended to a page outside")
+        self.res.record_opaque(self.pages, 1, 1)
+        self.assertIsNone(self.res.recipe_for(self.pages), "written by the embedding path")
+
+    def test_copied_slots_keep_their_history(self):
+        self.res.record_forward(self.pages[:1], 2, [1, 2], [0, 1], [])
+        self.res.record_copy(self.pages[0], self.pages[1], 0, 0, 2)
+        self.assertIsNone(self.res.recipe_for(self.pages[1:2]), "they attended to page 0")
+        self.assertEqual(self.res.recipe_for(self.pages[:1]).tokens, [1, 2])
+
+
+class IdPoolTests(TestCase):
+    def test_smallest_free_first_and_all_or_nothing(self):
+        pool = IdPool(4)
+        self.assertEqual(pool.acquire_many(3), [0, 1, 2])
+        pool.release(1)
+        self.assertEqual(pool.acquire_many(1), [1])
+        self.assertRaises(InstanceFault, pool.acquire_many, 2)
+        self.assertEqual(pool.available, 1)
+        self.assertRaises(ValueError, pool.release, 3)

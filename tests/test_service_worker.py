@@ -36,9 +36,9 @@ class SpyWorker:
 
 class ServiceOnWorkerTests(TestCase):
     def setUp(self):
-        folder = self.mktemp()
-        write_tiny_model(folder)
-        loaded = load_model(folder, dtype="float32")
+        self.folder = self.mktemp()
+        write_tiny_model(self.folder)
+        loaded = load_model(self.folder, dtype="float32")
         worker = start_worker(
             loaded,
             device="cpu",
@@ -164,3 +164,41 @@ class ServiceOnWorkerTests(TestCase):
             slow.append(dists[0][0][0])
             tokens.append(slow[-1])
         self.assertEqual(fast, slow)
+
+    @inlineCallbacks
+    def test_persistent_export_survives_a_restart_on_a_fresh_worker(self):
+        state = self.mktemp()
+        prefix = [5, 6, 7, 8, 9, 10, 11, 12]
+
+        def decode_after_import(service, inst):
+            q = service.create_queue(inst)
+            service.submit(inst, q, "import_kv_pages", [0, 1], "system")
+            service.submit(inst, q, "allocate_kv_pages", [2])
+            return service.submit(inst, q, "forward_text", 1, [0, 1, 2], [13], [8], [], [0])
+
+        first = ModelService(self.spy, state_dir=state)
+        q = first.create_queue("a")
+        first.submit("a", q, "allocate_kv_pages", [0, 1])
+        first.submit("a", q, "forward_text_no_output", PS, [0, 1], prefix, list(range(8)), [])
+        yield first.submit("a", q, "export_kv_pages", [0, 1], "system", True)
+        first.destroy_instance("a")
+        before = yield decode_after_import(first, "b")
+        yield first.close()
+
+        loaded = load_model(self.folder, dtype="float32")
+        fresh = start_worker(
+            loaded,
+            device="cpu",
+            dtype="float32",
+            page_size=PS,
+            num_pages=8,
+            num_embeds=8,
+            dist_size=8,
+            name="tiny",
+        )
+        self.addCleanup(fresh.close)
+        second = ModelService(fresh, state_dir=state)
+        self.addCleanup(second.close)
+        self.assertEqual(second.list_exports(), [("system", 2)])
+        after = yield decode_after_import(second, "c")
+        self.assertSameDistribution(after[0], before[0])

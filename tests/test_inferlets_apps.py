@@ -1,0 +1,461 @@
+"""Pie's example apps (inferlets/*.py) on SmolLM2-135M through the real protocol.
+
+Every test uploads an app's source over a loopback WebSocket with the raw
+wire client (tests/rawclient.py), launches it, and checks what the instance
+sends back. Behind the socket is the real daemon: pie.server's protocol, the
+runtime with the dev executor, the model service and the SmolLM2 worker
+thread. The worker (the weights, ~20 s to load on 2 cores) is loaded once per
+module; the light parts (service, runtime, listener) are fresh for each test
+so that trial's reactor checks stay clean. After every app, every KV page
+must be back in the model service (except those held by persistent exports).
+
+Generation is greedy and short. The model computes in bfloat16, so the
+assertions check behaviour (structure, invariants, facts a 135M model gets
+right) rather than comparing texts produced by differently shaped forward
+passes, which may flip near-ties; exact equality of those paths is checked
+on the fake model in tests/test_sdk_context.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+import pie
+from pie.runtime.executors.dev import DevExecutor
+from pie.runtime.runtime import Runtime
+from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
+from tests.pieserver import LiveServer
+
+APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
+NORMAL = "instance normally finished"
+
+_worker = None
+
+
+def model_path() -> str | None:
+    try:
+        from pie.model.registry import default_model_path
+
+        return default_model_path()
+    except Exception:
+        return None
+
+
+def shared_worker():
+    """The SmolLM2 worker of this module (loaded on first use, then reused)."""
+    global _worker
+    if _worker is None:
+        from pie.model.worker import load_worker
+
+        _worker = load_worker(model_path())
+    return _worker
+
+
+def source(app: str) -> bytes:
+    with open(os.path.join(APPS, app + ".py"), "rb") as f:
+        return f.read()
+
+
+class Run:
+    """What one instance said: its messages and its termination reason."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.id = instance_id
+        self.messages: list[str] = []
+        self.reason: str | None = None
+
+    def line(self, prefix: str) -> str:
+        for message in self.messages:
+            if message.startswith(prefix):
+                return message[len(prefix) :]
+        raise AssertionError(f"no message starting with {prefix!r} in {self.messages}")
+
+
+class AppTestCase(unittest.TestCase):
+    timeout = 240
+
+    async def setUp(self) -> None:
+        if model_path() is None:
+            raise unittest.SkipTest(
+                "SmolLM2 is not in $PIE_HOME/models (run `pie model add smollm2-135m-instruct`)"
+            )
+        from pie.model.service import ModelService
+
+        self.service = ModelService(shared_worker(), reactor=reactor)
+        self.runtime = Runtime(
+            os.path.abspath(self.mktemp()), {"smollm2": self.service}, DevExecutor(), reactor
+        )
+        self.runtime.startService()
+        self.addCleanup(self.runtime.stopService)
+        self.server = await LiveServer(self, runtime=self.runtime).start()
+        self.client = await self.server.connect()
+        self.runs: dict[str, Run] = {}
+        self._corr = 100
+        self._hashes: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ protocol helpers
+    def corr(self) -> int:
+        self._corr += 1
+        return self._corr
+
+    async def upload(self, app: str) -> str:
+        if app in self._hashes:
+            return self._hashes[app]
+        data = source(app)
+        chunks = [data[i : i + CHUNK_SIZE_BYTES] for i in range(0, len(data), CHUNK_SIZE_BYTES)]
+        corr = self.corr()
+        for index, chunk in enumerate(chunks):
+            self.client.send(
+                {
+                    "type": "upload_program",
+                    "corr_id": corr,
+                    "program_hash": hash_program(data),
+                    "chunk_index": index,
+                    "total_chunks": len(chunks),
+                    "chunk_data": chunk,
+                }
+            )
+        reply = await self.next_response(corr)
+        self.assertTrue(reply["successful"], reply)
+        self._hashes[app] = reply["result"]
+        return reply["result"]
+
+    async def next_response(self, corr: int) -> dict:
+        while True:
+            message = await self.client.next()
+            if message.get("type") == "response" and message.get("corr_id") == corr:
+                return message
+            self.record(message)
+
+    def record(self, message: dict) -> None:
+        if message.get("type") != "instance_event":
+            return
+        run = self.runs.setdefault(message["instance_id"], Run(message["instance_id"]))
+        if message["event"] == "message":
+            run.messages.append(message["message"])
+        elif message["event"] == "terminated":
+            run.reason = message["message"]
+
+    async def launch(self, app: str, *arguments: str) -> Run:
+        digest = await self.upload(app)
+        corr = self.corr()
+        self.client.send(
+            {
+                "type": "launch_instance",
+                "corr_id": corr,
+                "program_hash": digest,
+                "arguments": list(arguments),
+            }
+        )
+        reply = await self.next_response(corr)
+        self.assertTrue(reply["successful"], reply)
+        return self.runs.setdefault(reply["result"], Run(reply["result"]))
+
+    def signal(self, run: Run, message: str) -> None:
+        self.client.send({"type": "signal_instance", "instance_id": run.id, "message": message})
+
+    async def wait(self, *runs: Run) -> None:
+        while any(run.reason is None for run in runs):
+            self.record(await self.client.next())
+
+    async def wait_for_message(self, run: Run, count: int = 1) -> None:
+        while len(run.messages) < count and run.reason is None:
+            self.record(await self.client.next())
+
+    async def run_app(self, app: str, *arguments: str) -> Run:
+        run = await self.launch(app, *arguments)
+        await self.wait(run)
+        self.assertEqual(run.reason, NORMAL, run.messages)
+        return run
+
+    def assertPagesReturned(self, held: int = 0) -> None:
+        """Every KV page is free again except `held` (persistent exports)."""
+        info = self.service.info
+        self.assertEqual(self.service.resources.pages.available, info.num_kv_pages - held)
+
+    async def http(self, port: int, path: str, body: bytes | None = None) -> tuple[int, str]:
+        producer = FileBodyProducer(__import__("io").BytesIO(body)) if body is not None else None
+        response = await Agent(reactor).request(
+            b"POST" if body is not None else b"GET",
+            f"http://127.0.0.1:{port}{path}".encode(),
+            Headers({b"x-test": [b"yes"]}),
+            producer,
+        )
+        return response.code, (await readBody(response)).decode()
+
+    async def serve(self, app: str) -> int:
+        digest = await self.upload(app)
+        corr = self.corr()
+        self.client.send(
+            {
+                "type": "launch_server_instance",
+                "corr_id": corr,
+                "port": 0,
+                "program_hash": digest,
+                "arguments": [],
+            }
+        )
+        reply = await self.next_response(corr)
+        self.assertTrue(reply["successful"], reply)
+        return self.runtime.servers[reply["result"]].port  # port 0 -> the one bound
+
+
+class BasicAppTests(AppTestCase):
+    async def test_helloworld(self):
+        run = await self.run_app("helloworld")
+        self.assertEqual(
+            run.messages,
+            [f"Hello World!! I am instance {run.id}, running on pie {pie.__version__}"],
+        )
+
+    async def test_text_completion(self):
+        run = await self.run_app(
+            "text_completion", "--prompt", "What is 2+2?", "--max-tokens", "16"
+        )
+        self.assertIn("4", run.messages[0])
+        self.assertNotIn("<|im_end|>", run.messages[0])
+        tokens = int(re.match(r"tokens=(\d+)", run.messages[1]).group(1))
+        self.assertTrue(1 <= tokens <= 16)
+        self.assertPagesReturned()
+
+    async def test_messaging(self):
+        run = await self.launch("messaging")
+        for word in ("one", "two", "three"):
+            self.signal(run, word)
+        await self.wait(run)
+        self.assertEqual(run.messages, ["reply 1: ONE", "reply 2: TWO", "reply 3: THREE"])
+
+    async def test_kvs_persists_across_instances(self):
+        first = await self.run_app("kvs")
+        self.assertEqual(first.messages[-1], "runs=1")
+        self.assertEqual(len([m for m in first.messages if m.startswith("ok ")]), 6)
+        second = await self.run_app("kvs")
+        self.assertEqual(second.messages[-1], "runs=2")
+
+    async def test_debugger_switches_the_batching_policy(self):
+        run = await self.run_app("debugger", "--policy", "kort 4 20")
+        self.assertEqual(
+            run.messages, ["before: adaptive", "after: kort 4 20", "runtime ping: pong"]
+        )
+        self.assertEqual(self.service.get_batching(), "kort 4 20")
+        bad = await self.launch("debugger", "--policy", "fastest")
+        await self.wait(bad)
+        self.assertIn("unknown batching policy", bad.reason)
+
+    async def test_bench_spawn_time(self):
+        start = time.monotonic()
+        run = await self.launch("bench_spawn_time")
+        await self.wait_for_message(run)
+        spawn_ms = (time.monotonic() - start) * 1000
+        await self.wait(run)
+        self.assertEqual(run.messages, ["spawned"])
+        self.assertLess(spawn_ms, 5000)
+
+    async def test_bench_host_call(self):
+        run = await self.run_app("bench_host_call", "--iterations", "50")
+        figures = json.loads(run.messages[0])
+        self.assertEqual(figures["iterations"], 50)
+        for key in ("runtime_ping_us", "queue_ping_us", "async_call_us"):
+            self.assertGreaterEqual(figures[key], 0)
+        self.assertLess(figures["queue_ping_us"], 1_000_000)
+
+
+class ForkingAppTests(AppTestCase):
+    async def test_beam_search(self):
+        run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "10")
+        self.assertTrue(run.messages[0].strip())
+        self.assertPagesReturned()
+
+    async def test_parallel_generation(self):
+        run = await self.run_app(
+            "parallel_generation",
+            "--max-tokens",
+            "12",
+            "--prompts",
+            "What is the capital of France?|Name a fruit.",
+        )
+        self.assertIn("Paris", run.line("0: "))
+        self.assertTrue(run.line("1: ").strip())
+        self.assertPagesReturned()
+
+    async def test_tree_of_thought(self):
+        run = await self.run_app("tree_of_thought", "--branches", "2", "--max-tokens", "3")
+        leaves = [m for m in run.messages if m.startswith("leaf ")]
+        self.assertEqual(len(leaves), 8)
+        self.assertPagesReturned()
+
+    async def test_skeleton_of_thought(self):
+        run = await self.run_app("skeleton_of_thought", "--points", "3", "--max-tokens", "8")
+        points = run.line("skeleton: ").split(" | ")
+        self.assertTrue(1 <= len(points) <= 3)
+        expanded = [m for m in run.messages if m.startswith("point ")]
+        self.assertEqual(len(expanded), len(points))
+        self.assertPagesReturned()
+
+    async def test_graph_of_thought_merges_each_pair_after_its_proposals(self):
+        run = await self.run_app("graph_of_thought", "--budgets", "3,4,5,6")
+        order = [m.split(":")[0] for m in run.messages]
+        self.assertEqual(
+            sorted(order),
+            sorted(
+                [
+                    "proposal 0",
+                    "proposal 1",
+                    "proposal 2",
+                    "proposal 3",
+                    "merge 0+1",
+                    "merge 2+3",
+                    "merge final",
+                ]
+            ),
+        )
+        for merge, inputs in (("merge 0+1", (0, 1)), ("merge 2+3", (2, 3))):
+            for i in inputs:
+                self.assertLess(order.index(f"proposal {i}"), order.index(merge))
+        self.assertEqual(order[-1], "merge final")
+        self.assertPagesReturned()
+
+    async def test_recursion_of_thought(self):
+        run = await self.run_app("recursion_of_thought", "--depth", "1", "--max-tokens", "10")
+        nodes = [m for m in run.messages if m.startswith("node ")]
+        self.assertTrue(nodes)
+        self.assertTrue(run.messages[-1].startswith("answer: "))
+        self.assertPagesReturned()
+
+    async def test_prefix_tree(self):
+        run = await self.run_app("prefix_tree", "--max-tokens", "3")
+        self.assertEqual([m.split(":")[0] for m in run.messages], [str(i) for i in range(8)])
+        self.assertPagesReturned()
+
+    async def test_output_validation(self):
+        run = await self.run_app("output_validation")
+        self.assertEqual(run.messages[-1], "best: Paris")
+        probs = [float(m.split("\t")[1]) for m in run.messages[:-1]]
+        self.assertAlmostEqual(sum(probs), 1.0, places=3)
+        self.assertPagesReturned()
+
+    async def test_watermarking(self):
+        run = await self.run_app("watermarking", "--max-tokens", "24")
+        z = {m.split(":")[0]: float(m.rsplit("z=", 1)[1]) for m in run.messages[1:]}
+        self.assertGreater(z["watermarked"], 2.0)
+        self.assertGreater(z["watermarked"], z["plain"])
+        self.assertPagesReturned()
+
+
+class DecodingAppTests(AppTestCase):
+    async def test_speculative_decoding_accepts_drafts(self):
+        prompt = "Repeat this sentence: the quick brown fox jumps over the lazy dog."
+        run = await self.run_app("speculative_decoding", "--max-tokens", "24", "--prompt", prompt)
+        steps, accepted = map(int, re.findall(r"\d+", run.messages[1]))
+        self.assertIn("lazy dog", run.messages[0])
+        self.assertGreater(accepted, 0)
+        self.assertLess(steps, 24)
+        self.assertPagesReturned()
+
+    async def test_jacobi_decoding(self):
+        run = await self.run_app("jacobi_decoding", "--max-tokens", "12")
+        iterations, tokens = map(int, re.findall(r"\d+", run.messages[1]))
+        self.assertTrue(run.messages[0])
+        self.assertLessEqual(iterations, tokens)
+        self.assertPagesReturned()
+
+    async def test_constrained_decoding_writes_json(self):
+        run = await self.run_app("constrained_decoding", "--max-tokens", "32")
+        self.assertIsInstance(json.loads(run.messages[0]), dict)
+        self.assertPagesReturned()
+
+    async def test_attention_sink_keeps_memory_bounded(self):
+        run = await self.run_app(
+            "attention_sink", "--max-tokens", "40", "--sink", "4", "--window", "16"
+        )
+        figures = dict(p.split("=") for p in run.messages[1].split())
+        self.assertGreater(int(figures["pages_freed"]), 0)
+        self.assertLessEqual(int(figures["max_pages"]), 3)  # sink page + 16-token window
+        self.assertPagesReturned()
+
+    async def test_windowed_attention(self):
+        run = await self.run_app("windowed_attention", "--max-tokens", "24", "--window", "16")
+        figures = dict(p.split("=") for p in run.messages[1].split())
+        self.assertGreater(int(figures["pages_freed"]), 0)
+        self.assertLessEqual(int(figures["max_pages"]), 3)
+        self.assertPagesReturned()
+
+    async def test_hierarchical_attention(self):
+        run = await self.run_app("hierarchical_attention", "--max-tokens", "12")
+        self.assertRegex(run.messages[0], r"nodes=8 tokens=\d+")
+        self.assertTrue(run.messages[1].strip())
+        self.assertPagesReturned()
+
+    async def test_prefix_caching_hits_on_the_second_run(self):
+        first = await self.run_app("prefix_caching", "--max-tokens", "12")
+        self.assertEqual(first.messages[0], "cache miss")
+        held = self.service.info.num_kv_pages - self.service.resources.pages.available
+        self.assertGreater(held, 0)  # the persistent export keeps its pages
+        second = await self.run_app("prefix_caching", "--max-tokens", "12")
+        self.assertEqual(second.messages[0], "cache hit")
+        self.assertIn("light", second.messages[1].lower())
+        self.assertPagesReturned(held)
+        third = await self.run_app("prefix_caching", "-i", "--max-tokens", "4")
+        self.assertEqual(third.messages[0], "cache miss")
+
+
+class AgentAppTests(AppTestCase):
+    async def test_agent_react(self):
+        run = await self.run_app(
+            "agent_react", "--rounds", "2", "--max-tokens", "8", "--tool-ms", "20"
+        )
+        kinds = [m.split(":")[0] for m in run.messages]
+        self.assertEqual(kinds, ["round 0", "observation 0", "round 1", "observation 1", "answer"])
+        self.assertPagesReturned()
+
+    async def test_agent_swarm_pipeline_across_instances(self):
+        roles = ["idea", "plot", "characters", "dialogue"]
+        runs = {}
+        for role in reversed(roles):  # later stages subscribe before earlier ones publish
+            runs[role] = await self.launch("agent_swarm", "--role", role, "--max-tokens", "8")
+            if role != "idea":
+                await self.wait_for_message(runs[role])
+                self.assertEqual(runs[role].messages[0], f"{role}: waiting")
+        self.signal(runs["idea"], "a lighthouse keeper")
+        await self.wait(*runs.values())
+        for role in roles:
+            self.assertEqual(runs[role].reason, NORMAL)
+            self.assertTrue(runs[role].messages[-1].startswith(f"{role}: "))
+        self.assertPagesReturned()
+
+
+class ServerAppTests(AppTestCase):
+    async def test_http_server_routes(self):
+        port = await self.serve("http_server")
+        self.assertEqual(await self.http(port, "/"), (200, "Hello from a pie server instance!"))
+        self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))
+        code, headers = await self.http(port, "/headers")
+        self.assertEqual((code, json.loads(headers)["x-test"]), (200, "yes"))
+        self.assertEqual(await self.http(port, "/wait?ms=10"), (200, "waited 10 ms"))
+        self.assertEqual((await self.http(port, "/nope"))[0], 404)
+
+    async def test_openai_compat_chat_completion(self):
+        port = await self.serve("openai_compat")
+        body = {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+        }
+        code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
+        self.assertEqual(code, 200, text)
+        answer = json.loads(text)
+        self.assertEqual(answer["object"], "chat.completion")
+        self.assertIn("Paris", answer["choices"][0]["message"]["content"])
+        self.assertLessEqual(answer["usage"]["completion_tokens"], 12)
+        code, text = await self.http(port, "/v1/chat/completions", b"{not json")
+        self.assertEqual(code, 400)
+        code, text = await self.http(port, "/v1/models")
+        self.assertEqual(json.loads(text)["data"][0]["id"], self.service.name)
+        self.assertPagesReturned()

@@ -4,17 +4,18 @@
 
 Prints, for the wasm sandbox and for dev mode: the time to spawn an instance
 and run a trivial main to completion, the time a guest spends per "sync" host
-call, and per "async" host call (park, host answers, resume), plus the
-sandbox/dev ratios. No model is involved: the host answers at once, so these
+call, per "async" host call (park, host answers, resume), and the memory
+of a parked instance, plus the sandbox/dev ratios. No model is involved: the host answers at once, so these
 are the pure costs of the executor. bench/inferlets.py can call the functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 
 from pie.runtime.executors import build
 from pie.runtime.executors.dev import DevExecutor
@@ -73,6 +74,44 @@ def host_call_latency(executor, calls: int = 20000, mode: str = "sync") -> float
     return (empty - started - baseline) / calls
 
 
+PARKED = b"""
+from pie.inferlet import _abi
+async def main(args):
+    return await _abi.call_async("receive")
+"""
+
+
+class ParkingHost(InstantHost):
+    def call(self, name: str, args: tuple):
+        return Deferred() if name == "receive" else super().call(name, args)
+
+
+def _pss_bytes() -> int:
+    """Proportional set size: resident memory, with shared pages split among their users.
+
+    RSS would count the runtime snapshot's copy-on-write pages once per instance
+    although they are shared (about 9 MB per instance by RSS, 2 MB by PSS).
+    """
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss line in /proc/self/smaps_rollup")
+
+
+def parked_memory(executor, n: int = 100) -> float:
+    """Memory (PSS) per instance while n instances are parked on a host call."""
+    _run(executor, TRIVIAL, [])
+    gc.collect()
+    before = _pss_bytes()
+    executions = [executor.run(PARKED, [], ParkingHost()) for _ in range(n)]
+    used = _pss_bytes() - before
+    for execution in executions:
+        execution.finished.addErrback(lambda _: None)
+        execution.kill("benchmark over")
+    return used / n
+
+
 def wasm_executor() -> WasmExecutor:
     build.build(progress=lambda line: print("  " + line, flush=True))
     return WasmExecutor(deadline_ms=10_000)
@@ -90,10 +129,14 @@ def main(argv: list[str] | None = None) -> None:
             spawn_time(executor, opts.n),
             host_call_latency(executor, opts.calls, "sync"),
             host_call_latency(executor, opts.calls, "async"),
+            parked_memory(executor, opts.n),
         )
-    print(f"{'executor':8} {'spawn':>10} {'sync call':>11} {'async call':>11}")
-    for name, (spawn, sync, async_) in rows.items():
-        print(f"{name:8} {spawn * 1e3:8.3f}ms {sync * 1e6:9.2f}µs {async_ * 1e6:9.2f}µs")
+    print(f"{'executor':8} {'spawn':>10} {'sync call':>11} {'async call':>11} {'parked PSS':>11}")
+    for name, (spawn, sync, async_, rss) in rows.items():
+        print(
+            f"{name:8} {spawn * 1e3:8.3f}ms {sync * 1e6:9.2f}µs {async_ * 1e6:9.2f}µs "
+            f"{rss / 1e6:8.2f} MB"
+        )
     ratios = [rows["wasm"][i] / rows["dev"][i] for i in range(3)]
     print(f"{'wasm/dev':8} {ratios[0]:9.1f}x {ratios[1]:10.1f}x {ratios[2]:10.1f}x")
 

@@ -14,8 +14,8 @@ file). Change any of them and the next start builds a new one. Loading the
 cached file takes a few milliseconds. A file lock keeps two processes from
 building the same key at once.
 
-CLI: `pie sandbox build [--force]` (dispatched here by pie/cli.py), or
-`python -m pie.runtime.executors.build`.
+CLI: `pie sandbox build [--force]` and `pie sandbox status` (dispatched here
+by pie/cli.py), or `python -m pie.runtime.executors.build build`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ GUEST_DIRS = ("inferlet", "runtime/sandbox")
 """Packages under pie/ bundled into the guest (pure Python, no host imports)."""
 APP_MODULE = "pie.runtime.sandbox.app"
 ARTIFACT = "runtime.cwasm"
+KEEP_BUILDS = 3
 
 Progress = Callable[[str], None]
 
@@ -156,15 +157,43 @@ def build(
         os.replace(partial, target)
         wasm.unlink()
         progress(f"compiled in {time.monotonic() - compiled_at:.1f} s: {target}")
+    for stale in prune(home):
+        progress(f"removed an old build: {stale}")
     return target
 
 
+def prune(home: Path | None = None, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Delete all but the `keep` most recent runtime builds; the removed folders.
+
+    Old builds are left by upgrades and source changes (36 MB each). A process
+    that already loaded one is unaffected: the loaded code stays mapped.
+    """
+    root = (home or pie_home()) / "sandbox"
+    builds = sorted(
+        (d for d in root.glob("runtime-*") if (d / ARTIFACT).exists()),
+        key=lambda d: (d / ARTIFACT).stat().st_mtime,
+        reverse=True,
+    )
+    for stale in builds[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return builds[keep:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`pie sandbox build [--force]`: build and cache the sandbox runtime now."""
-    parser = argparse.ArgumentParser(prog="pie sandbox build", description=main.__doc__)
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    """`pie sandbox build [--force]` / `pie sandbox status`."""
+    parser = argparse.ArgumentParser(
+        prog="pie sandbox", description="The inferlet sandbox runtime."
+    )
     parser.add_argument("--home", type=Path, default=None, help="Pie home (default $PIE_HOME)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("build", help="build and cache the runtime now (once per install)")
+    make.add_argument("--force", action="store_true", help="rebuild even if cached")
+    commands.add_parser("status", help="print where the runtime is cached and whether it is built")
     opts = parser.parse_args(argv)
+    if opts.command == "status":
+        path = artifact_path(opts.home)
+        print(f"{path} ({'built' if path.exists() else 'not built: run `pie sandbox build`'})")
+        return 0 if path.exists() else 1
     try:
         path = build(opts.home, opts.force, progress=lambda line: print(line, flush=True))
     except RuntimeError as error:

@@ -236,20 +236,24 @@ class WasmExecution(Execution):
 
 
 class _Active:
-    """Marks which instance the host imports belong to during one wasm call."""
+    """Marks which instance the host imports belong to during one wasm call.
 
-    __slots__ = ("_execution",)
+    Restores the previous one on exit: a host import may (through a kill and
+    the runtime's callbacks) start another instance before it returns.
+    """
+
+    __slots__ = ("_execution", "_previous")
 
     def __init__(self, execution: WasmExecution) -> None:
         self._execution = execution
 
     def __enter__(self) -> None:
         global _active
-        _active = self._execution
+        self._previous, _active = _active, self._execution
 
     def __exit__(self, *exc: Any) -> None:
         global _active
-        _active = None
+        _active = self._previous
 
 
 @implementer(IInferletExecutor)

@@ -155,6 +155,6 @@ def _decode(
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, kv_heads, group, T]
     if plan.decode_bias is not None:
         scores = scores + plan.decode_bias
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, kv_heads, group, dim]
     return out.reshape(b, heads, dim)

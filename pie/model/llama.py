@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from pie.interfaces import PieError
 from pie.model.attention import AttentionPlan, attend
 from pie.model.kv_cache import KvCache
-from pie.model.quant import DenseLinear, Int4Linear, Q4_1Weight, int4_supported
+from pie.model.quant import (
+    DenseLinear,
+    Int4Linear,
+    Int4OrDenseLinear,
+    Q4_1Weight,
+    int4_supported,
+)
+
+Linear = DenseLinear | Int4OrDenseLinear
 
 
 @dataclass(frozen=True)
@@ -125,10 +133,8 @@ def rope_tables(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """HF's LlamaRMSNorm (fp32 statistics); torch's fused kernel, bit-identical in fp32."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,10 +148,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: DenseLinear | Int4Linear
-    o: DenseLinear | Int4Linear
-    gate_up: DenseLinear | Int4Linear
-    down: DenseLinear | Int4Linear
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -180,10 +186,12 @@ class LlamaModel:
         def tensor(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype).contiguous()
 
-        def linear(*names: str) -> DenseLinear | Int4Linear:
+        def linear(*names: str) -> Linear:
+            dense = DenseLinear(torch.cat([tensor(n) for n in names]))
             if self.int4 and all(n in quantized for n in names):
-                return Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), dtype)
-            return DenseLinear(torch.cat([tensor(n) for n in names]))
+                q4 = Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), dtype)
+                return Int4OrDenseLinear(q4, dense)
+            return dense
 
         self.embed = tensor("model.embed_tokens.weight")
         self.norm = tensor("model.norm.weight")
@@ -258,11 +266,9 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, eps)
             qkv = layer.qkv(h)
-            q = qkv[:, :q_size].view(n, hq, hd)
-            k = qkv[:, q_size : q_size + kv_size].view(n, hkv, hd)
+            qk = apply_rope(qkv[:, : q_size + kv_size].view(n, hq + hkv, hd), cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, q_size + kv_size :].view(n, hkv, hd)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
             cache.write(index, plan.write_slots, k, v)
             attn = attend(q, cache, index, plan)
             x = x + layer.o(attn.reshape(n, q_size))

@@ -62,7 +62,7 @@ def read_metadata(reader) -> dict:
 
 
 def config_from_metadata(
-    meta: dict, rope_freqs: np.ndarray | None, tied_head: bool, name: str
+    meta: dict, rope_freqs: np.ndarray | None, vocab_size: int, tied_head: bool, name: str
 ) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -85,7 +85,7 @@ def config_from_metadata(
     elif scaling_type not in (None, "none"):
         raise PieError(f"GGUF rope scaling {scaling_type!r} is not supported")
     return LlamaConfig(
-        vocab_size=meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
         num_hidden_layers=key("block_count"),
@@ -125,7 +125,12 @@ class GGUFLoader:
         if "rope_freqs.weight" in tensors:
             rope_freqs = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32)
         name = model_name_for(path)
-        config = config_from_metadata(meta, rope_freqs, "output.weight" not in tensors, name)
+        if "token_embd.weight" not in tensors:
+            raise PieError(f"{path} has no token_embd.weight tensor")
+        vocab_size = int(tensors["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
+        config = config_from_metadata(
+            meta, rope_freqs, vocab_size, "output.weight" not in tensors, name
+        )
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
         weights: dict[str, torch.Tensor] = {}

@@ -1,0 +1,205 @@
+"""Model loaders: plugins, safetensors folders, GGUF files written here with the `gguf` package
+(Q/K permuted as llama.cpp's converter does, MLP weights in Q4_1) (issue 3, point 1)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
+from twisted.trial.unittest import TestCase
+
+from pie.interfaces import IModelLoader, PieError
+from pie.model.batch import Forward, ForwardItem
+from pie.model.engine import create_engine
+from pie.model.hf_reference import hf_model
+from pie.model.loaders import load_model, loaders
+from pie.model.quant import Int4Linear
+from tests.model_fixtures import dense, hf_probs, write_tiny_model
+
+_FOLDER = tempfile.TemporaryDirectory()
+write_tiny_model(_FOLDER.name, tie_word_embeddings=True, seed=3)
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's Q/K row interleaving for llama.cpp's RoPE."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(path: str, source) -> None:
+    """The safetensors model `source` as a llama GGUF: F32 norms/embeddings/attention, Q4_1 MLP."""
+    c, tok = source.config, source.tokenizer
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if vocab[t] in tok.special_ids else 1 for t in tokens])
+    writer.add_token_merges(["t h", "th e", "Ġ th"])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, w in source.weights.items():
+        array = w.float().numpy()
+        if name in names:
+            writer.add_tensor(names[name], array)
+            continue
+        layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
+        target = f"blk.{layer}.{parts[part]}.weight"
+        if part == "self_attn.q_proj":
+            array = permute(array, c.num_attention_heads)
+        elif part == "self_attn.k_proj":
+            array = permute(array, c.num_key_value_heads)
+        if part.startswith("mlp."):
+            writer.add_tensor(target, quantize(array, Q.Q4_1), raw_dtype=Q.Q4_1)
+        else:
+            writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+class Plugins(TestCase):
+    def test_builtin_loaders_are_plugins(self):
+        found = {loader.formatName: loader for loader in loaders()}
+        self.assertLessEqual({"gguf", "safetensors"}, set(found))
+        for loader in found.values():
+            self.assertTrue(IModelLoader.providedBy(loader))
+        self.assertTrue(found["safetensors"].can_load(_FOLDER.name))
+        self.assertFalse(found["gguf"].can_load(_FOLDER.name))
+
+    def test_unknown_paths(self):
+        with self.assertRaisesRegex(PieError, "does not exist"):
+            load_model(os.path.join(_FOLDER.name, "missing"))
+        junk = self.mktemp()
+        with open(junk, "w") as f:
+            f.write("not a model")
+        with self.assertRaisesRegex(PieError, "no model loader"):
+            load_model(junk)
+
+
+class GGUFLoading(TestCase):
+    def setUp(self):
+        self.source = load_model(_FOLDER.name, dtype="float32")
+        self.path = os.path.join(self.mktemp() + ".gguf")
+        write_gguf(self.path, self.source)
+        self.loaded = load_model(self.path, dtype="float32")
+
+    def test_weights_come_back_in_hugging_face_order(self):
+        for name in (
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+        ):
+            self.assertTrue(torch.equal(self.loaded.weights[name], self.source.weights[name]), name)
+        self.assertTrue(self.loaded.config.tie_word_embeddings)
+        self.assertNotIn("lm_head.weight", self.loaded.weights)
+        gate = "model.layers.0.mlp.gate_proj.weight"
+        self.assertLess(
+            (self.loaded.weights[gate] - self.source.weights[gate]).abs().max().item(), 0.2
+        )
+
+    def test_q4_1_blocks_are_lossless_for_the_int4_kernel(self):
+        name = "model.layers.1.mlp.down_proj.weight"
+        q4 = self.loaded.quantized[name]
+        dense_w = self.loaded.weights[name]
+        self.assertTrue(np.array_equal(q4.dequantize(), dense_w.numpy()))
+        x = torch.randn(5, dense_w.shape[1])
+        got = Int4Linear(q4, torch.float32)(x)
+        self.assertLess((got - x @ dense_w.T).abs().max().item(), 1e-4)
+
+    def test_tokenizer_from_metadata(self):
+        ours, theirs = self.loaded.tokenizer, self.source.tokenizer
+        text = "the other <|im_start|>thing<|im_end|> 42 ünïcode"
+        self.assertEqual(ours.tokenize(text), theirs.tokenize(text))
+        self.assertEqual(ours.detokenize(ours.tokenize(text)), text)
+        self.assertIn(theirs.tokenize("<|im_end|>")[0], ours.eos_token_ids)
+        self.assertEqual(
+            ours.apply_chat_template([{"role": "user", "content": "hi"}]),
+            "<|im_start|>hi<|im_end|>",
+        )
+
+    def test_forward_equals_hugging_face_on_the_gguf_weights(self):
+        reference = hf_model(self.loaded)
+        toks = [5, 17, 230, 99, 4, 61, 7, 250, 18, 33]
+        engine = create_engine(
+            self.loaded,
+            device="cpu",
+            dtype="float32",
+            num_pages=4,
+            dist_size=self.loaded.config.vocab_size,
+        )
+        [out] = engine.run(
+            Forward(
+                [
+                    ForwardItem(
+                        pages=[2],
+                        last_page_len=10,
+                        positions=list(range(10)),
+                        tokens=toks,
+                        output_indices=[9],
+                    )
+                ]
+            )
+        )
+        diff = (
+            (dense(out[0], self.loaded.config.vocab_size) - hf_probs(reference, toks)[-1])
+            .abs()
+            .max()
+        )
+        self.assertLess(diff.item(), 2e-5)
+
+    def test_int4_engine_tracks_the_dense_one(self):
+        engine = create_engine(
+            self.loaded, device="cpu", dtype="bfloat16", num_pages=4, dist_size=8
+        )
+        self.assertTrue(engine.model.int4)
+        toks = [5, 17, 230, 99]
+        [out] = engine.run(
+            Forward(
+                [
+                    ForwardItem(
+                        pages=[0],
+                        last_page_len=4,
+                        positions=[0, 1, 2, 3],
+                        tokens=toks,
+                        output_indices=[3],
+                    )
+                ]
+            )
+        )
+        reference = hf_probs(hf_model(self.loaded), toks)[-1]
+        self.assertLess(abs(out[0][1][0] - reference[out[0][0][0]].item()), 0.05)

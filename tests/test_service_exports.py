@@ -11,6 +11,7 @@ from pie.interfaces import InstanceFault
 from pie.model.batch import Forward
 from pie.model.exportstore import ExportStore
 from pie.model.resources import IdPool, Resources
+from pie.model.service import ModelService
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -103,6 +104,22 @@ class PersistentExportTests(ServiceCase):
         self.assertEqual(self.service.list_exports(), [("tail", 1)])
         self.restart()
         self.assertEqual(self.service.list_exports(), [])
+
+    def test_an_unreadable_row_is_skipped_and_a_broken_store_is_survived(self):
+        self.prefill_and_export()
+        store = ExportStore(self.state, "fake-model", 4)
+        store._db.execute("UPDATE kv_exports SET recipe = 'not json'")
+        store.close()
+        self.restart()
+        self.assertEqual(self.service.list_exports(), [])
+        broken = self.mktemp()
+        # a directory where the database should be: sqlite cannot open it
+        os.makedirs(os.path.join(broken, ExportStore.FILENAME))
+        self.service = ModelService(FakeWorker(), reactor=self.clock, state_dir=broken)
+        q = self.service.create_queue("a")
+        self.do("a", q, "allocate_kv_pages", [0])
+        self.assertEqual(self.do("a", q, "export_kv_pages", [0], "kept in memory", True), [None])
+        self.assertEqual(self.service.list_exports(), [("kept in memory", 1)])
 
     def test_a_failed_replay_leaves_the_export_dormant(self):
         self.prefill_and_export()

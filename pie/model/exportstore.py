@@ -16,7 +16,11 @@ import os
 import sqlite3
 import threading
 
+from twisted.logger import Logger
+
 from pie.model.resources import Recipe
+
+log = Logger()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv_exports (
@@ -51,7 +55,18 @@ class ExportStore:
                 "SELECT name, recipe FROM kv_exports WHERE model = ? AND page_size = ?",
                 (self._model, self._page_size),
             ).fetchall()
-        return {name: Recipe.from_json(json.loads(text)) for name, text in rows}
+        recipes = {}
+        for name, text in rows:
+            try:
+                recipes[name] = Recipe.from_json(json.loads(text))
+            except (ValueError, KeyError, TypeError) as e:
+                log.warn(
+                    "skipping unreadable KV export {name!r} in {path}: {e}",
+                    name=name,
+                    path=self.path,
+                    e=e,
+                )
+        return recipes
 
     def save(self, name: str, recipe: Recipe) -> None:
         text = json.dumps(recipe.to_json(), separators=(",", ":"))

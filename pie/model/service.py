@@ -15,6 +15,7 @@ destroy_instance, which frees everything the instance held.
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,11 +138,24 @@ class ModelService:
         self._run_blocking = run_blocking or (
             lambda fn, *a: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *a)
         )
-        self._store = ExportStore(state_dir, self.name, self.kv_page_size) if state_dir else None
         self._store_chain: Deferred = succeed(None)
-        if self._store is not None:
-            for name, recipe in self._store.load().items():
-                self.resources.restore(name, recipe)
+        self._store = self._open_store(state_dir) if state_dir else None
+
+    def _open_store(self, state_dir: str) -> ExportStore | None:
+        """The export store with its exports restored (dormant); None, logged, if it is unusable."""
+        try:
+            store = ExportStore(state_dir, self.name, self.kv_page_size)
+            recipes = store.load()
+        except (OSError, sqlite3.Error) as e:
+            log.error(
+                "KV export store in {dir} unusable, persistent exports will not be kept: {e}",
+                dir=state_dir,
+                e=e,
+            )
+            return None
+        for name, recipe in recipes.items():
+            self.resources.restore(name, recipe)
+        return store
 
     # ------------------------------------------------------------------ IModelService
 

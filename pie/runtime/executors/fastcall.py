@@ -4,7 +4,8 @@ wasmtime-py 50 reflects a component function's type over FFI on every call,
 in both directions (host import callbacks and export calls); for our small
 signatures that reflection is most of the cost of a host call. The types of a
 given import or export never change, so this module looks them up once and
-reuses them. It uses the same FFI entry points and exception plumbing as
+reuses them, and makes the types' own reflection (a list's element type, an
+option's payload type, ...) computed once per type object. It uses the same FFI entry points and exception plumbing as
 wasmtime.component (`_linker.func_impl`, `_func.Func.__call__`), only without
 the per-call reflection. Pinned to wasmtime 50.* (setup.cfg); if a future
 wasmtime-py caches types itself, this module can go.
@@ -13,6 +14,7 @@ wasmtime-py caches types itself, this module can go.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from ctypes import CFUNCTYPE, byref, c_void_p, create_string_buffer, pointer
 from typing import Any
@@ -22,7 +24,45 @@ from wasmtime import _ffi as ffi
 from wasmtime._slab import Slab
 from wasmtime.component import Func, LinkerInstance
 from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import FuncType
+from wasmtime.component._types import (
+    FuncType,
+    ListType,
+    OptionType,
+    RecordType,
+    ResultType,
+    TupleType,
+    VariantLikeType,
+    VariantType,
+)
+
+
+def _cache_type_reflection() -> None:
+    """Type objects are immutable: remember what their properties reflect over FFI."""
+    for cls, name in (
+        (ListType, "element"), (RecordType, "fields"), (TupleType, "elements"),
+        (VariantType, "cases"), (OptionType, "payload"), (ResultType, "ok"), (ResultType, "err"),
+    ):  # fmt: skip
+        reflected = cls.__dict__.get(name)
+        if isinstance(reflected, property):
+            cached = functools.cached_property(reflected.fget)
+            cached.__set_name__(cls, name)
+            setattr(cls, name, cached)
+    tagged = VariantLikeType._tagged
+    if getattr(tagged, "pie_cached", False):
+        return
+
+    def cached_tagged(self: VariantLikeType) -> bool:
+        try:
+            return self.__dict__["_pie_tagged"]
+        except KeyError:
+            value = self.__dict__["_pie_tagged"] = tagged(self)
+            return value
+
+    cached_tagged.pie_cached = True
+    VariantLikeType._tagged = cached_tagged
+
+
+_cache_type_reflection()
 
 _HOST_FUNCS: Slab[list] = Slab()
 """idx -> [name, python function, (param types, result type, owning FuncType) once known]."""

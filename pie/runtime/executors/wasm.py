@@ -96,12 +96,12 @@ class Runtime:
         return runtime
 
 
+_RESUME_EXPORTS = {c.name: resume_export(c) for c in HOST_CALLS.values() if c.mode == "async"}
+"""Async host call -> the export that delivers its result."""
+
+
 def _export_names() -> list[str]:
-    names = ["start", "outcome"]
-    for call in HOST_CALLS.values():
-        if call.mode == "async" and resume_export(call) not in names:
-            names.append(resume_export(call))
-    return names
+    return ["start", "outcome", *sorted(set(_RESUME_EXPORTS.values()))]
 
 
 def _host_import(name: str, mode: str):
@@ -158,7 +158,7 @@ class WasmExecution(Execution):
         return self._call("start", self._files, self._arguments)
 
     def _enter_resume(self, fut: int, name: str, value: Any) -> Step:
-        export = resume_export(HOST_CALLS[name])
+        export = _RESUME_EXPORTS[name]
         if export == "resume":
             return self._call(export, fut)
         return self._call(export, fut, value)

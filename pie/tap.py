@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, ServiceMaker
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from pie import config as pieconfig
+
+
+def serviceMaker() -> ServiceMaker:
+    """The `pie` tap for twistd: the plugin dropin publishes it, `pie serve` uses it directly."""
+    return ServiceMaker(
+        "pie",
+        "pie.tap",
+        "Programmable LLM inference engine: inferlets over a WebSocket/msgpack protocol.",
+        "pie",
+    )
 
 
 class Options(usage.Options):

@@ -1,10 +1,5 @@
-"""Makes `twistd pie` exist; the daemon itself lives in pie.tap (imported only when used)."""
+"""Makes `twistd pie` exist; pie.tap builds the daemon (its heavy imports wait until it runs)."""
 
-from twisted.application.service import ServiceMaker
+from pie.tap import serviceMaker
 
-pie = ServiceMaker(
-    "pie",
-    "pie.tap",
-    "Programmable LLM inference engine: inferlets over a WebSocket/msgpack protocol.",
-    "pie",
-)
+pie = serviceMaker()

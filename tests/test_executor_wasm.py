@@ -8,6 +8,9 @@ then finish intact. The runtime component is built once into the Pie cache
 
 from __future__ import annotations
 
+import json
+import struct
+
 from twisted.trial.unittest import TestCase
 
 from pie.runtime.executors import build
@@ -157,3 +160,43 @@ class WasmIsolationTests(ExecutorHelpers, TestCase):
         _, host, outcome = self.launch(WELL_BEHAVED, ["--who", "x"])
         host.release("forward_text", [[[1], [0.5]]])  # lists where WIT says tuple
         self.assertFailedWith(outcome, "resume-forward-text got")
+
+    def test_lists_of_numbers_bytes_and_bools_cross_intact(self) -> None:
+        vocabs = ([0, 1, 70000], [b"ab", b"", bytes(range(256))])
+        dist = [(list(range(64)), [1 / 64] * 64), ([4000000000], [0.1])]
+        host = HostDouble()
+        answers = {"get_vocabs": vocabs, "tokenize": list(range(5000))}
+        call = host.call
+        host.call = lambda name, args: answers[name] if name in answers else call(name, args)
+        source = b"""
+import json
+from pie.inferlet import _abi
+async def main(args):
+    _abi.call("mask_kv_page", 1, 2, [True, False, True])
+    _abi.call("copy_kv_page", 1, 2, 3, 0, 4294967295, 5)
+    ids, pieces = _abi.call("get_vocabs", 0)
+    tokens = _abi.call("tokenize", 0, "x")
+    dists = await _abi.call_async("forward_text", 1, 1, [1], [5], [0], [[1]], [0])
+    return json.dumps([ids, [list(p) for p in pieces], tokens == list(range(5000)), dists])
+"""
+        _, _, outcome = self.launch(source, host=host)
+        self.assertEqual(
+            host.commands,
+            [("mask_kv_page", (1, 2, [True, False, True])),
+             ("copy_kv_page", (1, 2, 3, 0, 4294967295, 5))],
+        )  # fmt: skip
+        host.release("forward_text", dist)
+        ids, pieces, tokens_ok, dists = json.loads(outcome[0])
+        self.assertEqual((ids, [bytes(p) for p in pieces], tokens_ok), (vocabs[0], vocabs[1], True))
+        self.assertEqual(dists[1], [[4000000000], [struct.unpack("f", struct.pack("f", 0.1))[0]]])
+        self.assertEqual(dists[0][1], [1 / 64] * 64)
+
+    def test_number_out_of_range_is_a_clear_error(self) -> None:
+        host = HostDouble()
+        host.call = lambda name, args: [1, -1]
+        _, _, outcome = self.launch(
+            b"from pie.inferlet import _abi\nasync def main(args):\n"
+            b"    return str(_abi.call('tokenize', 0, 'x'))\n",
+            host=host,
+        )
+        self.assertFailedWith(outcome, "host call tokenize returned [1, -1] does not fit")

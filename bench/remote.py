@@ -10,7 +10,7 @@ as inferlets would; the service batches their steps):
   (RemoteWorker: msgpack jobs over a WebSocket);
 - two workers: two such processes behind one ModelPool (instances spread).
 Decode tokens/s counts tokens after prefill, over the time from the end of
-the prefills to the last token. It prints the ratios to in-process. Every
+the prefills to the last token; a first round warms everything up, uncounted. It prints the ratios to in-process. Every
 process uses --threads torch threads (the workers via OMP_NUM_THREADS), so on
 a machine with fewer cores than processes x threads the workers compete.
 """
@@ -142,13 +142,13 @@ async def main(reactor, argv: list[str]) -> None:
         "two workers, loopback": next(iter(two.model_services())),
     }
     rates: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(options.repeats):  # interleaved, so other tenants' load hits all alike
+    for round in range(options.repeats + 1):  # interleaved: other tenants' load hits all alike
         for name, service in setups.items():
-            rates[name].append(
-                await decode(
-                    service, local.tokenizer, options.sequences, options.prompt, options.new
-                )
+            rate = await decode(
+                service, local.tokenizer, options.sequences, options.prompt, options.new
             )
+            if round:  # round 0 warms every worker up (the first forward passes are slow)
+                rates[name].append(rate)
     for runtime in (one, two):
         for pool in runtime.model_services():
             await pool.close()
@@ -159,7 +159,7 @@ async def main(reactor, argv: list[str]) -> None:
         f"model {os.path.basename(options.model)}, {options.dtype}, {options.sequences} sequences, "
         f"prompt {options.prompt}, {options.new} new tokens, {options.threads} torch thread(s) per "
         f"process, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}; "
-        f"best of {options.repeats}"
+        f"best of {options.repeats} after a warm-up round"
     )
     base = max(rates["in-process"])
     for name, values in rates.items():

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
 
 from pie.server.auth import issue_token
 from pie.server.protocol import PieServerFactory
 from tests import rawclient
 from tests.fakeruntime import FakeRuntime
 
-SECRET = "test-secret-that-is-long-enough-for-hs256!"
+SECRET = "test-secret-that-is-long-enough-for-hs256-and-even-for-hs512-keys!"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LiveServer:
@@ -54,3 +58,33 @@ class LiveServer:
 
 def token(role: str = "User", subject: str = "tester", **kw: Any) -> str:
     return issue_token(SECRET, subject=subject, role=role, **kw)
+
+
+class ChildProcess(ProcessProtocol):
+    """A child Python process: its output, its first line, its exit status."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.first_line: Deferred[bytes] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        if fd == 1 and not self.first_line.called and b"\n" in self.output:
+            self.first_line.callback(self.output.split(b"\n")[0])
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+def spawn_module(module: str, *args: str) -> tuple[ChildProcess, Any]:
+    """Run `python -m module args` from the repository root; returns (protocol, process)."""
+    child = ChildProcess()
+    process = reactor.spawnProcess(
+        child,
+        sys.executable,
+        [sys.executable, "-m", module, *args],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        path=ROOT,
+    )
+    return child, process

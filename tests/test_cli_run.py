@@ -8,16 +8,13 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
 from pie import cli
 from pie.server.auth import validate_token
 from pie.server.uploads import hash_program
-from tests.pieserver import SECRET, LiveServer, token
+from tests.pieserver import SECRET, LiveServer, spawn_module, token
 from tests.test_server_protocol import PROGRAM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RunTests(unittest.TestCase):
@@ -135,28 +132,9 @@ class DispatchTests(unittest.TestCase):
         self.assertEqual(seen, [["--port", "1"]])
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
 class ConsoleScriptTests(unittest.TestCase):
     async def spawn(self, *argv: str) -> tuple[int, str]:
-        child = _Collect()
-        reactor.spawnProcess(
-            child,
-            sys.executable,
-            [sys.executable, "-m", "pie.cli", *argv],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=ROOT,
-        )
+        child, _ = spawn_module("pie.cli", *argv)
         status = await child.ended
         return status, child.output.decode()
 

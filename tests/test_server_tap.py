@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -21,9 +18,8 @@ from pie.server.uploads import hash_program
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.fakeruntime import FakeRuntime
+from tests.pieserver import ROOT, spawn_module
 from tests.test_server_protocol import PROGRAM, launch, upload
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(*argv: str) -> dict:
@@ -102,36 +98,10 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(factory.maxMessagePayloadSize, 1024 * 1024)
 
 
-class _Child(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.port: Deferred = Deferred()
-        self.ended: Deferred = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        if not self.port.called and b"\n" in self.output:
-            self.port.callback(int(self.output.split(b"\n")[0]))
-
-    def errReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
 class DaemonTests(unittest.TestCase):
     async def test_sigterm_closes_sessions_and_exits_cleanly(self):
-        child = _Child()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        process = reactor.spawnProcess(
-            child,
-            sys.executable,
-            [sys.executable, "-m", "tests.servechild", self.mktemp()],
-            env=env,
-            path=ROOT,
-        )
-        port = await child.port
+        child, process = spawn_module("tests.servechild", os.path.abspath(self.mktemp()))
+        port = int(await child.first_line)
         client = await rawclient.connect(port)
         await launch(client, (await upload(client, PROGRAM))["result"])
         process.signalProcess(signal.SIGTERM)

@@ -123,6 +123,17 @@ class LazyBuildTests(ExecutorHelpers, TestCase):
         self.assertFinishedWith(outcome2, "me too")
 
     @inlineCallbacks
+    def test_instance_killed_while_the_runtime_builds_never_starts(self) -> None:
+        real = build.build()
+        self.patch(build, "build", lambda home, force, progress: real)
+        self.executor = wasm.WasmExecutor(home=self.home)
+        execution, host, outcome = self.launch(b"async def main(args):\n    return 'ran'\n")
+        execution.kill("stopped while waiting")
+        yield self.executor.ready()
+        self.assertFailedWith(outcome, "stopped while waiting")
+        self.assertIsNone(execution._store)  # never instantiated
+
+    @inlineCallbacks
     def test_failed_build_fails_the_waiting_instances(self) -> None:
         def broken(home, force, progress):
             raise RuntimeError("componentize-py failed: no space left")

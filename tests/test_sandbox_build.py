@@ -127,11 +127,13 @@ class LazyBuildTests(ExecutorHelpers, TestCase):
         real = build.build()
         self.patch(build, "build", lambda home, force, progress: real)
         self.executor = wasm.WasmExecutor(home=self.home)
-        execution, host, outcome = self.launch(b"async def main(args):\n    return 'ran'\n")
+        execution, host, outcome = self.launch(
+            b"from pie.inferlet import send\nasync def main(args):\n    send('ran')\n"
+        )
         execution.kill("stopped while waiting")
         yield self.executor.ready()
         self.assertFailedWith(outcome, "stopped while waiting")
-        self.assertIsNone(execution._store)  # never instantiated
+        self.assertEqual(host.sent, [])  # main never ran
 
     @inlineCallbacks
     def test_failed_build_fails_the_waiting_instances(self) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import sys
-import zipfile
 
 from twisted.trial.unittest import TestCase
 
@@ -13,14 +11,7 @@ from pie.inferlet._driver import Driver, Park, current
 from pie.interfaces import PieError
 from pie.runtime.executors import program
 from pie.runtime.sandbox.loader import load_main, module_name
-
-
-def zipped(files: dict[str, str]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path, source in files.items():
-            archive.writestr(path, source)
-    return buffer.getvalue()
+from tests.test_executor_contract import zipped
 
 
 class ProgramFormatTests(TestCase):

@@ -195,3 +195,21 @@ class BatchingTests(ServiceCase):
         self.assertEqual([len(j.items) for j in self.worker.jobs], [1, 1], "full: sent below k")
         self.clock.advance(0.05)
         self.assertEqual([len(j.items) for j in self.worker.jobs], [1, 1, 1], "the rest on time")
+
+    def test_a_page_freed_while_a_pending_batch_names_it_is_not_reused_before_it_is_sent(self):
+        qz = self.start("z", [0])
+        self.forward("z", qz, 1, [0], [1], 0)  # in flight: the next batch stays open
+        self.run_reactor()
+        q1, q2 = self.start("a", [0]), self.service.create_queue("a")
+        self.run_reactor()
+        (physical,) = self.service.resources.translate_pages("a", [0])
+        self.forward("a", q2, 1, [0], [1], 0)  # staged, not sent
+        self.submit("a", q1, "deallocate_kv_pages", [0])  # another queue frees the page
+        self.start("b", [0])
+        self.run_reactor()
+        self.assertNotEqual(self.service.resources.translate_pages("b", [0]), [physical])
+        free = self.service.status()["free_kv_pages"]
+        self.worker.answer_next()
+        self.run_reactor()
+        self.assertEqual(self.service.status()["free_kv_pages"], free + 1, "freed once sent")
+        self.assertIn(physical, self.worker.jobs[-1].items[0].pages)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pie.interfaces import InstanceFault
@@ -117,6 +118,11 @@ class Resources:
         self.pages = IdPool(num_pages)
         self.embeds = IdPool(num_embeds)
         self._refs = [0] * num_pages
+        # busy(page): a batch not yet sent to the worker still names the page. Such a page is
+        # freed only once that batch is sent (release_deferred), so that no other instance's
+        # job can reach the worker ahead of it and find its page reused.
+        self.busy: Callable[[int], bool] = lambda page: False
+        self._deferred_free: list[int] = []
         self._embed_holds = bytearray(num_embeds)  # per slot: HOLDS_TOKEN | HOLDS_DISTRIBUTION bits
         self._incarnation = [0] * num_pages  # bumps on every allocation of a physical page
         self._incarnations = itertools.count(1)
@@ -204,7 +210,19 @@ class Resources:
         self._refs[page] -= 1
         if self._refs[page] == 0:
             self._slots.pop(page, None)
-            self.pages.release(page)
+            if self.busy(page):
+                self._deferred_free.append(page)
+            else:
+                self.pages.release(page)
+
+    def release_deferred(self) -> None:
+        """Free the pages whose release waited for a batch that has now been sent."""
+        waiting, self._deferred_free = self._deferred_free, []
+        for page in waiting:
+            if self.busy(page):
+                self._deferred_free.append(page)
+            else:
+                self.pages.release(page)
 
     # ------------------------------------------------------------------ embeds
 

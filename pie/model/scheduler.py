@@ -184,6 +184,7 @@ class Scheduler:
         self._execute = execute
         self._page_size = page_size
         self.max_batch_tokens = max_batch_tokens
+        self.unstaged: Callable[[], None] | None = None  # told when items leave the open batch
         self.policy = policy or BatchingPolicy()
         self._queues: dict[int, _Queue] = {}
         self._faults: dict[str, str] = {}  # instance -> reason of its first failure
@@ -430,12 +431,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ forward batches
 
+    def page_staged(self, page: int) -> bool:
+        """True while an item of the open batch (not yet sent) names this physical page."""
+        return page in self._open_reads
+
     def _set_open(self, entries: list[_Entry]) -> None:
         self._open = entries
         self._open_reads = set().union(*(e.reads for e in entries))
         self._open_writes = set().union(*(e.writes for e in entries))
         self._open_tokens = sum(_size(e.prepared) for e in entries)
         self._full = False
+        if self.unstaged is not None:
+            self.unstaged()
 
     def _release_forwards(self) -> bool:
         count, wake = self._release_count()

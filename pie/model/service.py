@@ -135,6 +135,8 @@ class ModelService:
             BatchingPolicy.parse(policy.split()),
             max_batch_tokens,
         )
+        self.resources.busy = self.scheduler.page_staged
+        self.scheduler.unstaged = self.resources.release_deferred
         self._run_blocking = run_blocking or (
             lambda fn, *a: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *a)
         )

@@ -14,12 +14,14 @@ always parses with json.loads. Sends the JSON text.
 
 import argparse
 import json
+import re
 
 from pie.inferlet import get_auto_model, send
 
 VALUE, KEY_OR_CLOSE, KEY, COLON, AFTER, VALUE_OR_CLOSE, STRING, NUMBER, LITERAL, DONE = range(10)
 LITERALS = ("true", "false", "null")
 NUMBER_CHARS = set("0123456789+-.eE")
+SPECIAL_TEXT = re.compile(r"^<\|[^|]*\|>$|^</?s>$")  # control tokens never go into the JSON
 
 
 class JsonPrefix:
@@ -190,25 +192,33 @@ class JsonSampler:
     """Best allowed token of the top-k; forced completion near the budget."""
 
     def __init__(self, model, max_tokens):
-        ids, pieces = model.tokenizer.get_vocabs()
-        self.text = {}
-        for token, piece in zip(ids, pieces, strict=True):
-            try:
-                self.text[token] = piece.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
+        self.tokenizer = model.tokenizer
+        self.texts = {}  # token -> text, looked up only for tokens that are tried
         self.char_token = {}
-        for token, text in self.text.items():
-            if len(text) == 1:
-                self.char_token.setdefault(text, token)
+        for char in '{}[]":,0 an':
+            tokens = self.tokenizer.tokenize(char)
+            if len(tokens) == 1:
+                self.char_token[char] = tokens[0]
         self.eos = list(model.eos_token_ids)
         self.fallback = [self.char_token[c] for c in '{"}]:,0 a' if c in self.char_token]
         self.state = JsonPrefix()
         self.max_tokens = max_tokens
         self.count = 0
 
+    def _text(self, token):
+        """The token's text, or None for special tokens and partial UTF-8 sequences.
+
+        One detokenize call per distinct token (cached): scanning the whole
+        vocabulary with get_vocabs up front costs about a second in the sandbox.
+        """
+        if token not in self.texts:
+            text = None if token in self.eos else self.tokenizer.detokenize([token])
+            special = text is not None and SPECIAL_TEXT.match(text)
+            self.texts[token] = None if not text or "\ufffd" in text or special else text
+        return self.texts[token]
+
     def _try(self, token):
-        text = self.text.get(token)
+        text = self._text(token)
         if not text:
             return None
         trial = self.state.clone()

@@ -91,7 +91,7 @@ class AppTestCase(unittest.TestCase):
 
         self.service = ModelService(shared_worker(), reactor=reactor)
         self.runtime = Runtime(
-            os.path.abspath(self.mktemp()), {"smollm2": self.service}, DevExecutor(), reactor
+            os.path.abspath(self.mktemp()), {"smollm2": self.service}, self.make_executor(), reactor
         )
         self.runtime.startService()
         self.addCleanup(self.runtime.stopService)
@@ -100,6 +100,9 @@ class AppTestCase(unittest.TestCase):
         self.runs: dict[str, Run] = {}
         self._corr = 100
         self._hashes: dict[str, str] = {}
+
+    def make_executor(self):
+        return DevExecutor()
 
     # ------------------------------------------------------------------ protocol helpers
     def corr(self) -> int:
@@ -459,3 +462,54 @@ class ServerAppTests(AppTestCase):
         code, text = await self.http(port, "/v1/models")
         self.assertEqual(json.loads(text)["data"][0]["id"], self.service.name)
         self.assertPagesReturned()
+
+
+class SandboxAppTests(AppTestCase):
+    """A selection of the apps again, each instance inside the WebAssembly sandbox:
+    together they import every SDK module (chat templates, forks, drafts and tree
+    masks, beam search, vocabulary scans, export/import, pub/sub, HTTP handlers)."""
+
+    def make_executor(self):
+        from pie.runtime.executors import build
+        from pie.runtime.executors.wasm import WasmExecutor
+
+        build.build()  # cached under $PIE_HOME/sandbox; rebuilt when guest sources change
+        return WasmExecutor()
+
+    async def test_helloworld_and_text_completion(self):
+        run = await self.run_app("helloworld")
+        self.assertIn(run.id, run.messages[0])
+        run = await self.run_app(
+            "text_completion", "--prompt", "What is 2+2?", "--max-tokens", "16"
+        )
+        self.assertIn("4", run.messages[0])
+        self.assertPagesReturned()
+
+    async def test_forks_beams_and_drafts(self):
+        run = await self.run_app(
+            "parallel_generation",
+            "--max-tokens",
+            "8",
+            "--prompts",
+            "What is the capital of France?|Hi",
+        )
+        self.assertIn("Paris", run.line("0: "))
+        run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "6")
+        self.assertTrue(run.messages[0].strip())
+        prompt = "Repeat this sentence: the quick brown fox jumps over the lazy dog."
+        run = await self.run_app("speculative_decoding", "--max-tokens", "20", "--prompt", prompt)
+        self.assertGreater(int(re.search(r"accepted=(\d+)", run.messages[1]).group(1)), 0)
+        self.assertPagesReturned()
+
+    async def test_constrained_decoding(self):
+        run = await self.run_app("constrained_decoding", "--max-tokens", "24")
+        self.assertIsInstance(json.loads(run.messages[0]), dict)
+
+    async def test_prefix_caching(self):
+        first = await self.run_app("prefix_caching", "--max-tokens", "6")
+        second = await self.run_app("prefix_caching", "--max-tokens", "6")
+        self.assertEqual((first.messages[0], second.messages[0]), ("cache miss", "cache hit"))
+
+    async def test_http_server(self):
+        port = await self.serve("http_server")
+        self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))

@@ -116,14 +116,15 @@ def sharded_model(
 def init_group(rank: int, world: int, init_method: str, device: torch.device) -> None:
     """Join the worker's process group: NCCL for CUDA devices, gloo otherwise."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
 
 
-def _object_device() -> torch.device | None:
-    """Where broadcast_object_list stages its bytes (NCCL only moves CUDA tensors)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+def _object_device(engine: object) -> torch.device | None:
+    """Where broadcast_object_list stages its bytes: NCCL only moves CUDA tensors, and the
+    current CUDA device is per thread, so name this rank's device explicitly."""
+    return engine.model.device if dist.get_backend() == "nccl" else None
 
 
 class TPEngine:
@@ -136,12 +137,12 @@ class TPEngine:
         self.tokenizer = engine.tokenizer
 
     def run(self, job: object) -> object:
-        dist.broadcast_object_list([batch.to_wire(job)], src=0, device=_object_device())
+        dist.broadcast_object_list([batch.to_wire(job)], src=0, device=_object_device(self.engine))
         return self.engine.run(job)
 
     def close(self) -> None:
         """Release the followers (they leave `follow`) and leave the group."""
-        dist.broadcast_object_list([None], src=0, device=_object_device())
+        dist.broadcast_object_list([None], src=0, device=_object_device(self.engine))
         dist.destroy_process_group()
 
 
@@ -165,7 +166,7 @@ def follow(engine: object) -> None:
     """
     while True:
         box: list = [None]
-        dist.broadcast_object_list(box, src=0, device=_object_device())
+        dist.broadcast_object_list(box, src=0, device=_object_device(engine))
         if box[0] is None:
             break
         try:

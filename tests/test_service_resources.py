@@ -141,6 +141,36 @@ class ResourceTests(ServiceCase):
             self.service.destroy_instance("a")
             self.assertEqual(self.free(), 8, "a failed instance leaks nothing")
 
+    def test_junk_in_any_argument_is_a_fault_never_an_exception(self):
+        good = {
+            "forward_text": (1, [0], [1], [0], [], [0]),
+            "forward": (1, [0], [0], []),
+            "embed_text": ([0], [1], [0]),
+            "copy_kv_page": (0, 0, 0, 1, 1),
+            "mask_kv_page": (0, [True]),
+            "export_kv_pages": ([0], "n", False),
+            "import_kv_pages": ([1], "n"),
+            "get_next_token_distribution": ([0],),
+            "allocate_kv_pages": ([1],),
+            "queue_debug_query": ("ping",),
+        }
+        junk = [None, "x", -1, 2**40, 1.5, {}, [None], [[None]], [-1], True]
+        for op, args in good.items():
+            for i in range(len(args)):
+                for bad in junk:
+                    self.make(FakeWorker(num_pages=8, num_embeds=4))
+                    q = self.service.create_queue("a")
+                    self.do("allocate_kv_pages", [0], queue=q)
+                    self.do("allocate_embeds", [0], queue=q)
+                    call = list(args)
+                    call[i] = bad
+                    box = self.do(op, *call, queue=q)
+                    self.assertEqual(len(box), 1, (op, call))
+                    if isinstance(box[0], tuple):  # a fault: clear, and nothing leaks
+                        self.assertTrue(box[0][1], (op, call))
+                        self.service.destroy_instance("a")
+                        self.assertEqual(self.free(), 8)
+
     def test_queue_of_another_instance(self):
         qb = self.service.create_queue("b")
         self.assertIn(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import pie
@@ -215,7 +216,10 @@ class ModelService:
             if reason is not None:
                 raise InstanceFault(reason)
             command = build()
-        except InstanceFault as e:
+        except Exception as e:  # noqa: BLE001 - a bad argument ends the instance, never the caller
+            if not isinstance(e, InstanceFault):
+                log.failure("unexpected error checking a model command", Failure(e))
+                e = InstanceFault(f"bad arguments: {e!r}")
             self.scheduler.fault(instance_id, str(e))
             return fail(e)
         return self.scheduler.submit(queue_id, command)

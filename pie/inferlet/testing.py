@@ -168,6 +168,7 @@ class FakeInstance:
         self.args = args
         self.id = f"00000000-0000-4000-8000-{len(world.instances):012d}"
         self.kv: dict[int, int] = {}  # virtual page -> physical page
+        self.kv_at_end: dict[int, int] = {}  # self.kv as it was when the instance ended
         self.embeds: dict[int, Any] = {}
         self.queues: dict[int, deque[tuple[str, tuple]]] = {}
         self.calls: list[tuple[str, tuple]] = []
@@ -189,6 +190,17 @@ class FakeInstance:
             self.result = step[1]
         elif step[0] == "failed":
             self.error = step[1]
+        if step[0] != "parked":
+            self.destroy()
+
+    def destroy(self) -> None:
+        """What the model service does when an instance ends: run what is queued,
+        then drop every page reference the instance holds (exports keep theirs)."""
+        self.drain_all()
+        self.kv_at_end = dict(self.kv)
+        for vid in list(self.kv):
+            self.world.unref(self.kv.pop(vid))
+        self.embeds.clear()
 
     def outcome(self) -> Any:
         if self.status == "failed":

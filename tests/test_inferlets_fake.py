@@ -1,0 +1,176 @@
+"""Every example inferlet on the fake model (pie.inferlet.testing): fast, no weights needed.
+
+The apps run under the real guest driver against the host double, which
+checks pages, masks and queue order. Where the fake model's outputs can be
+predicted (greedy continuations, scores), they are compared exactly; this is
+where the decoding apps are checked to reproduce plain greedy decoding, which
+bfloat16 on the real model cannot promise across differently shaped passes.
+tests/test_inferlets_apps.py runs the same apps on SmolLM2 through the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.trial import unittest
+
+from pie.inferlet.testing import FakeModel, FakeWorld, greedy_reference
+from pie.runtime.sandbox.loader import load_main
+
+APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
+
+
+def app(name: str):
+    with open(os.path.join(APPS, name + ".py")) as f:
+        return load_main({"main.py": f.read()}, tag=f"{name}/")
+
+
+def chat_prompt(world: FakeWorld, user: str) -> list[int]:
+    """Token ids of a one-turn chat with the generation prompt (the fake's SmolLM2 template)."""
+    text = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        f"Face<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    return world.model.tokenize(text)
+
+
+class FakeAppTests(unittest.TestCase):
+    def run_app(self, name: str, *args: str, world: FakeWorld | None = None):
+        world = world or FakeWorld()
+        instance = world.spawn(app(name), list(args))
+        world.run_until_idle()
+        instance.outcome()
+        self.assertEqual(world.live_pages, len({p for ps in world.exports.values() for p in ps}))
+        return world, instance
+
+    def greedy_text(self, world: FakeWorld, user: str, n: int) -> str:
+        return world.model.detokenize(greedy_reference(world.model, chat_prompt(world, user), n))
+
+    def test_text_completion_is_greedy(self):
+        world, inst = self.run_app("text_completion", "--prompt", "hi", "--max-tokens", "9")
+        self.assertEqual(inst.sent[0], self.greedy_text(world, "hi", 9))
+
+    def test_decoders_reproduce_greedy(self):
+        for name in ("speculative_decoding", "jacobi_decoding"):
+            world, inst = self.run_app(name, "--prompt", "ab ab ab ab", "--max-tokens", "20")
+            self.assertEqual(inst.sent[0], self.greedy_text(world, "ab ab ab ab", 20), name)
+
+    def test_beam_search_of_width_one_is_greedy(self):
+        world, inst = self.run_app(
+            "beam_search", "--prompt", "x", "--beam-size", "1", "--max-tokens", "6"
+        )
+        self.assertEqual(inst.sent[0], self.greedy_text(world, "x", 6))
+
+    def test_forking_apps(self):
+        _, inst = self.run_app("tree_of_thought", "--branches", "2", "--max-tokens", "2")
+        self.assertEqual(len(inst.sent), 8)
+        _, inst = self.run_app("prefix_tree", "--max-tokens", "2")
+        self.assertEqual(len(inst.sent), 8)
+        _, inst = self.run_app("skeleton_of_thought", "--max-tokens", "4")
+        self.assertTrue(inst.sent[0].startswith("skeleton: "))
+        _, inst = self.run_app("graph_of_thought", "--budgets", "2,3,4,5")
+        self.assertEqual(inst.sent[-1].split(":")[0], "merge final")
+        _, inst = self.run_app("recursion_of_thought", "--max-tokens", "4")
+        self.assertTrue(inst.sent[-1].startswith("answer: "))
+
+    def test_parallel_generation_matches_separate_contexts(self):
+        world, inst = self.run_app(
+            "parallel_generation", "--system", "S", "--prompts", "a|b", "--max-tokens", "5"
+        )
+        for i, user in enumerate("ab"):
+            text = (
+                f"<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                "<|im_start|>assistant\n"
+            )
+            want = greedy_reference(world.model, world.model.tokenize(text), 5)
+            self.assertEqual(inst.sent[i], f"{i}: {world.model.detokenize(want)}")
+
+    def test_prefix_caching_hit_equals_miss(self):
+        world = FakeWorld()
+        _, miss = self.run_app("prefix_caching", "--max-tokens", "6", world=world)
+        _, hit = self.run_app("prefix_caching", "--max-tokens", "6", world=world)
+        self.assertEqual((miss.sent[0], hit.sent[0]), ("cache miss", "cache hit"))
+        self.assertEqual(miss.sent[1], hit.sent[1])
+
+    def test_streaming_attention_frees_pages(self):
+        for name in ("attention_sink", "windowed_attention"):
+            _, inst = self.run_app(name, "--max-tokens", "40", "--window", "8")
+            figures = dict(p.split("=") for p in inst.sent[1].split())
+            self.assertLessEqual(int(figures["max_pages"]), 4)  # page size 4: sink + 8 + 1
+            self.assertGreater(int(figures["pages_freed"]), 5)
+
+    def test_constrained_decoding_always_parses(self):
+        for tokens in ("6", "12", "30"):
+            _, inst = self.run_app("constrained_decoding", "--max-tokens", tokens)
+            self.assertIsInstance(json.loads(inst.sent[0]), dict)
+
+    def test_scoring_apps(self):
+        _, inst = self.run_app("output_validation", "--candidates", "a|b")
+        self.assertTrue(inst.sent[-1].startswith("best: "))
+        _, inst = self.run_app("watermarking", "--max-tokens", "30")
+        z = {m.split(":")[0]: float(m.rsplit("z=", 1)[1]) for m in inst.sent[1:]}
+        self.assertGreater(z["watermarked"], z["plain"])
+
+    def test_hierarchical_attention_masks_the_document(self):
+        world, inst = self.run_app("hierarchical_attention", "--max-tokens", "3")
+        self.assertRegex(inst.sent[0], r"nodes=8 tokens=\d+")
+        masks = [
+            a[5]
+            for n, a in world.instances[0].calls
+            if n in ("forward_text", "forward_text_no_output")
+        ]
+        self.assertTrue(any(m for m in masks))  # custom masks went out
+
+    def test_messaging_kvs_agents(self):
+        world = FakeWorld()
+        inst = world.spawn(app("messaging"), [])
+        for word in ("x", "y", "z"):
+            inst.signal(word)
+        world.run_until_idle()
+        self.assertEqual(inst.sent, ["reply 1: X", "reply 2: Y", "reply 3: Z"])
+        _, inst = self.run_app("kvs")
+        self.assertEqual(inst.sent[-1], "runs=1")
+        world, inst = self.run_app("agent_react", "--tool-ms", "40", "--max-tokens", "3")
+        self.assertEqual(world.now_ms, 80)  # two simulated tool calls on the virtual clock
+        world = FakeWorld()
+        roles = ["dialogue", "characters", "plot", "idea"]
+        runs = [world.spawn(app("agent_swarm"), ["--role", r, "--max-tokens", "3"]) for r in roles]
+        runs[-1].signal("a cat")
+        world.run_until_idle()
+        for role, run in zip(roles, runs, strict=True):
+            run.outcome()
+            self.assertTrue(run.sent[-1].startswith(f"{role}: "))
+
+    def test_servers_and_tools(self):
+        request = {
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "body": json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        }
+        world, inst = self.run_app("openai_compat", "--pie-http-request", json.dumps(request))
+        response = json.loads(inst.result)
+        answer = json.loads(response["body"])
+        self.assertEqual(
+            answer["choices"][0]["message"]["content"], self.greedy_text(world, "hi", 4)
+        )
+        bad = dict(request, body="{}")
+        _, inst = self.run_app("openai_compat", "--pie-http-request", json.dumps(bad))
+        self.assertEqual(json.loads(inst.result)["status"], 400)
+        _, inst = self.run_app(
+            "http_server", "--pie-http-request", json.dumps({"path": "/wait", "query": "ms=7"})
+        )
+        self.assertEqual(json.loads(inst.result)["body"], "waited 7 ms")
+        _, inst = self.run_app("debugger", "--policy", "k 2")
+        self.assertIn("set_batching k 2", inst.world.debug_log)
+        _, inst = self.run_app("helloworld")
+        self.assertIn(inst.id, inst.sent[0])
+        for name in ("bench_spawn_time", "bench_host_call"):
+            self.run_app(name)
+
+    def test_bad_arguments_fail_the_instance(self):
+        world = FakeWorld(FakeModel())
+        inst = world.spawn(app("text_completion"), ["--max-tokens", "many"])
+        world.run_until_idle()
+        self.assertEqual(inst.status, "failed")
+        self.assertIn("invalid int value", inst.error)

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from pie.inferlet import (
     Brle,
     Context,
+    EmptyDrafter,
     Greedy,
     Length,
     Subscription,
@@ -261,6 +262,18 @@ class SpeculationTests(unittest.TestCase):
         masks = [a[5] for n, a in world.instances[0].calls if n == "forward_text"][0]
         # the wrong sibling (index 1) is hidden from the true chain (rows 2..4)
         self.assertEqual(masks[2][-2:], [1, 1])
+
+    def test_empty_drafter_is_plain_generation(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("plain")
+            return await ctx.generate_with_drafter(EmptyDrafter(), Greedy(), Length(6))
+
+        world, text = run(main)
+        model = world.model
+        self.assertEqual(
+            text, model.detokenize(greedy_reference(model, model.tokenize("plain"), 6))
+        )
 
     def test_bad_trie_is_refused(self):
         async def main(args):

@@ -20,6 +20,7 @@ docs/inferlet-api.md.
 
 from pie.inferlet.brle import Brle
 from pie.inferlet.context import Context
+from pie.inferlet.drafter import Drafter, EmptyDrafter
 from pie.inferlet.instance import (
     debug_query,
     gather,
@@ -74,6 +75,8 @@ __all__ = [
     "Brle",
     "Context",
     "Distribution",
+    "Drafter",
+    "EmptyDrafter",
     "Greedy",
     "IdPool",
     "Length",

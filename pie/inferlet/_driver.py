@@ -193,6 +193,8 @@ class Driver:
 
 def format_failure(error: BaseException) -> str:
     """The error text plus the innermost frames of the program's traceback."""
+    if isinstance(error, SystemExit):
+        return _exit_text(error)
     frames = [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
@@ -201,3 +203,20 @@ def format_failure(error: BaseException) -> str:
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames) + traceback.format_exception_only(type(error), error)
     return "".join(lines).rstrip()
+
+
+def _exit_text(error: SystemExit) -> str:
+    """main(args) called sys.exit; argparse does so on bad arguments, with a message on stderr.
+
+    The message would only reach the server log, so it is taken from argparse's
+    `exit(status, message)` frame for the failure text the client sees.
+    """
+    message = None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "exit" and frame.f_code.co_filename.endswith("argparse.py"):
+            message = frame.f_locals.get("message")
+        tb = tb.tb_next
+    text = f"main(args) exited with status {error.code}"
+    return text + (f": {message.strip()}" if message else "")

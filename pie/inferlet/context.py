@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pie.inferlet.brle import Brle
+from pie.inferlet.drafter import Drafter
 from pie.inferlet.messaging import store_delete, store_get, store_set
 from pie.inferlet.model import Distribution, Model, Queue
 from pie.inferlet.sampling import (
@@ -415,14 +416,14 @@ class Context:
         self.fill_tokens([drafts[i] for i in accepted[keep:]] + [next_token])
 
     async def generate_with_drafter(
-        self, drafter: Any, sampler: SamplerLike, stop: StopLike, stats: dict | None = None
+        self, drafter: Drafter, sampler: SamplerLike, stop: StopLike, stats: dict | None = None
     ) -> str:
         """Speculative decoding: the drafter proposes a trie, one forward pass
         verifies it, and every draft token the sampler agrees with is accepted.
 
-        `drafter` has update(tokens) (the full token history) and
-        draft() -> (tokens, depths). The output equals plain generate() with the
-        same deterministic sampler. `stats` (optional dict) receives
+        `drafter` follows pie.inferlet.drafter.Drafter: update(tokens) with the
+        full token history, then draft() -> (tokens, depths). The output equals
+        plain generate() with the same deterministic sampler. `stats` (optional dict) receives
         'steps' and 'accepted'.
         """
         generated: list[int] = []

@@ -38,6 +38,14 @@ class ServiceOnWorkerTests(TestCase):
     def setUp(self):
         self.folder = self.mktemp()
         write_tiny_model(self.folder)
+        self.spy = SpyWorker(self.new_worker())
+        self.terminated = []
+        self.service = ModelService(
+            self.spy, instance_terminator=lambda i, r: self.terminated.append((i, r))
+        )
+
+    def new_worker(self):
+        """A worker thread on the tiny model (its own KV cache), stopped after the test."""
         loaded = load_model(self.folder, dtype="float32")
         worker = start_worker(
             loaded,
@@ -50,11 +58,7 @@ class ServiceOnWorkerTests(TestCase):
             name="tiny",
         )
         self.addCleanup(worker.close)
-        self.spy = SpyWorker(worker)
-        self.terminated = []
-        self.service = ModelService(
-            self.spy, instance_terminator=lambda i, r: self.terminated.append((i, r))
-        )
+        return worker
 
     def assertSameDistribution(self, got, want):
         got_ids, got_probs = got
@@ -185,19 +189,7 @@ class ServiceOnWorkerTests(TestCase):
         before = yield decode_after_import(first, "b")
         yield first.close()
 
-        loaded = load_model(self.folder, dtype="float32")
-        fresh = start_worker(
-            loaded,
-            device="cpu",
-            dtype="float32",
-            page_size=PS,
-            num_pages=8,
-            num_embeds=8,
-            dist_size=8,
-            name="tiny",
-        )
-        self.addCleanup(fresh.close)
-        second = ModelService(fresh, state_dir=state)
+        second = ModelService(self.new_worker(), state_dir=state)  # a fresh, empty KV cache
         self.addCleanup(second.close)
         self.assertEqual(second.list_exports(), [("system", 2)])
         after = yield decode_after_import(second, "c")

@@ -3,8 +3,8 @@
 Keeps the first --sink tokens (the attention sink) and the last --window
 tokens visible; after every token the evicted range is masked and pages that
 became fully masked are freed, so memory stays bounded however long the
-output. Positions keep counting (gaps are allowed). Sends the text, then
-"tokens=T max_pages=P pages_freed=F".
+output (Context.generate_windowed). Positions keep counting (gaps are
+allowed). Sends the text, then "tokens=T max_pages=P pages_freed=F".
 
     --prompt TEXT  --max-tokens N (default 64)  --sink N (default 4)  --window N (default 32)
 """
@@ -22,22 +22,16 @@ async def main(args):
     parser.add_argument("--window", type=int, default=32)
     opts = parser.parse_args(args)
 
-    model = get_auto_model()
-    ctx = model.create_context()
+    ctx = get_auto_model().create_context()
     ctx.user(opts.prompt)
     ctx.cue()
-    sampler = Greedy()
-    generated = []
-    max_pages = freed = 0
-    while len(generated) < opts.max_tokens:
-        dist = await ctx.decode_step()
-        token = sampler.sample(dist.ids, dist.probs)
-        generated.append(token)
-        if token in model.eos_token_ids:
-            break
-        ctx.fill_token(token)
-        freed += ctx.keep_window(opts.sink, opts.window)
-        max_pages = max(max_pages, len(ctx.pages))
-    text = model.tokenizer.detokenize(generated)
+    stats = {}
+    before = len(ctx)
+    text = await ctx.generate_windowed(
+        Greedy(), ctx.eos_stop(opts.max_tokens), opts.sink, opts.window, stats
+    )
     send(text)
-    send(f"tokens={len(generated)} max_pages={max_pages} pages_freed={freed}")
+    send(
+        f"tokens={len(ctx) - before} max_pages={stats['max_pages']} "
+        f"pages_freed={stats['pages_freed']}"
+    )

@@ -262,9 +262,7 @@ class Context:
         """
         self._check_open()
         child = Context(self.model)
-        share = len(self.tokens) // self.page_size
-        if share and len(self.tokens) % self.page_size == 0 and not self.pending:
-            share -= 1
+        share = self._shareable_pages(len(self.tokens), bool(self.pending))
         child._adopt(
             pages=self.pages[:share],
             tokens=self.tokens,
@@ -278,6 +276,15 @@ class Context:
         child._chat_text = self._chat_text
         child._cued = self._cued
         return child
+
+    def _shareable_pages(self, committed: int, has_pending: bool) -> int:
+        """How many leading pages of a prefix another context may share: the full
+        ones, but not the last page when nothing is pending after it (the new
+        context recomputes that page to get a seed token, Pie #287)."""
+        share = committed // self.page_size
+        if share and committed % self.page_size == 0 and not has_pending:
+            share -= 1
+        return share
 
     def _adopt(
         self,
@@ -354,6 +361,35 @@ class Context:
         if end > sink:
             self.mask_token_range(sink, end)
         return self.drop_masked_kv_pages()
+
+    async def generate_windowed(
+        self,
+        sampler: SamplerLike,
+        stop: StopLike,
+        sink: int,
+        window: int,
+        stats: dict | None = None,
+    ) -> str:
+        """Generation in bounded KV memory (StreamingLLM): before every step only
+        the first `sink` tokens and the last `window` stay visible, and pages
+        that became fully hidden are freed (keep_window). `stats` (optional dict)
+        receives 'max_pages' and 'pages_freed'."""
+        generated: list[int] = []
+        freed = self.keep_window(sink, window)
+        max_pages = len(self.pages)
+        while True:
+            dist = await self.decode_step()
+            token = sample_with(sampler, dist.ids, dist.probs)
+            generated.append(token)
+            self.fill_token(token)
+            freed += self.keep_window(sink, window)
+            max_pages = max(max_pages, len(self.pages))
+            if should_stop(stop, generated):
+                break
+        if stats is not None:
+            stats.update(max_pages=max_pages, pages_freed=freed)
+        self._record_generated(generated)
+        return self.tokenizer.detokenize(generated)
 
     # ------------------------------------------------------------------ speculation
     async def verify_drafts(
@@ -529,35 +565,24 @@ class Context:
             meta["pending_positions"],
             [Brle.from_buffer(b) for b in meta["pending_masks"]],
         )
+        shared: list[int] = []
         if exports.get(name) == meta["num_pages"] and meta["page_size"] == ctx.page_size:
             imported = model.kv_pages.reserve(ctx.queue, meta["num_pages"])
             ctx.queue.command("import_kv_pages", imported, name)
-            share = len(meta["tokens"]) // ctx.page_size
-            if share and len(meta["tokens"]) % ctx.page_size == 0 and not meta["pending"]:
-                share -= 1
+            share = ctx._shareable_pages(len(meta["tokens"]), bool(meta["pending"]))
             if len(imported) > share:
                 model.kv_pages.release(ctx.queue, imported[share:])
-            ctx._adopt(
-                imported[:share],
-                meta["tokens"],
-                meta["positions"],
-                mask,
-                pending,
-                meta["next_position"],
-                after=[],
-                retain=False,
-            )
-        else:
-            ctx._adopt(
-                [],
-                meta["tokens"],
-                meta["positions"],
-                mask,
-                pending,
-                meta["next_position"],
-                after=[],
-                retain=False,
-            )
+            shared = imported[:share]
+        ctx._adopt(
+            shared,
+            meta["tokens"],
+            meta["positions"],
+            mask,
+            pending,
+            meta["next_position"],
+            after=[],
+            retain=False,
+        )
         ctx._chat = meta.get("chat", [])
         ctx._chat_text = meta.get("chat_text", "")
         ctx._cued = meta.get("cued", False)

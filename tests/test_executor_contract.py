@@ -202,6 +202,12 @@ async def handle(request):
         self.assertIn("main.py", text)
         self.assertIn("line 3", text)
 
+    def test_bad_arguments_fail_with_argparse_message(self) -> None:
+        _, host, outcome = self.launch(WELL_BEHAVED, ["--whom", "x"])
+        text = self.assertFailedWith(outcome, "exited with status 2")
+        self.assertIn("the following arguments are required: --who", text)
+        self.assertEqual(host.sent, [])
+
     def test_syntax_error_fails_check_with_the_message(self) -> None:
         error = self.assertRaises(
             PieError, self.executor.check, b"async def main(args)\n    pass\n"

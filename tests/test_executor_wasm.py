@@ -25,10 +25,24 @@ BUILD_TIMEOUT = 600
 """The first test may build the runtime (~15 s idle, minutes on a loaded machine)."""
 
 
+_artifact: list = []
+
+
+def pinned_artifact():
+    """The cached runtime, built (if the guest sources changed) once per test run.
+
+    Pinned for the whole run: the working tree may change under a long test run,
+    and a rebuild per test would be slow (and could catch a half-saved file).
+    """
+    if not _artifact:
+        _artifact.append(build.build())
+    return _artifact[0]
+
+
 def sandbox(**limits) -> WasmExecutor:
-    """A WasmExecutor over the cached runtime (built here, once, if the sources changed)."""
-    build.build()
-    executor = WasmExecutor(**{"memory_limit": MEMORY_LIMIT, "deadline_ms": DEADLINE_MS, **limits})
+    """A WasmExecutor with the test limits over the pinned runtime."""
+    options = {"memory_limit": MEMORY_LIMIT, "deadline_ms": DEADLINE_MS, **limits}
+    executor = WasmExecutor(artifact=pinned_artifact(), **options)
     executor.ready()
     return executor
 

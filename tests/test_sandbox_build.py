@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 from pie.interfaces import PieError
 from pie.runtime.executors import build, wasm
 from tests.test_executor_contract import ExecutorHelpers
+from tests.test_executor_wasm import pinned_artifact
 
 
 class CacheKeyTests(TestCase):
@@ -104,7 +105,7 @@ class LazyBuildTests(ExecutorHelpers, TestCase):
 
     @inlineCallbacks
     def test_first_run_waits_for_the_build(self) -> None:
-        real = build.build()  # the shared, cached runtime stands in for a fresh build
+        real = pinned_artifact()  # the shared, cached runtime stands in for a fresh build
         built = []
 
         def fake_build(home, force, progress):
@@ -124,7 +125,7 @@ class LazyBuildTests(ExecutorHelpers, TestCase):
 
     @inlineCallbacks
     def test_instance_killed_while_the_runtime_builds_never_starts(self) -> None:
-        real = build.build()
+        real = pinned_artifact()
         self.patch(build, "build", lambda home, force, progress: real)
         self.executor = wasm.WasmExecutor(home=self.home)
         execution, host, outcome = self.launch(

@@ -135,7 +135,7 @@ class WasmExecution(Execution):
         self._store: wasmtime.Store | None = None
         self._instance = None
         self._funcs: dict[str, Any] = {}
-        self._label = "Inst"
+        self._label = ""
 
     def begin(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -190,6 +190,15 @@ class WasmExecution(Execution):
 
     # ------------------------------------------------------------ wasm calls
 
+    def _prefix(self) -> str:
+        """`Inst <first 8 characters of the instance id>`, as Pie prints guest output."""
+        if not self._label:
+            try:
+                self._label = "Inst " + str(self.host.call("get_instance_id", ()))[:8]
+            except Exception:
+                self._label = "Inst ?"
+        return self._label
+
     def _call(self, export: str, *params: Any) -> Step:
         func = self._funcs.get(export)
         if func is None:
@@ -230,7 +239,9 @@ class WasmExecution(Execution):
         def write(data: bytes) -> None:
             text = data.decode("utf-8", "replace").rstrip("\n")[:OUTPUT_LINE_LIMIT]
             if text:
-                log.info("[{label}] {stream}: {text}", label=self._label, stream=stream, text=text)
+                log.info(
+                    "[{label}] {stream}: {text}", label=self._prefix(), stream=stream, text=text
+                )
 
         return write
 
@@ -267,8 +278,11 @@ class WasmExecutor:
         home: Path | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         deadline_ms: int = DEFAULT_DEADLINE_MS,
+        artifact: Path | None = None,
     ) -> None:
+        """`artifact` pins a compiled runtime file (no build); default: the cached build."""
         self.home = home
+        self.artifact = artifact
         self.memory_limit = memory_limit
         self.deadline_ms = deadline_ms
         self.deadline_ticks = max(1, round(deadline_ms / 1000 / TICK_S))
@@ -279,7 +293,10 @@ class WasmExecutor:
         program.check(program_bytes)
 
     def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> WasmExecution:
-        """Start main(args) on the next reactor turn; raises PieError if the program is invalid."""
+        """Run main(args) to its first park now (once the runtime is loaded, if it is not yet).
+
+        Raises PieError if the program is not valid.
+        """
         files = program.check(program_bytes)
         execution = WasmExecution(self, files, arguments, host)
 
@@ -295,7 +312,7 @@ class WasmExecutor:
         """Deferred firing with the loaded Runtime; builds it in a thread the first time."""
         if self._runtime is not None:
             return succeed(self._runtime)
-        path = build.artifact_path(self.home)
+        path = self.artifact or build.artifact_path(self.home)
         if path.exists():
             self._runtime = Runtime.shared(path)
             return succeed(self._runtime)

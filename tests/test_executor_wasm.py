@@ -13,7 +13,7 @@ import struct
 
 from twisted.trial.unittest import TestCase
 
-from pie.runtime.executors import build
+from pie.runtime.executors import build, wasm
 from pie.runtime.executors.wasm import WasmExecutor
 from tests.test_executor_contract import WELL_BEHAVED, ExecutorContract, ExecutorHelpers, HostDouble
 
@@ -157,6 +157,21 @@ class WasmIsolationTests(ExecutorHelpers, TestCase):
         self.assertFinishedWith(outcome, None)
         self.assertEqual(host.sent, [])
         self.assertIn("to the log", [e.get("text") for e in logged])
+
+    def test_output_flood_is_cut_off(self) -> None:
+        logged = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        source = b"async def main(args):\n    for i in range(3000):\n        print(str(i) * 5000)\n"
+        _, _, outcome = self.launch(source)
+        self.assertFinishedWith(outcome, None)
+        lines = [e for e in logged if e.get("stream") == "stdout"]
+        self.assertEqual(len(lines), wasm.OUTPUT_WRITES_LIMIT)
+        self.assertEqual(
+            len([e for e in logged if "more output dropped" in e.get("log_format", "")]), 1
+        )
 
     def test_host_value_of_the_wrong_shape_is_named_in_the_reason(self) -> None:
         host = HostDouble()

@@ -51,6 +51,8 @@ DEFAULT_DEADLINE_MS = 500
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 OUTPUT_LINE_LIMIT = 2000
 """Characters of one guest stdout/stderr write kept in the server log."""
+OUTPUT_WRITES_LIMIT = 1000
+"""Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
 
 _active: WasmExecution | None = None
 """The instance whose step is running; host imports act on it (one step at a time)."""
@@ -136,6 +138,7 @@ class WasmExecution(Execution):
         self._instance = None
         self._funcs: dict[str, Any] = {}
         self._label = ""
+        self._writes = 0
 
     def begin(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -238,10 +241,15 @@ class WasmExecution(Execution):
     def _output(self, stream: str):
         def write(data: bytes) -> None:
             text = data.decode("utf-8", "replace").rstrip("\n")[:OUTPUT_LINE_LIMIT]
-            if text:
+            if not text:
+                return
+            self._writes += 1
+            if self._writes <= OUTPUT_WRITES_LIMIT:
                 log.info(
                     "[{label}] {stream}: {text}", label=self._prefix(), stream=stream, text=text
                 )
+            elif self._writes == OUTPUT_WRITES_LIMIT + 1:
+                log.info("[{label}] more output dropped", label=self._prefix())
 
         return write
 

@@ -52,7 +52,7 @@ class AttentionPlan:
     decode_rows: torch.Tensor | None  # [Bd] rows of decode items (None: no decode items)
     decode_all: bool  # every row is a decode row, in order
     decode_pages: torch.Tensor | None  # [Bd, P]
-    decode_bias: torch.Tensor | None  # [Bd, 1, 1, P*page_size] additive (0 / -inf), or None
+    decode_bias: torch.Tensor | None  # [1, Bd, 1, P*page_size] additive (0 / -inf), or None
     prefill: list[PrefillItem]
 
 
@@ -109,7 +109,7 @@ def build_plan(
         decode_pages = torch.from_numpy(table).to(device)
         if not allowed.all():
             bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)
-            decode_bias = torch.from_numpy(bias).to(device=device, dtype=dtype)[:, None, None, :]
+            decode_bias = torch.from_numpy(bias).to(device=device, dtype=dtype)[None, :, None, :]
         rows = [d.row_start for d in decode]
         decode_all = not prefill
         decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
@@ -133,10 +133,10 @@ def attend(q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan) -> 
     if plan.decode_rows is not None:
         out[plan.decode_rows] = _decode(q[plan.decode_rows], cache, layer, plan, scale)
     for item in plan.prefill:
-        k, v = cache.gather_pages(layer, item.pages)
+        k, v = cache.gather_pages(layer, item.pages)  # [kv_heads, 1, P*page_size, dim]
         t = item.context_len
-        k = k[:, :t].transpose(1, 2)
-        v = v[:, :t].transpose(1, 2)
+        k = k[:, 0, :t][None]
+        v = v[:, 0, :t][None]
         qi = q[item.rows].transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(
             qi, k, v, attn_mask=item.mask[None, None], scale=scale, enable_gqa=True
@@ -149,12 +149,12 @@ def _decode(
     q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     b, heads, dim = q.shape
-    k, v = cache.gather_pages(layer, plan.decode_pages)  # [B, T, kv_heads, dim]
-    kv_heads = k.shape[2]
-    qg = q.view(b, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, kv_heads, group, T]
+    k, v = cache.gather_pages(layer, plan.decode_pages)  # [kv_heads, B, T, dim]
+    kv_heads = k.shape[0]
+    qg = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, dim]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [kv_heads, B, group, T]
     if plan.decode_bias is not None:
         scores = scores + plan.decode_bias
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, kv_heads, group, dim]
-    return out.reshape(b, heads, dim)
+    out = torch.matmul(probs, v)  # [kv_heads, B, group, dim]
+    return out.transpose(0, 1).reshape(b, heads, dim)

@@ -1,7 +1,8 @@
 """The physical paged KV cache of one worker.
 
-Per layer, K and V live in tensors of shape [num_pages, page_size, kv_heads,
-head_dim]; a page id is the first index. Pages are owned and refcounted by the
+Per layer, K and V live in tensors of shape [kv_heads, num_pages, page_size,
+head_dim] (heads first: gathering an item's pages then yields [heads, T, dim],
+the layout attention multiplies in, without another copy). Pages are owned and refcounted by the
 model service; here they are plain storage. Beside the tensors the cache keeps,
 per slot, the RoPE position written there and a validity flag: the embedding
 path (`forward` with input embeds) derives its attention mask from them
@@ -34,12 +35,13 @@ class KvCache:
         self.num_layers = num_layers
         self.num_pages = num_pages
         self.page_size = page_size
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # flat views [layers, pages*page_size, heads, dim] for slot-indexed writes
-        self._k_slots = self.k.view(num_layers, num_pages * page_size, num_kv_heads, head_dim)
-        self._v_slots = self.v.view(num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        # flat views [layers, heads, pages*page_size, dim] for slot-indexed writes
+        flat = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
+        self._k_slots = self.k.view(flat)
+        self._v_slots = self.v.view(flat)
         self.slot_position = np.zeros((num_pages, page_size), dtype=np.int64)
         self.slot_valid = np.zeros((num_pages, page_size), dtype=bool)
 
@@ -49,19 +51,18 @@ class KvCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V rows [N, heads, dim] at flat slot ids (page * page_size + offset)."""
-        self._k_slots[layer].index_copy_(0, slots, k)
-        self._v_slots[layer].index_copy_(0, slots, v)
+        self._k_slots[layer].index_copy_(1, slots, k.transpose(0, 1))
+        self._v_slots[layer].index_copy_(1, slots, v.transpose(0, 1))
 
     def gather_pages(
         self, layer: int, page_table: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the pages in page_table [B, P] as [B, P*page_size, heads, dim]."""
+        """K and V of the pages in page_table [B, P] as [heads, B, P*page_size, dim]."""
         b, p = page_table.shape
-        k = self.k[layer][page_table]
-        v = self.v[layer][page_table]
-        return k.view(b, p * self.page_size, *k.shape[3:]), v.view(
-            b, p * self.page_size, *v.shape[3:]
-        )
+        k = self.k[layer][:, page_table]
+        v = self.v[layer][:, page_table]
+        heads, dim = k.shape[0], k.shape[-1]
+        return k.view(heads, b, p * self.page_size, dim), v.view(heads, b, p * self.page_size, dim)
 
     def record(self, flat_slots: np.ndarray, positions: np.ndarray) -> None:
         """Note the positions of freshly written slots (they become valid)."""
@@ -91,7 +92,7 @@ class KvCache:
                 f"does not fit a page of {ps}"
             )
         s, d = slice(src_offset, src_offset + size), slice(dst_offset, dst_offset + size)
-        self.k[:, dst, d] = self.k[:, src, s].clone()
-        self.v[:, dst, d] = self.v[:, src, s].clone()
+        self.k[:, :, dst, d] = self.k[:, :, src, s].clone()
+        self.v[:, :, dst, d] = self.v[:, :, src, s].clone()
         self.slot_position[dst, d] = self.slot_position[src, s].copy()
         self.slot_valid[dst, d] = self.slot_valid[src, s].copy()

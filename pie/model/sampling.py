@@ -29,7 +29,7 @@ def sample(
     generator: torch.Generator,
 ) -> list[int]:
     """One token id per row of logits [R, vocab]."""
-    chosen = logits.argmax(dim=-1)
+    chosen = logits.max(dim=-1).indices  # (faster than argmax on CPU bf16)
     for row, (s, position) in enumerate(zip(params, positions, strict=True)):
         if s.temperature <= 0:
             continue

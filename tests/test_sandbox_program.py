@@ -34,6 +34,10 @@ class ProgramFormatTests(TestCase):
         self.assertIn("async def main(args)", str(error))
         self.assertEqual(list(program.check(b"from util import main\n")), ["main.py"])
 
+    def test_zipped_folder(self) -> None:
+        data = zipped({"app/main.py": "async def main(a): pass\n", "app/pkg/__init__.py": ""})
+        self.assertEqual(sorted(program.check(data)), ["main.py", "pkg/__init__.py"])
+
     def test_archive_without_main(self) -> None:
         error = self.assertRaises(PieError, program.check, zipped({"util.py": "x = 1\n"}))
         self.assertIn("no main.py", str(error))

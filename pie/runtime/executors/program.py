@@ -5,7 +5,8 @@
 
 `args` is the launch argument list (parse it with argparse). An archive may
 hold more modules and packages (`util.py`, `pkg/__init__.py`, `pkg/x.py`),
-imported by main.py as usual; non-.py members are ignored. All sources are UTF-8.
+imported by main.py as usual; non-.py members are ignored. A zipped folder
+(every member under `app/`, with `app/main.py`) works too. All sources are UTF-8.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ def _binds(tree: ast.Module, name: str) -> bool:
     return False
 
 
+def _single_folder(paths: list[str]) -> str:
+    """'app/' if every module is under app/ and there is app/main.py (a zipped folder), else ''."""
+    if not paths or MAIN_MODULE + ".py" in paths:
+        return ""
+    top = paths[0].split("/", 1)[0] + "/"
+    if all(p.startswith(top) for p in paths) and top + MAIN_MODULE + ".py" in paths:
+        return top
+    return ""
+
+
 def _decode(what: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
@@ -83,9 +94,11 @@ def _unzip(program: bytes) -> dict[str, str]:
         members = [m for m in archive.infolist() if m.filename.endswith(".py") and not m.is_dir()]
         if sum(m.file_size for m in members) > MAX_SOURCE_BYTES:
             raise PieError(f"the program's sources exceed {MAX_SOURCE_BYTES} bytes")
+        names = [m.filename.removeprefix("./") for m in members]
+        top = _single_folder(names)
         files = {}
-        for member in members:
-            path = member.filename.removeprefix("./")
+        for member, path in zip(members, names, strict=True):
+            path = path.removeprefix(top)
             try:
                 module_name(path)
             except ValueError as error:

@@ -1,4 +1,7 @@
-"""The runtime driving real inferlet sources through the dev executor (issue 4 points 1, 4, 5)."""
+"""The runtime driving real inferlet sources through the dev executor (issue 4 points 1, 4, 5).
+
+tests/test_runtime_wasm.py runs the same tests in the sandbox.
+"""
 
 from __future__ import annotations
 
@@ -105,7 +108,12 @@ HTTP_SERVER = source(
 )
 
 
-class DevExecutorTests(unittest.TestCase):
+class InferletSourceTests:
+    """The runtime running real sources; subclasses choose the executor."""
+
+    def make_executor(self):
+        raise NotImplementedError
+
     def setUp(self):
         self.home = os.path.abspath(self.mktemp())
         self.model = FakeModelService()
@@ -114,7 +122,7 @@ class DevExecutorTests(unittest.TestCase):
 
     def start(self):
         return make_runtime(
-            self, home=self.home, executor=DevExecutor(), services={"fake": self.model}
+            self, home=self.home, executor=self.make_executor(), services={"fake": self.model}
         )
 
     async def launch(self, program: bytes, *arguments: str, runtime=None) -> str:
@@ -186,3 +194,8 @@ class DevExecutorTests(unittest.TestCase):
         body = (await readBody(response)).decode()
         self.assertEqual(response.code, 500)
         self.assertIn("KeyError: 'boom'", body)
+
+
+class DevExecutorTests(InferletSourceTests, unittest.TestCase):
+    def make_executor(self):
+        return DevExecutor()

@@ -83,7 +83,7 @@ class CacheKeyTests(TestCase):
     def test_cli_status_and_build_failure(self) -> None:
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out):
-            self.assertEqual(build.main(["--home", str(self.home), "status"]), 1)
+            self.assertEqual(build.main(["status", "--home", str(self.home)]), 1)
         self.assertIn("not built", out.getvalue())
 
         def broken(output, progress):
@@ -92,7 +92,7 @@ class CacheKeyTests(TestCase):
 
         self.patch(build, "componentize", broken)
         with redirect_stdout(out), redirect_stderr(err):
-            self.assertEqual(build.main(["--home", str(self.home), "build"]), 1)
+            self.assertEqual(build.main(["build", "--home", str(self.home)]), 1)
         self.assertIn("componentize-py: building", out.getvalue())
         self.assertIn("boom", err.getvalue())
 

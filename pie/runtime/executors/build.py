@@ -181,14 +181,19 @@ def prune(home: Path | None = None, keep: int = KEEP_BUILDS) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """`pie sandbox build [--force]` / `pie sandbox status`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, default=None, help="Pie home (default $PIE_HOME)")
     parser = argparse.ArgumentParser(
         prog="pie sandbox", description="The inferlet sandbox runtime."
     )
-    parser.add_argument("--home", type=Path, default=None, help="Pie home (default $PIE_HOME)")
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("build", help="build and cache the runtime now (once per install)")
+    make = commands.add_parser(
+        "build", parents=[common], help="build and cache the runtime now (once per install)"
+    )
     make.add_argument("--force", action="store_true", help="rebuild even if cached")
-    commands.add_parser("status", help="print where the runtime is cached and whether it is built")
+    commands.add_parser(
+        "status", parents=[common], help="where the runtime is cached and whether it is built"
+    )
     opts = parser.parse_args(argv)
     if opts.command == "status":
         path = artifact_path(opts.home)

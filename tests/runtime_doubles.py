@@ -134,6 +134,9 @@ class FakeModelService:
             self.pages.setdefault(instance_id, set()).update(args[0])
         elif op == "forward_text":
             return succeed([([1, 2], [0.75, 0.25]) for _ in args[-1]])
+        elif op == "generate":  # token 1 until a stop token or max_tokens
+            max_tokens, stop_tokens = args[-2], args[-1]
+            return succeed([1] if 1 in stop_tokens else [1] * max_tokens)
         elif op == "synchronize":
             return succeed(True)
         elif op == "queue_debug_query":

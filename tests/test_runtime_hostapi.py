@@ -44,6 +44,7 @@ SAMPLE_ARGS = {
     "embed_text": (Q, [5], [3], [0]),
     "forward": (Q, 1, [1], [5], [6]),
     "get_next_token_distribution": (Q, [6]),
+    "generate": (Q, 1, [1], [3], [0], [2], 0.5, 0, 1.0, None, 3, [7]),
     "tokenize": (0, "hi"),
     "detokenize": (0, [104, 105]),
     "get_vocabs": (0,),
@@ -114,6 +115,7 @@ class EveryRowTests(unittest.TestCase):
         self.assertEqual(results["get_kv_page_size"], 16)
         self.assertEqual(results["get_all_exported_kv_pages"], [("prefix", 3)])
         self.assertEqual(results["forward_text"], [([1, 2], [0.75, 0.25])])
+        self.assertEqual(results["generate"], [1, 1, 1])
         self.assertEqual(results["tokenize"], [104, 105])
         self.assertEqual(results["detokenize"], "hi")
         self.assertEqual(len(results["get_vocabs"][0]), 128)

@@ -38,6 +38,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from pie.inferlet import fastpath
 from pie.inferlet.brle import Brle
 from pie.inferlet.drafter import Drafter
 from pie.inferlet.messaging import store_delete, store_get, store_set
@@ -217,16 +218,55 @@ class Context:
         return self.tokenizer.detokenize(tokens)
 
     async def generate_tokens(self, sampler: SamplerLike, stop: StopLike) -> list[int]:
-        generated: list[int] = []
-        while True:
-            dist = await self.decode_step()
-            token = sample_with(sampler, dist.ids, dist.probs)
-            generated.append(token)
-            self.fill_token(token)
-            if should_stop(stop, generated):
-                break
+        """Sampled tokens until `stop`. A standard sampler and stop condition run in the
+        engine (pie.inferlet.fastpath: one host call, no round trip per token); anything
+        else runs here, one decode_step per token."""
+        engine = fastpath.plan(sampler, stop, self.model.dist_size) if self._causal() else None
+        if engine is not None:
+            generated = await self._generate_in_engine(engine, sampler, stop)
+        else:
+            generated = []
+            while True:
+                dist = await self.decode_step()
+                token = sample_with(sampler, dist.ids, dist.probs)
+                generated.append(token)
+                self.fill_token(token)
+                if should_stop(stop, generated):
+                    break
         self._record_generated(generated)
         return generated
+
+    def _causal(self) -> bool:
+        """Nothing is masked: every pending and future token attends to all before it."""
+        return bool(self.pending) and all(
+            m.buffer == [len(m)] for m in (self.mask, *self.pending_masks)
+        )
+
+    async def _generate_in_engine(
+        self, engine: fastpath.EnginePlan, sampler: SamplerLike, stop: StopLike
+    ) -> list[int]:
+        """generate_tokens through the `generate` host call; the same end state (the last
+        sampled token pending). The engine stops at a candidate stop token, the guest
+        decides with `stop` itself (e.g. a multi-token Until) and goes on if it is not."""
+        generated: list[int] = []
+        while True:
+            await self._wait_for_shared_pages()
+            step = min(engine.limit - len(generated), fastpath.MAX_STEP)
+            last_page_len, pages, tokens, positions, _ = self._commit(len(self.pending))
+            room = math.ceil((len(self.tokens) + step - 1) / self.page_size) - len(self.pages)
+            spare = self.model.kv_pages.acquire(self.queue, room) if room > 0 else []
+            self.pages.extend(spare)
+            out = await self.queue.call(
+                "generate", last_page_len, pages, tokens, positions, spare,
+                *engine.sampling_args(sampler), step, list(engine.stop_tokens),
+            )  # fmt: skip
+            out = [int(t) for t in out]
+            generated.extend(out)
+            self.fill_tokens(out)
+            self._commit(len(out) - 1)  # the engine forwarded all but the last
+            self._shrink_pages()
+            if should_stop(stop, generated):
+                return generated
 
     async def generate_until(
         self, stop: str | None = None, max_tokens: int = 256, sampler: SamplerLike | None = None

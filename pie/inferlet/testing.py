@@ -30,6 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pie.inferlet import _abi
+from pie.inferlet.sampling import TopP
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -480,6 +481,43 @@ class FakeInstance:
         )
         for vid, dist in zip(output_embeds, dists, strict=True):
             self.embeds[vid] = dist
+
+    def _generate(
+        self,
+        fut: int,
+        queue: int,
+        last_page_len: int,
+        pages: list[int],
+        tokens: list[int],
+        positions: list[int],
+        spare_pages: list[int],
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        max_tokens: int,
+        stop_tokens: list[int],
+    ) -> list[int]:
+        """The engine's fast path on the fake model: forward, sample, repeat (causal)."""
+        self._drain(queue)
+        ps = self.model.page_size
+        every = list(pages) + list(spare_pages)
+        total = ps * (len(pages) - 1) + last_page_len
+        if total + max_tokens - 1 > ps * len(every):
+            raise FakeHostError(f"generate: {len(every)} pages are too few for {max_tokens} tokens")
+        sampler = TopP(top_p, temperature, seed)
+        out: list[int] = []
+        while True:
+            used = -(-total // ps)
+            ((ids, probs),) = self._run_forward(
+                total - ps * (used - 1), every[:used], tokens, positions, [], [len(tokens) - 1]
+            )
+            cut = top_k or len(ids)
+            token = sampler.sample(ids[:cut], probs[:cut])
+            out.append(token)
+            if token in stop_tokens or len(out) == max_tokens:
+                return out
+            tokens, positions, total = [token], [positions[-1] + 1], total + 1
 
     def _get_next_token_distribution(self, fut: int, queue: int, embeds: list[int]) -> Any:
         self._drain(queue)

@@ -633,32 +633,71 @@ class ModelService:
         commands until the generation ends, so its order is kept.
         """
 
-        def build() -> Command:
-            page_ids = _u32s("pages", pages)
-            new, at = self._tokens(tokens), self._positions(positions)
-            stops = frozenset(_u32s("stop_tokens", stop_tokens))
-            if not new or len(new) != len(at):
-                raise InstanceFault(f"generate: {len(new)} tokens and {len(at)} positions")
-            if type(max_tokens) is not int or max_tokens < 1:
-                raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
-            if not isinstance(sampling, Sampling):
-                raise InstanceFault("generate: sampling must be a pie.model.batch.Sampling")
-            from pie.model.sampling import check_sampling  # (torch: only when generating)
+        return self._enqueue(
+            instance_id,
+            queue_id,
+            lambda: self._generation(
+                instance_id, pages, filled, tokens, positions, sampling, max_tokens, stop_tokens
+            ),
+        )
 
-            try:
-                check_sampling(sampling)
-            except PieError as e:
-                raise InstanceFault(f"generate: {e}") from None
-            need = _u32("filled", filled) + len(new) + max_tokens - 1
-            if need > self.kv_page_size * len(page_ids):
-                raise InstanceFault(
-                    f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
-                    f"{need} are needed"
-                )
-            run = _Generation(instance_id, page_ids, sampling, max_tokens, stops)
-            return self._generation_step(run, filled, new, at)
+    def _op_generate(
+        self,
+        inst: str,
+        last_page_len,
+        pages,
+        tokens,
+        positions,
+        spare_pages,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        max_tokens,
+        stop_tokens,
+    ) -> Command:
+        """The `generate` host call: the context is laid out as for forward_text; the
+        generated tokens continue into spare_pages."""
+        pages, spare = _u32s("pages", pages), _u32s("spare_pages", spare_pages)
+        total = self._check_layout("generate", last_page_len, pages, len(_u32s("tokens", tokens)))
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InstanceFault(f"generate: {name} must be a number, got {value!r}")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
+            raise InstanceFault(f"generate: seed must be an unsigned 64-bit integer, got {seed!r}")
+        sampling = Sampling(float(temperature), _u32("top_k", top_k), float(top_p), seed)
+        return self._generation(
+            inst, pages + spare, total - len(tokens), tokens, positions, sampling, max_tokens,
+            stop_tokens,
+        )  # fmt: skip
 
-        return self._enqueue(instance_id, queue_id, build)
+    def _generation(
+        self, inst, pages, filled, tokens, positions, sampling, max_tokens, stop_tokens
+    ) -> Command:
+        """The first step of a checked host-side generation (see generate)."""
+        page_ids = _u32s("pages", pages)
+        new, at = self._tokens(tokens), self._positions(positions)
+        stops = frozenset(_u32s("stop_tokens", stop_tokens))
+        if not new or len(new) != len(at):
+            raise InstanceFault(f"generate: {len(new)} tokens and {len(at)} positions")
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
+        if not isinstance(sampling, Sampling):
+            raise InstanceFault("generate: sampling must be a pie.model.batch.Sampling")
+        from pie.model.sampling import check_sampling  # (torch: only when generating)
+
+        try:
+            check_sampling(sampling)
+        except PieError as e:
+            raise InstanceFault(f"generate: {e}") from None
+        need = _u32("filled", filled) + len(new) + max_tokens - 1
+        if need > self.kv_page_size * len(page_ids):
+            raise InstanceFault(
+                f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
+                f"{need} are needed"
+            )
+        run = _Generation(inst, page_ids, sampling, max_tokens, stops)
+        return self._generation_step(run, filled, new, at)
 
     def _generation_step(
         self, run: _Generation, filled: int, tokens: list[int], positions: list[int]

@@ -21,6 +21,7 @@ ended raise InstanceFault.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 
@@ -56,6 +57,14 @@ def _check_bool(value):
     if not isinstance(value, bool):
         raise _BadArgument(f"expected a bool, got {type(value).__name__}")
     return value
+
+
+def _check_f32(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _BadArgument(f"expected a number (f32), got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _BadArgument(f"{value} is not a finite number")
+    return float(value)
 
 
 def _unsigned(bits: int) -> Callable[[object], int]:
@@ -120,6 +129,8 @@ def _checker(wit_type: str) -> Callable[[object], object]:
         return _check_string
     if t == "bool":
         return _check_bool
+    if t == "f32":
+        return _check_f32
     if t in ("u8", "u32", "u64"):
         return _unsigned(int(t[1:]))
     if t == "list<u32>":

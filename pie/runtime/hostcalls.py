@@ -94,6 +94,15 @@ HOST_CALLS: dict[str, HostCall] = {
            "Forward input embeds; distributions of the last tokens go to output embeds."),
         _c("get_next_token_distribution", _Q + "embeds: list<u32>", f"list<{DIST}>", "async",
            "Distributions stored in output embeds."),
+        _c("generate",
+           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+           "spare_pages: list<u32>; temperature: f32; top_k: u32; top_p: f32; "
+           "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>",
+           "list<u32>", "async",
+           "Host-side generation: forward tokens causally (pages and last_page_len as in "
+           "forward_text), then sample in the engine (temperature 0 = greedy, top_k 0 = off) "
+           "and forward each sampled token, writing on into spare_pages, until a stop token "
+           "or max_tokens. The sampled ids; the last one is not forwarded yet."),
         # ---- tokenizer
         _c("tokenize", "service: u32; text: string", "list<u32>", "sync", "Encode text."),
         _c("detokenize", "service: u32; tokens: list<u32>", "string", "sync", "Decode tokens."),

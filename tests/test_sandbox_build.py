@@ -160,3 +160,12 @@ class MakeExecutorTests(TestCase):
         self.assertIsInstance(make_executor("dev"), DevExecutor)
         error = self.assertRaises(PieError, make_executor, "docker")
         self.assertIn("wasm, dev", str(error))
+
+
+class PinnedArtifactTests(ExecutorHelpers, TestCase):
+    def test_missing_pinned_runtime_fails_the_instance(self) -> None:
+        missing = Path(self.mktemp()) / "runtime.cwasm"
+        self.executor = wasm.WasmExecutor(artifact=missing)
+        _, _, outcome = self.launch(b"async def main(args):\n    return 'x'\n")
+        text = self.assertFailedWith(outcome, "sandbox runtime unavailable", PieError)
+        self.assertIn("does not exist", text)

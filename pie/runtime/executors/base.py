@@ -89,6 +89,10 @@ class Execution:
     def kill(self, reason: str) -> None:
         self._end(Failure(InstanceFault(reason)))
 
+    def fail(self, error: PieError) -> None:
+        """End with `error` (e.g. the executor could not start the instance)."""
+        self._end(Failure(error))
+
     # ---------------------------------------------------------------- driving steps
 
     def start(self) -> None:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import wasmtime
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,10 +65,10 @@ class _Ticker(threading.Thread):
     def __init__(self, engine: wasmtime.Engine) -> None:
         super().__init__(name="pie-wasm-epoch", daemon=True)
         self._engine = engine
-        self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while True:
+            time.sleep(TICK_S)
             self._engine.increment_epoch()
 
 
@@ -308,12 +309,10 @@ class WasmExecutor:
         files = program.check(program_bytes)
         execution = WasmExecution(self, files, arguments, host)
 
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            reason = error if isinstance(error, PieError) else PieError(str(error))
-            execution._end(Failure(PieError(f"sandbox runtime unavailable: {reason}")))
+        def unavailable(failure: Failure) -> None:
+            execution.fail(PieError(f"sandbox runtime unavailable: {failure.value}"))
 
-        self.ready().addCallbacks(execution.begin, failed)
+        self.ready().addCallbacks(execution.begin, unavailable)
         return execution
 
     def ready(self) -> Deferred:
@@ -324,6 +323,8 @@ class WasmExecutor:
         if path.exists():
             self._runtime = Runtime.shared(path)
             return succeed(self._runtime)
+        if self.artifact is not None:
+            return fail(PieError(f"the pinned sandbox runtime {path} does not exist"))
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
         if len(self._waiters) == 1:

@@ -6,7 +6,8 @@ import json
 from io import BytesIO
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
@@ -14,8 +15,11 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from pie.interfaces import PieError
+from pie.runtime import http
 from pie.runtime.http import HTTP_REQUEST_ARGUMENT, parse_response
 from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
+
+PARKED = Deferred()  # a test sets a fresh one; fired when a /park request is inside handle()
 
 
 async def handler(host, args):
@@ -26,6 +30,9 @@ async def handler(host, args):
         raise RuntimeError("handler exploded")
     if request["path"] == "/garbage":
         return "not json"
+    if request["path"] == "/park":
+        PARKED.callback(request["path"])
+        await host.call("receive", ())
     if request["path"] == "/alloc":
         queue = host.call("create_queue", (0,))
         host.call("allocate_kv_pages", (queue, [1, 2]))
@@ -112,6 +119,40 @@ class ServerInstanceTests(unittest.TestCase):
         self.assertEqual(self.runtime.servers, {})
         with self.assertRaises(ConnectionRefusedError):
             await self.request(port, "/gone")
+
+    async def park(self, port: int):
+        """Open a raw connection with a request that parks in the handler; (transport, instance)."""
+        global PARKED
+        PARKED = Deferred()
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(Protocol)
+        )
+        client.transport.write(b"GET /park HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await PARKED
+        [instance] = self.runtime.servers[self.server_id].in_flight
+        return client.transport, instance
+
+    async def test_client_disconnect_ends_the_request_instance(self):
+        self.server_id, port = await self.serve()
+        transport, instance = await self.park(port)
+        transport.loseConnection()
+        reason, _ = await instance.when_ended()
+        self.assertEqual(reason, "HTTP client disconnected")
+        self.assertIn(instance.id, self.model.destroyed)
+
+    async def test_limits(self):
+        self.patch(http, "MAX_CONCURRENT_REQUESTS", 1)
+        self.patch(http, "MAX_REQUEST_BODY", 10)
+        self.server_id, port = await self.serve()
+        transport, instance = await self.park(port)
+        response, text = await self.request(port, "/second")
+        self.assertEqual(response.code, 503)
+        self.assertIn("too many requests in flight", text)
+        self.runtime.signal(instance.id, "go on")
+        await instance.when_ended()
+        response, text = await self.request(port, "/big", b"POST", b"x" * 11)
+        self.assertEqual(response.code, 413)
+        transport.loseConnection()
 
     async def test_port_in_use_is_reported(self):
         taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(

@@ -176,7 +176,7 @@ class ServerInstance:
         request.notifyFinish().addErrback(
             lambda _: self._runtime.terminate(instance.id, "HTTP client disconnected")
         )
-        instance.outcome.addCallback(self._respond, request, instance)
+        instance.when_ended().addCallback(self._respond, request, instance)
         return NOT_DONE_YET
 
     def _respond(

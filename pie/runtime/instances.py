@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -51,7 +51,20 @@ class Instance:
         self.fault: str | None = None  # a failure that will end it (set before the end runs)
         self.ended = False
         self.reason: str | None = None
-        self.outcome: Deferred = Deferred()  # fires with (reason, return_value) at the end
+        self._watchers: list[Deferred] = []
+
+    def when_ended(self) -> Deferred:
+        """A Deferred firing with (reason, return value) once the instance has ended."""
+        if self.ended:
+            return succeed((self.reason, self.return_value))
+        d: Deferred = Deferred()
+        self._watchers.append(d)
+        return d
+
+    def announce_end(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for d in watchers:
+            d.callback((self.reason, self.return_value))
 
     def __repr__(self) -> str:
         return f"<Instance {self.id} of {self.program_hash[:12]}>"
@@ -137,7 +150,7 @@ class Instances:
             self._guard(
                 "instance_terminated", instance.owner.instance_terminated, instance.id, reason
             )
-        instance.outcome.callback((reason, instance.return_value))
+        instance.announce_end()
 
     # ------------------------------------------------------------------ execution outcome
 

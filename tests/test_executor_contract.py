@@ -171,6 +171,11 @@ async def main(args):
             outcome, json.dumps([2, [1], 1, 4, "bb", "01", 3, 2, "aa [...]", [1], True])
         )
 
+    def test_instances_draw_different_random_numbers(self) -> None:
+        source = b"import random\nasync def main(args):\n    return str(random.getrandbits(64))\n"
+        draws = {self.launch(source)[2][0] for _ in range(3)}
+        self.assertEqual(len(draws), 3)
+
     def test_program_archive_with_modules(self) -> None:
         data = zipped({
             "main.py": "from helpers.text import shout\nasync def main(args):\n"

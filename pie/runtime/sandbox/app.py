@@ -111,6 +111,7 @@ class WitWorld(wit_world.WitWorld):
     def start(self, files, args):
         global _driver
         sys.argv = ["main.py"]  # no WASI args in the sandbox; argparse wants a program name
+        random.seed()  # the seed in the snapshot is shared by every instance; draw a fresh one
         try:
             main = load_main(dict(files))
             _driver, step = _abi.run(main, list(args))

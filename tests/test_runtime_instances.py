@@ -103,6 +103,12 @@ class LaunchTests(unittest.TestCase):
 
     def test_terminate_unknown_id_is_ignored(self):
         self.runtime.terminate("no-such-instance", "whatever")
+        self.runtime.terminate(["not", "hashable"], "whatever")
+
+    def test_signal_with_bad_types_is_a_pie_error(self):
+        self.assertRaises(PieError, self.runtime.signal, ["x"], "m")
+        self.assertRaises(PieError, self.runtime.signal, "x", b"bytes")
+        self.runtime.signal("no-such-instance", "ignored")
 
     async def test_unknown_program_is_a_pie_error(self):
         """Pie crashed its runtime here; now the launch fails and the runtime carries on."""

@@ -69,11 +69,14 @@ class ProgramStore:
         for entry in os.scandir(self.directory):
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if entry.name.startswith(_TEMP_PREFIX):
-                os.unlink(entry.path)
+            try:
+                if entry.name.startswith(_TEMP_PREFIX):
+                    os.unlink(entry.path)
+                    continue
+                data = _read(entry.path)
+            except OSError as e:
+                self.log.error("skipping unreadable program file {path}: {e}", path=entry.path, e=e)
                 continue
-            with open(entry.path, "rb") as f:
-                data = f.read()
             self._paths[program_hash(data)] = entry.path
         self.log.info(
             "program store {directory}: {count} programs",

@@ -176,11 +176,13 @@ class Runtime(service.Service):
         return instance
 
     def signal(self, instance_id: str, message: str) -> None:
-        if not isinstance(message, str):
-            raise PieError(f"a message must be a string, not {type(message).__name__}")
+        if not isinstance(instance_id, str) or not isinstance(message, str):
+            raise PieError("signal takes an instance id and a message, both strings")
         self.inboxes.push(instance_id, message)
 
     def terminate(self, instance_id: str, reason: str) -> None:
+        if not isinstance(instance_id, str):
+            return
         instance = self.instances.running.get(instance_id)
         if instance is not None:
             self.instances.end(instance, reason)

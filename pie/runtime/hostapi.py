@@ -286,7 +286,7 @@ class HostApi:
         return int(time.monotonic() * 1000)
 
     def _sleep(self, instance: Instance, ms: int):
-        return deferLater(self._runtime.reactor, ms / 1000.0, lambda: None)
+        return instance.add_timer(deferLater(self._runtime.reactor, ms / 1000.0, lambda: None))
 
     # ------------------------------------------------------------------ models and queues
 

@@ -52,6 +52,21 @@ class Instance:
         self.ended = False
         self.reason: str | None = None
         self._watchers: list[Deferred] = []
+        self._timers: set[Deferred] = set()  # pending sleep() calls, cancelled at the end
+
+    def add_timer(self, timer: Deferred) -> Deferred:
+        """Track a sleep so that ending the instance cancels its delayed call."""
+        self._timers.add(timer)
+
+        def done(result):
+            self._timers.discard(timer)
+            return result
+
+        return timer.addBoth(done)
+
+    def cancel_timers(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
 
     def when_ended(self) -> Deferred:
         """A Deferred firing with (reason, return value) once the instance has ended."""
@@ -142,6 +157,7 @@ class Instances:
         execution = instance.execution
         if execution is not None and not execution.finished.called:
             self._guard("kill", execution.kill, reason)
+        instance.cancel_timers()
         for cleanup in self._cleanups:
             self._guard("cleanup", cleanup, instance.id)
         for service in list(self._model_services()):

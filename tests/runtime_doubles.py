@@ -12,6 +12,7 @@ import itertools
 import os
 from collections.abc import Callable, Coroutine
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -164,10 +165,10 @@ class RecordingOwner:
     def instance_message(self, instance_id: str, message: str) -> None:
         self.events.append(("message", instance_id, message))
         for d in self._listeners.pop((instance_id, message), []):
-            d.callback(None)
+            reactor.callLater(0, d.callback, None)  # after the sender's step, not inside it
 
     def heard(self, instance_id: str, message: str) -> Deferred:
-        """Fires once the instance has sent this message."""
+        """Fires once the instance has sent this message and its current step is over."""
         if message in self.messages(instance_id):
             return succeed(None)
         d: Deferred = Deferred()

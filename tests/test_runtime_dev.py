@@ -92,6 +92,16 @@ USES_MODEL = source(
     """
 )
 
+SLEEPER = source(
+    """
+    from pie.inferlet import send, sleep
+
+    async def main(args):
+        send("sleeping")
+        await sleep(2**32 - 1)
+    """
+)
+
 HTTP_SERVER = source(
     """
     from pie.inferlet import store_set
@@ -177,6 +187,19 @@ class InferletSourceTests:
         self.assertEqual(self.model.destroyed, [instance_id])
         self.assertEqual(self.model.pages, {})
         self.assertEqual(self.runtime.instances.running, {})
+
+    async def test_terminate_cancels_pending_sleeps(self):
+        """A killed sleeper leaves no delayed call behind (a u32 sleep would last 49 days)."""
+
+        def naps():
+            return [c for c in reactor.getDelayedCalls() if c.getTime() > reactor.seconds() + 1e6]
+
+        instance_id = await self.launch(SLEEPER)
+        await self.owner.heard(instance_id, "sleeping")
+        self.assertEqual(len(naps()), 1)
+        self.runtime.terminate(instance_id, "user terminated the program")
+        await self.owner.ended(instance_id)
+        self.assertEqual(naps(), [])
 
     async def test_http_server_program(self):
         digest = await self.runtime.add_program(HTTP_SERVER)

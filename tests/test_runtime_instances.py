@@ -101,25 +101,6 @@ class LaunchTests(unittest.TestCase):
         self.assertEqual(owner.messages(instance_id), [])
         self.assertEqual(self.runtime.executor.executions[-1].killed, "user terminated the program")
 
-    async def test_terminate_cancels_pending_sleeps(self):
-        """A killed sleeper leaves no delayed call behind (a u32 sleep would last 49 days)."""
-        parked = Deferred()
-
-        async def sleeper(host, args):
-            nap = host.call("sleep", (2**32 - 1,))
-            reactor.callLater(0, parked.callback, None)
-            await nap
-
-        def naps():
-            return [c for c in reactor.getDelayedCalls() if c.getTime() > reactor.seconds() + 1e6]
-
-        instance_id, owner = await launched(self.runtime, sleeper)
-        await parked
-        self.assertEqual(len(naps()), 1)
-        self.runtime.terminate(instance_id, "user terminated the program")
-        await owner.ended(instance_id)
-        self.assertEqual(naps(), [])
-
     def test_terminate_unknown_id_is_ignored(self):
         self.runtime.terminate("no-such-instance", "whatever")
         self.runtime.terminate(["not", "hashable"], "whatever")

@@ -101,6 +101,19 @@ class LaunchTests(unittest.TestCase):
         self.assertEqual(owner.messages(instance_id), [])
         self.assertEqual(self.runtime.executor.executions[-1].killed, "user terminated the program")
 
+    async def test_a_failing_owner_does_not_fail_the_program(self):
+        class BrokenOwner(RecordingOwner):
+            def instance_message(self, instance_id, message):
+                raise ConnectionError("gone")
+
+        async def script(host, args):
+            host.call("send", ("lost",))
+            return "result"
+
+        instance_id, owner = await launched(self.runtime, script, owner=BrokenOwner())
+        self.assertEqual(await owner.ended(instance_id), NORMAL_FINISH)
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 2)
+
     def test_terminate_unknown_id_is_ignored(self):
         self.runtime.terminate("no-such-instance", "whatever")
         self.runtime.terminate(["not", "hashable"], "whatever")

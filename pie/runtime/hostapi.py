@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
@@ -33,6 +34,8 @@ from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 from pie.runtime.instances import Instance
 
 PRIORITIES = ("low", "normal", "high")
+
+log = Logger()
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -340,8 +343,12 @@ class HostApi:
     # ------------------------------------------------------------------ messaging
 
     def _send(self, instance: Instance, message: str) -> None:
-        if instance.owner is not None:
+        if instance.owner is None:
+            return
+        try:
             instance.owner.instance_message(instance.id, message)
+        except Exception:  # the owner's trouble (a broken connection) is not the program's
+            log.failure("delivering a message of {id} failed", id=instance.id)
 
     def _receive(self, instance: Instance):
         return self._runtime.inboxes.pull(instance.id)

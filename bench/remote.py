@@ -96,7 +96,11 @@ async def decode(service, tokenizer, sequences: int, prompt_len: int, new: int) 
             return dist[0][0]
 
         length = 0
-        token = await step(tokens)
+        try:
+            token = await step(tokens)
+        except Exception as error:
+            prefilled[index].errback(error)
+            raise
         prefilled[index].callback(None)
         await go
         for _ in range(new - 1):
@@ -104,7 +108,7 @@ async def decode(service, tokenizer, sequences: int, prompt_len: int, new: int) 
         service.destroy_instance(instance)
 
     runs = [defer.ensureDeferred(one(i)) for i in range(sequences)]
-    await defer.gatherResults(prefilled)
+    await defer.gatherResults(prefilled, consumeErrors=True)
     start = time.perf_counter()
     go.callback(None)
     await defer.gatherResults(runs)
@@ -147,6 +151,7 @@ async def main(reactor, argv: list[str]) -> None:
             rate = await decode(
                 service, local.tokenizer, options.sequences, options.prompt, options.new
             )
+            print(f"round {round}: {name}: {rate:.1f} decode tokens/s", file=sys.stderr, flush=True)
             if round:  # round 0 warms every worker up (the first forward passes are slow)
                 rates[name].append(rate)
     for runtime in (one, two):

@@ -672,6 +672,9 @@ def worker_main(argv: list[str]) -> int:
                 secret = f.read().strip().encode()
         else:
             secret = worker_token(options.home, create=True)
+            if not os.environ.get(WORKER_TOKEN_ENV):
+                where = os.path.join(options.home, WORKER_TOKEN_FILE)
+                print(f"pie worker: token in {where} (the daemon needs the same file)", flush=True)
         followers = _start_followers(argv, options) if options.tp > 1 else []
         engine = _engine(options, path)
     except (PieError, OSError) as error:

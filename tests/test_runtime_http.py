@@ -148,6 +148,7 @@ class ServerInstanceTests(unittest.TestCase):
         response, text = await self.request(port, "/second")
         self.assertEqual(response.code, 503)
         self.assertIn("too many requests in flight", text)
+        self.assertEqual(self.runtime.debug_query("get_instance_count"), "0")  # as in Pie
         self.runtime.signal(instance.id, "go on")
         await instance.when_ended()
         response, text = await self.request(port, "/big", b"POST", b"x" * 11)

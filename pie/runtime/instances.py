@@ -16,7 +16,6 @@ terminate().
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -44,7 +43,6 @@ class Instance:
         self.arguments = list(arguments)
         self.owner = owner
         self.server_id = server_id  # set for the per-request instances of a server
-        self.started = time.monotonic()
         self.return_value: str | None = None
         self.queues: dict[int, IModelService] = {}  # queue id -> the service that made it
         self.execution = None  # IExecution once started

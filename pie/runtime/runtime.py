@@ -218,7 +218,8 @@ class Runtime(service.Service):
 
     def debug_query(self, query: str) -> str:
         """Pie's runtime debug queries (spec §3.6)."""
-        running = self.instances.running
+        # as in Pie, the per-request instances of HTTP servers are not counted or listed
+        running = {i: inst for i, inst in self.instances.running.items() if inst.server_id is None}
         if query == "ping":
             return "pong"
         if query == "get_instance_count":

@@ -195,11 +195,11 @@ def format_failure(error: BaseException) -> str:
     """The error text plus the innermost frames of the program's traceback."""
     if isinstance(error, SystemExit):
         return _exit_text(error)
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if not any(part in frame.filename for part in _MACHINERY)
-    ][-TRACEBACK_FRAMES:]
+    everything = traceback.StackSummary.extract(
+        traceback.walk_tb(error.__traceback__), lookup_lines=False
+    )  # source lines are read below only for the frames that are kept
+    frames = [f for f in everything if not any(part in f.filename for part in _MACHINERY)]
+    frames = frames[-TRACEBACK_FRAMES:]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames) + traceback.format_exception_only(type(error), error)
     return "".join(lines).rstrip()

@@ -105,10 +105,10 @@ class ProgramStore:
                 f"program of {len(data)} bytes exceeds the limit of {self.max_size} bytes"
             )
 
-    def add(self, data: bytes):
-        """Store already validated bytes; Deferred firing with the hash once durable on disk."""
+    def add(self, data: bytes, digest: str | None = None):
+        """Store validated bytes (`digest`: their hash if known); Deferred with it once on disk."""
         data = bytes(data)
-        digest = program_hash(data)
+        digest = digest or program_hash(data)
         if digest in self._paths:
             self._remember(digest, data)
             return succeed(digest)

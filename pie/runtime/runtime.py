@@ -120,8 +120,9 @@ class Runtime(service.Service):
     async def _add_program(self, data: bytes) -> str:
         self.programs.validate_size(data)
         data = bytes(data)
-        self._check(program_hash(data), data)
-        return await self.programs.add(data)
+        digest = program_hash(data)
+        self._check(digest, data)
+        return await self.programs.add(data, digest)
 
     def _check(self, digest: str, program: bytes) -> None:
         """Let the executor refuse a program it cannot run (once per program and process)."""

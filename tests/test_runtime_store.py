@@ -172,3 +172,9 @@ class ModelServiceRegistryTests(unittest.TestCase):
         self.assertEqual(
             [s["model_name"] for s in runtime.model_status()], ["fake-model", "second"]
         )
+
+    async def test_attach_unknown_service_type_is_a_pie_error(self):
+        runtime = make_runtime(self)
+        with self.assertRaises(PieError) as caught:
+            await runtime.attach_remote_service("tcp://127.0.0.1:1", "carrier-pigeon", "svc")
+        self.assertIn("Unknown service type: 'carrier-pigeon'", str(caught.exception))

@@ -62,16 +62,23 @@ def spawn_time(executor, n: int = 200) -> float:
     return (time.perf_counter() - started) / n
 
 
-def host_call_latency(executor, calls: int = 20000, mode: str = "sync") -> float:
+def _best_of(runs: int, executor, source: bytes, arguments: list[str]) -> float:
+    """The fastest of `runs` runs, in seconds (the machine is shared; the minimum is the cost)."""
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        _run(executor, source, arguments)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def host_call_latency(executor, calls: int = 20000, mode: str = "sync", runs: int = 3) -> float:
     """Mean seconds per host call made from inside an instance ("sync" or "async")."""
     source = SYNC_LOOP if mode == "sync" else ASYNC_LOOP
     _run(executor, source, ["10"])
-    started = time.perf_counter()
-    _run(executor, source, [str(calls)])
-    empty = time.perf_counter()
-    _run(executor, source, ["0"])
-    baseline = time.perf_counter() - empty
-    return (empty - started - baseline) / calls
+    total = _best_of(runs, executor, source, [str(calls)])
+    baseline = _best_of(runs, executor, source, ["0"])
+    return (total - baseline) / calls
 
 
 PARKED = b"""

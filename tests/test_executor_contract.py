@@ -267,6 +267,31 @@ async def main(args):
         host.release("store_get", "v")
         self.assertFinishedWith(outcome, "v0,v1,v2")
 
+    def test_result_arriving_during_a_step_waits_for_the_step(self) -> None:
+        source = b"""
+from pie.inferlet import _abi
+async def listen():
+    return await _abi.call_async("subscription_next", 1)
+async def main(args):
+    listener = _abi.spawn(listen())
+    await _abi.call_async("receive")
+    _abi.call("broadcast", "topic", "hello")  # delivers to our own subscription at once
+    return "heard " + await listener
+"""
+        host = HostDouble()
+        call = host.call
+
+        def broadcast_delivers_now(name, args):
+            if name == "broadcast":
+                host.release("subscription_next", args[1])
+                return None
+            return call(name, args)
+
+        host.call = broadcast_delivers_now
+        _, _, outcome = self.launch(source, host=host)
+        host.release("receive", "go")
+        self.assertFinishedWith(outcome, "heard hello")
+
     def test_sync_host_call_error_ends_the_instance(self) -> None:
         host = HostDouble()
         host.errors["get_model"] = PieError("no model named 'x'")

@@ -135,6 +135,9 @@ class Execution:
             self._end(Failure(self._as_pie_error(failure.value, name)))
 
     def _drain(self) -> None:
+        # Resume steps run only from here, so a result that arrives during one (a sync host
+        # call of this instance firing one of its own pending Deferreds, e.g. a broadcast to
+        # its own subscription) waits in _ready: the guest is never entered twice.
         if self._draining:
             return
         self._draining = True

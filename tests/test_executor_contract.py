@@ -292,6 +292,35 @@ async def main(args):
         host.release("receive", "go")
         self.assertFinishedWith(outcome, "heard hello")
 
+    def test_host_call_of_one_instance_resumes_another_inside_it(self) -> None:
+        listener_source = b"""
+from pie.inferlet import _abi
+async def main(args):
+    return "B heard " + await _abi.call_async("subscription_next", 1)
+"""
+        _, listener_host, listener_outcome = self.launch(listener_source)
+        speaker_host = HostDouble()
+        call = speaker_host.call
+
+        def broadcast_resumes_listener(name, args):
+            if name == "broadcast":  # B runs to its end inside A's host call
+                listener_host.release("subscription_next", args[1])
+                return None
+            return call(name, args)
+
+        speaker_host.call = broadcast_resumes_listener
+        speaker_source = b"""
+from pie.inferlet import _abi
+async def main(args):
+    _abi.call("broadcast", "topic", "hello")
+    _abi.call("send", "A goes on")
+    return "A done"
+"""
+        _, _, outcome = self.launch(speaker_source, host=speaker_host)
+        self.assertFinishedWith(listener_outcome, "B heard hello")
+        self.assertFinishedWith(outcome, "A done")
+        self.assertEqual(speaker_host.sent, ["A goes on"])
+
     def test_sync_host_call_error_ends_the_instance(self) -> None:
         host = HostDouble()
         host.errors["get_model"] = PieError("no model named 'x'")

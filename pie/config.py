@@ -50,8 +50,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models or a path."
     ),
-    Setting("device", "cpu", str, "Torch device for the model worker (cpu, cuda, cuda:1)."),
-    Setting("dtype", "float32", str, "Torch dtype of the weights (float32, bfloat16, float16)."),
+    Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
+    Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import msgpack
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
 from pie.server.uploads import hash_program
 from tests.pieserver import LiveServer
 from tests.test_server_protocol import PROGRAM, launch, upload
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
 
 PING = {"type": "query", "corr_id": 999, "subject": "program_exists", "record": "0" * 64}
 
@@ -172,6 +189,19 @@ class MalformedFrameTests(unittest.TestCase):
         offender = await server.connect()
         offender.send_bytes(b"\x00" * (500 * 1024))
         self.assertEqual(await offender.closed, 1009)
+        self.assertTrue((await bystander.request(PING))["successful"])
+
+    async def test_non_websocket_traffic_is_turned_away(self):
+        """Plain HTTP or garbage on the port gets an HTTP error and a close; nothing else notices."""
+        server = await LiveServer(self).start()
+        bystander = await server.connect()
+        for request in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01garbage\r\n\r\n"):
+            peer = await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), _Collect()
+            )
+            peer.transport.write(request)
+            answer = await peer.done
+            self.assertTrue(answer.startswith(b"HTTP/1.1 4"), answer[:80])
         self.assertTrue((await bystander.request(PING))["successful"])
 
     async def test_foreign_and_unknown_ids_get_server_events(self):

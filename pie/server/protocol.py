@@ -471,6 +471,7 @@ class PieServerFactory(WebSocketServerFactory):
             maxFramePayloadSize=max_message_size,
             maxMessagePayloadSize=max_message_size,
             failByDrop=False,  # send a close frame with 1009 instead of a bare TCP reset
+            webStatus=False,  # a plain HTTP GET gets an error, not autobahn's status page
             openHandshakeTimeout=10,
             closeHandshakeTimeout=2,
             autoPingInterval=30,

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService, ServiceMaker
+from twisted.application.service import IService, MultiService, Service, ServiceMaker
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pie import config as pieconfig
+
+_log = Logger()
 
 
 def serviceMaker() -> ServiceMaker:
@@ -48,28 +52,59 @@ class Options(usage.Options):
         self.settings = pieconfig.resolve(cli, file_values)
 
 
+class SequentialMultiService(MultiService):
+    """Stops its children one after the other, last started first.
+
+    MultiService stops them all at once; pie must first close the client
+    sessions (ending their instances) and only then stop the runtime and the
+    model workers under them.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=child)
+
+
 def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> MultiService:
-    """Compose the daemon: the runtime (built from the settings unless given) and the listener."""
+    """Compose the daemon: runtime, the local model, and the client listener.
+
+    With no `runtime` given, the real one is built: the configured executor
+    (the wasm sandbox by default) and the model loaded by LocalModelService,
+    whose readiness gates the listener so clients never meet a model-less daemon.
+    """
     from pie.server.protocol import PieServerFactory
     from pie.server.service import ClientListenerService
 
     if reactor is None:
         from twisted.internet import reactor
     settings = config.settings
-    top = MultiService()
+    top = SequentialMultiService()
+    ready = None
     if runtime is None:
+        from pie.model.local import LocalModelService
+        from pie.runtime.executors import make_executor
         from pie.runtime.runtime import Runtime
 
-        # The lead wires the model services and the inferlet executor here.
         runtime = Runtime(
             settings["home"],
             model_services={},
-            executor=None,
+            executor=make_executor(settings["executor"], settings["home"]),
             reactor=reactor,
             max_program_size=settings["max_program_size"],
         )
+        model = LocalModelService(runtime, settings, reactor)
+        ready = model.whenReady
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
+    if ready is not None:
+        model.setServiceParent(top)
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),
@@ -78,7 +113,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_outbound=settings["max_outbound"],
         reactor=reactor,
     )
-    listener = ClientListenerService(serverFromString(reactor, settings["port"]), factory)
+    listener = ClientListenerService(serverFromString(reactor, settings["port"]), factory, ready)
     listener.setName("clients")
     listener.setServiceParent(top)
     return top

@@ -146,3 +146,29 @@ class DaemonTests(unittest.TestCase):
         }
         self.assertEqual((await client.request(query))["result"], "true")
         self.assertTrue(await launch(client, hash_program(PROGRAM)))
+
+
+class StopOrderTests(unittest.TestCase):
+    async def test_sessions_close_before_the_runtime_stops(self):
+        """On shutdown the listener (added last) finishes stopping before the runtime starts to."""
+        from twisted.application.service import Service
+
+        order = []
+
+        class RecordingRuntime(FakeRuntime, Service):
+            def stopService(self):
+                order.append(("runtime", len(factory.sessions)))
+                return Service.stopService(self)
+
+        options = Options()
+        options.parseOptions(
+            ["--port", "tcp:0:interface=127.0.0.1", "--no-auth", "--home", self.mktemp()]
+        )
+        top = makeService(options, reactor=reactor, runtime=RecordingRuntime())
+        top.startService()
+        listener = top.getServiceNamed("clients")
+        factory = listener.factory
+        client = await rawclient.connect((await listener.whenListening()).getHost().port)
+        await top.stopService()
+        self.assertEqual(order, [("runtime", 0)])
+        self.assertEqual(await client.closed, 1000)

@@ -11,7 +11,9 @@ against each other. An id released on queue A (deallocate queued there) and
 re-acquired at once on queue B could be allocated before A's deallocate runs,
 and the host would refuse the remap. So a released id is *quarantined* until
 A is known to have run past the deallocate, and meanwhile only queue A itself
-(whose commands are ordered) may reuse it.
+(whose commands are ordered) may reuse it. (An id released on a queue that
+is never awaited again, e.g. by a closed fork, is thus never handed to
+another queue: the pool then grows past it, which costs nothing on the host.)
 """
 
 from __future__ import annotations

@@ -229,3 +229,9 @@ async def main(args):
             host=host,
         )
         self.assertFailedWith(outcome, "host call tokenize returned [1, -1] does not fit")
+
+    def test_unknown_host_call_name_fails_clearly(self) -> None:
+        _, _, outcome = self.launch(
+            b"from pie.inferlet import _abi\nasync def main(args):\n    _abi.call('List')\n"
+        )
+        self.assertFailedWith(outcome, "NameError: no host call named 'List'")

@@ -62,7 +62,11 @@ class WitBinding:
     def __init__(self) -> None:
         from wit_world.imports import host  # only exists inside the runtime component
 
-        self._imports = {name: getattr(host, name) for name in dir(host) if not name[0] == "_"}
+        self._imports = {
+            name: value
+            for name, value in vars(host).items()
+            if callable(value) and getattr(value, "__module__", None) == host.__name__
+        }
 
     def call(self, name: str, args: tuple) -> Any:
         return self._lookup(name)(*args)

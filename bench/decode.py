@@ -11,12 +11,15 @@ then decoded greedily for --new tokens, one step at a time:
 Decode tokens/s counts the tokens after the first one (the first comes out of
 prefill) over the time from the first token to the last. Both sides use the
 same torch thread count. The runs alternate between the two sides and the
-best of --repeats is kept for each (other load on a shared machine only slows).
+best of --repeats is kept for each (other load on a shared machine only slows);
+before each run the bench waits up to --quiet-wait seconds for other processes
+to leave the CPU, and prints the mean load (in cores) it saw from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -88,6 +91,30 @@ def ours(engine: Engine, batch_prompts: list[list[int]], new: int) -> float:
     return len(batch_prompts) * (new - 1) / (time.perf_counter() - start)
 
 
+def busy_cores(interval: float = 0.5) -> float:
+    """CPU cores in use over `interval` (by others: this process sleeps meanwhile)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.3) -> float:
+    """On a shared machine, wait (up to limit_s) until others use < threshold cores."""
+    deadline = time.monotonic() + limit_s
+    load = busy_cores()
+    while load > threshold and time.monotonic() < deadline:
+        load = busy_cores()
+    return load
+
+
 class _Stamps:
     """A generate() streamer that notes when each step's tokens come out."""
 
@@ -127,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", help="activation dtype for both sides")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15.0,
+        help="seconds to wait for other CPU load to settle before each run",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
@@ -147,14 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     warm = prompts(loaded.tokenizer, 2, 8)
     ours(engine, warm, 4)
     huggingface(reference, warm, 4)
-    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'other load':>10}")
     for batch in args.batch:
         batch_prompts = prompts(loaded.tokenizer, batch, args.prompt)
         mine = theirs = 0.0
+        loads = []
         for _ in range(args.repeats):  # interleaved, so load from elsewhere hits both sides
+            loads.append(wait_for_quiet(args.quiet_wait))
             mine = max(mine, ours(engine, batch_prompts, args.new))
+            loads.append(wait_for_quiet(args.quiet_wait))
             theirs = max(theirs, huggingface(reference, batch_prompts, args.new))
-        print(f"{batch:5d} {mine:11.1f} {theirs:9.1f} {mine / theirs:8.2f}", flush=True)
+        foreign = sum(loads) / len(loads)
+        print(
+            f"{batch:5d} {mine:11.1f} {theirs:9.1f} {mine / theirs:8.2f} {foreign:9.2f}c",
+            flush=True,
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ instances those sessions own, before the reactor goes away.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -23,26 +24,40 @@ class ClientListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: PieServerFactory) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: PieServerFactory,
+        ready: Callable[[], Deferred] | None = None,
+    ) -> None:
+        """`ready`, if given, returns a Deferred to wait for before listening (the model load)."""
         self.endpoint = endpoint
         self.factory = factory
+        self.ready = ready
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
         self._waiters: list[Deferred[IListeningPort]] = []
 
-    def privilegedStartService(self) -> None:
-        """Bind before privileges are dropped; a bind failure stops twistd with the error."""
-        super().privilegedStartService()
+    def _listen(self) -> None:
+        """Bind (before privileges are dropped when nothing gates it); a bind failure raises."""
         self._listening = self.endpoint.listen(self.factory)
         failures: list[Failure] = []
         self._listening.addCallbacks(self._bound, failures.append)
         if failures:
             failures[0].raiseException()
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.ready is None:
+            self._listen()
+
     def startService(self) -> None:
-        if self._listening is None:
-            self.privilegedStartService()
         super().startService()
+        if self.ready is not None and self._listening is None:
+            # A failed load is logged, and the daemon stopped, by whoever loads.
+            self.ready().addCallbacks(lambda _: self._listen(), lambda _: None)
+        elif self._listening is None:
+            self._listen()
 
     def _bound(self, port: IListeningPort) -> None:
         self.port = port

@@ -1,0 +1,87 @@
+"""The daemon as twistd builds it: makeService with nothing injected.
+
+The other daemon tests hand makeService a runtime; this one lets it build the
+production tree (runtime, executor, LocalModelService loading a model from
+--model, the listener gated on the load) and runs a real inferlet through it
+over a loopback WebSocket with the independent raw client.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from pie.server.uploads import hash_program
+from pie.tap import Options, makeService
+from tests import rawclient
+from tests.model_fixtures import write_tiny_model
+from tests.test_server_protocol import launch, upload
+
+PROGRAM = b"""
+from pie.inferlet import get_auto_model, send
+
+async def main(args):
+    model = get_auto_model()
+    ctx = model.create_context()
+    ctx.fill_tokens([1, 2, 3, 4])
+    dist = await ctx.decode_step()
+    send(f"{model.name} {len(dist[0])}")
+"""
+
+
+class ComposedDaemonTests(unittest.TestCase):
+    timeout = 120
+
+    async def test_builds_and_serves_a_real_model(self):
+        home = self.mktemp()
+        model_dir = self.mktemp()
+        write_tiny_model(model_dir)
+        options = Options()
+        options.parseOptions(
+            [
+                "--no-auth",
+                "--home",
+                home,
+                "--model",
+                model_dir,
+                "--executor",
+                "dev",
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                "--dist-size",
+                "8",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--num-pages",
+                "32",
+            ]
+        )
+        top = makeService(options, reactor=reactor)
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        listener = top.getServiceNamed("clients")
+        port = await listener.whenListening()
+
+        client = await rawclient.connect(port.getHost().port)
+        self.addCleanup(client.close)
+        status = await client.request(
+            {"type": "query", "corr_id": 1, "subject": "model_status", "record": ""}
+        )
+        self.assertTrue(status["successful"], status)
+        [model] = json.loads(status["result"])
+        self.assertEqual((model["kv_page_size"], model["num_kv_pages"]), (16, 32))
+
+        uploaded = await upload(client, PROGRAM)
+        self.assertEqual(uploaded["result"], hash_program(PROGRAM))
+        instance_id = await launch(client, hash_program(PROGRAM))
+        events = [await client.next(), await client.next()]
+        self.assertEqual({e["instance_id"] for e in events}, {instance_id})
+        self.assertEqual(
+            [(e["event"], e["message"]) for e in events],
+            [("message", f"{model['model_name']} 8"), ("terminated", "instance normally finished")],
+        )

@@ -12,6 +12,10 @@ log=$(mktemp -t pie-demo.XXXXXX.log)
 daemon=$!
 trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT
 echo "[demo] daemon pid $daemon, log $log; waiting for it to listen on $port"
-.venv/bin/pie query --url "ws://127.0.0.1:$port" --wait 120 model_status
+for _ in $(seq 300); do  # the model loads before the daemon listens
+  .venv/bin/pie query --url "ws://127.0.0.1:$port" model_status 2>/dev/null && break
+  kill -0 $daemon 2>/dev/null || { echo "[demo] the daemon exited:"; tail -20 "$log"; exit 1; }
+  sleep 1
+done
 .venv/bin/pie run --url "ws://127.0.0.1:$port" inferlets/text_completion.py -- \
   --prompt "${1:-What is the capital of France?}" --max-tokens 48

@@ -60,6 +60,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("executor", "wasm", str, "Inferlet executor: wasm (sandboxed) or dev (in-process)."),
     Setting(
+        "inferlet_memory_limit",
+        256 * 1024 * 1024,
+        int,
+        "Memory one sandboxed inferlet may use, in bytes (wasm executor).",
+    ),
+    Setting(
+        "inferlet_deadline_ms",
+        500,
+        int,
+        "CPU time a sandboxed inferlet may run between host calls, in ms (wasm executor).",
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
@@ -116,7 +128,15 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"
         )
-    for key in ("page_size", "num_pages", "dist_size", "max_program_size", "max_message_size"):
+    for key in (
+        "page_size",
+        "num_pages",
+        "dist_size",
+        "max_program_size",
+        "max_message_size",
+        "inferlet_memory_limit",
+        "inferlet_deadline_ms",
+    ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
     if merged["max_message_size"] < 300 * 1024:

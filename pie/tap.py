@@ -95,7 +95,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         runtime = Runtime(
             settings["home"],
             model_services={},
-            executor=make_executor(settings["executor"], settings["home"]),
+            executor=make_executor(
+                settings["executor"],
+                settings["home"],
+                memory_limit=settings["inferlet_memory_limit"],
+                deadline_ms=settings["inferlet_deadline_ms"],
+            ),
             reactor=reactor,
             max_program_size=settings["max_program_size"],
         )

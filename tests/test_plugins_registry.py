@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -67,6 +68,8 @@ class ThirdPartyPackageTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
 
     async def _pip_install(self, target: str) -> None:
+        if importlib.util.find_spec("setuptools") is None:  # Python >= 3.12 venvs lack it
+            raise unittest.SkipTest("building the fixture needs setuptools in this venv")
         source = os.path.join(self.tmp, "src")
         shutil.copytree(FIXTURE, source)  # the build writes into its source tree
         args = ["-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]

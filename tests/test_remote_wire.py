@@ -6,6 +6,7 @@ import glob
 import os
 
 import msgpack
+import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -200,6 +201,30 @@ class WireTests(unittest.TestCase):
             await worker.execute(batch.Query("ping"))
         self.assertEqual(lost, [(worker, worker.lost_reason)])
         self.fake.parked[0].callback("late")  # the worker's late answer goes nowhere
+
+
+class SilentHostTests(unittest.TestCase):
+    async def test_worker_that_stops_answering_pings_is_lost(self):
+        """A worker whose host vanished without closing TCP (no pongs) is lost after the ping
+        timeout; autobahn's ping timers run on txaio's loop, here a Clock."""
+        clock = Clock()
+        self.patch(txaio.config, "loop", clock)
+        server, port, url = await listen_worker(FakeWorker())
+        self.addCleanup(port.stopListening)
+        worker = await remote.connect_worker(url, SECRET, "w1")
+        lost = Deferred()
+        worker.on_lost(lambda w, reason: lost.callback(reason))
+        parked = worker.execute(batch.Query("park"))
+        daemon = server.daemon
+        daemon.transport.pauseProducing()  # the worker reads nothing more: no pongs
+        clock.advance(remote.PING_INTERVAL_S)
+        self.assertNoResult(lost)
+        clock.advance(remote.PING_TIMEOUT_S + 1)
+        reason = await lost
+        self.assertTrue(reason.startswith(f"model worker w1 at {url} lost: "), reason)
+        with self.assertRaises(InstanceFault):
+            await parked
+        daemon.transport.abortConnection()  # paused, it would not notice the close
 
 
 class ConnectFailureTests(unittest.TestCase):

@@ -60,6 +60,8 @@ SUBPROTOCOL = "pie-l4m.v1"
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a prefill of thousands of tokens with masks fits easily
 HELLO_TIMEOUT_S = 10.0  # the worker drops a peer that has not authenticated by then
 HANDSHAKE_TIMEOUT_S = 30.0  # the daemon gives up on a worker that has not said welcome
+PING_INTERVAL_S = 10.0  # the daemon pings an idle worker this often ...
+PING_TIMEOUT_S = 30.0  # ... and drops it (lost) when a pong takes longer
 
 WORKER_TOKEN_ENV = "PIE_WORKER_TOKEN"
 WORKER_TOKEN_FILE = "worker_token"
@@ -463,6 +465,8 @@ class WorkerClientFactory(WebSocketClientFactory):
             maxFramePayloadSize=MAX_FRAME_BYTES,
             failByDrop=False,
             openHandshakeTimeout=0,  # our own handshake timer covers the whole exchange
+            autoPingInterval=PING_INTERVAL_S,  # a host that vanished without closing TCP
+            autoPingTimeout=PING_TIMEOUT_S,  # (power, partition) is lost after this long
         )
 
     def handshake_done(self, worker: RemoteWorker) -> None:

@@ -8,6 +8,7 @@ RemoteWorker -> WebSocket -> worker process -> Engine.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import textwrap
@@ -26,6 +27,7 @@ from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
 from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
+from tests.pieserver import LiveServer, token
 from tests.remote_helpers import start_worker_process
 from tests.runtime_doubles import RecordingOwner, make_runtime
 
@@ -201,3 +203,31 @@ class TensorParallelWorkerTests(RemoteWorkerCase):
         self.assertEqual(await worker.execute(batch.Query("ping")), "pong")
         await worker.close()
         self.assertEqual(await process.stop(), 0)
+
+
+class ProtocolAttachTests(RemoteWorkerCase):
+    async def test_admin_attaches_over_the_client_protocol(self):
+        """Through the real server: an admin's attach_remote_service answers success, model_status
+        lists the worker, an unknown service type fails clearly."""
+        _process, url = await self.worker()
+        server = await LiveServer(self, runtime=self.runtime, auth=True).start()
+        client = await server.connect()
+
+        async def call(message: dict) -> dict:
+            client.send(message)
+            return await client.messages.get()
+
+        answer = await call({"type": "authenticate", "corr_id": 1, "token": token(role="Admin")})
+        self.assertTrue(answer["successful"], answer)
+        attach = {"type": "attach_remote_service", "corr_id": 2, "endpoint": url}
+        answer = await call(dict(attach, service_type="l4m", service_name="w1"))
+        self.assertEqual((answer["corr_id"], answer["successful"]), (2, True), answer)
+        self.assertIn("Attached to L4M worker w1", answer["result"])
+        answer = await call(
+            {"type": "query", "corr_id": 3, "subject": "model_status", "record": ""}
+        )
+        (status,) = json.loads(answer["result"])
+        self.assertEqual((status["model_name"], status["workers"][0]["endpoint"]), ("tiny", url))
+        answer = await call(dict(attach, corr_id=4, service_type="grpc", service_name="w2"))
+        self.assertEqual(answer["successful"], False)
+        self.assertIn("Unknown service type: 'grpc'", answer["result"])

@@ -97,9 +97,10 @@ def start_worker_process(
     *extra: str,
     listen: str = "tcp:0:interface=127.0.0.1",
     prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> remote.WorkerProcess:
     """A real `pie worker` on the CPU in fp32 with 64 KV pages (one torch thread)."""
     args = ["--model", model, "--listen", listen, "--token-file", token_file]
     args += ["--device", "cpu", "--dtype", "float32", "--num-pages", "64", *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
     return remote.spawn_worker(reactor, args, env=env, prefix=prefix)

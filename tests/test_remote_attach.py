@@ -65,9 +65,9 @@ class RemoteWorkerCase(unittest.TestCase):
         self.owner = RecordingOwner()
 
     async def worker(
-        self, *extra: str, token_file: str | None = None
+        self, *extra: str, token_file: str | None = None, env: dict | None = None
     ) -> tuple[remote.WorkerProcess, str]:
-        process = start_worker_process(self.model, token_file or self.token_file, *extra)
+        process = start_worker_process(self.model, token_file or self.token_file, *extra, env=env)
         self.addCleanup(process.stop, "KILL")
         return process, await process.url
 
@@ -231,3 +231,22 @@ class ProtocolAttachTests(RemoteWorkerCase):
         answer = await call(dict(attach, corr_id=4, service_type="grpc", service_name="w2"))
         self.assertEqual(answer["successful"], False)
         self.assertIn("Unknown service type: 'grpc'", answer["result"])
+
+    async def test_worker_asks_the_daemon_to_attach_it(self):
+        """`pie worker --attach DAEMON` (Pie's direction): the worker, with an admin token in
+        $PIE_TOKEN, asks the daemon to attach it; a user token is refused."""
+        server = await LiveServer(self, runtime=self.runtime, auth=True).start()
+        daemon = f"ws://127.0.0.1:{server.port_number}"
+        process, url = await self.worker(
+            "--attach", daemon, "--service-name", "w7", env={"PIE_TOKEN": token(role="Admin")}
+        )
+        line = await process.said("pie worker: attached: ")
+        self.assertIn(f"Attached to L4M worker w7 at {url}", line)
+        self.assertEqual(self.runtime.model_status()[0]["workers"][0]["name"], "w7")
+
+        refused, _url = await self.worker(
+            "--attach", daemon, "--service-name", "w8", env={"PIE_TOKEN": token(role="User")}
+        )
+        line = await refused.said("pie worker: attach failed: ")
+        self.assertIn("Admin", line)
+        self.assertEqual(len(self.runtime.model_status()[0]["workers"]), 1)

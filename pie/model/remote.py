@@ -42,7 +42,7 @@ from autobahn.twisted.websocket import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 from torch import device as torch_device
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -548,12 +548,30 @@ class WorkerProcess(ProcessProtocol):
         self.url: Deferred = Deferred()
         self.ended: Deferred = Deferred()
         self.output = b""
+        self._awaited: list[tuple[str, Deferred]] = []
+
+    def said(self, prefix: str) -> Deferred:
+        """Fires with the first output line that starts with `prefix`."""
+        d: Deferred = Deferred()
+        self._awaited.append((prefix, d))
+        self._match_lines()
+        return d
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
         match = re.search(rb"on (ws://\S+)\n", self.output)
         if match and not self.url.called:
             self.url.callback(match.group(1).decode())
+        self._match_lines()
+
+    def _match_lines(self) -> None:
+        lines = self.output.decode(errors="replace").splitlines(keepends=True)
+        complete = [line.rstrip("\n") for line in lines if line.endswith("\n")]
+        for prefix, d in list(self._awaited):
+            line = next((line for line in complete if line.startswith(prefix)), None)
+            if line is not None:
+                self._awaited.remove((prefix, d))
+                d.callback(line)
 
     errReceived = outReceived
 
@@ -611,6 +629,21 @@ def _worker_options(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks (processes) in this worker"
     )
+    parser.add_argument(
+        "--attach",
+        default=None,
+        metavar="DAEMON_URL",
+        help="once listening, ask this daemon (ws://host:port) to attach the worker; "
+        "authenticates with an admin token from $PIE_TOKEN",
+    )
+    parser.add_argument(
+        "--advertise",
+        default=None,
+        help="the endpoint the daemon should dial (default: the address listened on)",
+    )
+    parser.add_argument(
+        "--service-name", default=None, help="the worker's name in the daemon (with --attach)"
+    )
     parser.add_argument("--tp-rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--tp-init", default="", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -651,6 +684,21 @@ def _start_followers(argv: list[str], options: argparse.Namespace) -> list[subpr
         options.tp_init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     command = [sys.executable, "-m", "pie.model.remote", *argv, "--tp-init", options.tp_init]
     return [subprocess.Popen([*command, "--tp-rank", str(rank)]) for rank in range(1, options.tp)]
+
+
+async def _ask_to_attach(reactor: object, daemon_url: str, endpoint: str, name: str) -> str:
+    """Pie's direction of attach: the worker, as a client of the daemon, asks to be attached."""
+    from pie.client.tx import connect
+
+    if endpoint.split("://")[-1].startswith(("0.0.0.0:", "[::]:", ":::")):
+        raise PieError("listening on every interface: say which address to dial with --advertise")
+    client = await connect(daemon_url, reactor=reactor)
+    try:
+        if os.environ.get("PIE_TOKEN"):
+            await client.authenticate(os.environ["PIE_TOKEN"])
+        return await client.attach_remote_service(endpoint, "l4m", name)
+    finally:
+        client.close()
 
 
 def worker_main(argv: list[str]) -> int:
@@ -695,6 +743,14 @@ def worker_main(argv: list[str]) -> int:
             f"on ws://{address.host}:{address.port}",
             flush=True,
         )
+        if options.attach:
+            endpoint = options.advertise or f"ws://{address.host}:{address.port}"
+            name = options.service_name or f"{socket.gethostname()}:{address.port}"
+            d = ensureDeferred(_ask_to_attach(reactor, options.attach, endpoint, name))
+            d.addCallbacks(
+                lambda text: print(f"pie worker: attached: {text}", flush=True),
+                lambda f: print(f"pie worker: attach failed: {f.getErrorMessage()}", flush=True),
+            )
 
     def failed(failure: Failure) -> None:
         print(

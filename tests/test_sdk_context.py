@@ -477,6 +477,27 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(eval(result), ([0, 1, 2], [3], [1], [1]))
 
 
+class EmbeddingPathTests(unittest.TestCase):
+    def test_queue_wrappers_of_the_embedding_path(self):
+        async def main(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            slots = model.embeds.acquire(queue, 4)
+            queue.embed_text(slots[:3], [40, 41, 42], [0, 1, 2])
+            queue.forward(3, pages, slots[:3], slots[3:])
+            (dist,) = await queue.get_next_token_distribution(slots[3:])
+            model.embeds.release(queue, slots)
+            model.kv_pages.release(queue, pages)
+            return repr((slots, dist.ids))
+
+        world, result = run(main)
+        slots, ids = eval(result)
+        self.assertEqual(slots, [0, 1, 2, 3])
+        self.assertEqual(ids, reference_distribution(world.model, [40, 41, 42])[0])
+        self.assertEqual(world.live_pages, 0)
+
+
 class RuntimeTests(unittest.TestCase):
     def test_messaging_subscription_delivers_every_message(self):
         world = FakeWorld()

@@ -11,7 +11,7 @@ import random
 import tempfile
 
 import torch
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.interfaces import PieError
 from pie.model.batch import CopyKv, EmbedText, Forward, ForwardItem, GetDistributions, MaskKv
@@ -319,3 +319,31 @@ class Validation(TestCase):
             "token id", pages=[0, 1], last_page_len=1, tokens=[1, 300], positions=[3, 4]
         )
         self.assertTrue(torch.equal(before, self.eng.cache.k))
+
+
+class OnCuda(TestCase_):
+    """The same checks on a GPU, when there is one (CI has none: skipped there)."""
+
+    def setUp(self):
+        if not torch.cuda.is_available():
+            raise SkipTest("no CUDA device")
+        self.loaded, self.ref = model()
+        self.vocab = self.loaded.config.vocab_size
+
+    def test_prefill_and_batched_decode_on_cuda(self):
+        eng = engine(self.loaded, device="cuda")
+        self.assertEqual(eng.cache.k.device.type, "cuda")
+        a, b = list(range(40, 61)), list(range(100, 105))
+        eng.run(Forward([item([3, 9], 21, a, range(21)), item([5], 5, b, range(5))]))
+        a.append(7)
+        out_a, out_b = eng.run(
+            Forward(
+                [
+                    item([3, 9], 22, [7], [21], output_indices=[0]),
+                    item([5], 6, [8], [5], masks=[[4, 1, 1]], output_indices=[0]),
+                ]
+            )
+        )
+        self.assertSameDistribution(out_a[0], hf_probs(self.ref, a)[-1], self.vocab)
+        hidden_last = hf_probs(self.ref, b[:4] + [8], [0, 1, 2, 3, 5])[-1]  # b[4] masked out
+        self.assertSameDistribution(out_b[0], hidden_last, self.vocab)

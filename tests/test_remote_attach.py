@@ -191,7 +191,7 @@ class TensorParallelWorkerTests(RemoteWorkerCase):
         loaded = load_model(self.model)
         from pie.model.llama import LlamaModel
 
-        single = engine_for(LlamaModel(loaded.config, loaded.weights), loaded.tokenizer)
+        single = engine_for(LlamaModel(loaded.config, loaded.weights), loaded.tokenizer, 8)
         for job in jobs():
             got, want = await worker.execute(job), single.run(job)
             for got_item, want_item in zip(got, want, strict=True):

@@ -510,6 +510,23 @@ class SandboxAppTests(AppTestCase):
         second = await self.run_app("prefix_caching", "--max-tokens", "6")
         self.assertEqual((first.messages[0], second.messages[0]), ("cache miss", "cache hit"))
 
+    async def test_messages_store_and_pubsub(self):
+        run = await self.launch("messaging", "--count", "2")
+        self.signal(run, "a")
+        self.signal(run, "b")
+        await self.wait(run)
+        self.assertEqual(run.messages, ["reply 1: A", "reply 2: B"])
+        run = await self.run_app("kvs")
+        self.assertEqual(run.messages[-1], "runs=1")
+        runs = []
+        for role in ("dialogue", "characters", "plot", "idea"):
+            runs.append(await self.launch("agent_swarm", "--role", role, "--max-tokens", "4"))
+            if role != "idea":
+                await self.wait_for_message(runs[-1])  # subscribed
+        self.signal(runs[-1], "a lighthouse")
+        await self.wait(*runs)
+        self.assertEqual([r.reason for r in runs], [NORMAL] * 4)
+
     async def test_http_server(self):
         port = await self.serve("http_server")
         self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))

@@ -89,17 +89,7 @@ def start_worker(loaded: LoadedModel, *, reactor=None, **options) -> Worker:
 
 
 def load_worker(
-    path: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    page_size: int = 16,
-    num_pages: int | None = None,
-    num_embeds: int = 4096,
-    dist_size: int = 64,
-    use_int4: bool | None = None,
-    name: str | None = None,
-    reactor=None,
+    path: str, *, device: str = "auto", dtype: str = "auto", reactor=None, **options
 ) -> Worker:
     """Load the model at `path` and start a worker thread serving it.
 
@@ -108,30 +98,21 @@ def load_worker(
     device: "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else
         float32), "float32", "bfloat16" or "float16".
-    page_size: KV slots per page. num_pages: physical KV pages (default: what
-        fits 512 MiB on CPU, half the free GPU memory on CUDA).
-    num_embeds: embed / distribution slots of the embedding path.
-    dist_size: entries (top-k) in each returned distribution.
+    reactor: where results are delivered (default: the global reactor).
+    options (keywords, passed to pie.model.engine.create_engine):
+    page_size: KV slots per page (16).
+    num_pages: physical KV pages (default: what fits 512 MiB on CPU, half the
+        free GPU memory on CUDA).
+    num_embeds: embed / distribution slots of the embedding path (4096).
+    dist_size: entries (top-k) in each returned distribution (64).
     use_int4: run Q4_1 weights with torch's CPU int4 kernel (default: when the
         file has Q4_1 weights, device is CPU and dtype is bfloat16).
     name: the model name inferlets see (default: the cache folder name or
         the file stem).
-    reactor: where results are delivered (default: the global reactor).
 
     This blocks while the weights load (seconds): call it before the reactor
     runs, or in a thread (deferToThread) from a running reactor.
     """
     dev = resolve_device(device)
     loaded = load_model(path, dtype=resolve_dtype(dtype, dev))
-    return start_worker(
-        loaded,
-        reactor=reactor,
-        device=str(dev),
-        dtype=dtype,
-        page_size=page_size,
-        num_pages=num_pages,
-        num_embeds=num_embeds,
-        dist_size=dist_size,
-        use_int4=use_int4,
-        name=name,
-    )
+    return start_worker(loaded, reactor=reactor, device=str(dev), dtype=dtype, **options)

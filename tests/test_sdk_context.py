@@ -96,6 +96,43 @@ class GenerationTests(unittest.TestCase):
         want = world.model.distribution([(30, 2), (31, 3)], 3)[0]
         self.assertEqual(ids, ",".join(map(str, want)))
 
+    def test_bad_calls_say_what_is_wrong(self):
+        async def main(args):
+            model = get_auto_model()
+            ctx = model.create_context()
+            ctx.fill("ab")
+            errors = []
+            for attempt in (
+                lambda: ctx.fill_tokens([5], masks=[Brle(7)]),
+                lambda: ctx.fill_tokens([5, 6], masks=[Brle(3)]),
+                lambda: ctx.mask_token_range(1, 99),
+                lambda: model.create_queue().set_priority("urgent"),
+                lambda: ctx.keep_window(0, 0),
+            ):
+                try:
+                    attempt()
+                except (ValueError, IndexError) as error:
+                    errors.append(str(error))
+            try:
+                await ctx.generate_with_beam(model.dist_size + 1, Length(2))
+            except ValueError as error:
+                errors.append(str(error))
+            ctx.close()
+            try:
+                ctx.fill("x")
+            except RuntimeError as error:
+                errors.append(str(error))
+            return repr(errors)
+
+        errors = eval(run(main)[1])
+        self.assertEqual(len(errors), 7, errors)
+        self.assertIn("covers 7 tokens, expected 3", errors[0])
+        self.assertIn("2 tokens but 1 masks", errors[1])
+        self.assertIn("out of bounds", errors[2])
+        self.assertIn("priority", errors[3])
+        self.assertIn("exceeds the distribution size", errors[5])
+        self.assertIn("closed", errors[6])
+
     def test_decode_step_without_a_pending_token_is_an_error(self):
         async def main(args):
             ctx = get_auto_model().create_context()

@@ -5,8 +5,9 @@ the sandbox; no host-side grammar engine is needed) checks every candidate
 token: the sampler takes the most probable token of the top-k distribution
 that keeps the text a valid JSON prefix, falls back to the first allowed
 token among a few structural ones when none of the top-k is allowed, and
-allows the end-of-turn token only once the object is complete. Near the
-token budget it writes the shortest valid completion instead. The result
+allows the end-of-turn token only once the object is complete. A token is
+taken only if the object can still be closed within the token budget;
+otherwise the shortest valid completion is written. The result
 always parses with json.loads. Sends the JSON text.
 
     --prompt TEXT  --max-tokens N (default 48)
@@ -228,16 +229,17 @@ class JsonSampler:
         self.count += 1
         if self.state.complete:
             return self.eos[0]
-        suffix = self.state.closing_suffix()
-        if self.max_tokens - self.count < len(suffix) + 1:
-            token = self.char_token[suffix[0]]
-            self.state.feed(suffix[0])
-            return token
+        left = self.max_tokens - self.count  # tokens after this one, the end token included
         for token in list(ids) + self.fallback:
             trial = self._try(token)
-            if trial is not None:
+            # take it only if the object can still be closed (one token per char) in time
+            if trial is not None and len(trial.closing_suffix()) < left:
                 self.state = trial
                 return token
+        suffix = self.state.closing_suffix()
+        if suffix:
+            self.state.feed(suffix[0])
+            return self.char_token[suffix[0]]
         raise RuntimeError("no token can continue the JSON text")
 
 

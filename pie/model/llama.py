@@ -123,25 +123,28 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
 def rope_tables(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [N, dim] for explicit positions, computed in fp32 per call as HF does.
+    """cos and sign-folded sin [N, 1, dim] for explicit positions, in fp32 per call as HF does.
 
-    No table indexed by position: positions may have gaps and be large.
+    No table indexed by position: positions may have gaps and be large. The
+    sin table carries rotate-half's minus sign on its first half, so a layer's
+    RoPE is roll + 2 mul + add (same values as HF: negation is exact).
     """
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    half = freqs.shape[-1]
+    sin = emb.sin()
+    sin[:, :half] = -sin[:, :half]
+    return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, dim] (rotate-half convention, as HF; tables from rope_tables)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's LlamaRMSNorm (fp32 statistics); torch's fused kernel, bit-identical in fp32."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, dim]; cos/sin: [N, dim] (rotate-half convention, as HF)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 @dataclass

@@ -144,7 +144,10 @@ class ModelPool:
             }
             for m in live
         ]
-        total = lambda key: sum(w[key] for w in workers)  # noqa: E731
+
+        def total(key: str) -> int:
+            return sum(w[key] for w in workers)
+
         return {
             "version": pie.__version__,
             "model_name": self.name,

@@ -13,7 +13,7 @@ streaming.
 
 import json
 
-from pie.inferlet import Greedy, TopP, get_auto_model, get_instance_id, time_ms
+from pie.inferlet import Greedy, TemplateError, TopP, get_auto_model, get_instance_id, time_ms
 from pie.inferlet.server import http_main
 
 MAX_TOKENS_LIMIT = 512
@@ -51,9 +51,13 @@ async def chat_completion(request):
 
     model = get_auto_model()
     ctx = model.create_context()
-    prompt = model.render_chat(
-        [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True
-    )
+    try:
+        prompt = model.render_chat(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            add_generation_prompt=True,
+        )
+    except TemplateError as e:  # e.g. the template refuses a role order
+        return error(400, f"the model's chat template refused the messages: {e}")
     ctx.fill(prompt)
     prompt_tokens = len(ctx)
     sampler = Greedy() if temperature <= 0 else TopP(0.95, temperature=float(temperature))

@@ -113,6 +113,7 @@ class GenerationTests(unittest.TestCase):
                     attempt()
                 except (ValueError, IndexError) as error:
                     errors.append(str(error))
+            assert len(ctx) == 2 and len(ctx.mask) == 2, "a refused fill changed the context"
             try:
                 await ctx.generate_with_beam(model.dist_size + 1, Length(2))
             except ValueError as error:

@@ -126,20 +126,20 @@ class Context:
         current mask, or, with `masks`, exactly to its own mask: masks[i] covers
         every token before it and itself (len(self) + i + 1 entries)."""
         self._check_open()
-        if masks is not None and len(masks) != len(tokens):
-            raise ValueError(f"{len(tokens)} tokens but {len(masks)} masks")
+        tokens = [int(t) for t in tokens]
+        own: list[Brle] | None = None
+        if masks is not None:  # check them all before changing anything
+            if len(masks) != len(tokens):
+                raise ValueError(f"{len(tokens)} tokens but {len(masks)} masks")
+            own = [m.copy() if isinstance(m, Brle) else Brle.from_list(m) for m in masks]
+            for i, snapshot in enumerate(own):
+                expected = len(self.mask) + i + 1
+                if len(snapshot) != expected:
+                    raise ValueError(f"mask {i} covers {len(snapshot)} tokens, expected {expected}")
         for i, token in enumerate(tokens):
             self.mask.append(False)
-            if masks is None:
-                snapshot = self.mask.copy()
-            else:
-                snapshot = masks[i] if isinstance(masks[i], Brle) else Brle.from_list(masks[i])
-                if len(snapshot) != len(self.mask):
-                    raise ValueError(
-                        f"mask {i} covers {len(snapshot)} tokens, expected {len(self.mask)}"
-                    )
-                snapshot = snapshot.copy()
-            self.pending.append(int(token))
+            snapshot = self.mask.copy() if own is None else own[i]
+            self.pending.append(token)
             self.pending_positions.append(self.next_position)
             self.pending_masks.append(snapshot)
             self.next_position += 1

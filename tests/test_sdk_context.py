@@ -317,12 +317,18 @@ class SpeculationTests(unittest.TestCase):
         async def main(args):
             ctx = get_auto_model().create_context()
             ctx.fill("ab")
-            await ctx.verify_drafts([5, 6], [1, 3])
+            try:
+                await ctx.verify_drafts([5, 6], [1, 3])
+            except ValueError as error:
+                send(str(error))
+            await ctx.verify_drafts([5, 6, 7], [1, 1, 2])
+            ctx.accept_drafts([0, 2], 9)  # 2 is a child of 1, not of 0
 
         world = FakeWorld()
         instance = world.spawn(main)
         world.run_until_idle()
-        self.assertIn("invalid draft depths", instance.error)
+        self.assertIn("invalid draft depths", instance.sent[0])
+        self.assertIn("not a path from the seed", instance.error)
 
 
 class BeamTests(unittest.TestCase):

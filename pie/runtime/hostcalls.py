@@ -32,9 +32,7 @@ class HostCall:
 
 
 def _c(name: str, params: str, result: str | None, mode: str, doc: str) -> HostCall:
-    pairs = tuple(
-        tuple(p.strip().split(":", 1)) for p in params.split(";") if p.strip()
-    )
+    pairs = tuple(tuple(p.strip().split(":", 1)) for p in params.split(";") if p.strip())
     return HostCall(name, tuple((n.strip(), t.strip()) for n, t in pairs), result, mode, doc)
 
 
@@ -54,67 +52,133 @@ HOST_CALLS: dict[str, HostCall] = {
         # ---- models and queues
         _c("get_all_models", "", "list<string>", "sync", "Names of served models."),
         _c("get_model", "name: string", "option<u32>", "sync", "Service id of a model by name."),
-        _c("model_info", "service: u32", "list<tuple<string, string>>", "sync",
-           "name, description, version, license, traits (comma list), chat_template, "
-           "eos_token_ids (comma list), kv_page_size, dist_size, vocab_size."),
+        _c(
+            "model_info",
+            "service: u32",
+            "list<tuple<string, string>>",
+            "sync",
+            "name, description, version, license, traits (comma list), chat_template, "
+            "eos_token_ids (comma list), bos_token, kv_page_size, dist_size, vocab_size.",
+        ),
         _c("create_queue", "service: u32", "u32", "sync", "A new command queue on a model."),
         _c("set_priority", _Q + "priority: string", None, "sync", "low | normal | high."),
         _c("synchronize", _Q, "bool", "async", "Wait until every earlier command ran."),
         _c("queue_debug_query", _Q + "query: string", "string", "async", "Worker debug query."),
         # ---- KV pages and embeds (virtual ids chosen by the guest)
         _c("get_kv_page_size", _Q, "u32", "sync", "Tokens per KV page."),
-        _c("get_all_exported_kv_pages", _Q, "list<tuple<string, u32>>", "sync",
-           "Exported page sets: (name, page count)."),
+        _c(
+            "get_all_exported_kv_pages",
+            _Q,
+            "list<tuple<string, u32>>",
+            "sync",
+            "Exported page sets: (name, page count).",
+        ),
         _c("allocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Create pages."),
         _c("deallocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Drop references."),
         _c("allocate_embeds", _Q + "ids: list<u32>", None, "command", "Create embed slots."),
         _c("deallocate_embeds", _Q + "ids: list<u32>", None, "command", "Free embed slots."),
-        _c("copy_kv_page", _Q + "src: u32; dst: u32; src_offset: u32; dst_offset: u32; size: u32",
-           None, "command", "Copy token slots between pages."),
-        _c("mask_kv_page", _Q + "page: u32; mask: list<bool>", None, "command",
-           "Slot validity for the embedding path."),
-        _c("export_kv_pages", _Q + "ids: list<u32>; name: string; persistent: bool", None,
-           "command", "Publish pages under a name."),
+        _c(
+            "copy_kv_page",
+            _Q + "src: u32; dst: u32; src_offset: u32; dst_offset: u32; size: u32",
+            None,
+            "command",
+            "Copy token slots between pages.",
+        ),
+        _c(
+            "mask_kv_page",
+            _Q + "page: u32; mask: list<bool>",
+            None,
+            "command",
+            "Slot validity for the embedding path.",
+        ),
+        _c(
+            "export_kv_pages",
+            _Q + "ids: list<u32>; name: string; persistent: bool",
+            None,
+            "command",
+            "Publish pages under a name.",
+        ),
         _c("unexport_kv_pages", _Q + "name: string", None, "command", "Remove an export."),
-        _c("import_kv_pages", _Q + "ids: list<u32>; name: string", None, "command",
-           "Map exported pages under new ids (shared, no copy)."),
+        _c(
+            "import_kv_pages",
+            _Q + "ids: list<u32>; name: string",
+            None,
+            "command",
+            "Map exported pages under new ids (shared, no copy).",
+        ),
         # ---- forward passes
-        _c("forward_text",
-           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
-           "masks: list<list<u32>>; output_indices: list<u32>",
-           f"list<{DIST}>", "async", "Forward tokens; top-k distribution per output index."),
-        _c("forward_text_no_output",
-           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
-           "masks: list<list<u32>>", None, "command", "Prefill: forward without outputs."),
-        _c("embed_text", _Q + "embeds: list<u32>; tokens: list<u32>; positions: list<u32>",
-           None, "command", "Fill input embed slots from tokens."),
-        _c("forward",
-           _Q + "last_page_len: u32; pages: list<u32>; input_embeds: list<u32>; "
-           "output_embeds: list<u32>", None, "command",
-           "Forward input embeds; distributions of the last tokens go to output embeds."),
-        _c("get_next_token_distribution", _Q + "embeds: list<u32>", f"list<{DIST}>", "async",
-           "Distributions stored in output embeds."),
-        _c("generate",
-           _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
-           "spare_pages: list<u32>; temperature: f32; top_k: u32; top_p: f32; "
-           "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>",
-           "list<u32>", "async",
-           "Host-side generation: forward tokens causally (pages and last_page_len as in "
-           "forward_text), then sample in the engine (temperature 0 = greedy, top_k 0 = off) "
-           "and forward each sampled token, writing on into spare_pages, until a stop token "
-           "or max_tokens. The sampled ids; the last one is not forwarded yet."),
+        _c(
+            "forward_text",
+            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "masks: list<list<u32>>; output_indices: list<u32>",
+            f"list<{DIST}>",
+            "async",
+            "Forward tokens; top-k distribution per output index.",
+        ),
+        _c(
+            "forward_text_no_output",
+            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "masks: list<list<u32>>",
+            None,
+            "command",
+            "Prefill: forward without outputs.",
+        ),
+        _c(
+            "embed_text",
+            _Q + "embeds: list<u32>; tokens: list<u32>; positions: list<u32>",
+            None,
+            "command",
+            "Fill input embed slots from tokens.",
+        ),
+        _c(
+            "forward",
+            _Q + "last_page_len: u32; pages: list<u32>; input_embeds: list<u32>; "
+            "output_embeds: list<u32>",
+            None,
+            "command",
+            "Forward input embeds; distributions of the last tokens go to output embeds.",
+        ),
+        _c(
+            "get_next_token_distribution",
+            _Q + "embeds: list<u32>",
+            f"list<{DIST}>",
+            "async",
+            "Distributions stored in output embeds.",
+        ),
+        _c(
+            "generate",
+            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "spare_pages: list<u32>; temperature: f32; top_k: u32; top_p: f32; "
+            "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>",
+            "list<u32>",
+            "async",
+            "Host-side generation: forward tokens causally (pages and last_page_len as in "
+            "forward_text), then sample in the engine (temperature 0 = greedy, top_k 0 = off) "
+            "and forward each sampled token, writing on into spare_pages, until a stop token "
+            "or max_tokens. The sampled ids; the last one is not forwarded yet.",
+        ),
         # ---- tokenizer
         _c("tokenize", "service: u32; text: string", "list<u32>", "sync", "Encode text."),
         _c("detokenize", "service: u32; tokens: list<u32>", "string", "sync", "Decode tokens."),
-        _c("get_vocabs", "service: u32", "tuple<list<u32>, list<list<u8>>>", "sync",
-           "Regular token ids and their bytes."),
+        _c(
+            "get_vocabs",
+            "service: u32",
+            "tuple<list<u32>, list<list<u8>>>",
+            "sync",
+            "Regular token ids and their bytes.",
+        ),
         # ---- messaging and the key-value store
         _c("send", "message: string", None, "sync", "To the owning client (instance_event)."),
         _c("receive", "", "string", "async", "Next message from the client (signal_instance)."),
         _c("broadcast", "topic: string; message: string", None, "sync", "Publish to subscribers."),
         _c("subscribe", "topic: string", "u32", "sync", "Subscribe; returns a subscription id."),
-        _c("subscription_next", "subscription: u32", "string", "async",
-           "Next message of a subscription (every message, in order)."),
+        _c(
+            "subscription_next",
+            "subscription: u32",
+            "string",
+            "async",
+            "Next message of a subscription (every message, in order).",
+        ),
         _c("unsubscribe", "subscription: u32", None, "sync", "End a subscription."),
         _c("store_get", "key: string", "option<string>", "async", "Persistent KV store get."),
         _c("store_set", "key: string; value: string", None, "async", "Set (durable on return)."),
@@ -125,9 +189,15 @@ HOST_CALLS: dict[str, HostCall] = {
 }
 
 MODEL_COMMANDS = frozenset(
-    name for name, c in HOST_CALLS.items()
-    if c.params and c.params[0] == ("queue", "u32") and name not in {
-        "set_priority", "get_kv_page_size", "get_all_exported_kv_pages",
+    name
+    for name, c in HOST_CALLS.items()
+    if c.params
+    and c.params[0] == ("queue", "u32")
+    and name
+    not in {
+        "set_priority",
+        "get_kv_page_size",
+        "get_all_exported_kv_pages",
     }
 )
 """Calls the runtime forwards to IModelService.submit (everything that runs on the model, in queue order)."""

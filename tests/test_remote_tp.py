@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 
@@ -21,12 +20,6 @@ from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def by_id(dist: tuple[list[int], list[float]]) -> torch.Tensor:
@@ -82,7 +75,7 @@ class TwoRankTests(unittest.TestCase):
         folder = os.path.join(tmp, "tiny")
         write_tiny_model(folder)
         out = os.path.join(tmp, "tp2.msgpack")
-        init = f"tcp://127.0.0.1:{free_port()}"
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"  # no port to race for
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         ranks = [
             getProcessOutputAndValue(

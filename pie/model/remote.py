@@ -241,7 +241,7 @@ class WorkerServerProtocol(WebSocketServerProtocol):
         except Exception as error:
             self._error(Failure(error), job_id)
             return
-        self.sendMessage(frame, isBinary=True)
+        self._send_frame(frame)
 
     def _error(self, failure: Failure, job_id: int) -> None:
         error = failure.value
@@ -260,7 +260,11 @@ class WorkerServerProtocol(WebSocketServerProtocol):
         self.sendClose(code, reason[:120])
 
     def _send(self, message: dict) -> None:
-        self.sendMessage(pack(message), isBinary=True)
+        self._send_frame(pack(message))
+
+    def _send_frame(self, frame: bytes) -> None:
+        if self.state == self.STATE_OPEN:  # a late answer for a daemon that left goes nowhere
+            self.sendMessage(frame, isBinary=True)
 
 
 class WorkerServerFactory(WebSocketServerFactory):
@@ -322,6 +326,8 @@ class RemoteWorker:
     def execute(self, job: object) -> Deferred:
         if self.lost_reason is not None:
             return fail(InstanceFault(self.lost_reason))
+        if self._protocol.state != self._protocol.STATE_OPEN:  # closing: _lost comes next
+            return fail(InstanceFault(f"model worker {self.name} at {self.endpoint} lost: closing"))
         job_id = next(self._ids)
         d = Deferred()
         self._pending[job_id] = (job, d)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -129,6 +130,7 @@ async def main(reactor, argv: list[str]) -> None:
     options.model = resolve_model(options.model)
     torch.set_num_threads(options.threads)
     home = tempfile.mkdtemp(prefix="pie-bench-remote-")
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, home, True)
     token_file = os.path.join(home, WORKER_TOKEN_FILE)
     with open(token_file, "w") as f:
         f.write(os.urandom(32).hex())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import textwrap
 
@@ -54,6 +55,7 @@ class RemoteWorkerCase(unittest.TestCase):
 
     def setUp(self):
         tmp = tempfile.mkdtemp(prefix="pie-remote-")
+        self.addCleanup(shutil.rmtree, tmp, True)
         self.model = os.path.join(tmp, "tiny")
         write_tiny_model(self.model)
         self.home = os.path.join(tmp, "home")
@@ -125,7 +127,7 @@ class AttachUseDetachTests(RemoteWorkerCase):
 
     async def test_worker_with_another_token_refuses_the_daemon(self):
         """A worker whose secret differs from the daemon's refuses the attach."""
-        other = os.path.join(tempfile.mkdtemp(), "token")
+        other = os.path.join(os.path.dirname(self.home), "other-token")
         with open(other, "w") as f:
             f.write("u" * 64)
         _process, url = await self.worker(token_file=other)

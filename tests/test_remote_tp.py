@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -34,6 +35,7 @@ class ShardingTests(unittest.TestCase):
     def test_shards_partition_every_sharded_weight(self):
         """Concatenating the ranks' q/k/v/gate/up rows and o/down columns gives back the weights."""
         folder = tempfile.mkdtemp(prefix="pie-tiny-")
+        self.addCleanup(shutil.rmtree, folder, True)
         write_tiny_model(folder)
         loaded = load_model(folder)
         shards = [tp.shard_weights(loaded.config, loaded.weights, r, 2) for r in range(2)]
@@ -71,7 +73,8 @@ class TwoRankTests(unittest.TestCase):
     async def test_tp2_on_gloo_equals_tp1(self):
         """Two CPU ranks (gloo) give the same full-vocabulary softmax (so the same logits) as one
         process, job after job: prefill, masks, gaps, decode."""
-        tmp = tempfile.mkdtemp(prefix="pie-tp-")
+        tmp = tempfile.mkdtemp(prefix="pie-tp-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
         folder = os.path.join(tmp, "tiny")
         write_tiny_model(folder)
         out = os.path.join(tmp, "tp2.msgpack")

@@ -28,9 +28,11 @@ import itertools
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 
 import msgpack
@@ -684,10 +686,10 @@ def _engine(options: argparse.Namespace, path: str) -> object:
 
 
 def _start_followers(argv: list[str], options: argparse.Namespace) -> list[subprocess.Popen]:
-    """Ranks 1..tp-1 as child processes running this same command."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        options.tp_init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """Ranks 1..tp-1 as child processes running this same command; they meet rank 0 through
+    a file (torch's FileStore), so there is no port to pick or race for."""
+    options.tp_dir = tempfile.mkdtemp(prefix="pie-tp-")
+    options.tp_init = f"file://{os.path.join(options.tp_dir, 'rendezvous')}"
     command = [sys.executable, "-m", "pie.model.remote", *argv, "--tp-init", options.tp_init]
     return [subprocess.Popen([*command, "--tp-rank", str(rank)]) for rank in range(1, options.tp)]
 
@@ -777,6 +779,8 @@ def worker_main(argv: list[str]) -> int:
     reactor.run()
     for follower in followers:
         follower.wait()
+    if followers:
+        shutil.rmtree(options.tp_dir, ignore_errors=True)
     return 0
 
 

@@ -125,3 +125,9 @@ class Sampling_(TestCase):
             worker.engine.run(
                 Forward([prompt_item(output_indices=[3], sampling=Sampling(top_p=0))])
             )
+
+
+class Sizing(TestCase):
+    def test_impossible_kv_cache_is_a_clear_error(self):
+        with self.assertRaisesRegex(PieError, "cannot allocate a KV cache"):
+            load_worker(_FOLDER.name, device="cpu", dtype="float32", num_pages=1 << 24)  # 128 GiB

@@ -18,6 +18,22 @@ import torch
 from pie.interfaces import PieError
 
 
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux); unlimited where unknown.
+
+    A CPU allocation beyond it would be granted lazily by the kernel and the
+    process killed later, when the pages are touched.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 class KvCache:
     def __init__(
         self,
@@ -36,8 +52,21 @@ class KvCache:
         self.num_pages = num_pages
         self.page_size = page_size
         shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        size = 2 * int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        problem = None
+        if torch.device(device).type == "cpu" and size > _available_memory():
+            problem = "more than the memory available"
+        else:
+            try:
+                self.k = torch.zeros(shape, device=device, dtype=dtype)
+                self.v = torch.zeros(shape, device=device, dtype=dtype)
+            except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is one too
+                problem = str(e)
+        if problem:
+            raise PieError(
+                f"cannot allocate a KV cache of {num_pages} pages ({size / 2**30:.1f} GiB) "
+                f"on {device}: {problem}; ask for fewer pages"
+            )
         # flat views [layers, heads, pages*page_size, dim] for slot-indexed writes
         flat = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
         self._k_slots = self.k.view(flat)

@@ -109,6 +109,25 @@ class ForwardMatchesHuggingFace(TestCase_):
             self.assertSameDistribution(out_a[0], hf_probs(self.ref, a)[-1], self.vocab)
             self.assertSameDistribution(out_b[0], hf_probs(self.ref, b)[-1], self.vocab)
 
+    def test_many_prompts_in_one_pass(self):
+        """Similar prompts share a padded attention call, a long one goes alone: all equal HF."""
+        eng = engine(self.loaded)
+        prompts = [self.tokens(10), self.tokens(12), self.tokens(12), self.tokens(40)]
+        pages = [[0], [1], [2], [3, 4, 5]]
+        masks = [[], [], [[i + 1] for i in range(5)] + [[3, 2, i - 4] for i in range(5, 12)], []]
+        items = [
+            item(pg, len(p), p, range(len(p)), masks=m, output_indices=list(range(len(p))))
+            for pg, p, m in zip(pages, prompts, masks, strict=True)
+        ]
+        outs = eng.run(Forward(items))
+        for i in (0, 1, 3):
+            ref = hf_probs(self.ref, prompts[i])
+            for row, got in enumerate(outs[i]):
+                self.assertSameDistribution(got, ref[row], self.vocab)
+        p = prompts[2]  # tokens 3, 4 hidden from tokens 5.. = HF without them, same positions
+        ref = hf_probs(self.ref, p[:3] + p[5:], [0, 1, 2] + list(range(5, 12)))
+        self.assertSameDistribution(outs[2][11], ref[-1], self.vocab)
+
     def test_fork_shares_prefix_pages(self):
         """A fork keeps the shared full page and copies the partial one (CopyKv)."""
         eng = engine(self.loaded)

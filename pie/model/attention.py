@@ -8,9 +8,11 @@ A batch mixes items of two kinds:
   The attention is written out as grouped-query matmuls (q viewed as
   [B, kv_heads, group, dim]) because on CPU that beats SDPA's flash kernel
   for a single query row.
-- every other item (prefill, several new tokens, drafts, ...) is attended on
-  its own with SDPA and an explicit boolean [n, T] mask, so items of very
-  different lengths do not pad each other.
+- every other item (prefill, several new tokens, drafts, ...) is attended
+  with SDPA and an explicit boolean mask. Items of similar size share one
+  padded call (many prompts arriving together); items whose padding would
+  more than half again the work go alone, so a long prefill does not pad the
+  short ones.
 
 Masks are boolean, True = attend, over the item's T context slots in page order.
 """
@@ -39,11 +41,15 @@ class ItemLayout:
 
 
 @dataclass
-class PrefillItem:
-    rows: slice
-    pages: torch.Tensor  # [1, P]
-    context_len: int
-    mask: torch.Tensor  # [n, T] bool
+class PrefillGroup:
+    """Multi-token items attended in one SDPA call, padded to the largest of them."""
+
+    rows: torch.Tensor  # [B, n_max] batch row of each query (padding repeats a real row)
+    pages: torch.Tensor  # [B, P_max]
+    width: int  # context slots kept (the largest T)
+    mask: torch.Tensor  # [B, 1, n_max, width] bool
+    pick: torch.Tensor  # [R] indices into the flattened [B * n_max] queries that are real
+    out_rows: torch.Tensor  # [R] their rows in the batch
 
 
 @dataclass
@@ -53,7 +59,7 @@ class AttentionPlan:
     decode_all: bool  # every row is a decode row, in order
     decode_pages: torch.Tensor | None  # [Bd, P]
     decode_bias: torch.Tensor | None  # [1, Bd, 1, P*page_size] additive (0 / -inf), or None
-    prefill: list[PrefillItem]
+    prefill: list[PrefillGroup]
 
 
 def causal_mask(context_len: int, num_new: int) -> np.ndarray:
@@ -71,7 +77,7 @@ def build_plan(
 ) -> AttentionPlan:
     slots: list[int] = []
     decode: list[ItemLayout] = []
-    prefill: list[PrefillItem] = []
+    multi: list[ItemLayout] = []
     for item in layouts:
         t, n = item.context_len, item.num_new
         if n == 1:
@@ -84,15 +90,8 @@ def build_plan(
         slots.extend(
             (page_ids[positions // page_size] * page_size + positions % page_size).tolist()
         )
-        mask = item.mask if item.mask is not None else causal_mask(t, n)
-        prefill.append(
-            PrefillItem(
-                rows=slice(item.row_start, item.row_start + n),
-                pages=torch.tensor([item.pages], dtype=torch.long, device=device),
-                context_len=t,
-                mask=torch.from_numpy(np.ascontiguousarray(mask)).to(device),
-            )
-        )
+        multi.append(item)
+    prefill = [_prefill_group(g, page_size, device) for g in _group_by_size(multi, page_size)]
     decode_rows = decode_pages = decode_bias = None
     decode_all = False
     if decode:
@@ -123,6 +122,60 @@ def build_plan(
     )
 
 
+PADDING_ALLOWANCE = 1.5  # a group may do this much more work than its items need
+
+
+def _group_by_size(items: list[ItemLayout], page_size: int) -> list[list[ItemLayout]]:
+    """Greedy groups of similar (n, T) so that padding stays within PADDING_ALLOWANCE."""
+    groups: list[list[ItemLayout]] = []
+    for item in sorted(items, key=lambda i: (i.num_new, len(i.pages))):
+        group = groups[-1] if groups else None
+        if group is not None:
+            candidate = group + [item]
+            real = sum(i.num_new * i.context_len for i in candidate)
+            n_max = max(i.num_new for i in candidate)
+            width = max(len(i.pages) for i in candidate) * page_size
+            if len(candidate) * n_max * width <= PADDING_ALLOWANCE * real + n_max * page_size:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
+def _prefill_group(items: list[ItemLayout], page_size: int, device: torch.device) -> PrefillGroup:
+    b = len(items)
+    n_max = max(i.num_new for i in items)
+    p_max = max(len(i.pages) for i in items)
+    width = max(i.context_len for i in items)
+    rows = np.zeros((b, n_max), dtype=np.int64)
+    table = np.zeros((b, p_max), dtype=np.int64)
+    mask = np.zeros((b, n_max, width), dtype=bool)
+    mask[:, :, 0] = True  # padding queries attend one slot (no NaN); they are dropped
+    pick, out_rows = [], []
+    for j, item in enumerate(items):
+        n, t = item.num_new, item.context_len
+        rows[j, :] = item.row_start
+        rows[j, :n] = np.arange(item.row_start, item.row_start + n)
+        table[j, : len(item.pages)] = item.pages
+        table[j, len(item.pages) :] = item.pages[0]
+        mask[j, :n, :] = False
+        mask[j, :n, :t] = item.mask if item.mask is not None else causal_mask(t, n)
+        pick.extend(range(j * n_max, j * n_max + n))
+        out_rows.extend(range(item.row_start, item.row_start + n))
+
+    def tensor(array) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array), device=device)
+
+    return PrefillGroup(
+        rows=tensor(rows),
+        pages=tensor(table),
+        width=width,
+        mask=tensor(mask)[:, None],
+        pick=tensor(np.asarray(pick, dtype=np.int64)),
+        out_rows=tensor(np.asarray(out_rows, dtype=np.int64)),
+    )
+
+
 def attend(q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan) -> torch.Tensor:
     """q: [N, heads, dim] (RoPE applied) -> attention output [N, heads, dim]."""
     n, heads, dim = q.shape
@@ -132,16 +185,15 @@ def attend(q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan) -> 
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
         out[plan.decode_rows] = _decode(q[plan.decode_rows], cache, layer, plan, scale)
-    for item in plan.prefill:
-        k, v = cache.gather_pages(layer, item.pages)  # [kv_heads, 1, P*page_size, dim]
-        t = item.context_len
-        k = k[:, 0, :t][None]
-        v = v[:, 0, :t][None]
-        qi = q[item.rows].transpose(0, 1)[None]
+    for group in plan.prefill:
+        k, v = cache.gather_pages(layer, group.pages)  # [kv_heads, B, P*page_size, dim]
+        k = k[:, :, : group.width].transpose(0, 1)
+        v = v[:, :, : group.width].transpose(0, 1)
+        qg = q[group.rows].transpose(1, 2)  # [B, heads, n_max, dim]
         o = F.scaled_dot_product_attention(
-            qi, k, v, attn_mask=item.mask[None, None], scale=scale, enable_gqa=True
+            qg, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
         )
-        out[item.rows] = o[0].transpose(0, 1)
+        out[group.out_rows] = o.transpose(1, 2).reshape(-1, heads, dim)[group.pick]
     return out
 
 

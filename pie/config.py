@@ -48,7 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
     Setting(
-        "model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models or a path."
+        "model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models, a path, or none (only attached workers)."
     ),
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),

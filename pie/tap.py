@@ -86,7 +86,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         from twisted.internet import reactor
     settings = config.settings
     top = SequentialMultiService()
-    ready = None
+    model = None
     if runtime is None:
         from pie.model.local import LocalModelService
         from pie.runtime.executors import make_executor
@@ -104,11 +104,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             reactor=reactor,
             max_program_size=settings["max_program_size"],
         )
-        model = LocalModelService(runtime, settings, reactor)
-        ready = model.whenReady
+        if settings["model"] != "none":
+            model = LocalModelService(runtime, settings, reactor)
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
-    if ready is not None:
+    if model is not None:
         model.setServiceParent(top)
     factory = PieServerFactory(
         runtime,
@@ -118,7 +118,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_outbound=settings["max_outbound"],
         reactor=reactor,
     )
-    listener = ClientListenerService(serverFromString(reactor, settings["port"]), factory, ready)
+    listener = ClientListenerService(
+        serverFromString(reactor, settings["port"]),
+        factory,
+        model.whenReady if model is not None else None,
+    )
     listener.setName("clients")
     listener.setServiceParent(top)
     return top

@@ -34,39 +34,45 @@ async def main(args):
 class ComposedDaemonTests(unittest.TestCase):
     timeout = 120
 
-    async def test_builds_and_serves_a_real_model(self):
-        home = self.mktemp()
-        model_dir = self.mktemp()
-        write_tiny_model(model_dir)
+    async def start(self, *argv: str):
+        """makeService from these flags, started as twistd would; the listening port."""
         options = Options()
-        options.parseOptions(
-            [
-                "--no-auth",
-                "--home",
-                home,
-                "--model",
-                model_dir,
-                "--executor",
-                "dev",
-                "--port",
-                "tcp:0:interface=127.0.0.1",
-                "--dist-size",
-                "8",
-                "--device",
-                "cpu",
-                "--dtype",
-                "float32",
-                "--num-pages",
-                "32",
-            ]
-        )
+        options.parseOptions(["--no-auth", "--home", self.mktemp(), *argv])
         top = makeService(options, reactor=reactor)
         top.privilegedStartService()
         top.startService()
         self.addCleanup(top.stopService)
-        listener = top.getServiceNamed("clients")
-        port = await listener.whenListening()
+        return await top.getServiceNamed("clients").whenListening()
 
+    async def test_without_a_local_model(self):
+        """--model none: a daemon for attached workers only, listening at once."""
+        port = await self.start("--model", "none", "--executor", "dev", "--port", "tcp:0")
+        client = await rawclient.connect(port.getHost().port)
+        self.addCleanup(client.close)
+        status = await client.request(
+            {"type": "query", "corr_id": 1, "subject": "model_status", "record": ""}
+        )
+        self.assertEqual((status["successful"], json.loads(status["result"])), (True, []))
+
+    async def test_builds_and_serves_a_real_model(self):
+        model_dir = self.mktemp()
+        write_tiny_model(model_dir)
+        port = await self.start(
+            "--model",
+            model_dir,
+            "--executor",
+            "dev",
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--dist-size",
+            "8",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num-pages",
+            "32",
+        )
         client = await rawclient.connect(port.getHost().port)
         self.addCleanup(client.close)
         status = await client.request(

@@ -16,8 +16,16 @@ submit, after a job completes, and on a `callLater` timer for the t policies.
 Two items that touch the same KV page, one of them writing it, never share a
 batch: the second waits for the next one, so a worker is free to write the
 new K/V of all items before or after attending. A batch holds at most
-max_batch_tokens new tokens (one larger item still goes alone), and a batch
-that is full is released by every policy but adaptive's one-in-flight rule.
+max_batch_tokens new tokens, and a batch that is full is released by every
+policy but adaptive's one-in-flight rule.
+
+Chunked prefill: a text item with more new tokens than the batch has room for
+is split; its first tokens fill the room (at least MIN_CHUNK of them, or a
+whole empty batch) and the rest waits at the head of its queue for the next
+batch, and so on. So a long prompt goes through in slices of at most
+max_batch_tokens, each batched with the running decodes, instead of one pass
+that every decode step waits behind. The command answers once, when its last
+chunk is done, with the outputs of all chunks.
 
 Results and failures are fired only after the scheduler's own state is
 settled, because a caller may react synchronously (submit again, or end the
@@ -26,6 +34,7 @@ instance).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +50,7 @@ from pie.model.batch import EmbedText, Forward, ForwardItem, GetDistributions
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
 _MERGEABLE = {"EmbedText", "GetDistributions"}
+MIN_CHUNK = 32  # fewer free tokens than this in a batch: a long item waits for the next one
 
 log = Logger()
 
@@ -161,6 +171,11 @@ def _size(item: ForwardItem) -> int:
     return len(item.tokens) or len(item.input_embeds)
 
 
+def _splittable(item: ForwardItem) -> bool:
+    """Text items can be cut into chunks (outputs in order, so their answers concatenate)."""
+    return not item.input_embeds and item.output_indices == sorted(item.output_indices)
+
+
 def _footprint(item: ForwardItem, page_size: int) -> tuple[frozenset, frozenset]:
     """(pages read, pages written) by a forward item: it writes the pages of its last n slots."""
     count = _size(item)
@@ -193,6 +208,7 @@ class Scheduler:
         self._open_writes: set = set()
         self._open_tokens = 0
         self._full = False  # an item waits because the open batch has no room for its tokens
+        self._chunk_pages: dict[int, frozenset] = {}  # id(rest of a split item) -> its pages
         self._groups: dict[str, list[_Entry]] = {}  # eager jobs of the current pass
         self._seq = itertools.count()
         self._forwards_in_flight = 0
@@ -271,6 +287,8 @@ class Scheduler:
         for entries in self._groups.values():
             cancelled.extend(e.command for e in entries if e.queue.instance == instance)
         for command in cancelled:
+            if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
+                self.unstaged()
             if not command.cancelled:
                 command.cancelled = True
                 self._fire(command.deferred, Failure(InstanceFault(reason)))
@@ -322,8 +340,11 @@ class Scheduler:
             (q for q in self._queues.values() if q.items),
             key=lambda q: (q.priority, q.items[0].seq),
         )
+        oversize: list[_Queue] = []  # long items take the room the others leave (split last)
         for q in order:
-            progress |= self._advance(q)
+            progress |= self._advance(q, oversize)
+        for q in oversize:
+            progress |= self._advance(q, None)
         while self._groups:  # entries stay visible to _cancel until the moment they are sent
             group = next(iter(self._groups))
             entries = self._groups[group]
@@ -342,7 +363,10 @@ class Scheduler:
         progress |= self._release_forwards()
         return progress
 
-    def _advance(self, q: _Queue) -> bool:
+    def _advance(self, q: _Queue, oversize: list[_Queue] | None) -> bool:
+        """Move q's head commands into the open batch / job groups as far as order allows.
+        An item that needs splitting is split only when `oversize` is None; otherwise q
+        is added to it and waits for the end of the pass."""
         current = None  # the group this queue contributes to in this pass
         moved = False
         while q.items and not q.dead and not q.holding:
@@ -372,10 +396,22 @@ class Scheduler:
                 ):
                     break
                 size = _size(prepared)
+                room = self.max_batch_tokens - self._open_tokens
+                if size > room and _splittable(prepared) and (not self._open or room >= MIN_CHUNK):
+                    if oversize is not None:
+                        oversize.append(q)
+                        break
+                    if self.policy.name == "adaptive" and self._forwards_in_flight:
+                        break  # split when the batch goes: the decodes answered by then come first
+                    command, prepared = self._split(q, command, prepared, max(room, 1))
+                    reads, writes = _footprint(prepared, self._page_size)
+                    size = _size(prepared)
                 if self._open and self._open_tokens + size > self.max_batch_tokens:
                     self._full = True
                     break
                 q.items.popleft()
+                if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
+                    self.unstaged()  # (its pages are staged now: named by the open batch)
                 q.staged += 1
                 self._open.append(_Entry(q, command, prepared, reads, writes))
                 self._open_reads |= reads
@@ -387,6 +423,63 @@ class Scheduler:
             current = group
             moved = True
         return moved
+
+    def _split(
+        self, q: _Queue, command: Command, item: ForwardItem, head: int
+    ) -> tuple[Command, ForwardItem]:
+        """Split a text item after its first `head` tokens: (the first chunk's command and
+        item, to stage now); the rest replaces the command at the queue head."""
+        self._chunk_pages.pop(id(command), None)  # (a rest split again: the new rest has them)
+        ps, n = self._page_size, len(item.tokens)
+        total = ps * (len(item.pages) - 1) + item.last_page_len
+        written = total - n + head  # slots filled once the first chunk has run
+        used = -(-written // ps)
+        first_outputs = [i for i in item.output_indices if i < head]
+        first = ForwardItem(
+            pages=item.pages[:used],
+            last_page_len=written - ps * (used - 1),
+            positions=item.positions[:head],
+            tokens=item.tokens[:head],
+            masks=item.masks[:head],
+            output_indices=first_outputs,
+            sampling=item.sampling if first_outputs else None,
+        )
+        rest = dataclasses.replace(
+            item,
+            positions=item.positions[head:],
+            tokens=item.tokens[head:],
+            masks=item.masks[head:],
+            output_indices=[i - head for i in item.output_indices if i >= head],
+        )
+        earlier: list = []  # outputs of the chunks that ran, in order
+
+        def first_done(answer: list) -> None:
+            earlier.extend(answer)
+
+        chunk = Command(
+            FORWARD,
+            lambda: first,
+            finish=first_done,
+            dispatched=command.dispatched,
+            holds_queue=True,
+        )
+        chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
+        chunk.seq, chunk.submitted = command.seq, command.submitted
+        remainder = Command(
+            FORWARD,
+            lambda: rest,
+            finish=lambda answer: command.finish(earlier + list(answer)),
+            dispatched=command.dispatched,
+            holds_queue=command.holds_queue,
+            recover=command.recover,
+            seq=command.seq,
+            submitted=command.submitted,
+        )
+        remainder.deferred.chainDeferred(command.deferred)
+        q.items[0] = chunk
+        q.items.insert(1, remainder)
+        self._chunk_pages[id(remainder)] = frozenset(item.pages)
+        return chunk, first
 
     def _prepare(self, q: _Queue, command: Command) -> object | None:
         """command.prepare(), or None after failing the command (popped) if it raised."""
@@ -432,8 +525,9 @@ class Scheduler:
     # ------------------------------------------------------------------ forward batches
 
     def page_staged(self, page: int) -> bool:
-        """True while an item of the open batch (not yet sent) names this physical page."""
-        return page in self._open_reads
+        """True while an item of the open batch (not yet sent), or the waiting rest of a
+        split item, names this physical page."""
+        return page in self._open_reads or any(page in p for p in self._chunk_pages.values())
 
     def _set_open(self, entries: list[_Entry]) -> None:
         self._open = entries

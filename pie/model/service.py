@@ -101,7 +101,8 @@ class ModelService:
     service ends an instance it evicts under contention (the runtime sets it;
     the evicted instance's later commands errback with the reason anyway).
     run_blocking(fn, *args) -> Deferred runs store I/O off the reactor thread.
-    max_batch_tokens caps the new tokens of one Forward job (a longer item goes alone).
+    max_batch_tokens caps the new tokens of one Forward job (a longer text item is split into
+    chunks that run beside the other queues' items: chunked prefill, see the scheduler).
     """
 
     def __init__(

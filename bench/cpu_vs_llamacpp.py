@@ -1,0 +1,224 @@
+"""CPU serving: our engine vs llama-cpp-python on the same GGUF, prompts, threads and greedy decoding.
+
+    PYTHONPATH=. .venv/bin/python bench/cpu_vs_llamacpp.py [--threads 2] [--new 128] [--streams 8]
+
+Two figures, sides interleaved in one run (best of --repeats each):
+- serving: --streams concurrent completions of --new tokens each through our
+  model service (ModelService.generate: batched steps, greedy sampling in the
+  worker) vs llama-cpp-python serving the same prompts one after another.
+  Total generated tokens / wall time, prefill included (target >= 1.5x).
+- batch-1 decode tokens/s: ours (one generation; (new-1) tokens over the time
+  of a full generation minus that of a 1-token one) vs llama.cpp (time from
+  the first token to the last) (target >= 0.5x).
+Both sides get the same token ids (our tokenizer), run greedy, and never stop
+early (no EOS check: exactly --new tokens each).
+
+llama-cpp-python lives in its own virtual environment, /work/main/.bench-venv
+(ignored by git, never a dependency of pie). If it is missing this script makes
+it (`python -m venv .bench-venv && .bench-venv/bin/pip install llama-cpp-python`,
+a source build of several minutes) and runs llama.cpp there, in a child process
+that loads the model once and answers JSON requests on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+TOPICS = [
+    "the ocean", "a lighthouse", "mountains", "a small robot", "the moon", "a library",
+    "winter", "a train journey", "bees", "a city at night", "volcanoes", "a garden",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the llama.cpp side
+
+
+def llama_child(model: str, threads: int) -> None:
+    """Runs in .bench-venv: serve requests {"prompts": [[ids]], "new": n} one JSON line each."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                n_batch=512, verbose=False)  # fmt: skip
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        start = time.perf_counter()
+        stamps, outputs = [], []
+        for prompt in request["prompts"]:  # one after another, as a single-stream server
+            out = []
+            for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
+                out.append(token)
+                stamps.append(time.perf_counter())
+                if len(out) == request["new"]:
+                    break
+            outputs.append(out)
+        seconds = time.perf_counter() - start
+        first, last = stamps[0], stamps[-1]
+        answer = {"seconds": seconds, "outputs": outputs, "decode_seconds": last - first}
+        print(json.dumps(answer), flush=True)
+
+
+class LlamaCpp:
+    """The child process running llama.cpp in .bench-venv."""
+
+    def __init__(self, model: str, threads: int) -> None:
+        python = os.path.join(BENCH_VENV, "bin", "python")
+        if not _has_llama_cpp(python):
+            _make_bench_venv(python)
+        self.proc = subprocess.Popen(
+            [python, os.path.abspath(__file__), "--llama-child", "--model", model,
+             "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._read()
+
+    def run(self, prompts: list[list[int]], new: int) -> dict:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the llama.cpp child process ended")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _has_llama_cpp(python: str) -> bool:
+    if not os.path.exists(python):
+        return False
+    return subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+
+
+def _make_bench_venv(python: str) -> None:
+    print(f"making {BENCH_VENV} with llama-cpp-python (a source build: minutes)", flush=True)
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
+    subprocess.run([python, "-m", "pip", "install", "llama-cpp-python"], check=True)
+
+
+def llama_version() -> str:
+    python = os.path.join(BENCH_VENV, "bin", "python")
+    probe = "import llama_cpp; print(llama_cpp.__version__)"
+    return subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip()
+
+
+# --------------------------------------------------------------------------- our side
+
+
+async def ours(service, prompts: list[list[int]], new: int) -> float:
+    """Seconds for our model service to generate `new` tokens after each prompt, concurrently."""
+    from twisted.internet import defer
+
+    from pie.model.batch import Sampling
+
+    ps = service.kv_page_size
+    runs = []
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        inst = f"bench-{i}-{time.monotonic_ns()}"
+        q = service.create_queue(inst)
+        pages = list(range(-(-(len(prompt) + new) // ps)))
+        service.submit(inst, q, "allocate_kv_pages", pages)
+        d = service.generate(inst, q, pages, 0, prompt, list(range(len(prompt))), Sampling(), new)
+        d.addBoth(lambda result, inst=inst: (service.destroy_instance(inst), result)[1])
+        runs.append(d)
+    outputs = await defer.gatherResults(runs, consumeErrors=True)
+    if any(len(o) != new for o in outputs):
+        raise RuntimeError("a generation stopped early")
+    return time.perf_counter() - start
+
+
+def prompts_for(tokenizer, n: int) -> list[list[int]]:
+    from pie.inferlet.template import Template
+
+    template = Template(tokenizer.chat_template)
+    out = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"Tell me a long story about {TOPICS[i % 12]}."}]
+        text = template.render(messages=messages, add_generation_prompt=True, bos_token="")
+        out.append(tokenizer.tokenize(text))
+    return out
+
+
+async def run(reactor, opts) -> None:
+    import torch
+    from twisted.internet import threads
+
+    from pie.model.registry import default_model_path
+    from pie.model.service import ModelService
+    from pie.model.worker import load_worker
+
+    torch.set_num_threads(opts.threads)
+    model = opts.model or default_model_path()
+    worker = load_worker(model, device="cpu", num_pages=512)
+    service = ModelService(worker, reactor=reactor)
+    llama = LlamaCpp(model, opts.threads)
+    print(f"model {model}")
+    print(
+        f"threads {opts.threads} (both sides), torch {torch.__version__}, "
+        f"llama-cpp-python {llama_version()}, ours {worker.info.dtype} on {worker.info.device}"
+    )
+    prompts = prompts_for(worker.tokenizer, opts.streams)
+    print(f"{opts.streams} prompts of {[len(p) for p in prompts]} tokens, {opts.new} new each")
+    await ours(service, prompts, 8)  # warm up both (llama.cpp's first calls are slow)
+    for _ in range(2):
+        await threads.deferToThread(llama.run, prompts, 8)
+    serve_ours = serve_llama = decode_ours = decode_llama = 0.0
+    total = opts.streams * opts.new
+    for r in range(opts.repeats):
+        seconds = await ours(service, prompts, opts.new)
+        answer = await threads.deferToThread(llama.run, prompts, opts.new)
+        row = [total / seconds, total / answer["seconds"]]
+        full = await ours(service, prompts[:1], opts.new)
+        first = await ours(service, prompts[:1], 1)
+        answer = await threads.deferToThread(llama.run, prompts[:1], opts.new)
+        row += [(opts.new - 1) / (full - first), (opts.new - 1) / answer["decode_seconds"]]
+        print("  repeat {}: serving {:.1f} vs {:.1f} tok/s, batch-1 decode {:.1f} vs {:.1f} tok/s"
+              .format(r + 1, *row), flush=True)  # fmt: skip
+        serve_ours, serve_llama = max(serve_ours, row[0]), max(serve_llama, row[1])
+        decode_ours, decode_llama = max(decode_ours, row[2]), max(decode_llama, row[3])
+    print(f"{'':28} {'ours':>8} {'llama.cpp':>10} {'ratio':>7} {'target':>7}")
+    print(
+        f"{f'{opts.streams} streams, total tok/s':28} {serve_ours:8.1f} {serve_llama:10.1f} "
+        f"{serve_ours / serve_llama:7.2f} {'>= 1.5':>7}"
+    )
+    print(
+        f"{'batch-1 decode tok/s':28} {decode_ours:8.1f} {decode_llama:10.1f} "
+        f"{decode_ours / decode_llama:7.2f} {'>= 0.5':>7}"
+    )
+    llama.close()
+    await worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 Q4_1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.llama_child:
+        llama_child(opts.model, opts.threads)
+        return 0
+    from twisted.internet import defer, task
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

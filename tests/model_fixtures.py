@@ -36,10 +36,15 @@ def write_byte_tokenizer(folder: str) -> None:
     backend.save(os.path.join(folder, "tokenizer.json"))
 
 
-def write_tiny_model(folder: str, *, seed: int = 0, **overrides) -> None:
-    """A random LlamaForCausalLM saved with save_pretrained (safetensors), plus a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_tiny_model(folder: str, *, seed: int = 0, architecture: str = "llama", **overrides):
+    """A random LlamaForCausalLM (or Qwen2ForCausalLM) saved with save_pretrained, plus a
+    tokenizer; returns the transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[architecture]
     settings = dict(
         vocab_size=300,
         hidden_size=64,
@@ -56,14 +61,17 @@ def write_tiny_model(folder: str, *, seed: int = 0, **overrides) -> None:
     )
     settings.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings))
-    with torch.no_grad():  # HF initialises norms to 1; randomise them too
+    model = model_class(config_class(**settings))
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them too
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
     write_byte_tokenizer(folder)
     assert glob.glob(os.path.join(folder, "*.safetensors"))
+    return model.eval()
 
 
 def tiny_model(folder: str, **overrides) -> tuple[LoadedModel, object]:

@@ -7,6 +7,7 @@ vocabulary) with transformers computing the same sequence from scratch.
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 
@@ -16,7 +17,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from pie.interfaces import PieError
 from pie.model.batch import CopyKv, EmbedText, Forward, ForwardItem, GetDistributions, MaskKv
 from pie.model.engine import create_engine
-from tests.model_fixtures import dense, hf_probs, tiny_model
+from pie.model.loaders import load_model
+from tests.model_fixtures import dense, hf_probs, tiny_model, write_tiny_model
 
 PS = 16
 ATOL = 2e-5
@@ -228,6 +230,22 @@ class OtherArchitectures(TestCase_):
         )
         self.assertSameDistribution(
             out[0], hf_probs(ref, toks, positions)[-1], loaded.config.vocab_size
+        )
+
+    def test_qwen2_biases(self):
+        """Qwen2 = Llama with q/k/v biases: equal to transformers' Qwen2ForCausalLM."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        reference = write_tiny_model(folder, architecture="qwen2")
+        loaded = load_model(folder, dtype="float32")
+        self.assertIn("model.layers.0.self_attn.q_proj.bias", loaded.weights)
+        eng = engine(loaded)
+        toks = [3, 77, 150, 9, 201, 45, 6, 88, 120, 13, 250, 31]
+        [out] = eng.run(Forward([item([4], 12, toks, range(12), output_indices=[11])]))
+        self.assertSameDistribution(out[0], hf_probs(reference, toks)[-1], loaded.config.vocab_size)
+        [out] = eng.run(Forward([item([4], 13, [99], [12], output_indices=[0])]))
+        self.assertSameDistribution(
+            out[0], hf_probs(reference, toks + [99])[-1], loaded.config.vocab_size
         )
 
     def test_bfloat16_stays_close_to_float32(self):

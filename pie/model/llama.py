@@ -61,8 +61,8 @@ class LlamaConfig:
             rope_theta = params.get("rope_theta", rope_theta)
             if params.get("rope_type", "default") != "default":
                 rope_scaling = params
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise PieError("models with attention/MLP biases are not supported")
+        if d.get("use_sliding_window"):
+            raise PieError("sliding-window attention is not supported")
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -190,7 +190,12 @@ class LlamaModel:
             return weights[name].to(device=self.device, dtype=dtype).contiguous()
 
         def linear(*names: str) -> Linear:
-            dense = DenseLinear(torch.cat([tensor(n) for n in names]))
+            biases = [n.removesuffix(".weight") + ".bias" for n in names]
+            present = [b in weights for b in biases]
+            if any(present) and not all(present):
+                raise PieError(f"biases of {names} are only partly present")
+            bias = torch.cat([tensor(b) for b in biases]) if all(present) else None
+            dense = DenseLinear(torch.cat([tensor(n) for n in names]), bias)
             if self.int4 and all(n in quantized for n in names):
                 q4 = Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), dtype)
                 return Int4OrDenseLinear(q4, dense)

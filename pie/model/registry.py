@@ -185,6 +185,7 @@ def add(name: str, home: str | None = None, out: TextIO = sys.stdout, download=p
     folder = os.path.join(models_dir(home), name)
     final = os.path.join(folder, known.file)
     if os.path.isfile(final) and _sha256(final) == known.sha256:
+        _record(folder, name, known)  # e.g. a file put there by hand: now it is on record
         print(f"{name} is already in the cache and verified: {final}", file=out)
         return final
     os.makedirs(folder, exist_ok=True)
@@ -207,14 +208,6 @@ def add(name: str, home: str | None = None, out: TextIO = sys.stdout, download=p
     print(f"verified: sha256 {sha}, GGUF v{version} with {tensors} tensors", file=out)
     print(f"added {name}: {final}", file=out)
     return final
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _record(folder: str, name: str, known: KnownModel) -> None:

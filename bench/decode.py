@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
-    parser.add_argument("--new", type=int, default=32, help="new tokens per sequence")
+    parser.add_argument("--new", type=int, default=24, help="new tokens per sequence")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", help="activation dtype for both sides")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        default=15.0,
+        default=10.0,
         help="seconds to wait for other CPU load to settle before each run",
     )
     args = parser.parse_args(argv)

@@ -10,6 +10,10 @@ Two figures, sides interleaved in one run (best of --repeats each):
 - batch-1 decode tokens/s: ours (one generation; (new-1) tokens over the time
   of a full generation minus that of a 1-token one) vs llama.cpp (time from
   the first token to the last) (target >= 0.5x).
+Before each run the bench waits up to --quiet-wait seconds for other processes
+to leave the CPU (bench/decode.py's wait_for_quiet) and prints the load it saw:
+on a shared 2-core machine llama.cpp's spinning OpenMP threads slow down by 10x
+or more as soon as anything else runs, so only quiet runs are comparable.
 Both sides get the same token ids (our tokenizer), run greedy, and never stop
 early (no EOS check: exactly --new tokens each).
 
@@ -156,6 +160,7 @@ async def run(reactor, opts) -> None:
     import torch
     from twisted.internet import threads
 
+    from bench.decode import wait_for_quiet
     from pie.model.registry import default_model_path
     from pie.model.service import ModelService
     from pie.model.worker import load_worker
@@ -177,16 +182,26 @@ async def run(reactor, opts) -> None:
         await threads.deferToThread(llama.run, prompts, 8)
     serve_ours = serve_llama = decode_ours = decode_llama = 0.0
     total = opts.streams * opts.new
+    loads: list[float] = []
+
+    async def quiet() -> None:  # llama.cpp's spinning threads collapse when cores are shared
+        loads.append(await threads.deferToThread(wait_for_quiet, opts.quiet_wait))
+
     for r in range(opts.repeats):
+        await quiet()
         seconds = await ours(service, prompts, opts.new)
+        await quiet()
         answer = await threads.deferToThread(llama.run, prompts, opts.new)
         row = [total / seconds, total / answer["seconds"]]
+        await quiet()
         full = await ours(service, prompts[:1], opts.new)
         first = await ours(service, prompts[:1], 1)
+        await quiet()
         answer = await threads.deferToThread(llama.run, prompts[:1], opts.new)
         row += [(opts.new - 1) / (full - first), (opts.new - 1) / answer["decode_seconds"]]
         print("  repeat {}: serving {:.1f} vs {:.1f} tok/s, batch-1 decode {:.1f} vs {:.1f} tok/s"
-              .format(r + 1, *row), flush=True)  # fmt: skip
+              " (other load before the runs: {})".format(
+                  r + 1, *row, " ".join(f"{x:.2f}" for x in loads[-4:])), flush=True)  # fmt: skip
         serve_ours, serve_llama = max(serve_ours, row[0]), max(serve_llama, row[1])
         decode_ours, decode_llama = max(decode_ours, row[2]), max(decode_llama, row[3])
     print(f"{'':28} {'ours':>8} {'llama.cpp':>10} {'ratio':>7} {'target':>7}")
@@ -209,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0,
+        help="before each run wait up to this many seconds for other load to leave the CPU",
+    )  # fmt: skip
     parser.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.llama_child:

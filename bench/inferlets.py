@@ -16,7 +16,8 @@ One run prints:
   on both sides. The ratio inferlets/engine is the tax (target >= 0.95 at N=32).
 
 The sides alternate within each repeat and the best of --repeats is kept for each
-(load from elsewhere only slows). `--device cuda` runs the same on a GPU.
+(load from elsewhere only slows); before each run the bench waits up to --quiet-wait
+seconds for other processes to leave the CPU. `--device cuda` runs the same on a GPU.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import tempfile
 import time
 
 import torch
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
+from bench.decode import wait_for_quiet
 from bench.sandbox import host_call_latency, spawn_time, wasm_executor
 from pie.inferlet.template import Template
 from pie.interfaces import IInstanceOwner
@@ -182,9 +184,11 @@ async def run(reactor, opts) -> None:
         for _ in range(opts.repeats):
             counts = None
             for name, (runtime, digest) in runtimes.items():
+                await threads.deferToThread(wait_for_quiet, opts.quiet_wait)
                 seconds, got = await inferlets(runtime, digest, n, opts.new)
                 counts = counts or got
                 best[name] = max(best[name], sum(got) / seconds)
+            await threads.deferToThread(wait_for_quiet, opts.quiet_wait)
             seconds = await engine_loop(worker, prompts, counts)
             total = sum(counts)
             best_engine = max(best_engine, total / seconds)
@@ -205,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pages", type=int, default=1024, help="KV pages of the worker")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--quiet-wait", type=float, default=20.0,
+        help="before each run wait up to this many seconds for other load to leave the CPU",
+    )  # fmt: skip
     opts = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))
     return 0

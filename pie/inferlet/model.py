@@ -14,6 +14,7 @@ use it to reuse ids safely across queues.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pie.inferlet import _abi, _driver
@@ -49,10 +50,16 @@ class Tokenizer:
     decode = detokenize
 
     def get_vocabs(self) -> tuple[list[int], list[bytes]]:
-        """Every regular token id and its bytes (fetched once, then cached)."""
+        """Every regular token id and its bytes (fetched once, then cached).
+
+        The host sends the bytes as one buffer plus end offsets, which cross
+        the sandbox boundary in milliseconds; they are sliced here once.
+        """
         if self._vocabs is None:
-            ids, pieces = _abi.call("get_vocabs", self.service_id)
-            self._vocabs = (list(ids), [bytes(p) for p in pieces])
+            ids, data, ends = _abi.call("get_vocabs", self.service_id)
+            data = bytes(data)
+            bounds = itertools.pairwise([0, *ends])
+            self._vocabs = (list(ids), [data[start:end] for start, end in bounds])
         return self._vocabs
 
 

@@ -530,9 +530,9 @@ class FakeInstance:
     def _detokenize(self, service: int, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
 
-    def _get_vocabs(self, service: int) -> tuple[list[int], list[bytes]]:
-        ids = list(range(BYTE_OFFSET, 256 + BYTE_OFFSET))
-        return ids, [bytes([i - BYTE_OFFSET]) for i in ids]
+    def _get_vocabs(self, service: int) -> tuple[list[int], bytes, list[int]]:
+        """The byte tokens: ids, their bytes concatenated, end offsets (as the host sends them)."""
+        return list(range(BYTE_OFFSET, 256 + BYTE_OFFSET)), bytes(range(256)), list(range(1, 257))
 
     # ------------------------------------------------------------------ messaging
     def _send(self, message: str) -> None:

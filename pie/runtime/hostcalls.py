@@ -163,9 +163,10 @@ HOST_CALLS: dict[str, HostCall] = {
         _c(
             "get_vocabs",
             "service: u32",
-            "tuple<list<u32>, list<list<u8>>>",
+            "tuple<list<u32>, list<u8>, list<u32>>",
             "sync",
-            "Regular token ids and their bytes.",
+            "Regular token ids, all their bytes concatenated, and where each token's bytes "
+            "end in them (one flat buffer: it crosses the sandbox boundary in milliseconds).",
         ),
         # ---- messaging and the key-value store
         _c("send", "message: string", None, "sync", "To the owning client (instance_event)."),

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pie.inferlet import fastpath
@@ -225,16 +225,25 @@ class Context:
         if engine is not None:
             generated = await self._generate_in_engine(engine, sampler, stop)
         else:
-            generated = []
-            while True:
-                dist = await self.decode_step()
-                token = sample_with(sampler, dist.ids, dist.probs)
-                generated.append(token)
-                self.fill_token(token)
-                if should_stop(stop, generated):
-                    break
+            generated = await self._decode_tokens(sampler, stop)
         self._record_generated(generated)
         return generated
+
+    async def _decode_tokens(
+        self, sampler: SamplerLike, stop: StopLike, after_each: Callable[[], None] | None = None
+    ) -> list[int]:
+        """One decode_step per token: sample it, feed it back, run `after_each`,
+        until `stop`; the tokens sampled."""
+        generated: list[int] = []
+        while True:
+            dist = await self.decode_step()
+            token = sample_with(sampler, dist.ids, dist.probs)
+            generated.append(token)
+            self.fill_token(token)
+            if after_each is not None:
+                after_each()
+            if should_stop(stop, generated):
+                return generated
 
     def _causal(self) -> bool:
         """Nothing is masked: every pending and future token attends to all before it."""
@@ -414,18 +423,15 @@ class Context:
         the first `sink` tokens and the last `window` stay visible, and pages
         that became fully hidden are freed (keep_window). `stats` (optional dict)
         receives 'max_pages' and 'pages_freed'."""
-        generated: list[int] = []
         freed = self.keep_window(sink, window)
         max_pages = len(self.pages)
-        while True:
-            dist = await self.decode_step()
-            token = sample_with(sampler, dist.ids, dist.probs)
-            generated.append(token)
-            self.fill_token(token)
+
+        def evict() -> None:
+            nonlocal freed, max_pages
             freed += self.keep_window(sink, window)
             max_pages = max(max_pages, len(self.pages))
-            if should_stop(stop, generated):
-                break
+
+        generated = await self._decode_tokens(sampler, stop, evict)
         if stats is not None:
             stats.update(max_pages=max_pages, pages_freed=freed)
         self._record_generated(generated)

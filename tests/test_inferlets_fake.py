@@ -38,8 +38,7 @@ def chat_prompt(world: FakeWorld, user: str) -> list[int]:
 class FakeAppTests(unittest.TestCase):
     def run_app(self, name: str, *args: str, world: FakeWorld | None = None):
         world = world or FakeWorld()
-        instance = world.spawn(app(name), list(args))
-        world.run_until_idle()
+        instance = world.finish(app(name), list(args))
         instance.outcome()
         self.assertEqual(world.live_pages, len({p for ps in world.exports.values() for p in ps}))
         return world, instance
@@ -170,7 +169,6 @@ class FakeAppTests(unittest.TestCase):
 
     def test_bad_arguments_fail_the_instance(self):
         world = FakeWorld(FakeModel())
-        inst = world.spawn(app("text_completion"), ["--max-tokens", "many"])
-        world.run_until_idle()
+        inst = world.finish(app("text_completion"), ["--max-tokens", "many"])
         self.assertEqual(inst.status, "failed")
         self.assertIn("invalid int value", inst.error)

@@ -140,8 +140,7 @@ class GenerationTests(unittest.TestCase):
             await ctx.decode_step()
 
         world = FakeWorld()
-        instance = world.spawn(main)
-        world.run_until_idle()
+        instance = world.finish(main)
         self.assertEqual(instance.status, "failed")
         self.assertIn("needs a pending token", instance.error)
 
@@ -325,8 +324,7 @@ class SpeculationTests(unittest.TestCase):
             ctx.accept_drafts([0, 2], 9)  # 2 is a child of 1, not of 0
 
         world = FakeWorld()
-        instance = world.spawn(main)
-        world.run_until_idle()
+        instance = world.finish(main)
         self.assertIn("invalid draft depths", instance.sent[0])
         self.assertIn("not a path from the seed", instance.error)
 

@@ -24,8 +24,7 @@ PROMPT = "the quick brown"
 
 def _run(main, model=None):
     world = FakeWorld(model)
-    instance = world.spawn(main)
-    world.run_until_idle()
+    instance = world.finish(main)
     return world, instance, instance.outcome()
 
 

@@ -117,11 +117,17 @@ class FakeWorld:
         instance.on_step(step)
         return instance
 
-    def run(self, main: Callable[[list[str]], Coroutine], args: list[str] | None = None) -> Any:
-        """Run one inferlet to the end; its return value (raises if it failed)."""
+    def finish(
+        self, main: Callable[[list[str]], Coroutine], args: list[str] | None = None
+    ) -> FakeInstance:
+        """Start one inferlet and run until nothing can move; the instance (status, calls, sent)."""
         instance = self.spawn(main, args)
         self.run_until_idle()
-        return instance.outcome()
+        return instance
+
+    def run(self, main: Callable[[list[str]], Coroutine], args: list[str] | None = None) -> Any:
+        """Run one inferlet to the end; its return value (raises if it failed)."""
+        return self.finish(main, args).outcome()
 
     def run_until_idle(self) -> None:
         """Deliver results (and advance the virtual clock) until nothing can move."""

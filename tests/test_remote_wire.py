@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import glob
-import os
 
 import msgpack
 import txaio
@@ -19,6 +17,7 @@ from twisted.trial import unittest
 from pie.interfaces import InstanceFault, PieError
 from pie.model import batch, remote
 from tests.remote_helpers import SECRET, FakeWorker, listen_worker
+from tests.test_inferlets_apps import model_path
 
 
 class RawClient(WebSocketClientProtocol):
@@ -278,16 +277,10 @@ class ConnectFailureTests(unittest.TestCase):
         self.assertRaises(PieError, remote.WorkerServerFactory, FakeWorker(), b"", "w")
 
 
-def smollm2_gguf() -> str | None:
-    home = os.environ.get("PIE_HOME") or os.path.expanduser("~/.cache/pie")
-    found = sorted(glob.glob(os.path.join(home, "models", "smollm2-135m-instruct", "*.gguf")))
-    return found[0] if found else None
-
-
 class TokenizerWireTests(unittest.TestCase):
     def test_smollm2_tokenizer_survives_the_handshake(self):
         """The default model's tokenizer, shipped through msgpack, encodes and decodes identically."""
-        path = smollm2_gguf()
+        path = model_path()
         if path is None:
             raise unittest.SkipTest(
                 "SmolLM2 GGUF not in $PIE_HOME/models (pie model add smollm2-135m-instruct)"

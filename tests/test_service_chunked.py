@@ -108,3 +108,19 @@ class ChunkedPrefillTests(ServiceCase):
         self.run_reactor()
         first = self.worker.jobs_of(Forward)[0]
         self.assertEqual([len(i.tokens) for i in first.items], [12], "30 free < MIN_CHUNK: wait")
+
+
+class DefaultCapTests(ServiceCase):
+    def test_cpu_workers_chunk_long_prompts_by_default(self):
+        from dataclasses import replace
+
+        from pie.model.service import CPU_BATCH_TOKENS, DEVICE_BATCH_TOKENS
+
+        self.make(FakeWorker())
+        self.assertEqual(self.service.scheduler.max_batch_tokens, CPU_BATCH_TOKENS)
+        gpu = FakeWorker()
+        gpu.info = replace(gpu.info, device="cuda:0")
+        self.make(gpu)
+        self.assertEqual(self.service.scheduler.max_batch_tokens, DEVICE_BATCH_TOKENS)
+        self.make(FakeWorker(), max_batch_tokens=7)
+        self.assertEqual(self.service.scheduler.max_batch_tokens, 7)

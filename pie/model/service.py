@@ -51,6 +51,8 @@ _U32 = 1 << 32
 _MAX_POSITION = 1 << 24
 
 CONTENTION_REASON = "terminated by the system, due to resource contention"
+CPU_BATCH_TOKENS = 256  # bench/prefill.py: a 2,000-token prompt's worst decode stall 3.8 -> 0.5 s
+DEVICE_BATCH_TOKENS = 16384
 
 
 def _u32(name: str, value: object) -> int:
@@ -103,6 +105,8 @@ class ModelService:
     run_blocking(fn, *args) -> Deferred runs store I/O off the reactor thread.
     max_batch_tokens caps the new tokens of one Forward job (a longer text item is split into
     chunks that run beside the other queues' items: chunked prefill, see the scheduler).
+    Default: CPU_BATCH_TOKENS on a CPU worker, where a long prompt in one pass would stall
+    every decode step for seconds, else DEVICE_BATCH_TOKENS.
     """
 
     def __init__(
@@ -113,7 +117,7 @@ class ModelService:
         service_id: int | None = None,
         state_dir: str | None = None,
         policy: str = "adaptive",
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | None = None,
         instance_terminator: Callable[[str, str], None] | None = None,
         run_blocking: Callable[..., Deferred] | None = None,
     ) -> None:
@@ -130,6 +134,8 @@ class ModelService:
         self.tokenizer = worker.tokenizer
         self.instance_terminator = instance_terminator
         self.resources = Resources(info.num_kv_pages, info.num_embeds, info.kv_page_size)
+        if max_batch_tokens is None:
+            max_batch_tokens = CPU_BATCH_TOKENS if info.device == "cpu" else DEVICE_BATCH_TOKENS
         self.scheduler = Scheduler(
             reactor,
             worker.execute,

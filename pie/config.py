@@ -48,7 +48,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
     Setting(
-        "model", "smollm2-135m-instruct", str, "Model to serve: a name under HOME/models, a path, or none (only attached workers)."
+        "model",
+        "smollm2-135m-instruct",
+        str,
+        "Model to serve: a name under HOME/models, a path, or none (only attached workers).",
     ),
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
@@ -57,6 +60,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
     Setting(
         "batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."
+    ),
+    Setting(
+        "max_batch_tokens",
+        0,
+        int,
+        "New tokens one forward batch may hold; longer prefills are chunked (0: 256 on CPU, 16384 on GPU).",
     ),
     Setting("executor", "wasm", str, "Inferlet executor: wasm (sandboxed) or dev (in-process)."),
     Setting(

@@ -13,6 +13,7 @@ import json
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from pie.model.local import LocalModelService
 from pie.server.uploads import hash_program
 from pie.tap import Options, makeService
 from tests import rawclient
@@ -42,6 +43,7 @@ class ComposedDaemonTests(unittest.TestCase):
         top.privilegedStartService()
         top.startService()
         self.addCleanup(top.stopService)
+        self.top = top
         return await top.getServiceNamed("clients").whenListening()
 
     async def test_without_a_local_model(self):
@@ -72,6 +74,8 @@ class ComposedDaemonTests(unittest.TestCase):
             "float32",
             "--num-pages",
             "32",
+            "--max-batch-tokens",
+            "64",
         )
         client = await rawclient.connect(port.getHost().port)
         self.addCleanup(client.close)
@@ -81,6 +85,8 @@ class ComposedDaemonTests(unittest.TestCase):
         self.assertTrue(status["successful"], status)
         [model] = json.loads(status["result"])
         self.assertEqual((model["kv_page_size"], model["num_kv_pages"]), (16, 32))
+        [local] = [s for s in self.top if isinstance(s, LocalModelService)]
+        self.assertEqual(local.model_service.scheduler.max_batch_tokens, 64)
 
         uploaded = await upload(client, PROGRAM)
         self.assertEqual(uploaded["result"], hash_program(PROGRAM))

@@ -95,6 +95,7 @@ class LocalModelService(Service):
             reactor=self.reactor,
             state_dir=os.path.join(s["home"], "kv-exports"),
             policy=s["batching"].replace(":", " "),
+            max_batch_tokens=s["max_batch_tokens"] or None,
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service

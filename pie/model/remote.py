@@ -716,7 +716,7 @@ def worker_main(argv: list[str]) -> int:
 
     from pie.model import tp
     from pie.model.registry import resolve_model
-    from pie.model.worker import Worker
+    from pie.model.worker import Worker, build_on_own_thread
 
     options = _worker_options(argv)
     if options.tp < 1:
@@ -736,7 +736,10 @@ def worker_main(argv: list[str]) -> int:
                 where = os.path.join(options.home, WORKER_TOKEN_FILE)
                 print(f"pie worker: token in {where} (the daemon needs the same file)", flush=True)
         followers = _start_followers(argv, options) if options.tp > 1 else []
-        engine = _engine(options, path)
+        if options.tp == 1:  # the worker thread must be the only one that ran torch (worker.py)
+            engine = build_on_own_thread(lambda: _engine(options, path))
+        else:
+            engine = _engine(options, path)
     except (PieError, OSError) as error:
         print(f"pie worker: {error}", file=sys.stderr)
         return 2

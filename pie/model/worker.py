@@ -120,10 +120,10 @@ def load_worker(
         loaded = load_model(path, dtype=resolve_dtype(dtype, dev))
         return create_engine(loaded, device=str(dev), dtype=dtype, **options)
 
-    return Worker(_in_a_thread_of_its_own(build), reactor=reactor)
+    return Worker(build_on_own_thread(build), reactor=reactor)
 
 
-def _in_a_thread_of_its_own(build: Callable[[], Engine]) -> Engine:
+def build_on_own_thread(build: Callable[[], Engine]) -> Engine:
     """build() on a short-lived thread; its result (or its error, raised here).
 
     Why: torch's CPU OpenMP runtime (libgomp) keeps a thread pool for every

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -68,7 +68,8 @@ class _OutboundGate:
 
 @implementer(IInstanceOwner)
 class PieServerProtocol(WebSocketServerProtocol):
-    log = Logger()
+    # txaio's logger honours txaio's level (info): autobahn logs every frame at debug through it.
+    log = txaio.make_logger()
     factory: PieServerFactory
 
     # ------------------------------------------------------------------ connection life

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pie.inferlet import _abi, _driver
 from pie.inferlet.pool import IdPool
-from pie.inferlet.template import Template
+from pie.inferlet.template import Template, compiled
 
 if TYPE_CHECKING:
     from pie.inferlet.context import Context
@@ -221,7 +221,7 @@ class Model:
         if not self.chat_template:
             raise RuntimeError(f"model {self.name!r} has no chat template")
         if self._template is None:
-            self._template = Template(self.chat_template)
+            self._template = compiled(self.chat_template)
         variables.setdefault("bos_token", self.info.get("bos_token", ""))
         variables.setdefault("eos_token", self.eos_tokens[0] if self.eos_token_ids else "")
         return self._template.render(

@@ -24,6 +24,7 @@ ChatML templates (tests/test_sdk_template.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -673,3 +674,15 @@ class Template:
         out: list[str] = []
         _run(self.nodes, scope, out)
         return "".join(out)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled(source: str) -> Template:
+    """The Template for `source`, parsed once per process.
+
+    Every instance of a program on the same model renders the same chat template;
+    parsing it costs about a millisecond inside the sandbox. The sandbox runtime
+    parses the default model's template at build time, so its instances find it
+    here already. A Template is never changed by rendering, so sharing one is safe.
+    """
+    return Template(source)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pie.runtime.executors import build, program
 from pie.runtime.executors.base import Execution, Killed, Step
 from pie.runtime.executors.fastcall import ExportSignature, ValueMismatch, add_host_func
 from pie.runtime.hostcalls import HOST_CALLS
+from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED
 from pie.runtime.witgen import kebab, resume_export
 
 log = Logger()
@@ -52,6 +54,8 @@ DEFAULT_DEADLINE_MS = 500
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 OUTPUT_LINE_LIMIT = 2000
 """Characters of one guest stdout/stderr write kept in the server log."""
+COMPILED_CACHE_SIZE = 64
+"""Programs whose compiled code the executor keeps (see WasmExecutor.compiled)."""
 OUTPUT_WRITES_LIMIT = 1000
 """Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
 
@@ -97,6 +101,44 @@ class Runtime:
         if runtime is None:
             runtime = cls._shared[str(path)] = cls(path)
         return runtime
+
+
+def _signature(runtime: Runtime, export: str, func: Any, store: wasmtime.Store) -> ExportSignature:
+    """The export's call signature, worked out once per runtime."""
+    signature = runtime.signatures.get(export)
+    if signature is None:
+        signature = runtime.signatures[export] = ExportSignature(export, func, store)
+    return signature
+
+
+def _new_store(
+    runtime: Runtime, executor: WasmExecutor, wasi: wasmtime.WasiConfig
+) -> wasmtime.Store:
+    store = wasmtime.Store(runtime.engine)
+    store.set_wasi(wasi)
+    store.set_limits(memory_size=executor.memory_limit)
+    store.set_epoch_deadline(executor.deadline_ticks)
+    return store
+
+
+def _compile_in_sandbox(runtime: Runtime, executor: WasmExecutor, files: list) -> str | None:
+    """The program's modules compiled and marshalled by a throwaway instance that runs
+    none of its code (so the result is not the program's to forge); None if that fails,
+    and the instance then compiles for itself, failing with its usual message."""
+    store = _new_store(runtime, executor, wasmtime.WasiConfig())
+    try:
+        instance = runtime.linker.instantiate(store, runtime.component)
+        funcs = {e: instance.get_func(store, runtime.exports[e]) for e in ("start", "outcome")}
+        start = _signature(runtime, "start", funcs["start"], store)
+        if not start.call(funcs["start"], store, [*files, (COMPILE_ONLY, "")], []):
+            return None
+        outcome = _signature(runtime, "outcome", funcs["outcome"], store)
+        result = outcome.call(funcs["outcome"], store)
+        return result.payload if result.tag == "ok" else None
+    except (wasmtime.Trap, wasmtime.WasmtimeError, ValueMismatch):
+        return None
+    finally:
+        store.close()
 
 
 _RESUME_EXPORTS = {c.name: resume_export(c) for c in HOST_CALLS.values() if c.mode == "async"}
@@ -149,17 +191,17 @@ class WasmExecution(Execution):
 
     def _enter_start(self) -> Step:
         runtime = self._runtime
-        store = wasmtime.Store(runtime.engine)
+        files = self._files
+        code = self._executor.compiled(runtime, files)
+        if code is not None:
+            files = [*files, (COMPILED, code)]
         wasi = wasmtime.WasiConfig()  # no preopens, env, args, stdin or network
         wasi.stdout_custom = self._output("stdout")
         wasi.stderr_custom = self._output("stderr")
-        store.set_wasi(wasi)
-        store.set_limits(memory_size=self._executor.memory_limit)
-        store.set_epoch_deadline(self._executor.deadline_ticks)
-        self._store = store
+        store = self._store = _new_store(runtime, self._executor, wasi)
         with _Active(self):
             self._instance = runtime.linker.instantiate(store, runtime.component)
-        return self._call("start", self._files, self._arguments)
+        return self._call("start", files, self._arguments)
 
     def _enter_resume(self, fut: int, name: str, value: Any) -> Step:
         export = _RESUME_EXPORTS[name]
@@ -208,11 +250,7 @@ class WasmExecution(Execution):
         if func is None:
             index = self._runtime.exports[export]
             func = self._funcs[export] = self._instance.get_func(self._store, index)
-        signature = self._runtime.signatures.get(export)
-        if signature is None:
-            signature = self._runtime.signatures[export] = ExportSignature(
-                export, func, self._store
-            )
+        signature = _signature(self._runtime, export, func, self._store)
         self._store.set_epoch_deadline(self._executor.deadline_ticks)
         with _Active(self):
             result = signature.call(func, self._store, *params)
@@ -297,6 +335,20 @@ class WasmExecutor:
         self.deadline_ticks = max(1, round(deadline_ms / 1000 / TICK_S))
         self._runtime: Runtime | None = None
         self._waiters: list[Deferred] = []
+        self._compiled: OrderedDict[tuple, str | None] = OrderedDict()
+
+    def compiled(self, runtime: Runtime, files: list[tuple[str, str]]) -> str | None:
+        """The marshalled code of a program's modules, compiled in the sandbox once per
+        program (the last COMPILED_CACHE_SIZE programs): instances load it rather than
+        compile the same sources again, a third of their start. None: compile as usual."""
+        key = tuple(files)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        code = self._compiled[key] = _compile_in_sandbox(runtime, self, files)
+        if len(self._compiled) > COMPILED_CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return code
 
     def check(self, program_bytes: bytes) -> None:
         program.check(program_bytes)

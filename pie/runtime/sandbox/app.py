@@ -21,6 +21,7 @@ import itertools  # noqa: F401
 import json  # noqa: F401
 import linecache
 import locale  # noqa: F401  (argparse's messages import it lazily, via gettext)
+import marshal
 import math  # noqa: F401
 import operator  # noqa: F401
 import pkgutil
@@ -40,7 +41,7 @@ from pie.inferlet import _abi
 from pie.inferlet._driver import Driver, Step, format_failure
 from pie.inferlet.template import Template, compiled
 from pie.inferlet.testing import SMOLLM2_TEMPLATE
-from pie.runtime.sandbox.loader import load_main
+from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, compile_modules, load_main
 
 _driver: Driver | None = None
 _last: Step = ("parked",)
@@ -158,13 +159,27 @@ def _resume(fut: int, value) -> bool:
     return _ended(_driver.resume(fut, value))
 
 
+def _compile_only(files: dict[str, str]) -> bool:
+    """Compile without running: the outcome is the marshalled code, as latin-1 text."""
+    try:
+        code = marshal.dumps(compile_modules(files))
+    except BaseException as error:
+        return _ended(("failed", format_failure(error)))
+    return _ended(("done", code.decode("latin-1")))
+
+
 class WitWorld(wit_world.WitWorld):
     def start(self, files, args):
         global _driver
         sys.argv = ["main.py"]  # no WASI args in the sandbox; argparse wants a program name
         random.seed()  # the seed in the snapshot is shared by every instance; draw a fresh one
+        files = dict(files)
+        if files.pop(COMPILE_ONLY, None) is not None:
+            return _compile_only(files)
         try:
-            main = load_main(dict(files))
+            compiled = files.pop(COMPILED, None)
+            code = marshal.loads(compiled.encode("latin-1")) if compiled else None
+            main = load_main(files, compiled=code)
             _driver, step = _abi.run(main, list(args))
         except BaseException as error:  # a broken program fails itself, with its message
             return _ended(("failed", format_failure(error)))

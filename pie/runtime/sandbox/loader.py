@@ -16,10 +16,17 @@ from __future__ import annotations
 import builtins
 import linecache
 from collections.abc import Callable
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 MAIN_MODULE = "main"
+
+COMPILE_ONLY = "\0compile-only"
+"""A `start` file entry (not a module path, so never a program's own file) that asks the
+runtime to compile the program's modules and return them marshalled, without running it."""
+COMPILED = "\0compiled"
+"""A `start` file entry holding that marshalled code (latin-1 text): the program is loaded
+from it instead of being compiled again (compiling is a third of an instance's start)."""
 
 
 def module_name(path: str) -> str:
@@ -37,7 +44,10 @@ def module_name(path: str) -> str:
 class Program:
     """The modules of one program instance, imported lazily on first use."""
 
-    def __init__(self, files: dict[str, str], tag: str = "") -> None:
+    def __init__(
+        self, files: dict[str, str], tag: str = "", compiled: dict[str, CodeType] | None = None
+    ) -> None:
+        self._compiled = compiled or {}
         self._sources: dict[str, tuple[str, str, bool]] = {}
         for path, source in files.items():
             name = module_name(path)
@@ -79,7 +89,8 @@ class Program:
         self._modules[name] = module
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
-            exec(compile(source, filename, "exec"), module.__dict__)
+            code = self._compiled.get(filename) or compile(source, filename, "exec")
+            exec(code, module.__dict__)
         except BaseException:
             del self._modules[name]
             raise
@@ -113,6 +124,16 @@ class Program:
         return module
 
 
-def load_main(files: dict[str, str], tag: str = "") -> Callable[[list[str]], Any]:
-    """The program's main function; `tag` prefixes file names in tracebacks."""
-    return Program(files, tag).main()
+def compile_modules(files: dict[str, str]) -> dict[str, CodeType]:
+    """Each module's code, by file name, as Program compiles it (for `compiled`)."""
+    return {path: compile(source, path, "exec") for path, source in files.items()}
+
+
+def load_main(
+    files: dict[str, str], tag: str = "", compiled: dict[str, CodeType] | None = None
+) -> Callable[[list[str]], Any]:
+    """The program's main function; `tag` prefixes file names in tracebacks.
+
+    `compiled` (from compile_modules, untagged) replaces compiling those modules.
+    """
+    return Program(files, tag, compiled).main()

@@ -59,6 +59,7 @@ class AttentionPlan:
     decode_all: bool  # every row is a decode row, in order
     decode_pages: torch.Tensor | None  # [Bd, P]
     decode_bias: torch.Tensor | None  # [1, Bd, 1, P*page_size] additive (0 / -inf), or None
+    decode_mask: torch.Tensor | None  # the same as bool (True = attend), for SDPA
     prefill: list[PrefillGroup]
 
 
@@ -92,7 +93,7 @@ def build_plan(
         )
         multi.append(item)
     prefill = [_prefill_group(g, page_size, device) for g in _group_by_size(multi, page_size)]
-    decode_rows = decode_pages = decode_bias = None
+    decode_rows = decode_pages = decode_bias = decode_mask = None
     decode_all = False
     if decode:
         width = max(len(d.pages) for d in decode)
@@ -109,6 +110,7 @@ def build_plan(
         if not allowed.all():
             bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)
             decode_bias = torch.from_numpy(bias).to(device=device, dtype=dtype)[None, :, None, :]
+            decode_mask = torch.from_numpy(allowed).to(device)[None, :, None, :]
         rows = [d.row_start for d in decode]
         decode_all = not prefill
         decode_rows = torch.tensor(rows, dtype=torch.long, device=device)
@@ -118,14 +120,14 @@ def build_plan(
         decode_all=decode_all,
         decode_pages=decode_pages,
         decode_bias=decode_bias,
+        decode_mask=decode_mask,
         prefill=prefill,
     )
 
 
-# Below this many gathered slots, CPU decode attention runs in fp32: oneDNN's bf16
-# batched matmul has a fixed cost that dominates tiny matrices (B=1, T=64:
-# 96 us bf16 vs 61 us fp32 per layer), while converting a large gather costs more
-# than it saves (B=32, T=64: 0.3 ms bf16 vs 1.3 ms fp32).
+# Up to this many gathered slots, CPU decode attention is one SDPA call: the
+# batched matmuls' fixed costs dominate tiny matrices, while for a large gather
+# (B=32, T=64) the grouped matmuls in the model dtype are faster.
 SMALL_DECODE = 1024
 PADDING_ALLOWANCE = 1.5  # a group may do this much more work than its items need
 
@@ -209,8 +211,11 @@ def _decode(
     k, v = cache.gather_pages(layer, plan.decode_pages)  # [kv_heads, B, T, dim]
     kv_heads = k.shape[0]
     qg = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, dim]
-    if q.dtype != torch.float32 and q.device.type == "cpu" and b * k.shape[2] <= SMALL_DECODE:
-        qg, k, v = qg.float(), k.float(), v.float()
+    if q.device.type == "cpu" and b * k.shape[2] <= SMALL_DECODE:
+        # few slots: one SDPA call (kv heads as its batch, items as its heads) beats
+        # matmul + softmax + matmul, whose fixed costs dominate (B=1, T=176: ~65 vs ~170 us)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.decode_mask, scale=scale)
+        return out.transpose(0, 1).reshape(b, heads, dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [kv_heads, B, group, T]
     if plan.decode_bias is not None:
         scores = scores + plan.decode_bias

@@ -61,6 +61,10 @@ class AttentionPlan:
     decode_bias: torch.Tensor | None  # [1, Bd, 1, P*page_size] additive (0 / -inf), or None
     decode_mask: torch.Tensor | None  # the same as bool (True = attend), for SDPA
     prefill: list[PrefillGroup]
+    # one causal decode item: its context length, and its first page when its pages
+    # are consecutive (attention then reads a view of the cache, no gather, no mask)
+    single_len: int | None = None
+    single_first_page: int | None = None
 
 
 def causal_mask(context_len: int, num_new: int) -> np.ndarray:
@@ -95,6 +99,12 @@ def build_plan(
     prefill = [_prefill_group(g, page_size, device) for g in _group_by_size(multi, page_size)]
     decode_rows = decode_pages = decode_bias = decode_mask = None
     decode_all = False
+    single_len = single_first_page = None
+    if len(decode) == 1 and decode[0].mask is None:
+        single_len = decode[0].context_len
+        first = decode[0].pages[0]
+        if decode[0].pages == list(range(first, first + len(decode[0].pages))):
+            single_first_page = first
     if decode:
         width = max(len(d.pages) for d in decode)
         table = np.zeros((len(decode), width), dtype=np.int64)
@@ -107,7 +117,7 @@ def build_plan(
             else:
                 allowed[b, : d.context_len] = d.mask[0]
         decode_pages = torch.from_numpy(table).to(device)
-        if not allowed.all():
+        if single_len is None and not allowed.all():
             bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)
             decode_bias = torch.from_numpy(bias).to(device=device, dtype=dtype)[None, :, None, :]
             decode_mask = torch.from_numpy(allowed).to(device)[None, :, None, :]
@@ -122,6 +132,8 @@ def build_plan(
         decode_bias=decode_bias,
         decode_mask=decode_mask,
         prefill=prefill,
+        single_len=single_len,
+        single_first_page=single_first_page,
     )
 
 
@@ -208,7 +220,12 @@ def _decode(
     q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     b, heads, dim = q.shape
-    k, v = cache.gather_pages(layer, plan.decode_pages)  # [kv_heads, B, T, dim]
+    if plan.single_first_page is not None:
+        k, v = cache.page_run(layer, plan.single_first_page, plan.decode_pages.shape[1])
+    else:
+        k, v = cache.gather_pages(layer, plan.decode_pages)  # [kv_heads, B, T, dim]
+    if plan.single_len is not None:
+        k, v = k[:, :, : plan.single_len], v[:, :, : plan.single_len]
     kv_heads = k.shape[0]
     qg = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, dim]
     if q.device.type == "cpu" and b * k.shape[2] <= SMALL_DECODE:

@@ -12,8 +12,10 @@ imported by main.py as usual; non-.py members are ignored. A zipped folder
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import zipfile
+from collections import OrderedDict
 
 from pie.interfaces import PieError
 from pie.runtime.sandbox.loader import MAIN_MODULE, module_name
@@ -21,6 +23,10 @@ from pie.runtime.sandbox.loader import MAIN_MODULE, module_name
 MAX_SOURCE_BYTES = 16 * 1024 * 1024
 """Total uncompressed source accepted from one archive (guards against zip bombs)."""
 ZIP_MAGIC = b"PK\x03\x04"
+CHECKED_PROGRAMS = 256
+"""Digests of the programs that passed `check` lately (each launch checks its program)."""
+
+_checked: OrderedDict[bytes, None] = OrderedDict()
 
 
 def parse(program: bytes) -> dict[str, str]:
@@ -35,8 +41,16 @@ def parse(program: bytes) -> dict[str, str]:
 
 
 def check(program: bytes) -> dict[str, str]:
-    """Parse and compile every module; PieError with the first syntax error's message."""
+    """Parse and compile every module; PieError with the first syntax error's message.
+
+    A program that passed lately is not parsed again: every launch checks its program,
+    and 32 instances of one program should not parse it 32 times next to the model.
+    """
     files = parse(program)
+    digest = hashlib.sha256(program).digest()
+    if digest in _checked:
+        _checked.move_to_end(digest)
+        return files
     for path, source in files.items():
         try:
             tree = ast.parse(source, filename=path)
@@ -50,6 +64,9 @@ def check(program: bytes) -> dict[str, str]:
                 "main.py must define `async def main(args)` "
                 "(or `async def handle(request)` for an HTTP server)"
             )
+    _checked[digest] = None
+    if len(_checked) > CHECKED_PROGRAMS:
+        _checked.popitem(last=False)
     return files
 
 

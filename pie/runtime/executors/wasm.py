@@ -24,6 +24,7 @@ two stores must not overlap. A guest can therefore hold the reactor for at most
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -56,6 +57,8 @@ OUTPUT_LINE_LIMIT = 2000
 """Characters of one guest stdout/stderr write kept in the server log."""
 COMPILED_CACHE_SIZE = 64
 """Programs whose compiled code the executor keeps (see WasmExecutor.compiled)."""
+COMPILED_SOURCE_LIMIT = 256 * 1024
+"""Larger programs are compiled by each instance (bounds the cache's memory)."""
 OUTPUT_WRITES_LIMIT = 1000
 """Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
 
@@ -335,13 +338,15 @@ class WasmExecutor:
         self.deadline_ticks = max(1, round(deadline_ms / 1000 / TICK_S))
         self._runtime: Runtime | None = None
         self._waiters: list[Deferred] = []
-        self._compiled: OrderedDict[tuple, str | None] = OrderedDict()
+        self._compiled: OrderedDict[bytes, str | None] = OrderedDict()
 
     def compiled(self, runtime: Runtime, files: list[tuple[str, str]]) -> str | None:
         """The marshalled code of a program's modules, compiled in the sandbox once per
         program (the last COMPILED_CACHE_SIZE programs): instances load it rather than
         compile the same sources again, a third of their start. None: compile as usual."""
-        key = tuple(files)
+        if sum(len(source) for _, source in files) > COMPILED_SOURCE_LIMIT:
+            return None
+        key = hashlib.sha256(repr(files).encode()).digest()
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]

@@ -15,15 +15,18 @@ One run prints:
   wall time from launch (or the prefill job) to the last token, prefill included
   on both sides. The ratio inferlets/engine is the tax (target >= 0.95 at N=32).
 
-The sides alternate within each repeat and the best of --repeats is kept for each
-(load from elsewhere only slows); before each run the bench waits up to --quiet-wait
-seconds for other processes to leave the CPU. `--device cuda` runs the same on a GPU.
+The sides alternate within each repeat. Two ratios are printed per executor: the
+best of --repeats of each side (load from elsewhere only slows), and the median over
+repeats of the ratio within one repeat (runs back to back, so slow drifts of a shared
+machine cancel). Before each run the bench waits up to --quiet-wait seconds for
+other processes to leave the CPU. `--device cuda` runs the same on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -147,6 +150,12 @@ async def engine_loop(worker, prompts: list[list[int]], counts: list[int]) -> fl
             made[b] += 1
 
 
+def paired_median(side: list[float], engine: list[float]) -> float:
+    """The median over repeats of side/engine, each from runs taken back to back
+    (slow drifts of a shared machine cancel within a pair)."""
+    return statistics.median(a / b for a, b in zip(side, engine, strict=True))
+
+
 async def run(reactor, opts) -> None:
     torch.set_num_threads(opts.threads)
     path = opts.model or default_model_path()
@@ -174,12 +183,14 @@ async def run(reactor, opts) -> None:
     for runtime, digest in runtimes.values():  # warm up every path
         _, counts = await inferlets(runtime, digest, 2, 4)
     await engine_loop(worker, prompt_tokens(worker, 2), [4, 4])
-    header = " ".join(f"{name + ' tok/s':>13} {name + '/eng':>9}" for name in runtimes)
+    header = " ".join(
+        f"{name + ' tok/s':>13} {name + '/eng':>9} {'median':>7}" for name in runtimes
+    )
     print(f"{'N':>3} {'tokens':>7} {'engine tok/s':>13} {header}")
     for n in opts.n:
         prompts = prompt_tokens(worker, n)
-        best = {name: 0.0 for name in runtimes}
-        best_engine = 0.0
+        rates: dict[str, list[float]] = {name: [] for name in runtimes}
+        engine_rates: list[float] = []
         total = 0
         for _ in range(opts.repeats):
             counts = None
@@ -187,12 +198,16 @@ async def run(reactor, opts) -> None:
                 await threads.deferToThread(wait_for_quiet, opts.quiet_wait)
                 seconds, got = await inferlets(runtime, digest, n, opts.new)
                 counts = counts or got
-                best[name] = max(best[name], sum(got) / seconds)
+                rates[name].append(sum(got) / seconds)
             await threads.deferToThread(wait_for_quiet, opts.quiet_wait)
             seconds = await engine_loop(worker, prompts, counts)
             total = sum(counts)
-            best_engine = max(best_engine, total / seconds)
-        cells = " ".join(f"{best[name]:13.1f} {best[name] / best_engine:9.3f}" for name in runtimes)
+            engine_rates.append(total / seconds)
+        best_engine = max(engine_rates)
+        cells = " ".join(
+            f"{max(r):13.1f} {max(r) / best_engine:9.3f} {paired_median(r, engine_rates):7.3f}"
+            for r in rates.values()
+        )
         print(f"{n:3d} {total:7d} {best_engine:13.1f} {cells}", flush=True)
     for runtime, _ in runtimes.values():
         await defer.maybeDeferred(runtime.stopService)

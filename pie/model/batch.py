@@ -114,7 +114,9 @@ class Query:
     text: str
 
 
-JOB_TYPES = {cls.__name__: cls for cls in (Forward, EmbedText, GetDistributions, CopyKv, MaskKv, Query)}
+JOB_TYPES = {
+    cls.__name__: cls for cls in (Forward, EmbedText, GetDistributions, CopyKv, MaskKv, Query)
+}
 
 
 def to_wire(job) -> dict:

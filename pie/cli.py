@@ -134,11 +134,15 @@ async def query_command(args: argparse.Namespace, reactor: Any, out: TextIO) -> 
 
 
 def serve(argv: list[str]) -> int:
-    """Run `twistd -n pie ARGV` in this process, finding the plugin even without an install."""
+    """Run `twistd -n pie ARGV` in this process, finding the plugin even without an install.
+
+    Exits 1 with the reason when the daemon stopped because its model could not be loaded.
+    """
     from twisted.application import app, service
     from twisted.plugin import getPlugins
     from twisted.scripts.twistd import ServerOptions, runApp
 
+    from pie.model.local import FAILED_LOADS
     from pie.tap import serviceMaker
 
     def plugins(interface: Any, package: Any = None) -> Any:
@@ -151,6 +155,10 @@ def serve(argv: list[str]) -> int:
 
     sys.argv = ["pie serve", "--nodaemon", "--pidfile=", "pie", *argv]
     app.run(runApp, PieServerOptions)
+    if FAILED_LOADS:
+        reason = FAILED_LOADS[-1]  # (twistd has redirected sys.stderr into its log by now)
+        print(f"pie serve: the model could not be loaded: {reason}", file=sys.__stderr__)
+        return 1
     return 0
 
 

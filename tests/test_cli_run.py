@@ -165,3 +165,18 @@ class ConsoleScriptTests(unittest.TestCase):
         self.assertEqual(status, 0, output)
         self.assertIn("--max-program-size", output)
         self.assertIn("--no-auth", output)
+
+    async def test_pie_serve_exits_1_with_the_reason_when_the_model_cannot_load(self):
+        """A model file no loader recognises stops the daemon; `pie serve` says why, status 1."""
+        bad = os.path.abspath(self.mktemp())
+        with open(bad, "wb") as f:
+            f.write(b"not a model " * 100)
+        home = os.path.abspath(self.mktemp())
+        status, output = await self.spawn(
+            "serve", "--model", bad, "--home", home, "--no-auth", "--port", "tcp:0"
+        )
+        self.assertEqual(status, 1, output)
+        self.assertIn(
+            "pie serve: the model could not be loaded: no model loader recognises", output
+        )
+        self.assertIn(bad, output)

@@ -21,6 +21,10 @@ from twisted.python.failure import Failure
 from pie.model.registry import resolve_model
 from pie.model.service import ModelService
 
+FAILED_LOADS: list[str] = []
+"""Why each model load of this process failed. A failed load stops the daemon; `pie serve`
+then exits with status 1 and this reason (twistd itself always exits 0 after a stop)."""
+
 
 class LocalModelService(Service):
     """Loads one model into an in-process worker and adds it to the runtime."""
@@ -55,6 +59,7 @@ class LocalModelService(Service):
         if isinstance(result, Failure):
             self.log.failure("the model could not be loaded; stopping", result)
             self._outcome = result
+            FAILED_LOADS.append(result.getErrorMessage())
             if self.reactor.running:
                 self.reactor.stop()
         self._loaded = True

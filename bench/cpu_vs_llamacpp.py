@@ -125,7 +125,7 @@ async def ours(service, prompts: list[list[int]], new: int) -> float:
     """Seconds for our model service to generate `new` tokens after each prompt, concurrently."""
     from twisted.internet import defer
 
-    from pie.model.batch import Sampling
+    from pie.engine.batch import Sampling
 
     ps = service.kv_page_size
     runs = []
@@ -161,9 +161,9 @@ async def run(reactor, opts) -> None:
     from twisted.internet import threads
 
     from bench.decode import wait_for_quiet
-    from pie.model.registry import default_model_path
-    from pie.model.service import ModelService
-    from pie.model.worker import load_worker
+    from pie.service.registry import default_model_path
+    from pie.service.service import ModelService
+    from pie.engine.worker import load_worker
 
     torch.set_num_threads(opts.threads)
     model = opts.model or default_model_path()

@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from pie.model.batch import Forward, ForwardItem, Sampling
-from pie.model.engine import Engine, create_engine
-from pie.model.hf_reference import hf_model
-from pie.model.loaders import load_model, resolve_dtype
-from pie.model.registry import default_model_path
+from pie.engine.batch import Forward, ForwardItem, Sampling
+from pie.engine.engine import Engine, create_engine
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import load_model, resolve_dtype
+from pie.service.registry import default_model_path
 
 PAGE = 16
 TEXT = (

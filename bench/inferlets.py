@@ -39,10 +39,10 @@ from bench.decode import wait_for_quiet
 from bench.sandbox import host_call_latency, spawn_time, wasm_executor
 from pie.inferlet.template import Template
 from pie.interfaces import IInstanceOwner
-from pie.model.batch import Forward, ForwardItem, Sampling
-from pie.model.registry import default_model_path
-from pie.model.service import ModelService
-from pie.model.worker import load_worker
+from pie.engine.batch import Forward, ForwardItem, Sampling
+from pie.service.registry import default_model_path
+from pie.service.service import ModelService
+from pie.engine.worker import load_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.runtime import Runtime
 

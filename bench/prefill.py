@@ -31,13 +31,13 @@ import time
 import torch
 from twisted.internet import defer, task
 
-from pie.model.batch import Forward, Sampling
-from pie.model.engine import create_engine
-from pie.model.hf_reference import hf_model
-from pie.model.loaders import load_model, resolve_dtype
-from pie.model.registry import default_model_path
-from pie.model.service import ModelService
-from pie.model.worker import Worker
+from pie.engine.batch import Forward, Sampling
+from pie.engine.engine import create_engine
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import load_model, resolve_dtype
+from pie.service.registry import default_model_path
+from pie.service.service import ModelService
+from pie.engine.worker import Worker
 
 TEXT = (
     "The history of the lighthouse is a history of people who kept a light burning for ships "

@@ -5,7 +5,7 @@
 Three set-ups serve the same model to the same load, S sequences decoding
 greedily at once (each one a virtual instance with its own queue and pages,
 as inferlets would; the service batches their steps):
-- in-process: ModelService over pie.model.worker's thread in this process;
+- in-process: ModelService over pie.engine.worker's thread in this process;
 - one worker: `pie worker` on loopback, attached with the l4m service type
   (RemoteWorker: msgpack jobs over a WebSocket);
 - two workers: two such processes behind one ModelPool (instances spread).
@@ -27,11 +27,11 @@ import time
 import torch
 from twisted.internet import defer, task
 
-from pie.model.placement import attach_worker
-from pie.model.registry import resolve_model
-from pie.model.remote import WORKER_TOKEN_FILE, WorkerProcess, spawn_worker
-from pie.model.service import ModelService
-from pie.model.worker import load_worker
+from pie.service.placement import attach_worker
+from pie.service.registry import resolve_model
+from pie.remote.wire import WORKER_TOKEN_FILE, WorkerProcess, spawn_worker
+from pie.service.service import ModelService
+from pie.engine.worker import load_worker
 
 PAGE = 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

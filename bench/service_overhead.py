@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker
-from pie.model.batch import Forward, Sampling, WorkerInfo
-from pie.model.service import ModelService
+from pie.engine.batch import Forward, Sampling, WorkerInfo
+from pie.service.service import ModelService
 
 PAGE = 16
 DIST = [(list(range(64)), [1.0 / 64] * 64)]

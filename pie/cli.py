@@ -27,8 +27,8 @@ NORMAL_FINISH = "instance normally finished"
 
 # sub-command -> (module, function taking argv): filled by the parts that own them.
 HOOKS: dict[str, tuple[str, str]] = {
-    "model": ("pie.model.registry", "main"),
-    "worker": ("pie.model.remote", "worker_main"),
+    "model": ("pie.service.registry", "main"),
+    "worker": ("pie.remote.wire", "worker_main"),
     "sandbox": ("pie.runtime.executors.build", "main"),
 }
 
@@ -142,7 +142,7 @@ def serve(argv: list[str]) -> int:
     from twisted.plugin import getPlugins
     from twisted.scripts.twistd import ServerOptions, runApp
 
-    from pie.model.local import FAILED_LOADS
+    from pie.service.local import FAILED_LOADS
     from pie.tap import serviceMaker
 
     def plugins(interface: Any, package: Any = None) -> Any:

@@ -141,17 +141,17 @@ class IModelWorker(Interface):
 
     Called on the reactor thread; the work runs elsewhere (a thread, another
     process, another host) and results come back as Deferreds. Jobs run in the
-    order they were submitted. The batch types are in pie.model.batch and are
+    order they were submitted. The batch types are in pie.engine.batch and are
     plain data, so a remote worker can ship them over the network.
     """
 
-    info = Attribute("pie.model.batch.WorkerInfo")
+    info = Attribute("pie.engine.batch.WorkerInfo")
     tokenizer = Attribute(
         "ITokenizer of the served model (a remote worker ships it in its handshake)."
     )
 
     def execute(job: object) -> object:
-        """Run one pie.model.batch job; Deferred with its result."""
+        """Run one pie.engine.batch job; Deferred with its result."""
 
     def close() -> object:
         """Stop the worker; Deferred fired when it has stopped."""
@@ -201,4 +201,4 @@ class IModelLoader(Interface):
         """True if this loader recognises the file or folder."""
 
     def load(path: str, device: str, dtype: str) -> object:
-        """Return a pie.model.loaders.LoadedModel (config, state dict, tokenizer)."""
+        """Return a pie.engine.loaders.LoadedModel (config, state dict, tokenizer)."""

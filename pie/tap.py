@@ -88,7 +88,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     top = SequentialMultiService()
     model = None
     if runtime is None:
-        from pie.model.local import LocalModelService
+        from pie.service.local import LocalModelService
         from pie.runtime.executors import make_executor
         from pie.runtime.runtime import Runtime
 

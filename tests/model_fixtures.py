@@ -14,15 +14,15 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from pie.model.hf_reference import hf_model
-from pie.model.loaders import LoadedModel, load_model
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import LoadedModel, load_model
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 
 
 def write_byte_tokenizer(folder: str) -> None:
     """A byte-level BPE tokenizer.json: 256 byte tokens, a few merges, two special tokens."""
-    from pie.model.tokenizer import BYTE_LEVEL
+    from pie.engine.tokenizer import BYTE_LEVEL
 
     alphabet = sorted(BYTE_LEVEL, key=BYTE_LEVEL.get)
     vocab = {ch: i for i, ch in enumerate(alphabet)}

@@ -12,8 +12,9 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, PieError
-from pie.model import batch, remote
-from pie.model.tokenizer import Tokenizer
+from pie.engine import batch
+from pie.remote import wire as remote
+from pie.engine.tokenizer import Tokenizer
 
 SECRET = b"s" * 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import InstanceFault
-from pie.model.service import ModelService
+from pie.service.service import ModelService
 from tests.service_doubles import FakeWorker, fake_distribution
 
 

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, PieError
-from pie.model.batch import CopyKv, EmbedText, Forward, GetDistributions, MaskKv, Query, WorkerInfo
+from pie.engine.batch import CopyKv, EmbedText, Forward, GetDistributions, MaskKv, Query, WorkerInfo
 
 
 def fake_distribution(

@@ -13,7 +13,7 @@ import json
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from pie.model.local import LocalModelService
+from pie.service.local import LocalModelService
 from pie.server.uploads import hash_program
 from pie.tap import Options, makeService
 from tests import rawclient

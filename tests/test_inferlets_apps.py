@@ -42,7 +42,7 @@ _worker = None
 
 def model_path() -> str | None:
     try:
-        from pie.model.registry import default_model_path
+        from pie.service.registry import default_model_path
 
         return default_model_path()
     except Exception:
@@ -53,7 +53,7 @@ def shared_worker():
     """The SmolLM2 worker of this module (loaded on first use, then reused)."""
     global _worker
     if _worker is None:
-        from pie.model.worker import load_worker
+        from pie.engine.worker import load_worker
 
         _worker = load_worker(model_path())
     return _worker
@@ -87,7 +87,7 @@ class AppTestCase(unittest.TestCase):
             raise unittest.SkipTest(
                 "SmolLM2 is not in $PIE_HOME/models (run `pie model add smollm2-135m-instruct`)"
             )
-        from pie.model.service import ModelService
+        from pie.service.service import ModelService
 
         self.service = ModelService(shared_worker(), reactor=reactor)
         self.runtime = Runtime(

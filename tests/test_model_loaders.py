@@ -14,11 +14,11 @@ from gguf.quants import quantize
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import IModelLoader, PieError
-from pie.model.batch import Forward, ForwardItem
-from pie.model.engine import create_engine
-from pie.model.hf_reference import hf_model
-from pie.model.loaders import load_model, loaders
-from pie.model.quant import Int4Linear
+from pie.engine.batch import Forward, ForwardItem
+from pie.engine.engine import create_engine
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import load_model, loaders
+from pie.engine.quant import Int4Linear
 from tests.model_fixtures import dense, hf_probs, write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()

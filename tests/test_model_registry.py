@@ -11,7 +11,7 @@ import zipfile
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import PieError
-from pie.model import registry
+from pie.service import registry
 
 GGUF_BYTES = b"GGUF" + struct.pack("<IQQ", 3, 2, 1) + b"\0" * 1000
 

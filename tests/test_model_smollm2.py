@@ -7,11 +7,11 @@ import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.interfaces import PieError
-from pie.model.batch import Forward, ForwardItem, Sampling
-from pie.model.engine import create_engine
-from pie.model.hf_reference import hf_model
-from pie.model.loaders import load_model
-from pie.model.registry import default_model_path
+from pie.engine.batch import Forward, ForwardItem, Sampling
+from pie.engine.engine import create_engine
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import load_model
+from pie.service.registry import default_model_path
 
 PS = 16
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

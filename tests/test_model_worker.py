@@ -11,8 +11,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import IModelWorker, ITokenizer, PieError
-from pie.model.batch import EmbedText, Forward, ForwardItem, Query, Sampling, WorkerInfo
-from pie.model.worker import load_worker
+from pie.engine.batch import EmbedText, Forward, ForwardItem, Query, Sampling, WorkerInfo
+from pie.engine.worker import load_worker
 from tests.model_fixtures import write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()

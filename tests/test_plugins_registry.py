@@ -17,7 +17,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pie.interfaces import IRemoteServiceType, PieError
-from pie.model import servicetypes
+from pie.service import servicetypes
 from pie.plugins import pie_l4m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pie-echo-plugin")
 
 PROBE = """
 import json
-from pie.model.servicetypes import attach_remote_service, model_loaders, service_types
+from pie.service.servicetypes import attach_remote_service, model_loaders, service_types
 out = []
 attach_remote_service(None, "ws://10.0.0.1:1", "echo", "svc").addBoth(out.append)
 print(json.dumps([sorted(service_types()), sorted(model_loaders()), str(out[0])]))

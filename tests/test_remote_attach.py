@@ -19,11 +19,12 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
 from pie.interfaces import PieError
-from pie.model import batch, remote
-from pie.model.loaders import load_model
-from pie.model.placement import ModelPool
-from pie.model.service import ModelService
-from pie.model.worker import start_worker
+from pie.engine import batch
+from pie.remote import wire as remote
+from pie.engine.loaders import load_model
+from pie.service.placement import ModelPool
+from pie.service.service import ModelService
+from pie.engine.worker import start_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
 from tests.fixtures.tp_rank import engine_for, jobs
@@ -191,7 +192,7 @@ class TensorParallelWorkerTests(RemoteWorkerCase):
         worker = await remote.connect_worker(url, b"t" * 64, "tp2")
         self.assertEqual(worker.info.model_name, "tiny")
         loaded = load_model(self.model)
-        from pie.model.llama import LlamaModel
+        from pie.engine.llama import LlamaModel
 
         single = engine_for(LlamaModel(loaded.config, loaded.weights), loaded.tokenizer, 8)
         for job in jobs():

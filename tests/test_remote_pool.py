@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from pie.interfaces import InstanceFault, PieError
-from pie.model.placement import Member, ModelPool, _join
-from pie.model.service import ModelService
+from pie.service.placement import Member, ModelPool, _join
+from pie.service.service import ModelService
 from tests.remote_helpers import FakeWorker
 
 

@@ -14,9 +14,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from pie.interfaces import PieError
-from pie.model import tp
-from pie.model.llama import LlamaConfig, LlamaModel
-from pie.model.loaders import load_model
+from pie.engine import tp
+from pie.engine.llama import LlamaConfig, LlamaModel
+from pie.engine.loaders import load_model
 from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
 

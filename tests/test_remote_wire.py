@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from pie.interfaces import InstanceFault, PieError
-from pie.model import batch, remote
+from pie.engine import batch
+from pie.remote import wire as remote
 from tests.remote_helpers import SECRET, FakeWorker, listen_worker
 from tests.test_inferlets_apps import model_path
 
@@ -287,8 +288,8 @@ class TokenizerWireTests(unittest.TestCase):
             )
         from gguf import GGUFReader
 
-        from pie.model.loaders.gguf_loader import read_metadata
-        from pie.model.tokenizer import Tokenizer
+        from pie.engine.loaders.gguf_loader import read_metadata
+        from pie.engine.tokenizer import Tokenizer
 
         original = Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(path)))
         shipped = remote.tokenizer_from_wire(

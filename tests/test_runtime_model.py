@@ -7,7 +7,7 @@ import textwrap
 
 from twisted.trial import unittest
 
-from pie.model.service import CONTENTION_REASON, ModelService
+from pie.service.service import CONTENTION_REASON, ModelService
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
 from tests.runtime_doubles import CharTokenizer, RecordingOwner, make_runtime

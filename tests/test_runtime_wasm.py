@@ -48,8 +48,8 @@ class SmolLM2VocabularyTests(unittest.TestCase):
     async def test_get_vocabs_fits_the_default_cpu_deadline(self):
         from gguf import GGUFReader
 
-        from pie.model.loaders.gguf_loader import read_metadata
-        from pie.model.tokenizer import Tokenizer
+        from pie.engine.loaders.gguf_loader import read_metadata
+        from pie.engine.tokenizer import Tokenizer
         from tests.test_inferlets_apps import model_path
 
         path = model_path()

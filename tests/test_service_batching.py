@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pie.model.batch import CopyKv, Forward
+from pie.engine.batch import CopyKv, Forward
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 

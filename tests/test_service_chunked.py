@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pie.model.batch import Forward
-from pie.model.scheduler import MIN_CHUNK
+from pie.engine.batch import Forward
+from pie.service.scheduler import MIN_CHUNK
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -114,7 +114,7 @@ class DefaultCapTests(ServiceCase):
     def test_cpu_workers_chunk_long_prompts_by_default(self):
         from dataclasses import replace
 
-        from pie.model.service import CPU_BATCH_TOKENS, DEVICE_BATCH_TOKENS
+        from pie.service.service import CPU_BATCH_TOKENS, DEVICE_BATCH_TOKENS
 
         self.make(FakeWorker())
         self.assertEqual(self.service.scheduler.max_batch_tokens, CPU_BATCH_TOKENS)

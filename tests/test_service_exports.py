@@ -8,10 +8,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import InstanceFault
-from pie.model.batch import Forward
-from pie.model.exportstore import ExportStore
-from pie.model.resources import IdPool, Resources
-from pie.model.service import ModelService
+from pie.engine.batch import Forward
+from pie.service.exportstore import ExportStore
+from pie.service.resources import IdPool, Resources
+from pie.service.service import ModelService
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pie.model.batch import Forward, Sampling
+from pie.engine.batch import Forward, Sampling
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 

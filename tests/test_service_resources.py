@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pie.model.batch import Forward
-from pie.model.service import CONTENTION_REASON
+from pie.engine.batch import Forward
+from pie.service.service import CONTENTION_REASON
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 

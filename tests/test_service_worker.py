@@ -7,10 +7,10 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, InstanceFault
-from pie.model.batch import CopyKv, Forward, Sampling
-from pie.model.loaders import load_model
-from pie.model.service import CONTENTION_REASON, ModelService
-from pie.model.worker import start_worker
+from pie.engine.batch import CopyKv, Forward, Sampling
+from pie.engine.loaders import load_model
+from pie.service.service import CONTENTION_REASON, ModelService
+from pie.engine.worker import start_worker
 from tests.model_fixtures import write_tiny_model
 
 PS = 4

@@ -4,7 +4,7 @@ A Brle is a sequence of booleans where True means *masked out* (the token is
 not attended) and False means visible. It is stored as run lengths that
 alternate False/True and always start with a False run (which may be 0 long
 when the sequence starts with True). `buffer` is exactly what goes over the
-wire to `forward_text` (pie.model.batch: "runs start with attended slots").
+wire to `forward_text` (pie.engine.batch: "runs start with attended slots").
 
 Masks of long contexts are mostly one or two runs, so run storage keeps the
 per-token mask snapshots a Context takes cheap.

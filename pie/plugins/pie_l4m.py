@@ -18,7 +18,7 @@ class L4MServiceType:
     description = "a pie model worker (`pie worker`), msgpack frames over WebSocket"
 
     def attach(self, runtime: object, endpoint: str, service_name: str) -> object:
-        from pie.model.placement import attach_worker
+        from pie.service.placement import attach_worker
 
         return attach_worker(runtime, endpoint, service_name)
 

@@ -97,7 +97,7 @@ class Runtime(service.Service):
         """Serve one more model (attach_remote_service plugins call this)."""
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
-        if hasattr(model_service, "instance_terminator"):  # pie.model.service evicts through it
+        if hasattr(model_service, "instance_terminator"):  # pie.service.service evicts through it
             model_service.instance_terminator = self.terminate
         self._services[name] = model_service
 
@@ -105,7 +105,7 @@ class Runtime(service.Service):
         return [model_service.status() for model_service in self._services.values()]
 
     def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
-        from pie.model.servicetypes import attach_remote_service
+        from pie.service.servicetypes import attach_remote_service
 
         return attach_remote_service(self, endpoint, service_type, service_name)
 

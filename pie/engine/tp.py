@@ -1,6 +1,6 @@
 """Tensor parallelism inside one `pie worker`, on torch.distributed (gloo on CPU, NCCL on GPU).
 
-Megatron-style sharding of pie.model.llama's LlamaModel, without touching it:
+Megatron-style sharding of pie.engine.llama's LlamaModel, without touching it:
 rank r keeps its slice of the attention heads (q, and the k/v heads they
 share under GQA) and of the MLP's intermediate features, and a LlamaModel is
 built over that slice with a config whose head and feature counts are the
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from pie.interfaces import PieError
-from pie.model import batch
-from pie.model.llama import LlamaConfig, LlamaModel
+from pie.engine import batch
+from pie.engine.llama import LlamaConfig, LlamaModel
 
 PR_SET_PDEATHSIG = 1
 

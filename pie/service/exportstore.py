@@ -1,7 +1,7 @@
 """Persistent KV exports on disk: one SQLite row per export, holding its recompute recipe.
 
 KV tensors are not written to disk: a page set is stored as the tokens,
-positions and attention rows that produced it (pie.model.resources.Recipe),
+positions and attention rows that produced it (pie.service.resources.Recipe),
 and rebuilt with one forward pass on its first import after a restart. That
 keeps the store tiny and independent of device, dtype and worker layout; the
 price is one prefill per export per restart. See docs/model-service.md.
@@ -18,7 +18,7 @@ import threading
 
 from twisted.logger import Logger
 
-from pie.model.resources import Recipe
+from pie.service.resources import Recipe
 
 log = Logger()
 

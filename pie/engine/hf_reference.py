@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pie.model.loaders import LoadedModel
+from pie.engine.loaders import LoadedModel
 
 
 def hf_model(loaded: LoadedModel, dtype: torch.dtype = torch.float32):

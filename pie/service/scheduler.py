@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pie.interfaces import InstanceFault, PieError
-from pie.model.batch import EmbedText, Forward, ForwardItem, GetDistributions
+from pie.engine.batch import EmbedText, Forward, ForwardItem, GetDistributions
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names

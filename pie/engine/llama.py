@@ -3,7 +3,7 @@
 Pre-norm blocks: x += o(attn(rmsnorm(x))); x += down(silu(gate(h)) * up(h)).
 Tokens of every item of a batch are flattened into one [N, hidden] matrix so
 each projection is one matmul for the whole batch; only attention looks at
-items separately (pie.model.attention). The arithmetic follows Hugging Face's
+items separately (pie.engine.attention). The arithmetic follows Hugging Face's
 LlamaForCausalLM operation for operation (fp32 RMSNorm, fp32 RoPE tables cast
 to the model dtype, rotate-half RoPE), which is what lets tests compare logits
 at fp32 precision.
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from pie.interfaces import PieError
-from pie.model.attention import AttentionPlan, attend
-from pie.model.kv_cache import KvCache
-from pie.model.quant import (
+from pie.engine.attention import AttentionPlan, attend
+from pie.engine.kv_cache import KvCache
+from pie.engine.quant import (
     DenseLinear,
     Int4Linear,
     Int4OrDenseLinear,

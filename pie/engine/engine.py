@@ -1,7 +1,7 @@
-"""Executes pie.model.batch jobs synchronously on one device.
+"""Executes pie.engine.batch jobs synchronously on one device.
 
 The Engine owns a LlamaModel, its physical KV cache, the embed slots and the
-distribution store. It is not thread-safe: pie.model.worker runs it on one
+distribution store. It is not thread-safe: pie.engine.worker runs it on one
 dedicated thread. Every job is validated in full before anything is written,
 so a bad job fails with a PieError and leaves the cache as it was.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from pie.interfaces import PieError
-from pie.model.attention import ItemLayout, build_plan
-from pie.model.batch import (
+from pie.engine.attention import ItemLayout, build_plan
+from pie.engine.batch import (
     CopyKv,
     EmbedText,
     Forward,
@@ -28,10 +28,10 @@ from pie.model.batch import (
     Sampling,
     WorkerInfo,
 )
-from pie.model.llama import LlamaModel
-from pie.model.loaders import LoadedModel, resolve_device, resolve_dtype
-from pie.model.sampling import check_sampling, sample
-from pie.model.tokenizer import Tokenizer
+from pie.engine.llama import LlamaModel
+from pie.engine.loaders import LoadedModel, resolve_device, resolve_dtype
+from pie.engine.sampling import check_sampling, sample
+from pie.engine.tokenizer import Tokenizer
 
 MAX_POSITION = 1 << 24  # fp32 holds every integer position up to here exactly
 CPU_KV_BUDGET = 512 << 20
@@ -150,7 +150,7 @@ class Engine:
         }
 
     def run(self, job: object) -> object:
-        """Execute one job and return its result (see pie.model.batch for each job's result)."""
+        """Execute one job and return its result (see pie.engine.batch for each job's result)."""
         handler = self._handlers.get(type(job))
         if handler is None:
             raise PieError(f"unknown worker job {type(job).__name__}")
@@ -365,7 +365,7 @@ def create_engine(
     use_int4: bool | None = None,
     name: str | None = None,
 ) -> Engine:
-    """Place a loaded model on a device and give it a KV cache (see pie.model.worker.load_worker)."""
+    """Place a loaded model on a device and give it a KV cache (see pie.engine.worker.load_worker)."""
     dev = resolve_device(device)
     model = LlamaModel(
         loaded.config,

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pie.interfaces import PieError
-from pie.model.llama import LlamaConfig
-from pie.model.quant import Q4_1Weight
-from pie.model.tokenizer import Tokenizer
+from pie.engine.llama import LlamaConfig
+from pie.engine.quant import Q4_1Weight
+from pie.engine.tokenizer import Tokenizer
 
 DTYPES = {
     "float32": torch.float32,
@@ -93,10 +93,10 @@ def model_name_for(path: str) -> str:
 
 def loaders() -> list:
     """Every verified IModelLoader plugin, pie's built-in ones first."""
-    from pie.model.servicetypes import model_loaders
+    from pie.service.servicetypes import model_loaders
 
     found = list(model_loaders().values())
-    return sorted(found, key=lambda loader: not type(loader).__module__.startswith("pie.model."))
+    return sorted(found, key=lambda loader: not type(loader).__module__.startswith("pie.engine."))
 
 
 def load_model(path: str, dtype: str | torch.dtype = "float32") -> LoadedModel:

@@ -1,7 +1,7 @@
 """Several workers serving one model name: a pool of model services, and the l4m attach.
 
 Inferlets see one model (one name, one service id); behind it a ModelPool
-holds one pie.model.service.ModelService per attached worker. An instance's
+holds one pie.service.service.ModelService per attached worker. An instance's
 KV pages live on one worker only (its first create_queue places it on the
 worker with the fewest instances, then the most free pages), so every
 command of that instance goes to that worker's service; different instances
@@ -25,14 +25,14 @@ from zope.interface import implementer
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
-from pie.model.remote import (
+from pie.remote.wire import (
     WORKER_TOKEN_ENV,
     WORKER_TOKEN_FILE,
     RemoteWorker,
     connect_worker,
     worker_token,
 )
-from pie.model.service import ModelService
+from pie.service.service import ModelService
 
 log = Logger()
 

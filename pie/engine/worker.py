@@ -20,8 +20,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, PieError
-from pie.model.engine import Engine, create_engine
-from pie.model.loaders import LoadedModel, load_model, resolve_device, resolve_dtype
+from pie.engine.engine import Engine, create_engine
+from pie.engine.loaders import LoadedModel, load_model, resolve_device, resolve_dtype
 
 log = Logger()
 _STOP = object()
@@ -100,7 +100,7 @@ def load_worker(
     dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else
         float32), "float32", "bfloat16" or "float16".
     reactor: where results are delivered (default: the global reactor).
-    options (keywords, passed to pie.model.engine.create_engine):
+    options (keywords, passed to pie.engine.engine.create_engine):
     page_size: KV slots per page (16).
     num_pages: physical KV pages (default: what fits 512 MiB on CPU, half the
         free GPU memory on CUDA).

@@ -2,9 +2,9 @@
 
 The model service (reactor thread) turns inferlet commands into these jobs,
 with every id already translated to a *physical* page or embed slot. A worker
-(pie.model.worker in-process, or a remote `pie worker`) executes them in
+(pie.engine.worker in-process, or a remote `pie worker`) executes them in
 submission order. They are plain dataclasses of ints, floats, strings and
-lists so that pie.model.remote can ship them as msgpack without a schema of
+lists so that pie.remote.wire can ship them as msgpack without a schema of
 its own: `to_wire(job)` / `from_wire(data)`.
 
 Mask convention (BRLE, as on Pie's wire): a list of run lengths that

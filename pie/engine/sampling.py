@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pie.interfaces import PieError
-from pie.model.batch import Sampling
+from pie.engine.batch import Sampling
 
 
 def check_sampling(s: Sampling) -> None:

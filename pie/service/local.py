@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pie.model.registry import resolve_model
-from pie.model.service import ModelService
+from pie.service.registry import resolve_model
+from pie.service.service import ModelService
 
 FAILED_LOADS: list[str] = []
 """Why each model load of this process failed. A failed load stops the daemon; `pie serve`
@@ -71,7 +71,7 @@ class LocalModelService(Service):
                 waiter.callback(None)
 
     async def _load(self) -> None:
-        from pie.model.worker import load_worker
+        from pie.engine.worker import load_worker
 
         s = self.settings
         path = resolve_model(s["model"], s["home"])

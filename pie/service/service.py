@@ -1,10 +1,10 @@
 """The model service: one served model as inferlets see it (IModelService), on any IModelWorker.
 
 It checks every command before anything reaches the worker, translates the
-instance's virtual ids into physical ones (pie.model.resources), keeps each
-queue's order and batches forward passes across queues (pie.model.scheduler),
+instance's virtual ids into physical ones (pie.service.resources), keeps each
+queue's order and batches forward passes across queues (pie.service.scheduler),
 applies the contention policy when pages run out, and keeps persistent KV
-exports across restarts (pie.model.exportstore). All on the reactor thread;
+exports across restarts (pie.service.exportstore). All on the reactor thread;
 only worker jobs and store writes leave it.
 
 A failed command errbacks with InstanceFault; from then on every command of
@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 import pie
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
-from pie.model.batch import (
+from pie.engine.batch import (
     CopyKv,
     EmbedText,
     ForwardItem,
@@ -36,9 +36,9 @@ from pie.model.batch import (
     Query,
     Sampling,
 )
-from pie.model.exportstore import ExportStore
-from pie.model.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
-from pie.model.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
+from pie.service.exportstore import ExportStore
+from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
+from pie.service.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 
 log = Logger()
@@ -690,8 +690,8 @@ class ModelService:
         if type(max_tokens) is not int or max_tokens < 1:
             raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
         if not isinstance(sampling, Sampling):
-            raise InstanceFault("generate: sampling must be a pie.model.batch.Sampling")
-        from pie.model.sampling import check_sampling  # (torch: only when generating)
+            raise InstanceFault("generate: sampling must be a pie.engine.batch.Sampling")
+        from pie.engine.sampling import check_sampling  # (torch: only when generating)
 
         try:
             check_sampling(sampling)

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
 
 Linear weights stored as Q4_1 are also kept in block form so that the CPU
-int4 kernel can use them losslessly (pie.model.quant). Q and K rows are
+int4 kernel can use them losslessly (pie.engine.quant). Q and K rows are
 un-permuted: convert_hf_to_gguf interleaves them for llama.cpp's pair-wise
 RoPE, while our RoPE (like Hugging Face's) rotates halves.
 """
@@ -16,10 +16,10 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from pie.interfaces import IModelLoader, PieError
-from pie.model.llama import LlamaConfig
-from pie.model.loaders import DTYPES, LoadedModel, model_name_for
-from pie.model.quant import Q4_1Weight, parse_q4_1
-from pie.model.tokenizer import Tokenizer
+from pie.engine.llama import LlamaConfig
+from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
+from pie.engine.quant import Q4_1Weight, parse_q4_1
+from pie.engine.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

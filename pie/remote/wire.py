@@ -3,7 +3,7 @@
 A `pie worker` process owns a model (the same IModelWorker as in-process)
 and serves it over a WebSocket; the daemon holds a RemoteWorker, an
 IModelWorker whose jobs travel as msgpack maps in binary frames. The jobs are
-pie.model.batch's plain dataclasses (`to_wire`/`from_wire`), so this module
+pie.engine.batch's plain dataclasses (`to_wire`/`from_wire`), so this module
 adds only the envelope, the handshake and the fault handling. docs/remote-workers.md
 is the reference for the frames.
 
@@ -52,8 +52,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pie.interfaces import IModelWorker, InstanceFault, PieError
-from pie.model import batch
-from pie.model.tokenizer import Tokenizer, _byte_level_bytes
+from pie.engine import batch
+from pie.engine.tokenizer import Tokenizer, _byte_level_bytes
 
 log = Logger()
 
@@ -127,7 +127,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def tokenizer_to_wire(tokenizer: Tokenizer) -> dict:
     """The served model's tokenizer as msgpack-ready data: the `tokenizers` pipeline
-    (tokenizer.json text) plus what pie.model.tokenizer.Tokenizer adds around it."""
+    (tokenizer.json text) plus what pie.engine.tokenizer.Tokenizer adds around it."""
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     regular = [(text, i) for text, i in vocab.items() if i not in tokenizer.special_ids]
     byte_level = all(tokenizer.token_bytes([i]) == _byte_level_bytes(text) for text, i in regular)
@@ -600,7 +600,7 @@ def spawn_worker(
 ) -> WorkerProcess:
     """Start `pie worker ARGS` with this interpreter (pie importable from its environment)."""
     process = WorkerProcess()
-    argv = [*prefix, sys.executable, "-m", "pie.model.remote", *args]
+    argv = [*prefix, sys.executable, "-m", "pie.remote.wire", *args]
     reactor.spawnProcess(process, argv[0], argv, env=env if env is not None else dict(os.environ))
     return process
 
@@ -661,9 +661,9 @@ def _worker_options(argv: list[str]) -> argparse.Namespace:
 
 def _engine(options: argparse.Namespace, path: str) -> object:
     """The Engine this process runs: the whole model, or this rank's shard of it."""
-    from pie.model import tp
-    from pie.model.engine import Engine, create_engine
-    from pie.model.loaders import load_model, resolve_device, resolve_dtype
+    from pie.engine import tp
+    from pie.engine.engine import Engine, create_engine
+    from pie.engine.loaders import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
     if device.type == "cuda" and options.tp > 1:
@@ -690,7 +690,7 @@ def _start_followers(argv: list[str], options: argparse.Namespace) -> list[subpr
     a file (torch's FileStore), so there is no port to pick or race for."""
     options.tp_dir = tempfile.mkdtemp(prefix="pie-tp-")
     options.tp_init = f"file://{os.path.join(options.tp_dir, 'rendezvous')}"
-    command = [sys.executable, "-m", "pie.model.remote", *argv, "--tp-init", options.tp_init]
+    command = [sys.executable, "-m", "pie.remote.wire", *argv, "--tp-init", options.tp_init]
     return [subprocess.Popen([*command, "--tp-rank", str(rank)]) for rank in range(1, options.tp)]
 
 
@@ -714,9 +714,9 @@ def worker_main(argv: list[str]) -> int:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from pie.model import tp
-    from pie.model.registry import resolve_model
-    from pie.model.worker import Worker, build_on_own_thread
+    from pie.engine import tp
+    from pie.service.registry import resolve_model
+    from pie.engine.worker import Worker, build_on_own_thread
 
     options = _worker_options(argv)
     if options.tp < 1:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pie.model.kv_cache import KvCache
+from pie.engine.kv_cache import KvCache
 
 
 @dataclass

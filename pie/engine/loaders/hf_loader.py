@@ -12,9 +12,9 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from pie.interfaces import IModelLoader, PieError
-from pie.model.llama import LlamaConfig
-from pie.model.loaders import DTYPES, LoadedModel, model_name_for
-from pie.model.tokenizer import Tokenizer
+from pie.engine.llama import LlamaConfig
+from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
+from pie.engine.tokenizer import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # qwen2: Llama with q/k/v biases
 

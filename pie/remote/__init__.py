@@ -1,0 +1,1 @@
+"""Model workers in other processes: the wire format, the daemon-side RemoteWorker, `pie worker`."""

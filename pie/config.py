@@ -85,6 +85,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
     Setting(
+        "max_chat_chars",
+        4 * 1024 * 1024,
+        int,
+        "Longest text a chat template may render for an inferlet (and longest JSON it is given), in characters.",
+    ),
+    Setting(
         "max_outbound",
         16 * 1024 * 1024,
         int,
@@ -143,6 +149,7 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "dist_size",
         "max_program_size",
         "max_message_size",
+        "max_chat_chars",
         "inferlet_memory_limit",
         "inferlet_deadline_ms",
     ):

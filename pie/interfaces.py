@@ -93,6 +93,9 @@ class ITokenizer(Interface):
     bos_token = Attribute(
         "str: the text of the begin-of-sequence token, or '' (chat templates use it)."
     )
+    eos_token = Attribute(
+        "str: the text of the end-of-sequence token, or '' (chat templates use it)."
+    )
 
 
 class IModelService(Interface):

@@ -103,6 +103,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             ),
             reactor=reactor,
             max_program_size=settings["max_program_size"],
+            max_chat_chars=settings["max_chat_chars"],
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

@@ -87,6 +87,7 @@ class CharTokenizer:
     chat_template = "{{ messages }}"
     eos_token_ids = [0]
     bos_token = "<s>"
+    eos_token = "</s>"
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]

@@ -1,4 +1,4 @@
-"""The sandbox's per-program compiled-code cache and the SDK's chat-template cache.
+"""The sandbox's per-program compiled-code cache.
 
 Instances of one program load the code a throwaway instance compiled once
 (WasmExecutor.compiled) instead of compiling the sources again; they must behave
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from pie.inferlet.template import Template, compiled
-from pie.inferlet.testing import SMOLLM2_TEMPLATE
 from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, module_name
 from tests.test_executor_contract import ExecutorHelpers
 from tests.test_executor_wasm import BUILD_TIMEOUT, sandbox
@@ -56,14 +54,3 @@ class CompiledCodeTests(ExecutorHelpers, TestCase):
         for name in (COMPILE_ONLY, COMPILED):
             with self.assertRaises(ValueError):
                 module_name(name)
-
-
-class TemplateCacheTests(TestCase):
-    def test_one_parse_per_template_text_rendering_unchanged(self) -> None:
-        self.assertIs(compiled(SMOLLM2_TEMPLATE), compiled(SMOLLM2_TEMPLATE))
-        messages = [{"role": "user", "content": "hi"}]
-        for _ in range(2):
-            self.assertEqual(
-                compiled(SMOLLM2_TEMPLATE).render(messages=messages, add_generation_prompt=True),
-                Template(SMOLLM2_TEMPLATE).render(messages=messages, add_generation_prompt=True),
-            )

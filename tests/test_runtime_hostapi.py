@@ -47,6 +47,7 @@ SAMPLE_ARGS = {
     "generate": (Q, 1, [1], [3], [0], [2], 0.5, 0, 1.0, None, 3, [7]),
     "tokenize": (0, "hi"),
     "detokenize": (0, [104, 105]),
+    "apply_chat_template": (0, '[{"role": "user", "content": "hi"}]', True, None, None, None),
     "get_vocabs": (0,),
     "send": ("m",),
     "receive": (),
@@ -118,6 +119,9 @@ class EveryRowTests(unittest.TestCase):
         self.assertEqual(results["generate"], [1, 1, 1])
         self.assertEqual(results["tokenize"], [104, 105])
         self.assertEqual(results["detokenize"], "hi")
+        self.assertEqual(
+            results["apply_chat_template"], (True, "[{'role': 'user', 'content': 'hi'}]")
+        )
         self.assertEqual(len(results["get_vocabs"][0]), 128)
         self.assertEqual(results["receive"], "from the user")
         self.assertEqual(results["subscription_next"], "b")

@@ -1,11 +1,9 @@
-"""Brle, samplers, stop conditions and the chat-template renderer of pie.inferlet."""
+"""Brle, samplers and stop conditions of pie.inferlet."""
 
 from __future__ import annotations
 
-import json
 import random
 
-import jinja2.sandbox
 from twisted.trial import unittest
 
 from pie.inferlet.brle import Brle
@@ -21,55 +19,6 @@ from pie.inferlet.sampling import (
     any_of,
     sample_with,
 )
-from pie.inferlet.template import Template, TemplateError
-from pie.inferlet.testing import SMOLLM2_TEMPLATE
-
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
-CHATML_TOOLS_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}
-    {{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>assistant' }}
-        {%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
-        {%- for call in message.tool_calls | default([]) %}
-            {%- if call.function is defined %}{%- set call = call.function %}{%- endif %}
-            {{- '\\n<tool_call>' + call.name + ' ' + call.arguments | tojson + '</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
-"""
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi  "}],
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": "Yo"},
-        {"role": "user", "content": "x"},
-    ],
-    [
-        {"role": "user", "content": "q"},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}],
-        },
-    ],
-]
 
 
 class BrleTests(unittest.TestCase):
@@ -157,33 +106,3 @@ class StopTests(unittest.TestCase):
         self.assertTrue(stop([1, 9]))
         self.assertTrue((Length(1) | Until([7]))([2]))
         self.assertRaises(ValueError, Until, [])
-
-
-class TemplateTests(unittest.TestCase):
-    def test_matches_jinja2_on_real_chat_templates(self):
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda v: json.dumps(v, ensure_ascii=False)  # as transformers
-        for source in (SMOLLM2_TEMPLATE, LLAMA3_TEMPLATE, CHATML_TOOLS_TEMPLATE):
-            for messages in CONVERSATIONS:
-                for prompt in (False, True):
-                    want = env.from_string(source).render(
-                        messages=messages, add_generation_prompt=prompt, bos_token="<s>"
-                    )
-                    got = Template(source).render(
-                        messages=messages, add_generation_prompt=prompt, bos_token="<s>"
-                    )
-                    self.assertEqual(got, want)
-
-    def test_expressions(self):
-        t = Template(
-            "{{ (1 + 2) * 3 }}|{{ 'a' ~ 5 }}|{{ x is defined }}|{{ [1,2,3][1:] | length }}"
-            "|{{ 'y' if not x else 'n' }}|{% for a, b in d | items %}{{ a }}={{ b }}"
-            "{% endfor %}|{{ ' s '.strip() }}"
-        )
-        self.assertEqual(t.render(d={"k": 1}), "9|a5|False|2|y|k=1|s")
-
-    def test_unsupported_and_raised(self):
-        self.assertRaises(TemplateError, Template, "{% macro m() %}{% endmacro %}")
-        self.assertRaises(TemplateError, Template, "{% if x %}")
-        t = Template("{{ raise_exception('no system role') }}")
-        self.assertRaisesRegex(TemplateError, "no system role", t.render)

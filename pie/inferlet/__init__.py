@@ -48,6 +48,7 @@ from pie.inferlet.model import (
     Distribution,
     Model,
     Queue,
+    TemplateError,
     Tokenizer,
     get_all_models,
     get_auto_model,
@@ -68,7 +69,6 @@ from pie.inferlet.sampling import (
     UntilAny,
     any_of,
 )
-from pie.inferlet.template import Template, TemplateError
 
 __all__ = [
     "AnyOf",
@@ -86,7 +86,6 @@ __all__ = [
     "StopCondition",
     "Subscription",
     "Temperature",
-    "Template",
     "TemplateError",
     "Tokenizer",
     "TopK",

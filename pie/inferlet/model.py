@@ -15,14 +15,18 @@ use it to reuse ids safely across queues.
 from __future__ import annotations
 
 import itertools
+import json
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pie.inferlet import _abi, _driver
 from pie.inferlet.pool import IdPool
-from pie.inferlet.template import Template, compiled
 
 if TYPE_CHECKING:
     from pie.inferlet.context import Context
+
+
+class TemplateError(Exception):
+    """The model's chat template refused the messages or failed; the text is the host's reason."""
 
 
 class Distribution(NamedTuple):
@@ -187,7 +191,6 @@ class Model:
         self.tokenizer = Tokenizer(service_id)
         self.kv_pages = IdPool("kv_pages")
         self.embeds = IdPool("embeds")
-        self._template: Template | None = None
         self._eos_texts: list[str] | None = None
 
     def __repr__(self) -> str:
@@ -215,18 +218,39 @@ class Model:
         return self._eos_texts
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **variables: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        **variables: Any,
     ) -> str:
-        """The model's own chat template applied to messages (see pie.inferlet.template)."""
+        """The model's own chat template applied to messages, as transformers'
+        `apply_chat_template(messages, tokenize=False, ...)` renders it.
+
+        The host renders it with jinja2's sandbox (pie.runtime.chat_template),
+        so any template works. The template sees the messages, tools,
+        documents, add_generation_prompt, the model's bos_token and eos_token,
+        and `variables` (e.g. `enable_thinking=False`; they win over the
+        special tokens). Everything must be JSON-serialisable. Raises
+        TemplateError with the reason if the template refuses the messages
+        (e.g. roles out of order) or fails.
+        """
         if not self.chat_template:
             raise RuntimeError(f"model {self.name!r} has no chat template")
-        if self._template is None:
-            self._template = compiled(self.chat_template)
-        variables.setdefault("bos_token", self.info.get("bos_token", ""))
-        variables.setdefault("eos_token", self.eos_tokens[0] if self.eos_token_ids else "")
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        ok, text = _abi.call(
+            "apply_chat_template",
+            self.service_id,
+            json.dumps(messages),
+            bool(add_generation_prompt),
+            None if tools is None else json.dumps(tools),
+            None if documents is None else json.dumps(documents),
+            json.dumps(variables) if variables else None,
         )
+        if not ok:
+            raise TemplateError(text)
+        return text
 
 
 def _instance_models() -> dict[int, Model]:

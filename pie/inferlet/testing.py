@@ -9,7 +9,8 @@ KV slots, page ranges), so mistakes in page handling show up as errors or
 wrong outputs.
 
 The fake model: byte-level tokens (id = byte + 3; 0 = <|endoftext|>,
-1 = <|im_start|>, 2 = <|im_end|>), the SmolLM2 chat template, and a "forward
+1 = <|im_start|>, 2 = <|im_end|>), the SmolLM2 chat template (rendered by the
+host's own renderer, pie.runtime.chat_template, as a real host does), and a "forward
 pass" whose top-k list is a hash of every (token, position) the row attends
 to plus the row's own position: the same context always gives the same
 distribution and any wrong mask, position or KV slot changes it.
@@ -31,6 +32,7 @@ from typing import Any
 
 from pie.inferlet import _abi
 from pie.inferlet.sampling import TopP
+from pie.runtime import chat_template
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -50,11 +52,20 @@ class FakeHostError(Exception):
 
 class FakeModel:
     name = "fake-model"
+    bos_token = ""
+    eos_token = "<|im_end|>"
 
-    def __init__(self, page_size: int = 4, dist_size: int = 8, eos_every: int = 0) -> None:
+    def __init__(
+        self,
+        page_size: int = 4,
+        dist_size: int = 8,
+        eos_every: int = 0,
+        chat_template: str = SMOLLM2_TEMPLATE,
+    ) -> None:
         self.page_size = page_size
         self.dist_size = dist_size
         self.eos_every = eos_every  # if > 0, EOS is the top token when hash % eos_every == 0
+        self.chat_template = chat_template
 
     def tokenize(self, text: str) -> list[int]:
         out: list[int] = []
@@ -297,8 +308,9 @@ class FakeInstance:
             ("version", "1"),
             ("license", "none"),
             ("traits", "input_text,tokenize,output_text"),
-            ("chat_template", SMOLLM2_TEMPLATE),
+            ("chat_template", self.model.chat_template),
             ("eos_token_ids", "2"),
+            ("bos_token", self.model.bos_token),
             ("kv_page_size", str(self.model.page_size)),
             ("dist_size", str(self.model.dist_size)),
             ("vocab_size", "259"),
@@ -535,6 +547,26 @@ class FakeInstance:
 
     def _detokenize(self, service: int, tokens: list[int]) -> str:
         return self.model.detokenize(tokens)
+
+    def _apply_chat_template(
+        self,
+        service: int,
+        messages: str,
+        add_generation_prompt: bool,
+        tools: str | None,
+        documents: str | None,
+        variables: str | None,
+    ) -> tuple[bool, str]:
+        return chat_template.render_json(
+            self.model.chat_template,
+            messages,
+            add_generation_prompt,
+            tools,
+            documents,
+            variables,
+            bos_token=self.model.bos_token,
+            eos_token=self.model.eos_token,
+        )
 
     def _get_vocabs(self, service: int) -> tuple[list[int], bytes, list[int]]:
         """The byte tokens: ids, their bytes concatenated, end offsets (as the host sends them)."""

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
+from pie.runtime import chat_template
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 from pie.runtime.instances import Instance
 
@@ -187,11 +188,13 @@ class HostApi:
 
     `runtime` provides: `instances` (pie.runtime.instances.Instances),
     `inboxes`, `pubsub`, `kvstore`, `model_services()` (iterable of
-    IModelService), `debug_query(text)` and `reactor`.
+    IModelService), `debug_query(text)` and `reactor`. `max_chat_chars` bounds
+    a rendered chat template (and the JSON it is given).
     """
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime, max_chat_chars: int = chat_template.DEFAULT_MAX_CHARS) -> None:
         self._runtime = runtime
+        self._max_chat_chars = max_chat_chars
         self._handlers: dict[str, Callable] = {}
         self._vocab_sizes: dict[int, int] = {}  # service id -> number of regular tokens
         self._vocabs: dict[int, tuple[list[int], bytes, list[int]]] = {}  # by service id
@@ -338,6 +341,29 @@ class HostApi:
 
     def _detokenize(self, instance: Instance, service_id: int, tokens: list[int]) -> str:
         return self._service(service_id).tokenizer.detokenize(tokens)
+
+    def _apply_chat_template(
+        self,
+        instance: Instance,
+        service_id: int,
+        messages: str,
+        add_generation_prompt: bool,
+        tools: str | None,
+        documents: str | None,
+        variables: str | None,
+    ) -> tuple[bool, str]:
+        tokenizer = self._service(service_id).tokenizer
+        return chat_template.render_json(
+            tokenizer.chat_template,
+            messages,
+            add_generation_prompt,
+            tools,
+            documents,
+            variables,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            max_chars=self._max_chat_chars,
+        )
 
     def _get_vocabs(
         self, instance: Instance, service_id: int

@@ -161,6 +161,18 @@ HOST_CALLS: dict[str, HostCall] = {
         _c("tokenize", "service: u32; text: string", "list<u32>", "sync", "Encode text."),
         _c("detokenize", "service: u32; tokens: list<u32>", "string", "sync", "Decode tokens."),
         _c(
+            "apply_chat_template",
+            "service: u32; messages: string; add_generation_prompt: bool; "
+            "tools: option<string>; documents: option<string>; variables: option<string>",
+            "tuple<bool, string>",
+            "sync",
+            "The model's chat template rendered on the host by jinja2's sandbox, as "
+            "transformers' apply_chat_template does. messages, tools and documents are JSON "
+            "lists of objects, variables a JSON object of further template variables. "
+            "(true, the text), or (false, why: the template refused the messages, failed or "
+            "went over max_chat_chars); the instance goes on either way.",
+        ),
+        _c(
             "get_vocabs",
             "service: u32",
             "tuple<list<u32>, list<u8>, list<u32>>",

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
@@ -49,6 +50,7 @@ class Runtime(service.Service):
         executor: IInferletExecutor,
         reactor=None,
         max_program_size: int = DEFAULT_MAX_PROGRAM_BYTES,
+        max_chat_chars: int = DEFAULT_MAX_CHARS,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -63,7 +65,7 @@ class Runtime(service.Service):
         self.instances = Instances(
             reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
         )
-        self.hostapi = HostApi(self)
+        self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
         self._checked: set[str] = set()  # program hashes the executor has accepted
         for name, model_service in model_services.items():

@@ -39,8 +39,6 @@ from wit_world.imports import host  # noqa: F401  (snapshotted here; pie.inferle
 import pie.inferlet  # noqa: F401  (the SDK, with every submodule it imports)
 from pie.inferlet import _abi
 from pie.inferlet._driver import Driver, Step, format_failure
-from pie.inferlet.template import Template, compiled
-from pie.inferlet.testing import SMOLLM2_TEMPLATE
 from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, compile_modules, load_main
 
 _driver: Driver | None = None
@@ -117,16 +115,6 @@ async def main(args):
 """
 
 
-def _warm_up_templates() -> None:
-    """Parse the default model's chat template (SmolLM2) into the snapshot, where
-    `compiled` finds it for every instance (about 1 ms each inside the sandbox), and
-    render one with `set`, so that the regexes the parser compiles lazily are cached
-    there for any other model's template too."""
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    compiled(SMOLLM2_TEMPLATE).render(messages=messages, add_generation_prompt=True)
-    Template("{% set ns = namespace(n=0) %}{% set ns.n = 1 %}{{ ns.n | string }}").render()
-
-
 def _import_sdk() -> None:
     """Import every pie.inferlet module so it is in the snapshot (only imports work at runtime)."""
     for info in pkgutil.iter_modules(pie.inferlet.__path__, "pie.inferlet."):
@@ -139,7 +127,6 @@ def _import_sdk() -> None:
 _warm_up()
 _import_sdk()
 _warm_up_loader()
-_warm_up_templates()
 # Everything so far is in the snapshot every instance starts from; freezing it keeps the
 # collector from walking (and so copying, page by page) that shared heap in each instance.
 gc.collect()

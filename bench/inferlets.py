@@ -42,7 +42,7 @@ from pie.interfaces import IInstanceOwner
 from pie.engine.batch import Forward, ForwardItem, Sampling
 from pie.service.registry import default_model_path
 from pie.service.service import ModelService
-from pie.engine.worker import load_worker
+from pie.service.local import load_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.runtime import Runtime
 

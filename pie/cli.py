@@ -142,12 +142,23 @@ def serve(argv: list[str]) -> int:
     from twisted.plugin import getPlugins
     from twisted.scripts.twistd import ServerOptions, runApp
 
-    from pie.service.local import FAILED_LOADS
-    from pie.tap import serviceMaker
+    from pie import tap
+    from pie.service.local import LocalModelService
+
+    made: list[service.IService] = []
+
+    class Maker(service.ServiceMaker):
+        """The pie tap, keeping the tree it made so the load outcome can be read after the run."""
+
+        def makeService(self, options: Any) -> service.IService:
+            made.append(tap.makeService(options))
+            return made[-1]
+
+    maker = Maker("pie", "pie.tap", "the pie daemon", "pie")
 
     def plugins(interface: Any, package: Any = None) -> Any:
         if interface is service.IServiceMaker:
-            return [serviceMaker()]
+            return [maker]
         return getPlugins(interface, package)
 
     class PieServerOptions(ServerOptions):
@@ -155,8 +166,9 @@ def serve(argv: list[str]) -> int:
 
     sys.argv = ["pie serve", "--nodaemon", "--pidfile=", "pie", *argv]
     app.run(runApp, PieServerOptions)
-    if FAILED_LOADS:
-        reason = FAILED_LOADS[-1]  # (twistd has redirected sys.stderr into its log by now)
+    failures = [s.failure for s in made[0] if isinstance(s, LocalModelService) and s.failure]
+    if failures:  # (twistd has redirected sys.stderr into its log by now)
+        reason = failures[0].getErrorMessage()
         print(f"pie serve: the model could not be loaded: {reason}", file=sys.__stderr__)
         return 1
     return 0

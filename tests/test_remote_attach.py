@@ -24,7 +24,7 @@ from pie.remote import wire as remote
 from pie.engine.loaders import load_model
 from pie.service.placement import ModelPool
 from pie.service.service import ModelService
-from pie.engine.worker import start_worker
+from pie.service.local import start_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
 from tests.fixtures.tp_rank import engine_for, jobs

@@ -10,7 +10,7 @@ from pie.interfaces import IModelWorker, InstanceFault
 from pie.engine.batch import CopyKv, Forward, Sampling
 from pie.engine.loaders import load_model
 from pie.service.service import CONTENTION_REASON, ModelService
-from pie.engine.worker import start_worker
+from pie.service.local import start_worker
 from tests.model_fixtures import write_tiny_model
 
 PS = 4

@@ -365,7 +365,7 @@ def create_engine(
     use_int4: bool | None = None,
     name: str | None = None,
 ) -> Engine:
-    """Place a loaded model on a device and give it a KV cache (see pie.engine.worker.load_worker)."""
+    """Place a loaded model on a device and give it a KV cache (see pie.engine.worker.build_engine)."""
     dev = resolve_device(device)
     model = LlamaModel(
         loaded.config,

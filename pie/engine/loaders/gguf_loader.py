@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import torch
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from pie.interfaces import IModelLoader, PieError
@@ -107,7 +106,7 @@ def config_from_metadata(
     )
 
 
-@implementer(IPlugin, IModelLoader)
+@implementer(IModelLoader)
 class GGUFLoader:
     formatName = "gguf"
 

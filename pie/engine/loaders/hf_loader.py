@@ -8,7 +8,6 @@ import os
 
 import torch
 from safetensors.torch import load_file
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from pie.interfaces import IModelLoader, PieError
@@ -19,7 +18,7 @@ from pie.engine.tokenizer import Tokenizer
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # qwen2: Llama with q/k/v biases
 
 
-@implementer(IPlugin, IModelLoader)
+@implementer(IModelLoader)
 class SafetensorsLoader:
     formatName = "safetensors"
 

@@ -84,9 +84,9 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     top = SequentialMultiService()
     model = None
     if runtime is None:
-        from pie.service.local import LocalModelService
         from pie.runtime.executors import make_executor
         from pie.runtime.runtime import Runtime
+        from pie.service.local import LocalModelService
 
         runtime = Runtime(
             settings["home"],

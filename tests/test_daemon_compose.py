@@ -13,8 +13,8 @@ import json
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from pie.service.local import LocalModelService
 from pie.server.uploads import hash_program
+from pie.service.local import LocalModelService
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.model_fixtures import write_tiny_model

@@ -145,13 +145,18 @@ async def ours(service, prompts: list[list[int]], new: int) -> float:
 
 
 def prompts_for(tokenizer, n: int) -> list[list[int]]:
-    from pie.inferlet.template import Template
+    from pie.runtime.chat_template import render
 
-    template = Template(tokenizer.chat_template)
     out = []
     for i in range(n):
         messages = [{"role": "user", "content": f"Tell me a long story about {TOPICS[i % 12]}."}]
-        text = template.render(messages=messages, add_generation_prompt=True, bos_token="")
+        text = render(
+            tokenizer.chat_template,
+            messages,
+            add_generation_prompt=True,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+        )
         out.append(tokenizer.tokenize(text))
     return out
 
@@ -161,9 +166,9 @@ async def run(reactor, opts) -> None:
     from twisted.internet import threads
 
     from bench.decode import wait_for_quiet
+    from pie.service.local import load_worker
     from pie.service.registry import default_model_path
     from pie.service.service import ModelService
-    from pie.engine.worker import load_worker
 
     torch.set_num_threads(opts.threads)
     model = opts.model or default_model_path()

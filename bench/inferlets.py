@@ -37,14 +37,14 @@ from zope.interface import implementer
 
 from bench.decode import wait_for_quiet
 from bench.sandbox import host_call_latency, spawn_time, wasm_executor
-from pie.inferlet.template import Template
-from pie.interfaces import IInstanceOwner
 from pie.engine.batch import Forward, ForwardItem, Sampling
-from pie.service.registry import default_model_path
-from pie.service.service import ModelService
-from pie.engine.worker import load_worker
+from pie.interfaces import IInstanceOwner
+from pie.runtime.chat_template import render
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.runtime import Runtime
+from pie.service.local import load_worker
+from pie.service.registry import default_model_path
+from pie.service.service import ModelService
 
 APP = "inferlets/text_completion.py"
 TOPICS = [
@@ -100,15 +100,12 @@ async def inferlets(runtime: Runtime, digest: str, n: int, new: int) -> tuple[fl
 def prompt_tokens(worker, n: int) -> list[list[int]]:
     """What text_completion fills: the chat template's user turn, then the generation prompt."""
     tok = worker.tokenizer
-    template = Template(tok.chat_template)
-    eos = tok.detokenize([tok.eos_token_ids[0]])
+    specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}  # as the host renders
     out = []
     for i in range(n):
         messages = [{"role": "user", "content": prompt(i)}]
-        turn = template.render(messages=messages, bos_token="", eos_token=eos)
-        full = template.render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=eos
-        )
+        turn = render(tok.chat_template, messages, **specials)
+        full = render(tok.chat_template, messages, add_generation_prompt=True, **specials)
         out.append(tok.tokenize(turn) + tok.tokenize(full[len(turn) :]))
     return out
 

@@ -35,9 +35,9 @@ from pie.engine.batch import Forward, Sampling
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model, resolve_dtype
+from pie.service.local import LocalWorker
 from pie.service.registry import default_model_path
 from pie.service.service import ModelService
-from pie.engine.worker import Worker
 
 TEXT = (
     "The history of the lighthouse is a history of people who kept a light burning for ships "
@@ -49,7 +49,7 @@ TEXT = (
 class StampedWorker:
     """Wraps a worker: notes when each Forward job's answer comes back, and its item sizes."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: LocalWorker) -> None:
         self.worker = worker
         self.info, self.tokenizer = worker.info, worker.tokenizer
         self.answers: list[tuple[float, list[int]]] = []
@@ -143,7 +143,7 @@ async def run(reactor, opts) -> None:
         return loaded, engine, hf_model(loaded, dtype).to(opts.device)
 
     loaded, engine, reference = await in_fresh_thread(reactor, load)
-    stamped = StampedWorker(Worker(engine, reactor=reactor))
+    stamped = StampedWorker(LocalWorker(engine, reactor=reactor))
     whole = ModelService(stamped, reactor=reactor, max_batch_tokens=1 << 20)
     chunked = ModelService(stamped, reactor=reactor, max_batch_tokens=opts.chunk)
     ids = loaded.tokenizer.tokenize(TEXT * (opts.prompt // 40 + 2))[: opts.prompt]

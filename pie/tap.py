@@ -1,16 +1,22 @@
 """`twistd pie`: the daemon's options and its service tree.
 
-twisted/plugins/pie_plugin.py names this module; twistd imports it only when
-`pie` runs, so the heavy imports (runtime, torch) stay out of plugin scans.
-makeService runs before twistd forks, so it builds objects but starts no
-threads: those start in the services' startService.
+twisted/plugins/pie_plugin.py names this module by its dotted name only
+(ServiceMaker imports it when twistd runs the `pie` tap), so plugin scans
+import neither it nor torch. makeService runs before twistd forks, so it
+builds objects but starts no threads: those start in the services'
+startService.
+
+Children start in the order added and stop in the reverse: the model, the
+runtime, the client listener start in that order (the listener waits for the
+model), and shutdown goes listener -> runtime (ends the instances) -> model
+(closes the export store, then the worker).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service, ServiceMaker
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -19,16 +25,6 @@ from twisted.python import usage
 from pie import config as pieconfig
 
 _log = Logger()
-
-
-def serviceMaker() -> ServiceMaker:
-    """The `pie` tap for twistd: the plugin dropin publishes it, `pie serve` uses it directly."""
-    return ServiceMaker(
-        "pie",
-        "pie.tap",
-        "Programmable LLM inference engine: inferlets over a WebSocket/msgpack protocol.",
-        "pie",
-    )
 
 
 class Options(usage.Options):
@@ -88,9 +84,10 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     top = SequentialMultiService()
     model = None
     if runtime is None:
-        from pie.service.local import LocalModelService
         from pie.runtime.executors import make_executor
         from pie.runtime.runtime import Runtime
+        from pie.service.local import LocalModelService
+        from pie.service.servicetypes import attach_remote_service
 
         runtime = Runtime(
             settings["home"],
@@ -104,13 +101,14 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             reactor=reactor,
             max_program_size=settings["max_program_size"],
             max_chat_chars=settings["max_chat_chars"],
+            attacher=attach_remote_service,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
-    if IService.providedBy(runtime):
-        runtime.setServiceParent(top)
     if model is not None:
         model.setServiceParent(top)
+    if IService.providedBy(runtime):
+        runtime.setServiceParent(top)
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),

@@ -53,7 +53,7 @@ def shared_worker():
     """The SmolLM2 worker of this module (loaded on first use, then reused)."""
     global _worker
     if _worker is None:
-        from pie.engine.worker import load_worker
+        from pie.service.local import load_worker
 
         _worker = load_worker(model_path())
     return _worker

@@ -13,12 +13,13 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
-from pie.engine.loaders import load_model, loaders
+from pie.engine.loaders import load_model
 from pie.engine.quant import Int4Linear
+from pie.interfaces import IModelLoader, PieError
+from pie.service.servicetypes import model_loaders
 from tests.model_fixtures import dense, hf_probs, write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()
@@ -93,7 +94,7 @@ def write_gguf(path: str, source) -> None:
 
 class Plugins(TestCase):
     def test_builtin_loaders_are_plugins(self):
-        found = {loader.formatName: loader for loader in loaders()}
+        found = model_loaders()
         self.assertLessEqual({"gguf", "safetensors"}, set(found))
         for loader in found.values():
             self.assertTrue(IModelLoader.providedBy(loader))

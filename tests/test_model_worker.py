@@ -10,9 +10,9 @@ import threading
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import IModelWorker, ITokenizer, PieError
 from pie.engine.batch import EmbedText, Forward, ForwardItem, Query, Sampling, WorkerInfo
-from pie.engine.worker import load_worker
+from pie.interfaces import IModelWorker, ITokenizer, PieError
+from pie.service.local import load_worker
 from tests.model_fixtures import write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()
@@ -79,7 +79,9 @@ class WorkerThread(TestCase):
     @defer.inlineCallbacks
     def test_close_stops_the_thread(self):
         yield self.worker.close()
-        self.assertFalse(self.worker._thread.is_alive())
+        thread = self.worker._thread._thread
+        thread.join()  # close fired from the thread's last step: it can only be ending
+        self.assertFalse(thread.is_alive())
         yield self.assertFailure(self.worker.execute(Query("ping")), PieError)
 
 

@@ -1,10 +1,14 @@
-"""The daemon's own model: loaded in a thread at start, then served to the runtime.
+"""The daemon's own model: an engine on a thread in this process, served to the runtime.
+
+LocalWorker is the IModelWorker over pie.engine.worker's EngineThread: it turns
+each job into a Deferred and has the thread deliver outcomes with
+`reactor.callFromThread`, so the engine never sees the reactor.
 
 Loading weights takes seconds, and twistd builds the service tree before it
-forks, so nothing heavy may happen in makeService: the worker thread and the
-weights come to life in startService, off the reactor thread, and `ready`
-fires once the model is attached to the runtime. The listener waits for
-`ready`, so no client ever sees a daemon without its model.
+forks, so nothing heavy may happen in makeService: LocalModelService brings the
+engine to life in startService, off the reactor thread, and `whenReady` fires
+once the model is attached to the runtime. The listener waits for it, so no
+client ever sees a daemon without its model.
 """
 
 from __future__ import annotations
@@ -17,27 +21,93 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from pie.interfaces import IModelWorker, PieError
 from pie.service.registry import resolve_model
 from pie.service.service import ModelService
+from pie.service.servicetypes import model_loaders
 
-FAILED_LOADS: list[str] = []
-"""Why each model load of this process failed. A failed load stops the daemon; `pie serve`
-then exits with status 1 and this reason (twistd itself always exits 0 after a stop)."""
+log = Logger()
+
+
+@implementer(IModelWorker)
+class LocalWorker:
+    """IModelWorker around an engine running on its own thread (pie.engine.worker)."""
+
+    def __init__(self, engine: Any, reactor: Any = None) -> None:
+        from pie.engine.worker import EngineThread
+
+        if reactor is None:
+            from twisted.internet import reactor
+        self.engine = engine
+        self.info = engine.info
+        self.tokenizer = engine.tokenizer
+        self._thread = EngineThread(engine, reactor.callFromThread)
+        self._stopped: Deferred | None = None
+
+    def execute(self, job: object) -> Deferred:
+        if self._stopped is not None:
+            return fail(PieError("the model worker is closed"))
+        d: Deferred = Deferred()
+        self._thread.submit(job, lambda result, error: _settle(d, job, result, error))
+        return d
+
+    def close(self) -> Deferred:
+        """Finish the jobs already queued, then stop the thread."""
+        if self._stopped is None:
+            stopped: Deferred = Deferred()
+            self._stopped = stopped
+            self._thread.stop(lambda: stopped.callback(None))
+        return self._stopped
+
+
+def _settle(d: Deferred, job: object, result: object, error: BaseException | None) -> None:
+    if error is None:
+        d.callback(result)
+    elif isinstance(error, PieError):
+        d.errback(Failure(error))
+    else:  # a bug or a device error: logged with its traceback, the job fails alone
+        log.failure(
+            "model worker failed on {job}",
+            Failure(error, type(error), error.__traceback__),
+            job=type(job).__name__,
+        )
+        d.errback(Failure(PieError(f"model worker failed on {type(job).__name__}: {error}")))
+
+
+def load_worker(path: str, *, reactor: Any = None, **options: Any) -> LocalWorker:
+    """Load the model at `path` (any installed loader plugin) and serve it on a thread.
+
+    Blocks while the weights load; options are pie.engine.worker.build_engine's.
+    """
+    from pie.engine.worker import build_engine
+
+    loaders = list(model_loaders().values())
+    return LocalWorker(build_engine(path, loaders=loaders, **options), reactor=reactor)
+
+
+def start_worker(loaded: Any, *, reactor: Any = None, **options: Any) -> LocalWorker:
+    """A LocalWorker for a model already in memory (e.g. a tiny random model in a test)."""
+    from pie.engine.engine import create_engine
+
+    return LocalWorker(create_engine(loaded, **options), reactor=reactor)
 
 
 class LocalModelService(Service):
-    """Loads one model into an in-process worker and adds it to the runtime."""
+    """Loads one model into a LocalWorker and adds its ModelService to the runtime.
 
-    log = Logger()
+    `failure` is the load's Failure when it failed; the daemon then stops, and
+    `pie serve` reports it (twistd itself always exits 0 after a stop).
+    """
 
     def __init__(self, runtime: Any, settings: dict[str, Any], reactor: Any) -> None:
         self.runtime = runtime
         self.settings = settings
         self.reactor = reactor
-        self.worker = None
+        self.worker: LocalWorker | None = None
         self.model_service: ModelService | None = None
-        self._outcome: Failure | None = None
+        self.failure: Failure | None = None
         self._loaded = False
         self._waiters: list[Deferred] = []
 
@@ -47,8 +117,8 @@ class LocalModelService(Service):
 
     def whenReady(self) -> Deferred:
         """Fires once the model serves, or errbacks with the load failure."""
-        if self._outcome is not None:
-            return fail(self._outcome)
+        if self.failure is not None:
+            return fail(self.failure)
         if self._loaded:
             return succeed(None)
         waiter: Deferred = Deferred()
@@ -57,34 +127,30 @@ class LocalModelService(Service):
 
     def _settle(self, result: object) -> None:
         if isinstance(result, Failure):
-            self.log.failure("the model could not be loaded; stopping", result)
-            self._outcome = result
-            FAILED_LOADS.append(result.getErrorMessage())
+            log.failure("the model could not be loaded; stopping", result)
+            self.failure = result
             if self.reactor.running:
                 self.reactor.stop()
         self._loaded = True
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            if self._outcome is not None:
-                waiter.errback(self._outcome)
+            if self.failure is not None:
+                waiter.errback(self.failure)
             else:
                 waiter.callback(None)
 
     async def _load(self) -> None:
-        from pie.engine.worker import load_worker
-
         s = self.settings
         path = resolve_model(s["model"], s["home"])
-        self.log.info(
+        log.info(
             "loading model {path} on {device} ({dtype})",
             path=path,
             device=s["device"],
             dtype=s["dtype"],
         )
-        pool = self.reactor.getThreadPool()
         self.worker = await deferToThreadPool(
             self.reactor,
-            pool,
+            self.reactor.getThreadPool(),
             lambda: load_worker(
                 path,
                 device=s["device"],
@@ -104,10 +170,15 @@ class LocalModelService(Service):
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service
-        self.log.info("serving model {name}: {status}", name=service.name, status=service.status())
+        log.info("serving model {name}: {status}", name=service.name, status=service.status())
 
-    def stopService(self):
-        super().stopService()
+    async def _stop(self) -> None:
+        if self.model_service is not None:
+            await self.model_service.close()
         if self.worker is not None:
-            return self.worker.close()
-        return None
+            await self.worker.close()
+
+    def stopService(self) -> Deferred:
+        """After the runtime has ended the instances: close the export store, then the worker."""
+        super().stopService()
+        return ensureDeferred(self._stop())

@@ -1,5 +1,18 @@
-"""Makes `twistd pie` exist; pie.tap builds the daemon (its heavy imports wait until it runs)."""
+"""Makes `twistd pie` exist. ServiceMaker names pie.tap by its dotted name and imports it only
+when the `pie` tap runs, so a plugin scan imports neither pie.tap nor torch."""
 
-from pie.tap import serviceMaker
+from twisted.application.service import ServiceMaker
 
-pie = serviceMaker()
+pie = ServiceMaker(
+    "pie",
+    "pie.tap",
+    "Programmable LLM inference engine: inferlets over a WebSocket/msgpack protocol.",
+    "pie",
+)
+
+worker = ServiceMaker(
+    "pie-worker",
+    "pie.remote.worker",
+    "A pie model worker: loads a model and serves it to one daemon (attach type l4m).",
+    "pie-worker",
+)

@@ -1,9 +1,9 @@
 """Model loaders: turn a file or folder into a LoadedModel (config, weights, tokenizer).
 
-Each format is an IModelLoader plugin (pie/plugins/pie_loaders.py); a
-third-party distribution adds a format by shipping a module in pie/plugins/
-with an object that provides IPlugin and IModelLoader. `load_model` asks
-every loader (pie's own first) whether it recognises the path.
+Each format is an IModelLoader. pie's own are listed by `builtin_loaders`;
+a third-party distribution adds a format by shipping a module in pie/plugins/
+with an object that provides IPlugin and IModelLoader, which the service side
+finds (pie.service.servicetypes.model_loaders) and passes to `load_model`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pie.interfaces import PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.quant import Q4_1Weight
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import PieError
 
 DTYPES = {
     "float32": torch.float32,
@@ -91,22 +91,25 @@ def model_name_for(path: str) -> str:
     return base.split(".")[0] if os.path.isfile(path) else base
 
 
-def loaders() -> list:
-    """Every verified IModelLoader plugin, pie's built-in ones first."""
-    from pie.service.servicetypes import model_loaders
+def builtin_loaders() -> list:
+    """pie's own IModelLoaders (GGUF, safetensors); plugins add more through the service."""
+    from pie.engine.loaders.gguf_loader import GGUFLoader
+    from pie.engine.loaders.hf_loader import SafetensorsLoader
 
-    found = list(model_loaders().values())
-    return sorted(found, key=lambda loader: not type(loader).__module__.startswith("pie.engine."))
+    return [GGUFLoader(), SafetensorsLoader()]
 
 
-def load_model(path: str, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a model with the first loader that recognises `path`."""
+def load_model(
+    path: str, dtype: str | torch.dtype = "float32", loaders: list | None = None
+) -> LoadedModel:
+    """Load a model with the first of `loaders` (default: pie's own) that recognises `path`."""
     if not os.path.exists(path):
         raise PieError(f"model path {path!r} does not exist")
-    for loader in loaders():
+    loaders = builtin_loaders() if loaders is None else loaders
+    for loader in loaders:
         if loader.can_load(path):
             return loader.load(path, "cpu", dtype)
     raise PieError(
         f"no model loader recognises {path!r} "
-        f"(known formats: {', '.join(loader.formatName for loader in loaders())})"
+        f"(known formats: {', '.join(loader.formatName for loader in loaders)})"
     )

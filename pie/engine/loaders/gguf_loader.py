@@ -12,14 +12,13 @@ import os
 
 import numpy as np
 import torch
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
 from pie.engine.quant import Q4_1Weight, parse_q4_1
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import IModelLoader, PieError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -107,7 +106,7 @@ def config_from_metadata(
     )
 
 
-@implementer(IPlugin, IModelLoader)
+@implementer(IModelLoader)
 class GGUFLoader:
     formatName = "gguf"
 

@@ -8,18 +8,17 @@ import os
 
 import torch
 from safetensors.torch import load_file
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import IModelLoader, PieError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # qwen2: Llama with q/k/v biases
 
 
-@implementer(IPlugin, IModelLoader)
+@implementer(IModelLoader)
 class SafetensorsLoader:
     formatName = "safetensors"
 

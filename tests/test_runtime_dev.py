@@ -117,6 +117,27 @@ HTTP_SERVER = source(
     """
 )
 
+CHAT = source(
+    """
+    from pie.inferlet import TemplateError, get_auto_model
+
+    async def main(args):
+        model = get_auto_model()
+        text = model.render_chat(
+            [{"role": "user", "content": "héllo"}], True, tools=[{"name": "f"}], note="!"
+        )
+        try:
+            model.render_chat([{"role": "system", "content": "x"}])
+        except TemplateError as e:
+            return text + "|" + str(e)
+    """
+)
+CHAT_TEMPLATE = (
+    "{% if messages[0].role != 'user' %}{{ raise_exception('user first, please') }}{% endif %}"
+    "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}{{ tools | tojson }}{{ note }}"
+)
+
 
 class InferletSourceTests:
     """The runtime running real sources; subclasses choose the executor."""
@@ -170,6 +191,15 @@ class InferletSourceTests:
         await self.owner.ended(second)
         self.assertEqual(self.owner.messages(first), ["1 ['count']"])
         self.assertEqual(self.owner.messages(second), ["2 ['count']"])
+
+    async def test_chat_template_renders_on_the_host_and_refusals_are_handled(self):
+        self.model.tokenizer.chat_template = CHAT_TEMPLATE
+        instance_id = await self.launch(CHAT)
+        self.assertEqual(await self.owner.ended(instance_id), NORMAL_FINISH)
+        self.assertEqual(
+            self.owner.messages(instance_id),
+            ['<s>[user] héllo[assistant][{"name": "f"}]!|user first, please'],
+        )
 
     async def test_exception_is_a_runtime_error_with_the_traceback(self):
         instance_id = await self.launch(FAILS, "luck")

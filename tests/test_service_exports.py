@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from pie.engine.batch import Forward
 from pie.interfaces import InstanceFault
 from pie.service.exportstore import ExportStore
-from pie.service.resources import IdPool, Resources
+from pie.service.resources import PhysicalPool, Resources
 from pie.service.service import ModelService
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
@@ -173,9 +173,9 @@ class RecipeTests(TestCase):
         self.assertEqual(self.res.recipe_for(self.pages[:1]).tokens, [1, 2])
 
 
-class IdPoolTests(TestCase):
+class PhysicalPoolTests(TestCase):
     def test_smallest_free_first_and_all_or_nothing(self):
-        pool = IdPool(4)
+        pool = PhysicalPool(4)
         self.assertEqual(pool.acquire_many(3), [0, 1, 2])
         pool.release(1)
         self.assertEqual(pool.acquire_many(1), [1])

@@ -24,6 +24,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pie.engine.batch import context_len
 from pie.interfaces import InstanceFault
 
 HOLDS_TOKEN, HOLDS_DISTRIBUTION = 1, 2  # what an embed slot has been given
@@ -32,7 +33,7 @@ OPAQUE = "opaque"
 """Slot record of a slot written through the embedding path: it cannot be replayed from tokens."""
 
 
-class IdPool:
+class PhysicalPool:
     """Physical ids [0, capacity): the smallest free id is handed out first (Pie §4.4)."""
 
     def __init__(self, capacity: int) -> None:
@@ -115,8 +116,8 @@ class Resources:
 
     def __init__(self, num_pages: int, num_embeds: int, page_size: int) -> None:
         self.page_size = page_size
-        self.pages = IdPool(num_pages)
-        self.embeds = IdPool(num_embeds)
+        self.pages = PhysicalPool(num_pages)
+        self.embeds = PhysicalPool(num_embeds)
         self._refs = [0] * num_pages
         # busy(page): a batch not yet sent to the worker still names the page. Such a page is
         # freed only once that batch is sent (release_deferred), so that no other instance's
@@ -394,7 +395,7 @@ class Resources:
     ) -> None:
         """Note what a forward_text item writes: per slot (token, position, context, flat index, row)."""
         ps = self.page_size
-        total = ps * (len(pages) - 1) + last_page_len
+        total = context_len(ps, len(pages), last_page_len)
         start = total - len(tokens)
         context = tuple(self._incarnation[p] for p in pages)
         for i, (token, position) in enumerate(zip(tokens, positions, strict=True)):
@@ -405,7 +406,7 @@ class Resources:
     def record_opaque(self, pages: list[int], last_page_len: int, count: int) -> None:
         """Slots written by the embedding path: their content cannot be replayed from tokens."""
         ps = self.page_size
-        total = ps * (len(pages) - 1) + last_page_len
+        total = context_len(ps, len(pages), last_page_len)
         for flat in range(total - count, total):
             self._slot_list(pages[flat // ps])[flat % ps] = OPAQUE
 
@@ -430,7 +431,7 @@ class Resources:
         where = {self._incarnation[p]: i for i, p in enumerate(pages)}
         records = [r for p in pages for r in self._slots.get(p, [None] * ps)]
         length = next((i for i, r in enumerate(records) if r is None), len(records))
-        if length <= ps * (len(pages) - 1) or any(r is not None for r in records[length:]):
+        if length <= context_len(ps, len(pages), 0) or any(r is not None for r in records[length:]):
             return None
         tokens, positions, masks = [], [], []
         causal = True
@@ -446,7 +447,7 @@ class Resources:
             tokens.append(token)
             positions.append(position)
             masks.append(brle)
-        last = length - ps * (len(pages) - 1)
+        last = length - context_len(ps, len(pages), 0)
         return Recipe(len(pages), last, tokens, positions, [] if causal else masks)
 
 

@@ -44,10 +44,18 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pie.engine.batch import EmbedText, Forward, ForwardItem, GetDistributions
+from pie.engine.batch import (
+    EmbedText,
+    Forward,
+    ForwardItem,
+    GetDistributions,
+    context_len,
+    layout_of,
+)
 from pie.interfaces import InstanceFault, PieError
+from pie.runtime.hostcalls import PRIORITIES
 
-PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+_RANK = {p: -i for i, p in enumerate(PRIORITIES)}  # lower ranks are served first
 LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
 _MERGEABLE = {"EmbedText", "GetDistributions"}
 MIN_CHUNK = 32  # fewer free tokens than this in a batch: a long item waits for the next one
@@ -149,7 +157,7 @@ class Command:
 class _Queue:
     id: int
     instance: str
-    priority: int = PRIORITIES["normal"]
+    priority: int = _RANK["normal"]
     items: deque = field(default_factory=deque)
     staged: int = 0  # commands of this queue in the open forward batch
     holding: int = 0  # dispatched commands that hold the queue until answered
@@ -179,7 +187,7 @@ def _splittable(item: ForwardItem) -> bool:
 def _footprint(item: ForwardItem, page_size: int) -> tuple[frozenset, frozenset]:
     """(pages read, pages written) by a forward item: it writes the pages of its last n slots."""
     count = _size(item)
-    total = page_size * (len(item.pages) - 1) + item.last_page_len
+    total = context_len(page_size, len(item.pages), item.last_page_len)
     first, last = (total - count) // page_size, (total - 1) // page_size
     return frozenset(item.pages), frozenset(item.pages[first : last + 1])
 
@@ -228,9 +236,7 @@ class Scheduler:
         return q.instance if q else None
 
     def set_priority(self, queue_id: int, priority: str) -> None:
-        if priority not in PRIORITIES:
-            raise InstanceFault(f"unknown priority {priority!r} (low, normal, high)")
-        self._queues[queue_id].priority = PRIORITIES[priority]
+        self._queues[queue_id].priority = _RANK[priority]
 
     def fault_reason(self, instance: str) -> str | None:
         return self._faults.get(instance)
@@ -431,13 +437,13 @@ class Scheduler:
         item, to stage now); the rest replaces the command at the queue head."""
         self._chunk_pages.pop(id(command), None)  # (a rest split again: the new rest has them)
         ps, n = self._page_size, len(item.tokens)
-        total = ps * (len(item.pages) - 1) + item.last_page_len
+        total = context_len(ps, len(item.pages), item.last_page_len)
         written = total - n + head  # slots filled once the first chunk has run
-        used = -(-written // ps)
+        used, last_page_len = layout_of(ps, written)
         first_outputs = [i for i in item.output_indices if i < head]
         first = ForwardItem(
             pages=item.pages[:used],
-            last_page_len=written - ps * (used - 1),
+            last_page_len=last_page_len,
             positions=item.positions[:head],
             tokens=item.tokens[:head],
             masks=item.masks[:head],

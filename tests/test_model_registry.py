@@ -10,8 +10,8 @@ import zipfile
 
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import PieError
 from pie.cli import model as model_cli
+from pie.interfaces import PieError
 from pie.service import registry
 
 GGUF_BYTES = b"GGUF" + struct.pack("<IQQ", 3, 2, 1) + b"\0" * 1000

@@ -182,3 +182,18 @@ class PhysicalPoolTests(TestCase):
         self.assertRaises(InstanceFault, pool.acquire_many, 2)
         self.assertEqual(pool.available, 1)
         self.assertRaises(ValueError, pool.release, 3)
+
+
+class StagedPageTests(TestCase):
+    def test_a_staged_page_is_freed_only_when_every_stage_of_it_is_undone(self):
+        res = Resources(4, 1, 4)
+        res.allocate_pages("a", [0])
+        (page,) = res.translate_pages("a", [0])
+        res.stage([page])
+        res.stage([page])  # the open batch and the waiting rest of a split item
+        res.deallocate_pages("a", [0])
+        self.assertEqual(res.pages.available, 3, "named by unsent work: not free yet")
+        res.unstage([page])
+        self.assertEqual(res.pages.available, 3)
+        res.unstage([page])
+        self.assertEqual(res.pages.available, 4)

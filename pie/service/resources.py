@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pie.engine.batch import context_len
@@ -119,11 +120,12 @@ class Resources:
         self.pages = PhysicalPool(num_pages)
         self.embeds = PhysicalPool(num_embeds)
         self._refs = [0] * num_pages
-        # busy(page): a batch not yet sent to the worker still names the page. Such a page is
-        # freed only once that batch is sent (release_deferred), so that no other instance's
-        # job can reach the worker ahead of it and find its page reused.
-        self.busy: Callable[[int], bool] = lambda page: False
-        self._deferred_free: list[int] = []
+        # Staged pages: work that is not yet sent to the worker (the open batch, the waiting rest
+        # of a split item) names them. A staged page is freed only once that work is sent
+        # (unstage), so that no other instance's job can reach the worker ahead of it and find
+        # its page reused.
+        self._staged: Counter[int] = Counter()
+        self._deferred_free: set[int] = set()
         self._embed_holds = bytearray(num_embeds)  # per slot: HOLDS_TOKEN | HOLDS_DISTRIBUTION bits
         self._incarnation = [0] * num_pages  # bumps on every allocation of a physical page
         self._incarnations = itertools.count(1)
@@ -211,19 +213,24 @@ class Resources:
         self._refs[page] -= 1
         if self._refs[page] == 0:
             self._slots.pop(page, None)
-            if self.busy(page):
-                self._deferred_free.append(page)
+            if self._staged[page]:
+                self._deferred_free.add(page)
             else:
                 self.pages.release(page)
 
-    def release_deferred(self) -> None:
-        """Free the pages whose release waited for a batch that has now been sent."""
-        waiting, self._deferred_free = self._deferred_free, []
-        for page in waiting:
-            if self.busy(page):
-                self._deferred_free.append(page)
-            else:
-                self.pages.release(page)
+    def stage(self, pages: Iterable[int]) -> None:
+        """Work not yet sent to the worker names these physical pages (once each per call)."""
+        self._staged.update(pages)
+
+    def unstage(self, pages: Iterable[int]) -> None:
+        """That work was sent (or dropped): free the pages whose release waited for it."""
+        for page in pages:
+            self._staged[page] -= 1
+            if not self._staged[page]:
+                del self._staged[page]
+                if page in self._deferred_free:
+                    self._deferred_free.discard(page)
+                    self.pages.release(page)
 
     # ------------------------------------------------------------------ embeds
 

@@ -54,6 +54,7 @@ from pie.engine.batch import (
 )
 from pie.interfaces import InstanceFault, PieError
 from pie.runtime.hostcalls import PRIORITIES
+from pie.service.resources import Resources
 
 _RANK = {p: -i for i, p in enumerate(PRIORITIES)}  # lower ranks are served first
 LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
@@ -199,15 +200,15 @@ class Scheduler:
         self,
         reactor,
         execute: Callable[[object], Deferred],
-        page_size: int,
+        resources: Resources,
         policy: BatchingPolicy | None = None,
         max_batch_tokens: int = 16384,
     ) -> None:
         self._reactor = reactor
         self._execute = execute
-        self._page_size = page_size
+        self._resources = resources  # told which pages staged work names (it frees them late)
+        self._page_size = resources.page_size
         self.max_batch_tokens = max_batch_tokens
-        self.unstaged: Callable[[], None] | None = None  # told when items leave the open batch
         self.policy = policy or BatchingPolicy()
         self._queues: dict[int, _Queue] = {}
         self._faults: dict[str, str] = {}  # instance -> reason of its first failure
@@ -293,8 +294,7 @@ class Scheduler:
         for entries in self._groups.values():
             cancelled.extend(e.command for e in entries if e.queue.instance == instance)
         for command in cancelled:
-            if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
-                self.unstaged()
+            self._resources.unstage(self._chunk_pages.pop(id(command), ()))
             if not command.cancelled:
                 command.cancelled = True
                 self._fire(command.deferred, Failure(InstanceFault(reason)))
@@ -416,10 +416,11 @@ class Scheduler:
                     self._full = True
                     break
                 q.items.popleft()
-                if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
-                    self.unstaged()  # (its pages are staged now: named by the open batch)
                 q.staged += 1
                 self._open.append(_Entry(q, command, prepared, reads, writes))
+                self._resources.stage(reads)
+                # (a waiting rest is staged now: the open batch names its pages)
+                self._resources.unstage(self._chunk_pages.pop(id(command), ()))
                 self._open_reads |= reads
                 self._open_writes |= writes
                 self._open_tokens += size
@@ -435,7 +436,6 @@ class Scheduler:
     ) -> tuple[Command, ForwardItem]:
         """Split a text item after its first `head` tokens: (the first chunk's command and
         item, to stage now); the rest replaces the command at the queue head."""
-        self._chunk_pages.pop(id(command), None)  # (a rest split again: the new rest has them)
         ps, n = self._page_size, len(item.tokens)
         total = context_len(ps, len(item.pages), item.last_page_len)
         written = total - n + head  # slots filled once the first chunk has run
@@ -485,6 +485,9 @@ class Scheduler:
         q.items[0] = chunk
         q.items.insert(1, remainder)
         self._chunk_pages[id(remainder)] = frozenset(item.pages)
+        self._resources.stage(item.pages)
+        # (a rest split again: the new rest names its pages now)
+        self._resources.unstage(self._chunk_pages.pop(id(command), ()))
         return chunk, first
 
     def _prepare(self, q: _Queue, command: Command) -> object | None:
@@ -530,19 +533,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ forward batches
 
-    def page_staged(self, page: int) -> bool:
-        """True while an item of the open batch (not yet sent), or the waiting rest of a
-        split item, names this physical page."""
-        return page in self._open_reads or any(page in p for p in self._chunk_pages.values())
-
     def _set_open(self, entries: list[_Entry]) -> None:
+        """The open batch is now `entries` (a subset of it): the others were sent or dropped."""
+        kept = {id(e) for e in entries}
+        for e in self._open:
+            if id(e) not in kept:
+                self._resources.unstage(e.reads)
         self._open = entries
         self._open_reads = set().union(*(e.reads for e in entries))
         self._open_writes = set().union(*(e.writes for e in entries))
         self._open_tokens = sum(_size(e.prepared) for e in entries)
         self._full = False
-        if self.unstaged is not None:
-            self.unstaged()
 
     def _release_forwards(self) -> bool:
         count, wake = self._release_count()

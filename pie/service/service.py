@@ -118,12 +118,10 @@ class ModelService:
         self.scheduler = Scheduler(
             reactor,
             worker.execute,
-            info.kv_page_size,
+            self.resources,
             BatchingPolicy.parse(policy.split()),
             max_batch_tokens,
         )
-        self.resources.busy = self.scheduler.page_staged
-        self.scheduler.unstaged = self.resources.release_deferred
         self._run_blocking = run_blocking or (
             lambda fn, *a: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *a)
         )

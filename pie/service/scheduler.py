@@ -119,6 +119,11 @@ class BatchingPolicy:
         }[self.name]
 
 
+AGAIN = object()
+"""Returned by a command's finish(): the command has work left (a generation's next step);
+it goes back to the head of its queue and answers when a later finish() returns a value."""
+
+
 class FollowUp:
     """Returned by a local command: run `command` next on the same queue, answering the original."""
 
@@ -138,8 +143,9 @@ class Command:
     has to wait for the next batch). finish() maps the worker's answer to the
     command's result; dispatched(prepared) is told when the job is sent.
     A command that holds_queue keeps the rest of its queue waiting until
-    its answer is in; its finish() may then return a FollowUp to continue
-    (the host-side generation loop).
+    its answer is in; its finish() may then return AGAIN to run again (the
+    next step of a host-side generation). `origin`: the command a chunk of a
+    split item belongs to (the one that runs again).
     """
 
     group: str
@@ -152,6 +158,7 @@ class Command:
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
+    origin: Command | None = None
 
 
 @dataclass(eq=False)
@@ -480,6 +487,7 @@ class Scheduler:
             recover=command.recover,
             seq=command.seq,
             submitted=command.submitted,
+            origin=command.origin or command,
         )
         remainder.deferred.chainDeferred(command.deferred)
         q.items[0] = chunk
@@ -521,6 +529,17 @@ class Scheduler:
             self._fire(nxt.deferred, Failure(InstanceFault(reason or "the instance ended")))
             return
         q.items.appendleft(nxt)
+        self._schedule_pump()
+
+    def _again(self, q: _Queue, command: Command) -> None:
+        """Put a command with work left back at the head of its queue."""
+        reason = self._faults.get(q.instance)
+        if q.dead or reason is not None:
+            if not command.cancelled:
+                command.cancelled = True
+                self._fire(command.deferred, Failure(InstanceFault(reason or "the instance ended")))
+            return
+        q.items.appendleft(command)
         self._schedule_pump()
 
     def _synchronize(self, q: _Queue, command: Command) -> None:
@@ -620,7 +639,9 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001
                 self._fail(entry.queue, entry.command, _reason(e))
                 continue
-            if isinstance(value, FollowUp):
+            if value is AGAIN:
+                self._again(entry.queue, entry.command.origin or entry.command)
+            elif isinstance(value, FollowUp):
                 self._follow_up(entry.queue, entry.command, value)
             else:
                 self._fire(entry.command.deferred, value)

@@ -42,7 +42,16 @@ from pie.engine.batch import (
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
 from pie.service.exportstore import ExportStore
 from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
-from pie.service.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
+from pie.service.scheduler import (
+    AGAIN,
+    FORWARD,
+    LOCAL,
+    SYNC,
+    BatchingPolicy,
+    Command,
+    FollowUp,
+    Scheduler,
+)
 
 log = Logger()
 
@@ -63,14 +72,31 @@ def _dists(answer: object) -> list[tuple[list[int], list[float]]]:
 
 @dataclass
 class _Generation:
-    """One host-side generation in progress (see ModelService._op_generate)."""
+    """A generate call in progress: a request with tokens remaining (like nano-vllm's Sequence).
+
+    One scheduler command stands for it from first to last step: each step forwards
+    `tokens` (the prompt, then the last sampled token) after `filled` slots, and
+    `advance` takes the sampled token; the command then goes back to its queue's
+    head (scheduler.AGAIN) until a stop token or max_tokens.
+    """
 
     instance: str
-    pages: list[int]
+    pages: list[int]  # virtual ids, the context's and then the spare ones
     sampling: Sampling
-    max_tokens: int
+    remaining: int
     stops: frozenset
+    filled: int
+    tokens: list[int]
+    positions: list[int]
     out: list[int] = field(default_factory=list)
+
+    def advance(self, token: int) -> bool:
+        """Take the sampled token; True when the generation is done."""
+        self.out.append(token)
+        self.remaining -= 1
+        self.filled += len(self.tokens)
+        self.tokens, self.positions = [token], [self.positions[-1] + 1]
+        return token in self.stops or not self.remaining
 
 
 @implementer(IModelService)
@@ -591,31 +617,31 @@ class ModelService:
                 f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
                 f"{need} are needed"
             )
-        run = _Generation(inst, page_ids, sampling, max_tokens, frozenset(stop_tokens))
-        return self._generation_step(run, total - len(tokens), tokens, positions)
-
-    def _generation_step(
-        self, run: _Generation, filled: int, tokens: list[int], positions: list[int]
-    ) -> Command:
-        total = filled + len(tokens)
-        used, last_page_len = layout_of(self.kv_page_size, total)
+        run = _Generation(
+            inst,
+            page_ids,
+            sampling,
+            max_tokens,
+            frozenset(stop_tokens),
+            total - len(tokens),
+            tokens,
+            positions,
+        )
 
         def prepare() -> ForwardItem:
+            used, last_page_len = layout_of(self.kv_page_size, run.filled + len(run.tokens))
             return ForwardItem(
                 pages=self.resources.translate_pages(run.instance, run.pages[:used]),
                 last_page_len=last_page_len,
-                positions=positions,
-                tokens=tokens,
-                output_indices=[len(tokens) - 1],
+                positions=run.positions,
+                tokens=run.tokens,
+                output_indices=[len(run.tokens) - 1],
                 sampling=run.sampling,
             )
 
-        def finish(answer: list[int]) -> list[int] | FollowUp:
+        def finish(answer: list[int]) -> list[int] | object:
             (token,) = answer
-            run.out.append(token)
-            if token in run.stops or len(run.out) >= run.max_tokens:
-                return run.out
-            return FollowUp(self._generation_step(run, total, [token], [positions[-1] + 1]))
+            return run.out if run.advance(token) else AGAIN
 
         return Command(
             FORWARD,

@@ -12,6 +12,9 @@ they reach their queue's head.
 
 Event driven (Pie §11): the scheduler pumps once per reactor turn after a
 submit, after a job completes, and on a `callLater` timer for the t policies.
+A pump repeats `step()` (advance the queues; decide the eager jobs and the
+forward batch the policy releases under the token budget) and sends each step,
+until a step moves nothing.
 
 Two items that touch the same KV page, one of them writing it, never share a
 batch: the second waits for the next one, so a worker is free to write the
@@ -182,6 +185,22 @@ class _Entry:
     writes: frozenset = frozenset()
 
 
+@dataclass(eq=False)
+class Step:
+    """What one scheduling pass hands the worker (Scheduler.step).
+
+    eager: the other worker jobs, by kind in queue order (EmbedText and
+    GetDistributions of one kind are merged into one job); batch: the forward
+    items the batching policy releases now, at most max_batch_tokens new tokens
+    in all. Both stay visible to a fault until they are sent, so a command
+    cancelled meanwhile is skipped.
+    """
+
+    moved: bool = False  # a command advanced: staged, grouped, or run on the reactor
+    eager: dict[str, list[_Entry]] = field(default_factory=dict)
+    batch: list[_Entry] = field(default_factory=list)
+
+
 def _size(item: ForwardItem) -> int:
     """New tokens of a forward item."""
     return len(item.tokens) or len(item.input_embeds)
@@ -225,7 +244,7 @@ class Scheduler:
         self._open_tokens = 0
         self._full = False  # an item waits because the open batch has no room for its tokens
         self._chunk_pages: dict[int, frozenset] = {}  # id(rest of a split item) -> its pages
-        self._groups: dict[str, list[_Entry]] = {}  # eager jobs of the current pass
+        self._step = Step()  # the pass being decided or sent
         self._seq = itertools.count()
         self._forwards_in_flight = 0
         self._pump_call = None
@@ -298,7 +317,7 @@ class Scheduler:
         if len(keep) != len(self._open):
             cancelled.extend(e.command for e in self._open if e.queue.instance == instance)
             self._set_open(keep)
-        for entries in self._groups.values():
+        for entries in [*self._step.eager.values(), self._step.batch]:
             cancelled.extend(e.command for e in entries if e.queue.instance == instance)
         for command in cancelled:
             self._resources.unstage(self._chunk_pages.pop(id(command), ()))
@@ -343,38 +362,45 @@ class Scheduler:
                 pass
         finally:
             self._pumping = False
-            self._groups = {}
+            self._step = Step()
             self._flush()
 
-    def _pass(self) -> bool:
-        """Advance every queue as far as order allows, send what is ready; True if anything moved."""
-        progress = False
+    def step(self) -> Step:
+        """Advance every queue as far as order allows (local commands run here, in order) and
+        decide what goes to the worker now: the eager jobs and the forward batch. Nothing is
+        sent; the step stays current until the pump has sent it."""
+        self._step = step = Step()
         order = sorted(
             (q for q in self._queues.values() if q.items),
             key=lambda q: (q.priority, q.items[0].seq),
         )
         oversize: list[_Queue] = []  # long items take the room the others leave (split last)
         for q in order:
-            progress |= self._advance(q, oversize)
+            step.moved |= self._advance(q, oversize)
         for q in oversize:
-            progress |= self._advance(q, None)
-        while self._groups:  # entries stay visible to _cancel until the moment they are sent
-            group = next(iter(self._groups))
-            entries = self._groups[group]
+            step.moved |= self._advance(q, None)
+        step.batch = self._release_forwards()
+        return step
+
+    def _pass(self) -> bool:
+        """One step, sent; True if anything moved."""
+        step = self.step()
+        progress = step.moved
+        for group, entries in step.eager.items():
             if group in _MERGEABLE:
                 live = [e for e in entries if not e.command.cancelled]
-                entries.clear()
                 if live:
                     self._dispatch(_merge(group, [e.prepared for e in live]), live)
                     progress = True
-            while entries:
-                entry = entries.pop(0)
-                if not entry.command.cancelled:
+                continue
+            for entry in entries:
+                if not entry.command.cancelled:  # (an earlier job's failure may fault it)
                     self._dispatch(entry.prepared, [entry])
                     progress = True
-            del self._groups[group]
-        progress |= self._release_forwards()
-        return progress
+        live = [e for e in step.batch if not e.command.cancelled]
+        if live:
+            self._dispatch(Forward(items=[e.prepared for e in live]), live)
+        return progress or bool(step.batch)
 
     def _advance(self, q: _Queue, oversize: list[_Queue] | None) -> bool:
         """Move q's head commands into the open batch / job groups as far as order allows.
@@ -433,7 +459,7 @@ class Scheduler:
                 self._open_tokens += size
             else:
                 q.items.popleft()
-                self._groups.setdefault(group, []).append(_Entry(q, command, prepared))
+                self._step.eager.setdefault(group, []).append(_Entry(q, command, prepared))
             current = group
             moved = True
         return moved
@@ -564,7 +590,8 @@ class Scheduler:
         self._open_tokens = sum(_size(e.prepared) for e in entries)
         self._full = False
 
-    def _release_forwards(self) -> bool:
+    def _release_forwards(self) -> list[_Entry]:
+        """Take the entries the policy releases now out of the open batch."""
         count, wake = self._release_count()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -572,15 +599,14 @@ class Scheduler:
         if wake is not None:
             self._timer = self._reactor.callLater(max(wake, 0.0), self._on_timer)
         if not count:
-            return False
+            return []
         ranked = sorted(range(len(self._open)), key=lambda i: (self._open[i].queue.priority, i))
         chosen = set(ranked[:count])
         released = [e for i, e in enumerate(self._open) if i in chosen]
         self._set_open([e for i, e in enumerate(self._open) if i not in chosen])
         for entry in released:
             entry.queue.staged -= 1
-        self._dispatch(Forward(items=[e.prepared for e in released]), released)
-        return True
+        return released
 
     def _release_count(self) -> tuple[int, float | None]:
         """(items to release now, seconds until the policy should be asked again or None)."""

@@ -60,8 +60,17 @@ from pie.runtime.hostcalls import PRIORITIES
 from pie.service.resources import Resources
 
 _RANK = {p: -i for i, p in enumerate(PRIORITIES)}  # lower ranks are served first
-LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
-_MERGEABLE = {"EmbedText", "GetDistributions"}
+
+
+class Local:
+    """Kind of a bookkeeping command: it runs on the reactor thread at its queue's head."""
+
+
+class Sync:
+    """Kind of synchronize: it answers once every job its queue dispatched is done."""
+
+
+_MERGEABLE = {EmbedText, GetDistributions}  # kinds whose jobs of one pass share one job
 MIN_CHUNK = 32  # fewer free tokens than this in a batch: a long item waits for the next one
 
 log = Logger()
@@ -151,13 +160,13 @@ class Command:
     split item belongs to (the one that runs again).
     """
 
-    group: str
+    kind: type  # Local, Sync, or the batch job class the command becomes (Forward, CopyKv, ...)
     prepare: Callable[[], object]
     finish: Callable[[object], object] = lambda answer: answer
     dispatched: Callable[[object], None] | None = None
     deferred: Deferred = field(default_factory=Deferred)
     holds_queue: bool = False
-    recover: Callable[[Failure], object] | None = None  # answer instead of faulting on a PieError
+    answers_errors: bool = False  # a worker PieError is its answer ("error: ..."), not a fault
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
@@ -197,7 +206,7 @@ class Step:
     """
 
     moved: bool = False  # a command advanced: staged, grouped, or run on the reactor
-    eager: dict[str, list[_Entry]] = field(default_factory=dict)
+    eager: dict[type, list[_Entry]] = field(default_factory=dict)
     batch: list[_Entry] = field(default_factory=list)
 
 
@@ -386,11 +395,11 @@ class Scheduler:
         """One step, sent; True if anything moved."""
         step = self.step()
         progress = step.moved
-        for group, entries in step.eager.items():
-            if group in _MERGEABLE:
+        for kind, entries in step.eager.items():
+            if kind in _MERGEABLE:
                 live = [e for e in entries if not e.command.cancelled]
                 if live:
-                    self._dispatch(_merge(group, [e.prepared for e in live]), live)
+                    self._dispatch(_merge(kind, [e.prepared for e in live]), live)
                     progress = True
                 continue
             for entry in entries:
@@ -406,27 +415,27 @@ class Scheduler:
         """Move q's head commands into the open batch / job groups as far as order allows.
         An item that needs splitting is split only when `oversize` is None; otherwise q
         is added to it and waits for the end of the pass."""
-        current = None  # the group this queue contributes to in this pass
+        current = None  # the kind this queue contributes in this pass
         moved = False
         while q.items and not q.dead and not q.holding:
             command = q.items[0]
-            group = command.group
-            if group in (LOCAL, SYNC):
+            kind = command.kind
+            if kind in (Local, Sync):
                 if current is not None or q.staged:
                     break
                 q.items.popleft()
-                if group == SYNC:
+                if kind is Sync:
                     self._synchronize(q, command)
                 else:
                     self._run_local(q, command)
                 moved = True
                 continue
-            if current not in (None, group) or (group != FORWARD and q.staged):
+            if current not in (None, kind) or (kind is not Forward and q.staged):
                 break
             prepared = self._prepare(q, command)
             if prepared is None:
                 return True
-            if group == FORWARD:
+            if kind is Forward:
                 reads, writes = _footprint(prepared, self._page_size)
                 if not (
                     writes.isdisjoint(self._open_reads)
@@ -459,8 +468,8 @@ class Scheduler:
                 self._open_tokens += size
             else:
                 q.items.popleft()
-                self._step.eager.setdefault(group, []).append(_Entry(q, command, prepared))
-            current = group
+                self._step.eager.setdefault(kind, []).append(_Entry(q, command, prepared))
+            current = kind
             moved = True
         return moved
 
@@ -496,7 +505,7 @@ class Scheduler:
             earlier.extend(answer)
 
         chunk = Command(
-            FORWARD,
+            Forward,
             lambda: first,
             finish=first_done,
             dispatched=command.dispatched,
@@ -505,12 +514,12 @@ class Scheduler:
         chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
         chunk.seq, chunk.submitted = command.seq, command.submitted
         remainder = Command(
-            FORWARD,
+            Forward,
             lambda: rest,
             finish=lambda answer: command.finish(earlier + list(answer)),
             dispatched=command.dispatched,
             holds_queue=command.holds_queue,
-            recover=command.recover,
+            answers_errors=command.answers_errors,
             seq=command.seq,
             submitted=command.submitted,
             origin=command.origin or command,
@@ -683,8 +692,8 @@ class Scheduler:
             entry.queue.holding = max(0, entry.queue.holding - command.holds_queue)
             if command.cancelled:
                 continue
-            if command.recover is not None and failure.check(PieError):
-                self._fire(command.deferred, command.recover(failure))
+            if command.answers_errors and failure.check(PieError):
+                self._fire(command.deferred, f"error: {failure.getErrorMessage()}")
             else:
                 self._fail(entry.queue, command, reason)
 
@@ -705,9 +714,9 @@ def _reason(error: Exception) -> str:
     return f"internal error: {error!r}"
 
 
-def _merge(group: str, jobs: list) -> object:
-    """One job standing for several jobs of a mergeable type, in order."""
-    if group == "EmbedText":
+def _merge(kind: type, jobs: list) -> object:
+    """One job standing for several jobs of a mergeable kind, in order."""
+    if kind is EmbedText:
         return EmbedText(
             slots=[s for j in jobs for s in j.slots],
             tokens=[t for j in jobs for t in j.tokens],

@@ -30,6 +30,7 @@ import pie
 from pie.engine.batch import (
     CopyKv,
     EmbedText,
+    Forward,
     ForwardItem,
     GetDistributions,
     MaskKv,
@@ -44,13 +45,12 @@ from pie.service.exportstore import ExportStore
 from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
 from pie.service.scheduler import (
     AGAIN,
-    FORWARD,
-    LOCAL,
-    SYNC,
     BatchingPolicy,
     Command,
     FollowUp,
+    Local,
     Scheduler,
+    Sync,
 )
 
 log = Logger()
@@ -261,16 +261,16 @@ class ModelService:
     # ------------------------------------------------------------------ resources (local commands)
 
     def _op_allocate_kv_pages(self, inst: str, ids) -> Command:
-        return Command(LOCAL, lambda: self._allocate(inst, "kv", ids))
+        return Command(Local, lambda: self._allocate(inst, "kv", ids))
 
     def _op_allocate_embeds(self, inst: str, ids) -> Command:
-        return Command(LOCAL, lambda: self._allocate(inst, "embed", ids))
+        return Command(Local, lambda: self._allocate(inst, "embed", ids))
 
     def _op_deallocate_kv_pages(self, inst: str, ids) -> Command:
-        return Command(LOCAL, lambda: self.resources.deallocate_pages(inst, ids))
+        return Command(Local, lambda: self.resources.deallocate_pages(inst, ids))
 
     def _op_deallocate_embeds(self, inst: str, ids) -> Command:
-        return Command(LOCAL, lambda: self.resources.deallocate_embeds(inst, ids))
+        return Command(Local, lambda: self.resources.deallocate_embeds(inst, ids))
 
     def _allocate(self, inst: str, kind: str, ids: list[int]) -> None:
         """Make room under the contention policy, then map fresh pages or embed slots."""
@@ -307,7 +307,7 @@ class ModelService:
     # ------------------------------------------------------------------ exports
 
     def _op_export_kv_pages(self, inst: str, ids, name, persistent) -> Command:
-        return Command(LOCAL, lambda: self._export(inst, ids, name, persistent))
+        return Command(Local, lambda: self._export(inst, ids, name, persistent))
 
     def _export(self, inst: str, ids: list[int], name: str, persistent: bool) -> None:
         old = self.resources.exports.get(name)
@@ -332,10 +332,10 @@ class ModelService:
             if self.resources.unexport(inst, name).owner is None and self._store is not None:
                 self._persist(self._store.remove, name)
 
-        return Command(LOCAL, unexport)
+        return Command(Local, unexport)
 
     def _op_import_kv_pages(self, inst: str, ids, name) -> Command:
-        return Command(LOCAL, lambda: self._import(inst, ids, name))
+        return Command(Local, lambda: self._import(inst, ids, name))
 
     def _import(self, inst: str, ids: list[int], name: str) -> FollowUp | None:
         entry = self.resources.lookup_export(inst, ids, name)
@@ -356,7 +356,7 @@ class ModelService:
             masks=recipe.masks,
         )
         command = Command(
-            FORWARD, lambda: item, finish=lambda _: None, dispatched=self._track_forward
+            Forward, lambda: item, finish=lambda _: None, dispatched=self._track_forward
         )
         command.deferred.addErrback(self._recompute_failed, name, physical)
         return FollowUp(command)
@@ -398,7 +398,7 @@ class ModelService:
             s, d = self.resources.translate_pages(inst, [src, dst])
             return CopyKv(s, d, src_offset, dst_offset, size)
 
-        return Command("CopyKv", prepare, dispatched=self._track_copy if self._store else None)
+        return Command(CopyKv, prepare, dispatched=self._track_copy if self._store else None)
 
     def _op_mask_kv_page(self, inst: str, page, mask) -> Command:
         if len(mask) > self.kv_page_size:
@@ -406,7 +406,7 @@ class ModelService:
                 f"mask_kv_page: {len(mask)} flags for a page of {self.kv_page_size}"
             )
         return Command(
-            "MaskKv", lambda: MaskKv(self.resources.translate_pages(inst, [page])[0], mask)
+            MaskKv, lambda: MaskKv(self.resources.translate_pages(inst, [page])[0], mask)
         )
 
     def _op_embed_text(self, inst: str, embeds, tokens, positions) -> Command:
@@ -417,7 +417,7 @@ class ModelService:
                 f"(the three lists must have the same length)"
             )
         return Command(
-            "EmbedText",
+            EmbedText,
             lambda: EmbedText(self.resources.translate_embeds(inst, embeds), tokens, positions),
             dispatched=lambda job: self.resources.mark_embeds(job.slots, HOLDS_TOKEN),
         )
@@ -432,17 +432,15 @@ class ModelService:
             )
             return GetDistributions(slots)
 
-        return Command("GetDistributions", prepare, finish=_dists)
+        return Command(GetDistributions, prepare, finish=_dists)
 
     def _op_queue_debug_query(self, inst: str, query) -> Command:
         if self._service_query(query) is not None:
-            return Command(LOCAL, lambda: self._service_query(query))
-        return Command(
-            "Query", lambda: Query(query), recover=lambda f: f"error: {f.getErrorMessage()}"
-        )
+            return Command(Local, lambda: self._service_query(query))
+        return Command(Query, lambda: Query(query), answers_errors=True)
 
     def _op_synchronize(self, inst: str) -> Command:
-        return Command(SYNC, lambda: None)
+        return Command(Sync, lambda: None)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -488,7 +486,7 @@ class ModelService:
                 output_indices=outputs,
             )
 
-        return Command(FORWARD, prepare, dispatched=self._track_forward if self._store else None)
+        return Command(Forward, prepare, dispatched=self._track_forward if self._store else None)
 
     def _op_forward(self, inst: str, last_page_len, pages, input_embeds, output_embeds) -> Command:
         inputs, outputs = input_embeds, output_embeds
@@ -518,7 +516,7 @@ class ModelService:
             if self._store is not None:
                 self.resources.record_opaque(item.pages, item.last_page_len, len(item.input_embeds))
 
-        return Command(FORWARD, prepare, finish=lambda _: None, dispatched=dispatched)
+        return Command(Forward, prepare, finish=lambda _: None, dispatched=dispatched)
 
     def _check_layout(self, op: str, last_page_len, pages: list[int], count: int) -> int:
         """Total slots of the pages after the call; the new tokens must fit in them."""
@@ -644,7 +642,7 @@ class ModelService:
             return run.out if run.advance(token) else AGAIN
 
         return Command(
-            FORWARD,
+            Forward,
             prepare,
             finish=finish,
             holds_queue=True,

@@ -42,6 +42,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
@@ -132,8 +133,8 @@ class BatchingPolicy:
 
 
 AGAIN = object()
-"""Returned by a command's finish(): the command has work left (a generation's next step);
-it goes back to the head of its queue and answers when a later finish() returns a value."""
+"""Returned by the handler's finish for a command: the command has work left (a generation's next step);
+it goes back to the head of its queue and answers when a later finish returns a value."""
 
 
 class FollowUp:
@@ -143,34 +144,51 @@ class FollowUp:
         self.command = command
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Command:
-    """One queued model command.
+    """One queued model command: data, one subclass per operation (pie.service.commands).
 
-    prepare() runs at the queue head on the reactor thread: for a local
-    command it does the work and returns the result (or a FollowUp); for
-    others it validates, translates to physical ids and returns the
-    ForwardItem or batch job. It raises InstanceFault on bad input and must
-    have no side effect for non-local commands (it may run again if the item
-    has to wait for the next batch). finish() maps the worker's answer to the
-    command's result; dispatched(prepared) is told when the job is sent.
-    A command that holds_queue keeps the rest of its queue waiting until
-    its answer is in; its finish() may then return AGAIN to run again (the
-    next step of a host-side generation). `origin`: the command a chunk of a
-    split item belongs to (the one that runs again).
+    Its `kind` says how it is scheduled: Local (run on the reactor thread at
+    the queue head), Sync, or the batch job class it becomes. The handler
+    (CommandHandler) gives it behaviour. A command that holds_queue keeps the
+    rest of its queue waiting until its answer is in; its finish may then
+    return AGAIN to run again (the next step of a host-side generation).
     """
 
-    kind: type  # Local, Sync, or the batch job class the command becomes (Forward, CopyKv, ...)
-    prepare: Callable[[], object]
-    finish: Callable[[object], object] = lambda answer: answer
-    dispatched: Callable[[object], None] | None = None
-    deferred: Deferred = field(default_factory=Deferred)
+    kind: ClassVar[type] = Local
+    answers_errors: ClassVar[bool] = False  # a worker PieError is its answer ("error: ...")
     holds_queue: bool = False
-    answers_errors: bool = False  # a worker PieError is its answer ("error: ..."), not a fault
+    deferred: Deferred = field(default_factory=Deferred)
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
-    origin: Command | None = None
+
+
+class CommandHandler(Protocol):
+    """What the scheduler asks of the model service about a command."""
+
+    def prepare(self, command: Command) -> object:
+        """At the queue head, on the reactor thread: a Local command does its work and returns
+        its result (or a FollowUp); others translate to physical ids and return the
+        ForwardItem or batch job. Raises InstanceFault on bad input; no side effect for
+        non-local commands (it may run again if the item waits for the next batch)."""
+
+    def finish(self, command: Command, answer: object) -> object:
+        """The command's result from the worker's answer (or AGAIN)."""
+
+    def dispatched(self, command: Command, job: object) -> None:
+        """The job (or forward item) prepared for the command was sent."""
+
+
+@dataclass(eq=False)
+class _Chunk(Command):
+    """A slice of a split forward item (chunked prefill), for the command it belongs to."""
+
+    kind: ClassVar[type] = Forward
+    origin: Command
+    item: ForwardItem
+    earlier: list  # outputs of the slices that ran, shared by the slices of one item
+    last: bool  # the last slice: it answers for origin
 
 
 @dataclass(eq=False)
@@ -236,11 +254,13 @@ class Scheduler:
         reactor,
         execute: Callable[[object], Deferred],
         resources: Resources,
+        handler: CommandHandler,
         policy: BatchingPolicy | None = None,
         max_batch_tokens: int = 16384,
     ) -> None:
         self._reactor = reactor
         self._execute = execute
+        self._handler = handler
         self._resources = resources  # told which pages staged work names (it frees them late)
         self._page_size = resources.page_size
         self.max_batch_tokens = max_batch_tokens
@@ -499,31 +519,17 @@ class Scheduler:
             masks=item.masks[head:],
             output_indices=[i - head for i in item.output_indices if i >= head],
         )
-        earlier: list = []  # outputs of the chunks that ran, in order
-
-        def first_done(answer: list) -> None:
-            earlier.extend(answer)
-
-        chunk = Command(
-            Forward,
-            lambda: first,
-            finish=first_done,
-            dispatched=command.dispatched,
-            holds_queue=True,
-        )
-        chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
-        chunk.seq, chunk.submitted = command.seq, command.submitted
-        remainder = Command(
-            Forward,
-            lambda: rest,
-            finish=lambda answer: command.finish(earlier + list(answer)),
-            dispatched=command.dispatched,
-            holds_queue=command.holds_queue,
-            answers_errors=command.answers_errors,
-            seq=command.seq,
+        origin = _origin(command)
+        earlier = command.earlier if isinstance(command, _Chunk) else []
+        chunk = _Chunk(
+            origin, first, earlier, False, holds_queue=True, seq=command.seq,
             submitted=command.submitted,
-            origin=command.origin or command,
-        )
+        )  # fmt: skip
+        chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
+        remainder = _Chunk(
+            origin, rest, earlier, True, holds_queue=origin.holds_queue, seq=command.seq,
+            submitted=command.submitted,
+        )  # fmt: skip
         remainder.deferred.chainDeferred(command.deferred)
         q.items[0] = chunk
         q.items.insert(1, remainder)
@@ -534,24 +540,36 @@ class Scheduler:
         return chunk, first
 
     def _prepare(self, q: _Queue, command: Command) -> object | None:
-        """command.prepare(), or None after failing the command (popped) if it raised."""
+        """The command's job (the handler's prepare); None, the command failed (popped), if
+        that raised."""
         try:
-            return command.prepare()
+            return self._prepare_job(command)
         except Exception as e:  # noqa: BLE001 - any failure ends the instance, never the scheduler
             q.items.popleft()
             self._fail(q, command, _reason(e))
             return None
 
+    def _prepare_job(self, command: Command) -> object:
+        return command.item if isinstance(command, _Chunk) else self._handler.prepare(command)
+
+    def _finish(self, command: Command, answer: object) -> object:
+        if not isinstance(command, _Chunk):
+            return self._handler.finish(command, answer)
+        if not command.last:
+            command.earlier.extend(answer)
+            return None
+        return self._handler.finish(command.origin, command.earlier + list(answer))
+
     def _run_local(self, q: _Queue, command: Command) -> None:
         try:
-            result = command.prepare()
+            result = self._handler.prepare(command)
         except Exception as e:  # noqa: BLE001
             self._fail(q, command, _reason(e))
             return
         if isinstance(result, FollowUp):
             self._follow_up(q, command, result)
         else:
-            self._fire(command.deferred, command.finish(result))
+            self._fire(command.deferred, result)
 
     def _follow_up(self, q: _Queue, command: Command, follow: FollowUp) -> None:
         """Run follow.command next on q, in command's place (it answers command's Deferred)."""
@@ -645,8 +663,7 @@ class Scheduler:
 
     def _dispatch(self, job: object, entries: list[_Entry]) -> None:
         for entry in entries:
-            if entry.command.dispatched is not None:
-                entry.command.dispatched(entry.prepared)
+            self._handler.dispatched(_origin(entry.command), entry.prepared)
             entry.queue.holding += entry.command.holds_queue
         is_forward = isinstance(job, Forward)
         if is_forward:
@@ -670,12 +687,12 @@ class Scheduler:
         for entry, answer in zip(entries, answers, strict=True):
             entry.queue.holding -= entry.command.holds_queue
             try:
-                value = entry.command.finish(answer)
+                value = self._finish(entry.command, answer)
             except Exception as e:  # noqa: BLE001
                 self._fail(entry.queue, entry.command, _reason(e))
                 continue
             if value is AGAIN:
-                self._again(entry.queue, entry.command.origin or entry.command)
+                self._again(entry.queue, _origin(entry.command))
             elif isinstance(value, FollowUp):
                 self._follow_up(entry.queue, entry.command, value)
             else:
@@ -692,7 +709,7 @@ class Scheduler:
             entry.queue.holding = max(0, entry.queue.holding - command.holds_queue)
             if command.cancelled:
                 continue
-            if command.answers_errors and failure.check(PieError):
+            if _origin(command).answers_errors and failure.check(PieError):
                 self._fire(command.deferred, f"error: {failure.getErrorMessage()}")
             else:
                 self._fail(entry.queue, command, reason)
@@ -705,6 +722,11 @@ class Scheduler:
         done.callback(None)
         self._schedule_pump()
         self._flush()
+
+
+def _origin(command: Command) -> Command:
+    """The command a slice belongs to (a command is its own)."""
+    return command.origin if isinstance(command, _Chunk) else command
 
 
 def _reason(error: Exception) -> str:

@@ -15,10 +15,10 @@ destroy_instance, which frees everything the instance held.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -30,7 +30,6 @@ import pie
 from pie.engine.batch import (
     CopyKv,
     EmbedText,
-    Forward,
     ForwardItem,
     GetDistributions,
     MaskKv,
@@ -41,6 +40,26 @@ from pie.engine.batch import (
     layout_of,
 )
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
+from pie.service.commands import (
+    AllocateEmbeds,
+    AllocatePages,
+    CopyPage,
+    DeallocateEmbeds,
+    DeallocatePages,
+    EmbedTokens,
+    ExportPages,
+    ForwardEmbeds,
+    ForwardText,
+    Generate,
+    ImportPages,
+    MaskPage,
+    ReadDistributions,
+    Recompute,
+    ServiceQuery,
+    Synchronize,
+    UnexportPages,
+    WorkerQuery,
+)
 from pie.service.exportstore import ExportStore
 from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
 from pie.service.scheduler import (
@@ -48,9 +67,7 @@ from pie.service.scheduler import (
     BatchingPolicy,
     Command,
     FollowUp,
-    Local,
     Scheduler,
-    Sync,
 )
 
 log = Logger()
@@ -68,35 +85,6 @@ DEVICE_BATCH_TOKENS = 16384
 
 def _dists(answer: object) -> list[tuple[list[int], list[float]]]:
     return [(list(ids), list(probs)) for ids, probs in answer]
-
-
-@dataclass
-class _Generation:
-    """A generate call in progress: a request with tokens remaining (like nano-vllm's Sequence).
-
-    One scheduler command stands for it from first to last step: each step forwards
-    `tokens` (the prompt, then the last sampled token) after `filled` slots, and
-    `advance` takes the sampled token; the command then goes back to its queue's
-    head (scheduler.AGAIN) until a stop token or max_tokens.
-    """
-
-    instance: str
-    pages: list[int]  # virtual ids, the context's and then the spare ones
-    sampling: Sampling
-    remaining: int
-    stops: frozenset
-    filled: int
-    tokens: list[int]
-    positions: list[int]
-    out: list[int] = field(default_factory=list)
-
-    def advance(self, token: int) -> bool:
-        """Take the sampled token; True when the generation is done."""
-        self.out.append(token)
-        self.remaining -= 1
-        self.filled += len(self.tokens)
-        self.tokens, self.positions = [token], [self.positions[-1] + 1]
-        return token in self.stops or not self.remaining
 
 
 @implementer(IModelService)
@@ -145,6 +133,7 @@ class ModelService:
             reactor,
             worker.execute,
             self.resources,
+            self,
             BatchingPolicy.parse(policy.split()),
             max_batch_tokens,
         )
@@ -260,17 +249,13 @@ class ModelService:
 
     # ------------------------------------------------------------------ resources (local commands)
 
-    def _op_allocate_kv_pages(self, inst: str, ids) -> Command:
-        return Command(Local, lambda: self._allocate(inst, "kv", ids))
-
-    def _op_allocate_embeds(self, inst: str, ids) -> Command:
-        return Command(Local, lambda: self._allocate(inst, "embed", ids))
-
-    def _op_deallocate_kv_pages(self, inst: str, ids) -> Command:
-        return Command(Local, lambda: self.resources.deallocate_pages(inst, ids))
-
-    def _op_deallocate_embeds(self, inst: str, ids) -> Command:
-        return Command(Local, lambda: self.resources.deallocate_embeds(inst, ids))
+    _op_allocate_kv_pages = staticmethod(AllocatePages)
+    _op_allocate_embeds = staticmethod(AllocateEmbeds)
+    _op_deallocate_kv_pages = staticmethod(DeallocatePages)
+    _op_deallocate_embeds = staticmethod(DeallocateEmbeds)
+    _op_export_kv_pages = staticmethod(ExportPages)
+    _op_unexport_kv_pages = staticmethod(UnexportPages)
+    _op_import_kv_pages = staticmethod(ImportPages)
 
     def _allocate(self, inst: str, kind: str, ids: list[int]) -> None:
         """Make room under the contention policy, then map fresh pages or embed slots."""
@@ -306,9 +291,6 @@ class ModelService:
 
     # ------------------------------------------------------------------ exports
 
-    def _op_export_kv_pages(self, inst: str, ids, name, persistent) -> Command:
-        return Command(Local, lambda: self._export(inst, ids, name, persistent))
-
     def _export(self, inst: str, ids: list[int], name: str, persistent: bool) -> None:
         old = self.resources.exports.get(name)
         stored = self._store is not None and old is not None and old.owner is None
@@ -327,15 +309,9 @@ class ModelService:
         if stored:
             self._persist(self._store.remove, name)
 
-    def _op_unexport_kv_pages(self, inst: str, name) -> Command:
-        def unexport() -> None:
-            if self.resources.unexport(inst, name).owner is None and self._store is not None:
-                self._persist(self._store.remove, name)
-
-        return Command(Local, unexport)
-
-    def _op_import_kv_pages(self, inst: str, ids, name) -> Command:
-        return Command(Local, lambda: self._import(inst, ids, name))
+    def _unexport(self, inst: str, name: str) -> None:
+        if self.resources.unexport(inst, name).owner is None and self._store is not None:
+            self._persist(self._store.remove, name)
 
     def _import(self, inst: str, ids: list[int], name: str) -> FollowUp | None:
         entry = self.resources.lookup_export(inst, ids, name)
@@ -355,9 +331,7 @@ class ModelService:
             tokens=recipe.tokens,
             masks=recipe.masks,
         )
-        command = Command(
-            Forward, lambda: item, finish=lambda _: None, dispatched=self._track_forward
-        )
+        command = Recompute(name, item)
         command.deferred.addErrback(self._recompute_failed, name, physical)
         return FollowUp(command)
 
@@ -393,21 +367,14 @@ class ModelService:
             raise InstanceFault(
                 f"copy_kv_page: size {size} at offsets {src_offset}->{dst_offset} does not fit a page of {ps}"
             )
-
-        def prepare() -> CopyKv:
-            s, d = self.resources.translate_pages(inst, [src, dst])
-            return CopyKv(s, d, src_offset, dst_offset, size)
-
-        return Command(CopyKv, prepare, dispatched=self._track_copy if self._store else None)
+        return CopyPage(inst, src, dst, src_offset, dst_offset, size)
 
     def _op_mask_kv_page(self, inst: str, page, mask) -> Command:
         if len(mask) > self.kv_page_size:
             raise InstanceFault(
                 f"mask_kv_page: {len(mask)} flags for a page of {self.kv_page_size}"
             )
-        return Command(
-            MaskKv, lambda: MaskKv(self.resources.translate_pages(inst, [page])[0], mask)
-        )
+        return MaskPage(inst, page, mask)
 
     def _op_embed_text(self, inst: str, embeds, tokens, positions) -> Command:
         self._check_tokens(tokens, positions)
@@ -416,49 +383,31 @@ class ModelService:
                 f"embed_text: {len(embeds)} embeds, {len(tokens)} tokens and {len(positions)} positions "
                 f"(the three lists must have the same length)"
             )
-        return Command(
-            EmbedText,
-            lambda: EmbedText(self.resources.translate_embeds(inst, embeds), tokens, positions),
-            dispatched=lambda job: self.resources.mark_embeds(job.slots, HOLDS_TOKEN),
-        )
+        return EmbedTokens(inst, embeds, tokens, positions)
 
-    def _op_get_next_token_distribution(self, inst: str, embeds) -> Command:
-        def prepare() -> GetDistributions:
-            slots = self.resources.translate_embeds(inst, embeds)
-            self.resources.check_embeds(
-                slots,
-                HOLDS_DISTRIBUTION,
-                "get_next_token_distribution: no forward wrote these embeds",
-            )
-            return GetDistributions(slots)
+    _op_get_next_token_distribution = staticmethod(ReadDistributions)
 
-        return Command(GetDistributions, prepare, finish=_dists)
-
-    def _op_queue_debug_query(self, inst: str, query) -> Command:
+    def _op_queue_debug_query(self, inst: str, query: str) -> Command:
         if self._service_query(query) is not None:
-            return Command(Local, lambda: self._service_query(query))
-        return Command(Query, lambda: Query(query), answers_errors=True)
+            return ServiceQuery(query)
+        return WorkerQuery(query)
 
     def _op_synchronize(self, inst: str) -> Command:
-        return Command(Sync, lambda: None)
+        return Synchronize()
 
     # ------------------------------------------------------------------ forward passes
 
     def _op_forward_text(
         self, inst: str, last_page_len, pages, tokens, positions, masks, output_indices
     ) -> Command:
-        command = self._forward_text(
+        return self._forward_text(
             inst, last_page_len, pages, tokens, positions, masks, output_indices
         )
-        command.finish = lambda answer: self._outputs(answer, len(output_indices))
-        return command
 
     def _op_forward_text_no_output(
         self, inst: str, last_page_len, pages, tokens, positions, masks
     ) -> Command:
-        command = self._forward_text(inst, last_page_len, pages, tokens, positions, masks, [])
-        command.finish = lambda _: None
-        return command
+        return self._forward_text(inst, last_page_len, pages, tokens, positions, masks, None)
 
     def _forward_text(
         self, inst, last_page_len, pages, tokens, positions, masks, outputs
@@ -470,23 +419,12 @@ class ModelService:
             )
         total = self._check_layout("forward_text", last_page_len, pages, len(tokens))
         masks = self._check_masks(masks, total, len(tokens))
-        bad = [i for i in outputs if i >= len(tokens)]
+        bad = [i for i in outputs or () if i >= len(tokens)]
         if bad:
             raise InstanceFault(
                 f"forward_text: output indices {bad} out of range for {len(tokens)} tokens"
             )
-
-        def prepare() -> ForwardItem:
-            return ForwardItem(
-                pages=self.resources.translate_pages(inst, pages),
-                last_page_len=last_page_len,
-                positions=positions,
-                tokens=tokens,
-                masks=masks,
-                output_indices=outputs,
-            )
-
-        return Command(Forward, prepare, dispatched=self._track_forward if self._store else None)
+        return ForwardText(inst, last_page_len, pages, tokens, positions, masks, outputs)
 
     def _op_forward(self, inst: str, last_page_len, pages, input_embeds, output_embeds) -> Command:
         inputs, outputs = input_embeds, output_embeds
@@ -495,28 +433,7 @@ class ModelService:
             raise InstanceFault(
                 f"forward: {len(outputs)} output embeds for {len(inputs)} input embeds"
             )
-
-        def prepare() -> ForwardItem:
-            embeds = self.resources.translate_embeds(inst, inputs + outputs)
-            self.resources.check_embeds(
-                embeds[: len(inputs)],
-                HOLDS_TOKEN,
-                "forward: input embeds never filled by embed_text",
-            )
-            return ForwardItem(
-                pages=self.resources.translate_pages(inst, pages),
-                last_page_len=last_page_len,
-                positions=[],
-                input_embeds=embeds[: len(inputs)],
-                output_embeds=embeds[len(inputs) :],
-            )
-
-        def dispatched(item: ForwardItem) -> None:
-            self.resources.mark_embeds(item.output_embeds, HOLDS_DISTRIBUTION)
-            if self._store is not None:
-                self.resources.record_opaque(item.pages, item.last_page_len, len(item.input_embeds))
-
-        return Command(Forward, prepare, finish=lambda _: None, dispatched=dispatched)
+        return ForwardEmbeds(inst, last_page_len, pages, inputs, outputs)
 
     def _check_layout(self, op: str, last_page_len, pages: list[int], count: int) -> int:
         """Total slots of the pages after the call; the new tokens must fit in them."""
@@ -615,49 +532,148 @@ class ModelService:
                 f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
                 f"{need} are needed"
             )
-        run = _Generation(
-            inst,
-            page_ids,
-            sampling,
-            max_tokens,
-            frozenset(stop_tokens),
-            total - len(tokens),
-            tokens,
-            positions,
+        return Generate(
+            inst, page_ids, sampling, max_tokens, frozenset(stop_tokens), total - len(tokens),
+            tokens, positions,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ CommandHandler
+
+    @functools.singledispatchmethod
+    def prepare(self, command: Command) -> object:
+        """See pie.service.scheduler.CommandHandler (one registration per command type)."""
+        raise TypeError(f"no prepare for {type(command).__name__}")
+
+    @prepare.register
+    def _(self, c: AllocatePages) -> None:
+        self._allocate(c.instance, "kv", c.ids)
+
+    @prepare.register
+    def _(self, c: AllocateEmbeds) -> None:
+        self._allocate(c.instance, "embed", c.ids)
+
+    @prepare.register
+    def _(self, c: DeallocatePages) -> None:
+        self.resources.deallocate_pages(c.instance, c.ids)
+
+    @prepare.register
+    def _(self, c: DeallocateEmbeds) -> None:
+        self.resources.deallocate_embeds(c.instance, c.ids)
+
+    @prepare.register
+    def _(self, c: ExportPages) -> None:
+        self._export(c.instance, c.ids, c.name, c.persistent)
+
+    @prepare.register
+    def _(self, c: UnexportPages) -> None:
+        self._unexport(c.instance, c.name)
+
+    @prepare.register
+    def _(self, c: ImportPages) -> FollowUp | None:
+        return self._import(c.instance, c.ids, c.name)
+
+    @prepare.register
+    def _(self, c: ServiceQuery) -> str | None:
+        return self._service_query(c.query)
+
+    @prepare.register
+    def _(self, c: WorkerQuery) -> Query:
+        return Query(c.query)
+
+    @prepare.register
+    def _(self, c: CopyPage) -> CopyKv:
+        src, dst = self.resources.translate_pages(c.instance, [c.src, c.dst])
+        return CopyKv(src, dst, c.src_offset, c.dst_offset, c.size)
+
+    @prepare.register
+    def _(self, c: MaskPage) -> MaskKv:
+        return MaskKv(self.resources.translate_pages(c.instance, [c.page])[0], c.mask)
+
+    @prepare.register
+    def _(self, c: EmbedTokens) -> EmbedText:
+        return EmbedText(
+            self.resources.translate_embeds(c.instance, c.embeds), c.tokens, c.positions
         )
 
-        def prepare() -> ForwardItem:
-            used, last_page_len = layout_of(self.kv_page_size, run.filled + len(run.tokens))
-            return ForwardItem(
-                pages=self.resources.translate_pages(run.instance, run.pages[:used]),
-                last_page_len=last_page_len,
-                positions=run.positions,
-                tokens=run.tokens,
-                output_indices=[len(run.tokens) - 1],
-                sampling=run.sampling,
-            )
+    @prepare.register
+    def _(self, c: ReadDistributions) -> GetDistributions:
+        slots = self.resources.translate_embeds(c.instance, c.embeds)
+        self.resources.check_embeds(
+            slots, HOLDS_DISTRIBUTION, "get_next_token_distribution: no forward wrote these embeds"
+        )
+        return GetDistributions(slots)
 
-        def finish(answer: list[int]) -> list[int] | object:
+    @prepare.register
+    def _(self, c: ForwardText) -> ForwardItem:
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages),
+            last_page_len=c.last_page_len,
+            positions=c.positions,
+            tokens=c.tokens,
+            masks=c.masks,
+            output_indices=c.outputs or [],
+        )
+
+    @prepare.register
+    def _(self, c: ForwardEmbeds) -> ForwardItem:
+        embeds = self.resources.translate_embeds(c.instance, c.inputs + c.outputs)
+        n = len(c.inputs)
+        self.resources.check_embeds(
+            embeds[:n], HOLDS_TOKEN, "forward: input embeds never filled by embed_text"
+        )
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages),
+            last_page_len=c.last_page_len,
+            positions=[],
+            input_embeds=embeds[:n],
+            output_embeds=embeds[n:],
+        )
+
+    @prepare.register
+    def _(self, c: Recompute) -> ForwardItem:
+        return c.item
+
+    @prepare.register
+    def _(self, c: Generate) -> ForwardItem:
+        used, last_page_len = layout_of(self.kv_page_size, c.filled + len(c.tokens))
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages[:used]),
+            last_page_len=last_page_len,
+            positions=c.positions,
+            tokens=c.tokens,
+            output_indices=[len(c.tokens) - 1],
+            sampling=c.sampling,
+        )
+
+    def finish(self, command: Command, answer: object) -> object:
+        """See pie.service.scheduler.CommandHandler."""
+        if isinstance(command, Generate):
             (token,) = answer
-            return run.out if run.advance(token) else AGAIN
+            return command.out if command.advance(token) else AGAIN
+        if isinstance(command, ForwardText) and command.outputs is not None:
+            return self._outputs(answer, len(command.outputs))
+        if isinstance(command, ReadDistributions):
+            return _dists(answer)
+        if isinstance(command, WorkerQuery):
+            return answer
+        return None
 
-        return Command(
-            Forward,
-            prepare,
-            finish=finish,
-            holds_queue=True,
-            dispatched=self._track_forward if self._store else None,
-        )
-
-    # ------------------------------------------------------------------ what the slots hold
-
-    def _track_forward(self, item: ForwardItem) -> None:
-        self.resources.record_forward(
-            item.pages, item.last_page_len, item.tokens, item.positions, item.masks
-        )
-
-    def _track_copy(self, job: CopyKv) -> None:
-        self.resources.record_copy(job.src, job.dst, job.src_offset, job.dst_offset, job.size)
+    def dispatched(self, command: Command, job: object) -> None:
+        """See pie.service.scheduler.CommandHandler: what the slots and embeds now hold."""
+        if isinstance(command, EmbedTokens):
+            self.resources.mark_embeds(job.slots, HOLDS_TOKEN)
+        elif isinstance(command, ForwardEmbeds):
+            self.resources.mark_embeds(job.output_embeds, HOLDS_DISTRIBUTION)
+            if self._store is not None:
+                self.resources.record_opaque(job.pages, job.last_page_len, len(job.input_embeds))
+        elif self._store is None:
+            return
+        elif isinstance(command, ForwardText | Generate | Recompute):
+            self.resources.record_forward(
+                job.pages, job.last_page_len, job.tokens, job.positions, job.masks
+            )
+        elif isinstance(command, CopyPage):
+            self.resources.record_copy(job.src, job.dst, job.src_offset, job.dst_offset, job.size)
 
 
 __all__ = ["ModelService", "CONTENTION_REASON", "Recipe"]

@@ -125,7 +125,7 @@ async def ours(service, prompts: list[list[int]], new: int) -> float:
     """Seconds for our model service to generate `new` tokens after each prompt, concurrently."""
     from twisted.internet import defer
 
-    from pie.engine.batch import Sampling
+    from pie.engine.batch import layout_of
 
     ps = service.kv_page_size
     runs = []
@@ -135,7 +135,11 @@ async def ours(service, prompts: list[list[int]], new: int) -> float:
         q = service.create_queue(inst)
         pages = list(range(-(-(len(prompt) + new) // ps)))
         service.submit(inst, q, "allocate_kv_pages", pages)
-        d = service.generate(inst, q, pages, 0, prompt, list(range(len(prompt))), Sampling(), new)
+        used, last = layout_of(ps, len(prompt))
+        d = service.submit(
+            inst, q, "generate", last, pages[:used], prompt, list(range(len(prompt))),
+            pages[used:], 0.0, 0, 1.0, None, new, [],
+        )  # fmt: skip
         d.addBoth(lambda result, inst=inst: (service.destroy_instance(inst), result)[1])
         runs.append(d)
     outputs = await defer.gatherResults(runs, consumeErrors=True)

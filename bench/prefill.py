@@ -31,7 +31,7 @@ import time
 import torch
 from twisted.internet import defer, task
 
-from pie.engine.batch import Forward, Sampling
+from pie.engine.batch import Forward, layout_of
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model, resolve_dtype
@@ -90,9 +90,11 @@ async def generate(service, prompt: list[int], new: int, start_page: int) -> lis
     pages = list(range(start_page, start_page + -(-(len(prompt) + new) // ps)))
     service.submit(inst, q, "allocate_kv_pages", pages)
     try:
-        return await service.generate(
-            inst, q, pages, 0, prompt, list(range(len(prompt))), Sampling(), new
-        )
+        used, last = layout_of(ps, len(prompt))
+        return await service.submit(
+            inst, q, "generate", last, pages[:used], prompt, list(range(len(prompt))),
+            pages[used:], 0.0, 0, 1.0, None, new, [],
+        )  # fmt: skip
     finally:
         service.destroy_instance(inst)
 

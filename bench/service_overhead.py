@@ -2,7 +2,7 @@
 
 N inferlet-like streams each decode one token per step through
 ModelService.submit("forward_text", ...) (validation, translation, queue
-order, batching, result split), or through ModelService.generate (the host
+order, batching, result split), or through the `generate` host call (the host
 side fast path, one submit for all steps). Prints microseconds of service
 time per token and the share of a model step that would be, for a given
 model step time: this is the service's part of the programmability tax.
@@ -19,7 +19,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from pie.engine.batch import Forward, Sampling, WorkerInfo
+from pie.engine.batch import Forward, WorkerInfo
 from pie.interfaces import IModelWorker
 from pie.service.service import ModelService
 
@@ -58,7 +58,23 @@ def run(streams: int, tokens: int, fast: bool) -> tuple[float, int]:
         pages = list(range(pages_each))
         service.submit(inst, q, "allocate_kv_pages", pages)
         if fast:
-            d = service.generate(inst, q, pages, 0, [5], [0], Sampling(), tokens)
+            # the generate host call: token 5 in page 0, generating on into the others
+            d = service.submit(
+                inst,
+                q,
+                "generate",
+                1,
+                pages[:1],
+                [5],
+                [0],
+                pages[1:],
+                0.0,
+                0,
+                1.0,
+                None,
+                tokens,
+                [],
+            )
             d.addCallback(lambda out: done.append(len(out)))
             return
 

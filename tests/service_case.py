@@ -41,3 +41,13 @@ class ServiceCase(TestCase):
     def expected(self, context: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
         info = self.worker.info
         return fake_distribution(context, info.dist_size, info.vocab_size)
+
+    def greedy(self, tokens: list[int], count: int) -> list[int]:
+        """What step-by-step greedy decoding on the fake model gives."""
+        context = [(t, p) for p, t in enumerate(tokens)]
+        out = []
+        for _ in range(count):
+            token = self.expected(context)[0][0]
+            out.append(token)
+            context.append((token, len(context)))
+        return out

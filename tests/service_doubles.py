@@ -17,7 +17,16 @@ import hashlib
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from pie.engine.batch import CopyKv, EmbedText, Forward, GetDistributions, MaskKv, Query, WorkerInfo
+from pie.engine.batch import (
+    CopyKv,
+    EmbedText,
+    Forward,
+    GetDistributions,
+    MaskKv,
+    Query,
+    WorkerInfo,
+    context_len,
+)
 from pie.interfaces import IModelWorker, PieError
 
 
@@ -116,7 +125,7 @@ class FakeWorker:
 
     def _item(self, item) -> list:
         ps = self.info.kv_page_size
-        total = ps * (len(item.pages) - 1) + item.last_page_len
+        total = context_len(ps, len(item.pages), item.last_page_len)
         if item.input_embeds:
             written = [self.embeds[s] for s in item.input_embeds]
         else:

@@ -15,7 +15,8 @@ import os
 
 from twisted.trial import unittest
 
-from pie.inferlet.testing import FakeModel, FakeWorld, greedy_reference
+from pie.inferlet.testing import COMMANDS, FakeInstance, FakeModel, FakeWorld, greedy_reference
+from pie.runtime.hostcalls import HOST_CALLS
 from pie.runtime.sandbox.loader import load_main
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
@@ -172,3 +173,12 @@ class FakeAppTests(unittest.TestCase):
         inst = world.finish(app("text_completion"), ["--max-tokens", "many"])
         self.assertEqual(inst.status, "failed")
         self.assertIn("invalid int value", inst.error)
+
+
+class FakeHostTableTests(unittest.TestCase):
+    """The host double answers exactly the host-call table, in the table's modes."""
+
+    def test_its_calls_are_the_host_calls(self):
+        handled = {n[1:] for n in vars(FakeInstance) if n.startswith("_") and n[1:] in HOST_CALLS}
+        self.assertEqual(handled, set(HOST_CALLS))
+        self.assertEqual(COMMANDS, {n for n, c in HOST_CALLS.items() if c.mode == "command"})

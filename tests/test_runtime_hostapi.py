@@ -231,3 +231,49 @@ class BadCallTests(unittest.TestCase):
         self.assertEqual(self.runtime.instances.running, {})
         [listing] = owner.messages(instance_id)
         self.assertTrue(listing.startswith(f"Instance ID: {instance_id}, Program Hash: "), listing)
+
+
+# A value of the wrong shape for each WIT type of a model command's parameters.
+_JUNK = {
+    "u32": ["x", -1, 1 << 32, True, 1.5, None],
+    "f32": ["hot", float("nan"), None],
+    "bool": [1, None],
+    "string": [3, None],
+    "option<u64>": [-1, 1 << 64, "x"],
+    "list<u32>": ["x", [None], [-1], [1.5], [True], None],
+    "list<bool>": [[1], "x"],
+    "list<list<u32>>": [[None], [[None]], [[-1]], [1]],
+}
+
+
+class ModelCommandArgumentTests(unittest.TestCase):
+    """The binding is where model-command arguments are checked (the service trusts their types)."""
+
+    def setUp(self):
+        self.model = FakeModelService()
+        self.runtime = make_runtime(self, services={"fake": self.model})
+
+    async def test_every_model_command_is_declared_with_its_queue_first(self):
+        for name in pie.runtime.hostcalls.MODEL_COMMANDS:
+            self.assertTrue(HOST_CALLS[name].model)
+            self.assertEqual(HOST_CALLS[name].params[0], ("queue", "u32"), name)
+
+    async def test_junk_in_any_argument_is_a_clear_fault_that_reaches_no_service(self):
+        cases = 0
+        for name in sorted(pie.runtime.hostcalls.MODEL_COMMANDS):
+            good = SAMPLE_ARGS[name][1:]
+            for i, (pname, ptype) in enumerate(HOST_CALLS[name].params[1:]):
+                for bad in _JUNK[ptype]:
+                    args = list(good)
+                    args[i] = bad
+
+                    async def script(host, _, name=name, args=args):
+                        queue = host.call("create_queue", (0,))
+                        host.call(name, (queue, *args))
+
+                    instance_id, owner = await launched(self.runtime, script)
+                    reason = await owner.ended(instance_id)
+                    self.assertIn(f"invalid host call: {name}: argument {pname!r}", reason, args)
+                    cases += 1
+        self.assertEqual(self.model.submitted, [])
+        self.assertGreater(cases, 100)

@@ -83,6 +83,23 @@ class ChunkedPrefillTests(ServiceCase):
             self.assertEqual(answers[0], answers[1])
             self.assertEqual(len(answers[0][0]), 3)
 
+    def test_a_generation_with_a_long_prompt_is_chunked_and_then_decodes(self):
+        """The generate call's first step is split like any prompt; the steps after it come
+        from the same request (tokens remaining), and the tokens are plain greedy decoding's."""
+        self.build(CAP)
+        pages = list(range(LONG // PS + 2))
+        q = self.start("b", pages)
+        tokens = [(7 * i) % 90 + 1 for i in range(LONG)]
+        used = LONG // PS
+        box = self.submit(
+            "b", q, "generate", PS, pages[:used], tokens, list(range(LONG)), pages[used:],
+            0.0, 0, 1.0, None, 5, [],
+        )  # fmt: skip
+        self.run_reactor()
+        self.assertEqual(box, [self.greedy(tokens, 5)])
+        sizes = [len(j.items[0].tokens) for j in self.worker.jobs_of(Forward)]
+        self.assertEqual(sizes, [CAP, CAP, LONG - 2 * CAP, 1, 1, 1, 1])
+
     def test_a_page_freed_by_another_queue_waits_for_the_rest_of_the_prompt(self):
         self.build(CAP, auto=False)
         q1 = self.start("b", list(range(LONG // PS)))

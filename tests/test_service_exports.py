@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from pie.engine.batch import Forward
 from pie.interfaces import InstanceFault
 from pie.service.exportstore import ExportStore
-from pie.service.resources import IdPool, Resources
+from pie.service.resources import PhysicalPool, Resources
 from pie.service.service import ModelService
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
@@ -173,12 +173,27 @@ class RecipeTests(TestCase):
         self.assertEqual(self.res.recipe_for(self.pages[:1]).tokens, [1, 2])
 
 
-class IdPoolTests(TestCase):
+class PhysicalPoolTests(TestCase):
     def test_smallest_free_first_and_all_or_nothing(self):
-        pool = IdPool(4)
+        pool = PhysicalPool(4)
         self.assertEqual(pool.acquire_many(3), [0, 1, 2])
         pool.release(1)
         self.assertEqual(pool.acquire_many(1), [1])
         self.assertRaises(InstanceFault, pool.acquire_many, 2)
         self.assertEqual(pool.available, 1)
         self.assertRaises(ValueError, pool.release, 3)
+
+
+class StagedPageTests(TestCase):
+    def test_a_staged_page_is_freed_only_when_every_stage_of_it_is_undone(self):
+        res = Resources(4, 1, 4)
+        res.allocate_pages("a", [0])
+        (page,) = res.translate_pages("a", [0])
+        res.stage([page])
+        res.stage([page])  # the open batch and the waiting rest of a split item
+        res.deallocate_pages("a", [0])
+        self.assertEqual(res.pages.available, 3, "named by unsent work: not free yet")
+        res.unstage([page])
+        self.assertEqual(res.pages.available, 3)
+        res.unstage([page])
+        self.assertEqual(res.pages.available, 4)

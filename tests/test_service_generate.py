@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pie.engine.batch import Forward, Sampling
+from pie.engine.batch import Forward, Sampling, layout_of
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -19,30 +19,13 @@ class GenerateTests(ServiceCase):
         return q
 
     def generate(self, inst, q, tokens, max_tokens, stops=(), pages=(0, 1), sampling=GREEDY):
-        box = []
-        d = self.service.generate(
-            inst,
-            q,
-            list(pages),
-            0,
-            tokens,
-            list(range(len(tokens))),
-            sampling,
-            max_tokens,
-            list(stops),
-        )
-        d.addCallbacks(box.append, lambda f: box.append(("fault", f.value.args[0])))
-        return box
-
-    def greedy(self, tokens, count):
-        """What step-by-step greedy decoding on the fake model gives."""
-        context = [(t, p) for p, t in enumerate(tokens)]
-        out = []
-        for _ in range(count):
-            token = self.expected(context)[0][0]
-            out.append(token)
-            context.append((token, len(context)))
-        return out
+        """The `generate` host call over a fresh context of `tokens` in `pages`."""
+        used, last_page_len = layout_of(self.worker.info.kv_page_size, len(tokens))
+        return self.submit(
+            inst, q, "generate", last_page_len, list(pages[:used]), tokens,
+            list(range(len(tokens))), list(pages[used:]), sampling.temperature, sampling.top_k,
+            sampling.top_p, sampling.seed, max_tokens, list(stops),
+        )  # fmt: skip
 
     def test_greedy_generation_matches_step_by_step_decoding(self):
         q = self.start("a")

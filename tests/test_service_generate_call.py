@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pie.engine.batch import Forward, Sampling
-from tests import test_service_generate
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -21,8 +20,6 @@ class GenerateCallTests(ServiceCase):
             "a", self.q, "generate", last_page_len, pages, tokens, list(range(len(tokens))),
             spare, s.temperature, s.top_k, s.top_p, seed, max_tokens, list(stops),
         )  # fmt: skip
-
-    greedy = test_service_generate.GenerateTests.greedy  # (the module, so it is not collected here)
 
     def test_the_call_generates_into_the_spare_pages(self):
         box = self.call(3, [0], [1, 2, 3], [1, 2], 6)
@@ -53,7 +50,6 @@ class GenerateCallTests(ServiceCase):
             (lambda: self.call(3, [0], [1, 2, 3], [], 3), "4 slots, 5 are needed"),
             (lambda: self.call(5, [0], [1], [1], 2), "last_page_len 5 is not in 1..4"),
             (lambda: self.call(1, [0], [1], [], 2, top_p=0.0), "bad sampling"),
-            (lambda: self.call(1, [0], [1], [], 2, temperature="hot"), "must be a number"),
             (lambda: self.call(4, [0], [1, 2, 3, 4], [7], 2), "KV page 7 is not allocated"),
         ]
         for make, reason in cases:

@@ -149,7 +149,11 @@ class ServiceOnWorkerTests(TestCase):
         qa, qb = s.create_queue("a"), s.create_queue("b")
         s.submit("a", qa, "allocate_kv_pages", [0, 1])
         s.submit("b", qb, "allocate_kv_pages", [0, 1])
-        fast = yield s.generate("a", qa, [0, 1], 0, [3, 4, 5], [0, 1, 2], Sampling(), 5)
+        greedy = Sampling()
+        fast = yield s.submit(
+            "a", qa, "generate", 3, [0], [3, 4, 5], [0, 1, 2], [1], greedy.temperature,
+            greedy.top_k, greedy.top_p, greedy.seed, 5, [],
+        )  # fmt: skip
         tokens, slow = [3, 4, 5], []
         while len(slow) < 5:
             n = len(tokens)

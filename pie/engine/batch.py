@@ -25,6 +25,17 @@ from pie.interfaces import PieError
 Distribution = tuple[list[int], list[float]]  # top-k token ids, probabilities (descending)
 
 
+def context_len(page_size: int, num_pages: int, last_page_len: int) -> int:
+    """Slots of a KV context laid out as `num_pages` pages, the last holding `last_page_len`."""
+    return page_size * (num_pages - 1) + last_page_len
+
+
+def layout_of(page_size: int, length: int) -> tuple[int, int]:
+    """(pages, last_page_len) of a context of `length` slots (length >= 1): context_len's inverse."""
+    pages = -(-length // page_size)
+    return pages, length - page_size * (pages - 1)
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What a worker reports about itself (also the remote handshake)."""

@@ -2,8 +2,11 @@
 
 The Engine owns a LlamaModel, its physical KV cache, the embed slots and the
 distribution store. It is not thread-safe: pie.engine.worker runs it on one
-dedicated thread. Every job is validated in full before anything is written,
-so a bad job fails with a PieError and leaves the cache as it was.
+dedicated thread. Jobs come typed from the model service, which checked the
+guest's arguments; the engine checks what only it knows (ids in range of its
+cache, embed slots and vocabulary, contexts that fit their pages) before
+anything is written, so a bad job fails with a PieError and leaves the cache
+as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pie.engine.batch import (
     Sampling,
     WorkerInfo,
     check_sampling,
+    context_len,
 )
 from pie.engine.llama import LlamaModel
 from pie.engine.loaders import LoadedModel, resolve_device, resolve_dtype
@@ -41,8 +45,6 @@ CUDA_KV_FRACTION = 0.5
 
 def decode_brle(runs: list[int], length: int) -> np.ndarray:
     """BRLE run lengths (attend, mask, attend, ...) -> bool row, True = attend."""
-    if any((not isinstance(r, int)) or r < 0 for r in runs):
-        raise PieError(f"mask runs must be non-negative integers, got {runs[:8]}")
     if sum(runs) != length:
         raise PieError(f"mask covers {sum(runs)} slots, expected {length}")
     values = np.zeros(len(runs), dtype=bool)
@@ -50,15 +52,8 @@ def decode_brle(runs: list[int], length: int) -> np.ndarray:
     return np.repeat(values, runs)
 
 
-def _int_array(values: list[int], what: str) -> np.ndarray:
-    """A list of ints as int64, or a PieError naming what was wrong (no silent casts)."""
-    if not all(isinstance(v, int) for v in values):
-        raise PieError(f"{what} must be integers")
-    return np.asarray(values, dtype=np.int64)
-
-
 def _positions(values: list[int]) -> np.ndarray:
-    positions = _int_array(values, "positions")
+    positions = np.asarray(values, dtype=np.int64)
     if len(positions) and (positions.min() < 0 or positions.max() >= MAX_POSITION):
         raise PieError(f"position out of range 0..{MAX_POSITION - 1}")
     return positions
@@ -234,12 +229,12 @@ class Engine:
         ps = self.page_size
         if not item.pages:
             raise PieError("no KV pages given")
-        for page in item.pages:
-            if not isinstance(page, int) or not 0 <= page < self.cache.num_pages:
-                raise PieError(f"KV page {page!r} out of range (worker has {self.cache.num_pages})")
-        if not isinstance(item.last_page_len, int) or not 1 <= item.last_page_len <= ps:
+        if min(item.pages) < 0 or max(item.pages) >= self.cache.num_pages:
+            page = next(p for p in item.pages if not 0 <= p < self.cache.num_pages)
+            raise PieError(f"KV page {page} out of range (worker has {self.cache.num_pages})")
+        if not 1 <= item.last_page_len <= ps:
             raise PieError(f"last_page_len {item.last_page_len} not in 1..{ps}")
-        total = ps * (len(item.pages) - 1) + item.last_page_len
+        total = context_len(ps, len(item.pages), item.last_page_len)
         if item.tokens and item.input_embeds:
             raise PieError("give either tokens or input_embeds, not both")
         if item.input_embeds:
@@ -260,9 +255,12 @@ class Engine:
         if n > total:
             raise PieError(f"{n} new tokens do not fit a context of {total} slots")
         mask = _brle_mask(item.masks, n, total)
-        for i in item.output_indices:
-            if not isinstance(i, int) or not 0 <= i < n:
-                raise PieError(f"output index {i!r} not in 0..{n - 1}")
+        if (
+            item.output_indices
+            and not 0 <= min(item.output_indices) <= max(item.output_indices) < n
+        ):
+            bad = next(i for i in item.output_indices if not 0 <= i < n)
+            raise PieError(f"output index {bad} not in 0..{n - 1}")
         if len(item.output_embeds) > n:
             raise PieError(f"{len(item.output_embeds)} output embeds for {n} new tokens")
         self._check_embed_slots(item.output_embeds)
@@ -281,7 +279,7 @@ class Engine:
         )
 
     def _token_ids(self, values: list[int]) -> np.ndarray:
-        tokens = _int_array(values, "token ids")
+        tokens = np.asarray(values, dtype=np.int64)
         vocab = self.model.config.vocab_size
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
             raise PieError(f"token id out of range 0..{vocab - 1}")
@@ -296,7 +294,7 @@ class Engine:
         return valid[None, :] & (where[None, :] <= p.positions[:, None])
 
     def _check_embed_slots(self, slots: list[int]) -> np.ndarray:
-        array = _int_array(slots, "embed slots")
+        array = np.asarray(slots, dtype=np.int64)
         if len(array) and (array.min() < 0 or array.max() >= self.num_embeds):
             raise PieError(f"embed slot out of range 0..{self.num_embeds - 1}")
         return array

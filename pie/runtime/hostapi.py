@@ -32,10 +32,8 @@ from twisted.logger import Logger
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
 from pie.runtime import chat_template
-from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
+from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
 from pie.runtime.instances import Instance
-
-PRIORITIES = ("low", "normal", "high")
 
 log = Logger()
 

@@ -20,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DIST = "tuple<list<u32>, list<f32>>"
+_Q = "queue: u32;"
+
+PRIORITIES = ("low", "normal", "high")
+"""The values of set_priority, least urgent first."""
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,21 @@ class HostCall:
     result: str | None
     mode: str  # "sync" | "async" | "command"
     doc: str
+    model: bool = False  # a model command: runs on the model, in its queue's order (see below)
 
 
-def _c(name: str, params: str, result: str | None, mode: str, doc: str) -> HostCall:
+def _c(
+    name: str, params: str, result: str | None, mode: str, doc: str, *, model: bool = False
+) -> HostCall:
     pairs = tuple(tuple(p.strip().split(":", 1)) for p in params.split(";") if p.strip())
-    return HostCall(name, tuple((n.strip(), t.strip()) for n, t in pairs), result, mode, doc)
+    params_ = tuple((n.strip(), t.strip()) for n, t in pairs)
+    return HostCall(name, params_, result, mode, doc, model)
 
 
-_Q = "queue: u32;"
+def _m(name: str, params: str, result: str | None, mode: str, doc: str) -> HostCall:
+    """A model command: its first parameter is the queue it is ordered on."""
+    return _c(name, _Q + params, result, mode, doc, model=True)
+
 
 HOST_CALLS: dict[str, HostCall] = {
     c.name: c
@@ -62,8 +73,8 @@ HOST_CALLS: dict[str, HostCall] = {
         ),
         _c("create_queue", "service: u32", "u32", "sync", "A new command queue on a model."),
         _c("set_priority", _Q + "priority: string", None, "sync", "low | normal | high."),
-        _c("synchronize", _Q, "bool", "async", "Wait until every earlier command ran."),
-        _c("queue_debug_query", _Q + "query: string", "string", "async", "Worker debug query."),
+        _m("synchronize", "", "bool", "async", "Wait until every earlier command ran."),
+        _m("queue_debug_query", "query: string", "string", "async", "Worker debug query."),
         # ---- KV pages and embeds (virtual ids chosen by the guest)
         _c("get_kv_page_size", _Q, "u32", "sync", "Tokens per KV page."),
         _c(
@@ -73,81 +84,81 @@ HOST_CALLS: dict[str, HostCall] = {
             "sync",
             "Exported page sets: (name, page count).",
         ),
-        _c("allocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Create pages."),
-        _c("deallocate_kv_pages", _Q + "ids: list<u32>", None, "command", "Drop references."),
-        _c("allocate_embeds", _Q + "ids: list<u32>", None, "command", "Create embed slots."),
-        _c("deallocate_embeds", _Q + "ids: list<u32>", None, "command", "Free embed slots."),
-        _c(
+        _m("allocate_kv_pages", "ids: list<u32>", None, "command", "Create pages."),
+        _m("deallocate_kv_pages", "ids: list<u32>", None, "command", "Drop references."),
+        _m("allocate_embeds", "ids: list<u32>", None, "command", "Create embed slots."),
+        _m("deallocate_embeds", "ids: list<u32>", None, "command", "Free embed slots."),
+        _m(
             "copy_kv_page",
-            _Q + "src: u32; dst: u32; src_offset: u32; dst_offset: u32; size: u32",
+            "src: u32; dst: u32; src_offset: u32; dst_offset: u32; size: u32",
             None,
             "command",
             "Copy token slots between pages.",
         ),
-        _c(
+        _m(
             "mask_kv_page",
-            _Q + "page: u32; mask: list<bool>",
+            "page: u32; mask: list<bool>",
             None,
             "command",
             "Slot validity for the embedding path.",
         ),
-        _c(
+        _m(
             "export_kv_pages",
-            _Q + "ids: list<u32>; name: string; persistent: bool",
+            "ids: list<u32>; name: string; persistent: bool",
             None,
             "command",
             "Publish pages under a name.",
         ),
-        _c("unexport_kv_pages", _Q + "name: string", None, "command", "Remove an export."),
-        _c(
+        _m("unexport_kv_pages", "name: string", None, "command", "Remove an export."),
+        _m(
             "import_kv_pages",
-            _Q + "ids: list<u32>; name: string",
+            "ids: list<u32>; name: string",
             None,
             "command",
             "Map exported pages under new ids (shared, no copy).",
         ),
         # ---- forward passes
-        _c(
+        _m(
             "forward_text",
-            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
             "masks: list<list<u32>>; output_indices: list<u32>",
             f"list<{DIST}>",
             "async",
             "Forward tokens; top-k distribution per output index.",
         ),
-        _c(
+        _m(
             "forward_text_no_output",
-            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
             "masks: list<list<u32>>",
             None,
             "command",
             "Prefill: forward without outputs.",
         ),
-        _c(
+        _m(
             "embed_text",
-            _Q + "embeds: list<u32>; tokens: list<u32>; positions: list<u32>",
+            "embeds: list<u32>; tokens: list<u32>; positions: list<u32>",
             None,
             "command",
             "Fill input embed slots from tokens.",
         ),
-        _c(
+        _m(
             "forward",
-            _Q + "last_page_len: u32; pages: list<u32>; input_embeds: list<u32>; "
+            "last_page_len: u32; pages: list<u32>; input_embeds: list<u32>; "
             "output_embeds: list<u32>",
             None,
             "command",
             "Forward input embeds; distributions of the last tokens go to output embeds.",
         ),
-        _c(
+        _m(
             "get_next_token_distribution",
-            _Q + "embeds: list<u32>",
+            "embeds: list<u32>",
             f"list<{DIST}>",
             "async",
             "Distributions stored in output embeds.",
         ),
-        _c(
+        _m(
             "generate",
-            _Q + "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
+            "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
             "spare_pages: list<u32>; temperature: f32; top_k: u32; top_p: f32; "
             "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>",
             "list<u32>",
@@ -201,16 +212,5 @@ HOST_CALLS: dict[str, HostCall] = {
     ]
 }
 
-MODEL_COMMANDS = frozenset(
-    name
-    for name, c in HOST_CALLS.items()
-    if c.params
-    and c.params[0] == ("queue", "u32")
-    and name
-    not in {
-        "set_priority",
-        "get_kv_page_size",
-        "get_all_exported_kv_pages",
-    }
-)
+MODEL_COMMANDS = frozenset(name for name, c in HOST_CALLS.items() if c.model)
 """Calls the runtime forwards to IModelService.submit (everything that runs on the model, in queue order)."""

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pie.engine.batch import context_len
 from pie.interfaces import InstanceFault
 
 HOLDS_TOKEN, HOLDS_DISTRIBUTION = 1, 2  # what an embed slot has been given
@@ -32,7 +34,7 @@ OPAQUE = "opaque"
 """Slot record of a slot written through the embedding path: it cannot be replayed from tokens."""
 
 
-class IdPool:
+class PhysicalPool:
     """Physical ids [0, capacity): the smallest free id is handed out first (Pie §4.4)."""
 
     def __init__(self, capacity: int) -> None:
@@ -115,14 +117,15 @@ class Resources:
 
     def __init__(self, num_pages: int, num_embeds: int, page_size: int) -> None:
         self.page_size = page_size
-        self.pages = IdPool(num_pages)
-        self.embeds = IdPool(num_embeds)
+        self.pages = PhysicalPool(num_pages)
+        self.embeds = PhysicalPool(num_embeds)
         self._refs = [0] * num_pages
-        # busy(page): a batch not yet sent to the worker still names the page. Such a page is
-        # freed only once that batch is sent (release_deferred), so that no other instance's
-        # job can reach the worker ahead of it and find its page reused.
-        self.busy: Callable[[int], bool] = lambda page: False
-        self._deferred_free: list[int] = []
+        # Staged pages: work that is not yet sent to the worker (the open batch, the waiting rest
+        # of a split item) names them. A staged page is freed only once that work is sent
+        # (unstage), so that no other instance's job can reach the worker ahead of it and find
+        # its page reused.
+        self._staged: Counter[int] = Counter()
+        self._deferred_free: set[int] = set()
         self._embed_holds = bytearray(num_embeds)  # per slot: HOLDS_TOKEN | HOLDS_DISTRIBUTION bits
         self._incarnation = [0] * num_pages  # bumps on every allocation of a physical page
         self._incarnations = itertools.count(1)
@@ -210,19 +213,24 @@ class Resources:
         self._refs[page] -= 1
         if self._refs[page] == 0:
             self._slots.pop(page, None)
-            if self.busy(page):
-                self._deferred_free.append(page)
+            if self._staged[page]:
+                self._deferred_free.add(page)
             else:
                 self.pages.release(page)
 
-    def release_deferred(self) -> None:
-        """Free the pages whose release waited for a batch that has now been sent."""
-        waiting, self._deferred_free = self._deferred_free, []
-        for page in waiting:
-            if self.busy(page):
-                self._deferred_free.append(page)
-            else:
-                self.pages.release(page)
+    def stage(self, pages: Iterable[int]) -> None:
+        """Work not yet sent to the worker names these physical pages (once each per call)."""
+        self._staged.update(pages)
+
+    def unstage(self, pages: Iterable[int]) -> None:
+        """That work was sent (or dropped): free the pages whose release waited for it."""
+        for page in pages:
+            self._staged[page] -= 1
+            if not self._staged[page]:
+                del self._staged[page]
+                if page in self._deferred_free:
+                    self._deferred_free.discard(page)
+                    self.pages.release(page)
 
     # ------------------------------------------------------------------ embeds
 
@@ -394,7 +402,7 @@ class Resources:
     ) -> None:
         """Note what a forward_text item writes: per slot (token, position, context, flat index, row)."""
         ps = self.page_size
-        total = ps * (len(pages) - 1) + last_page_len
+        total = context_len(ps, len(pages), last_page_len)
         start = total - len(tokens)
         context = tuple(self._incarnation[p] for p in pages)
         for i, (token, position) in enumerate(zip(tokens, positions, strict=True)):
@@ -405,7 +413,7 @@ class Resources:
     def record_opaque(self, pages: list[int], last_page_len: int, count: int) -> None:
         """Slots written by the embedding path: their content cannot be replayed from tokens."""
         ps = self.page_size
-        total = ps * (len(pages) - 1) + last_page_len
+        total = context_len(ps, len(pages), last_page_len)
         for flat in range(total - count, total):
             self._slot_list(pages[flat // ps])[flat % ps] = OPAQUE
 
@@ -430,7 +438,7 @@ class Resources:
         where = {self._incarnation[p]: i for i, p in enumerate(pages)}
         records = [r for p in pages for r in self._slots.get(p, [None] * ps)]
         length = next((i for i, r in enumerate(records) if r is None), len(records))
-        if length <= ps * (len(pages) - 1) or any(r is not None for r in records[length:]):
+        if length <= context_len(ps, len(pages), 0) or any(r is not None for r in records[length:]):
             return None
         tokens, positions, masks = [], [], []
         causal = True
@@ -446,7 +454,7 @@ class Resources:
             tokens.append(token)
             positions.append(position)
             masks.append(brle)
-        last = length - ps * (len(pages) - 1)
+        last = length - context_len(ps, len(pages), 0)
         return Recipe(len(pages), last, tokens, positions, [] if causal else masks)
 
 

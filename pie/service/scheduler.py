@@ -12,6 +12,9 @@ they reach their queue's head.
 
 Event driven (Pie §11): the scheduler pumps once per reactor turn after a
 submit, after a job completes, and on a `callLater` timer for the t policies.
+A pump repeats `step()` (advance the queues; decide the eager jobs and the
+forward batch the policy releases under the token budget) and sends each step,
+until a step moves nothing.
 
 Two items that touch the same KV page, one of them writing it, never share a
 batch: the second waits for the next one, so a worker is free to write the
@@ -39,17 +42,36 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pie.engine.batch import EmbedText, Forward, ForwardItem, GetDistributions
+from pie.engine.batch import (
+    EmbedText,
+    Forward,
+    ForwardItem,
+    GetDistributions,
+    context_len,
+    layout_of,
+)
 from pie.interfaces import InstanceFault, PieError
+from pie.runtime.hostcalls import PRIORITIES
+from pie.service.resources import Resources
 
-PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names
-_MERGEABLE = {"EmbedText", "GetDistributions"}
+_RANK = {p: -i for i, p in enumerate(PRIORITIES)}  # lower ranks are served first
+
+
+class Local:
+    """Kind of a bookkeeping command: it runs on the reactor thread at its queue's head."""
+
+
+class Sync:
+    """Kind of synchronize: it answers once every job its queue dispatched is done."""
+
+
+_MERGEABLE = {EmbedText, GetDistributions}  # kinds whose jobs of one pass share one job
 MIN_CHUNK = 32  # fewer free tokens than this in a batch: a long item waits for the next one
 
 log = Logger()
@@ -110,6 +132,11 @@ class BatchingPolicy:
         }[self.name]
 
 
+AGAIN = object()
+"""Returned by the handler's finish for a command: the command has work left (a generation's next step);
+it goes back to the head of its queue and answers when a later finish returns a value."""
+
+
 class FollowUp:
     """Returned by a local command: run `command` next on the same queue, answering the original."""
 
@@ -117,39 +144,58 @@ class FollowUp:
         self.command = command
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Command:
-    """One queued model command.
+    """One queued model command: data, one subclass per operation (pie.service.commands).
 
-    prepare() runs at the queue head on the reactor thread: for a local
-    command it does the work and returns the result (or a FollowUp); for
-    others it validates, translates to physical ids and returns the
-    ForwardItem or batch job. It raises InstanceFault on bad input and must
-    have no side effect for non-local commands (it may run again if the item
-    has to wait for the next batch). finish() maps the worker's answer to the
-    command's result; dispatched(prepared) is told when the job is sent.
-    A command that holds_queue keeps the rest of its queue waiting until
-    its answer is in; its finish() may then return a FollowUp to continue
-    (the host-side generation loop).
+    Its `kind` says how it is scheduled: Local (run on the reactor thread at
+    the queue head), Sync, or the batch job class it becomes. The handler
+    (CommandHandler) gives it behaviour. A command that holds_queue keeps the
+    rest of its queue waiting until its answer is in; its finish may then
+    return AGAIN to run again (the next step of a host-side generation).
     """
 
-    group: str
-    prepare: Callable[[], object]
-    finish: Callable[[object], object] = lambda answer: answer
-    dispatched: Callable[[object], None] | None = None
-    deferred: Deferred = field(default_factory=Deferred)
+    kind: ClassVar[type] = Local
+    answers_errors: ClassVar[bool] = False  # a worker PieError is its answer ("error: ...")
     holds_queue: bool = False
-    recover: Callable[[Failure], object] | None = None  # answer instead of faulting on a PieError
+    deferred: Deferred = field(default_factory=Deferred)
     seq: int = 0
     submitted: float = 0.0
     cancelled: bool = False
+
+
+class CommandHandler(Protocol):
+    """What the scheduler asks of the model service about a command."""
+
+    def prepare(self, command: Command) -> object:
+        """At the queue head, on the reactor thread: a Local command does its work and returns
+        its result (or a FollowUp); others translate to physical ids and return the
+        ForwardItem or batch job. Raises InstanceFault on bad input; no side effect for
+        non-local commands (it may run again if the item waits for the next batch)."""
+
+    def finish(self, command: Command, answer: object) -> object:
+        """The command's result from the worker's answer (or AGAIN)."""
+
+    def dispatched(self, command: Command, job: object) -> None:
+        """The job (or forward item) prepared for the command was sent."""
+
+
+@dataclass(eq=False)
+class _Chunk(Command):
+    """A slice of a split forward item (chunked prefill), for the command it belongs to."""
+
+    kind: ClassVar[type] = Forward
+    origin: Command
+    item: ForwardItem
+    earlier: list  # outputs of the slices that ran, shared by the slices of one item
+    last: bool  # the last slice: it answers for origin
 
 
 @dataclass(eq=False)
 class _Queue:
     id: int
     instance: str
-    priority: int = PRIORITIES["normal"]
+    priority: int = _RANK["normal"]
     items: deque = field(default_factory=deque)
     staged: int = 0  # commands of this queue in the open forward batch
     holding: int = 0  # dispatched commands that hold the queue until answered
@@ -166,6 +212,22 @@ class _Entry:
     writes: frozenset = frozenset()
 
 
+@dataclass(eq=False)
+class Step:
+    """What one scheduling pass hands the worker (Scheduler.step).
+
+    eager: the other worker jobs, by kind in queue order (EmbedText and
+    GetDistributions of one kind are merged into one job); batch: the forward
+    items the batching policy releases now, at most max_batch_tokens new tokens
+    in all. Both stay visible to a fault until they are sent, so a command
+    cancelled meanwhile is skipped.
+    """
+
+    moved: bool = False  # a command advanced: staged, grouped, or run on the reactor
+    eager: dict[type, list[_Entry]] = field(default_factory=dict)
+    batch: list[_Entry] = field(default_factory=list)
+
+
 def _size(item: ForwardItem) -> int:
     """New tokens of a forward item."""
     return len(item.tokens) or len(item.input_embeds)
@@ -179,7 +241,7 @@ def _splittable(item: ForwardItem) -> bool:
 def _footprint(item: ForwardItem, page_size: int) -> tuple[frozenset, frozenset]:
     """(pages read, pages written) by a forward item: it writes the pages of its last n slots."""
     count = _size(item)
-    total = page_size * (len(item.pages) - 1) + item.last_page_len
+    total = context_len(page_size, len(item.pages), item.last_page_len)
     first, last = (total - count) // page_size, (total - 1) // page_size
     return frozenset(item.pages), frozenset(item.pages[first : last + 1])
 
@@ -191,15 +253,17 @@ class Scheduler:
         self,
         reactor,
         execute: Callable[[object], Deferred],
-        page_size: int,
+        resources: Resources,
+        handler: CommandHandler,
         policy: BatchingPolicy | None = None,
         max_batch_tokens: int = 16384,
     ) -> None:
         self._reactor = reactor
         self._execute = execute
-        self._page_size = page_size
+        self._handler = handler
+        self._resources = resources  # told which pages staged work names (it frees them late)
+        self._page_size = resources.page_size
         self.max_batch_tokens = max_batch_tokens
-        self.unstaged: Callable[[], None] | None = None  # told when items leave the open batch
         self.policy = policy or BatchingPolicy()
         self._queues: dict[int, _Queue] = {}
         self._faults: dict[str, str] = {}  # instance -> reason of its first failure
@@ -209,7 +273,7 @@ class Scheduler:
         self._open_tokens = 0
         self._full = False  # an item waits because the open batch has no room for its tokens
         self._chunk_pages: dict[int, frozenset] = {}  # id(rest of a split item) -> its pages
-        self._groups: dict[str, list[_Entry]] = {}  # eager jobs of the current pass
+        self._step = Step()  # the pass being decided or sent
         self._seq = itertools.count()
         self._forwards_in_flight = 0
         self._pump_call = None
@@ -228,9 +292,7 @@ class Scheduler:
         return q.instance if q else None
 
     def set_priority(self, queue_id: int, priority: str) -> None:
-        if priority not in PRIORITIES:
-            raise InstanceFault(f"unknown priority {priority!r} (low, normal, high)")
-        self._queues[queue_id].priority = PRIORITIES[priority]
+        self._queues[queue_id].priority = _RANK[priority]
 
     def fault_reason(self, instance: str) -> str | None:
         return self._faults.get(instance)
@@ -284,11 +346,10 @@ class Scheduler:
         if len(keep) != len(self._open):
             cancelled.extend(e.command for e in self._open if e.queue.instance == instance)
             self._set_open(keep)
-        for entries in self._groups.values():
+        for entries in [*self._step.eager.values(), self._step.batch]:
             cancelled.extend(e.command for e in entries if e.queue.instance == instance)
         for command in cancelled:
-            if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
-                self.unstaged()
+            self._resources.unstage(self._chunk_pages.pop(id(command), ()))
             if not command.cancelled:
                 command.cancelled = True
                 self._fire(command.deferred, Failure(InstanceFault(reason)))
@@ -330,64 +391,71 @@ class Scheduler:
                 pass
         finally:
             self._pumping = False
-            self._groups = {}
+            self._step = Step()
             self._flush()
 
-    def _pass(self) -> bool:
-        """Advance every queue as far as order allows, send what is ready; True if anything moved."""
-        progress = False
+    def step(self) -> Step:
+        """Advance every queue as far as order allows (local commands run here, in order) and
+        decide what goes to the worker now: the eager jobs and the forward batch. Nothing is
+        sent; the step stays current until the pump has sent it."""
+        self._step = step = Step()
         order = sorted(
             (q for q in self._queues.values() if q.items),
             key=lambda q: (q.priority, q.items[0].seq),
         )
         oversize: list[_Queue] = []  # long items take the room the others leave (split last)
         for q in order:
-            progress |= self._advance(q, oversize)
+            step.moved |= self._advance(q, oversize)
         for q in oversize:
-            progress |= self._advance(q, None)
-        while self._groups:  # entries stay visible to _cancel until the moment they are sent
-            group = next(iter(self._groups))
-            entries = self._groups[group]
-            if group in _MERGEABLE:
+            step.moved |= self._advance(q, None)
+        step.batch = self._release_forwards()
+        return step
+
+    def _pass(self) -> bool:
+        """One step, sent; True if anything moved."""
+        step = self.step()
+        progress = step.moved
+        for kind, entries in step.eager.items():
+            if kind in _MERGEABLE:
                 live = [e for e in entries if not e.command.cancelled]
-                entries.clear()
                 if live:
-                    self._dispatch(_merge(group, [e.prepared for e in live]), live)
+                    self._dispatch(_merge(kind, [e.prepared for e in live]), live)
                     progress = True
-            while entries:
-                entry = entries.pop(0)
-                if not entry.command.cancelled:
+                continue
+            for entry in entries:
+                if not entry.command.cancelled:  # (an earlier job's failure may fault it)
                     self._dispatch(entry.prepared, [entry])
                     progress = True
-            del self._groups[group]
-        progress |= self._release_forwards()
-        return progress
+        live = [e for e in step.batch if not e.command.cancelled]
+        if live:
+            self._dispatch(Forward(items=[e.prepared for e in live]), live)
+        return progress or bool(step.batch)
 
     def _advance(self, q: _Queue, oversize: list[_Queue] | None) -> bool:
         """Move q's head commands into the open batch / job groups as far as order allows.
         An item that needs splitting is split only when `oversize` is None; otherwise q
         is added to it and waits for the end of the pass."""
-        current = None  # the group this queue contributes to in this pass
+        current = None  # the kind this queue contributes in this pass
         moved = False
         while q.items and not q.dead and not q.holding:
             command = q.items[0]
-            group = command.group
-            if group in (LOCAL, SYNC):
+            kind = command.kind
+            if kind in (Local, Sync):
                 if current is not None or q.staged:
                     break
                 q.items.popleft()
-                if group == SYNC:
+                if kind is Sync:
                     self._synchronize(q, command)
                 else:
                     self._run_local(q, command)
                 moved = True
                 continue
-            if current not in (None, group) or (group != FORWARD and q.staged):
+            if current not in (None, kind) or (kind is not Forward and q.staged):
                 break
             prepared = self._prepare(q, command)
             if prepared is None:
                 return True
-            if group == FORWARD:
+            if kind is Forward:
                 reads, writes = _footprint(prepared, self._page_size)
                 if not (
                     writes.isdisjoint(self._open_reads)
@@ -410,17 +478,18 @@ class Scheduler:
                     self._full = True
                     break
                 q.items.popleft()
-                if self._chunk_pages.pop(id(command), None) is not None and self.unstaged:
-                    self.unstaged()  # (its pages are staged now: named by the open batch)
                 q.staged += 1
                 self._open.append(_Entry(q, command, prepared, reads, writes))
+                self._resources.stage(reads)
+                # (a waiting rest is staged now: the open batch names its pages)
+                self._resources.unstage(self._chunk_pages.pop(id(command), ()))
                 self._open_reads |= reads
                 self._open_writes |= writes
                 self._open_tokens += size
             else:
                 q.items.popleft()
-                self._groups.setdefault(group, []).append(_Entry(q, command, prepared))
-            current = group
+                self._step.eager.setdefault(kind, []).append(_Entry(q, command, prepared))
+            current = kind
             moved = True
         return moved
 
@@ -429,15 +498,14 @@ class Scheduler:
     ) -> tuple[Command, ForwardItem]:
         """Split a text item after its first `head` tokens: (the first chunk's command and
         item, to stage now); the rest replaces the command at the queue head."""
-        self._chunk_pages.pop(id(command), None)  # (a rest split again: the new rest has them)
         ps, n = self._page_size, len(item.tokens)
-        total = ps * (len(item.pages) - 1) + item.last_page_len
+        total = context_len(ps, len(item.pages), item.last_page_len)
         written = total - n + head  # slots filled once the first chunk has run
-        used = -(-written // ps)
+        used, last_page_len = layout_of(ps, written)
         first_outputs = [i for i in item.output_indices if i < head]
         first = ForwardItem(
             pages=item.pages[:used],
-            last_page_len=written - ps * (used - 1),
+            last_page_len=last_page_len,
             positions=item.positions[:head],
             tokens=item.tokens[:head],
             masks=item.masks[:head],
@@ -451,55 +519,57 @@ class Scheduler:
             masks=item.masks[head:],
             output_indices=[i - head for i in item.output_indices if i >= head],
         )
-        earlier: list = []  # outputs of the chunks that ran, in order
-
-        def first_done(answer: list) -> None:
-            earlier.extend(answer)
-
-        chunk = Command(
-            FORWARD,
-            lambda: first,
-            finish=first_done,
-            dispatched=command.dispatched,
-            holds_queue=True,
-        )
-        chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
-        chunk.seq, chunk.submitted = command.seq, command.submitted
-        remainder = Command(
-            FORWARD,
-            lambda: rest,
-            finish=lambda answer: command.finish(earlier + list(answer)),
-            dispatched=command.dispatched,
-            holds_queue=command.holds_queue,
-            recover=command.recover,
-            seq=command.seq,
+        origin = _origin(command)
+        earlier = command.earlier if isinstance(command, _Chunk) else []
+        chunk = _Chunk(
+            origin, first, earlier, False, holds_queue=True, seq=command.seq,
             submitted=command.submitted,
-        )
+        )  # fmt: skip
+        chunk.deferred.addErrback(lambda _: None)  # a failure reaches the rest's Deferred too
+        remainder = _Chunk(
+            origin, rest, earlier, True, holds_queue=origin.holds_queue, seq=command.seq,
+            submitted=command.submitted,
+        )  # fmt: skip
         remainder.deferred.chainDeferred(command.deferred)
         q.items[0] = chunk
         q.items.insert(1, remainder)
         self._chunk_pages[id(remainder)] = frozenset(item.pages)
+        self._resources.stage(item.pages)
+        # (a rest split again: the new rest names its pages now)
+        self._resources.unstage(self._chunk_pages.pop(id(command), ()))
         return chunk, first
 
     def _prepare(self, q: _Queue, command: Command) -> object | None:
-        """command.prepare(), or None after failing the command (popped) if it raised."""
+        """The command's job (the handler's prepare); None, the command failed (popped), if
+        that raised."""
         try:
-            return command.prepare()
+            return self._prepare_job(command)
         except Exception as e:  # noqa: BLE001 - any failure ends the instance, never the scheduler
             q.items.popleft()
             self._fail(q, command, _reason(e))
             return None
 
+    def _prepare_job(self, command: Command) -> object:
+        return command.item if isinstance(command, _Chunk) else self._handler.prepare(command)
+
+    def _finish(self, command: Command, answer: object) -> object:
+        if not isinstance(command, _Chunk):
+            return self._handler.finish(command, answer)
+        if not command.last:
+            command.earlier.extend(answer)
+            return None
+        return self._handler.finish(command.origin, command.earlier + list(answer))
+
     def _run_local(self, q: _Queue, command: Command) -> None:
         try:
-            result = command.prepare()
+            result = self._handler.prepare(command)
         except Exception as e:  # noqa: BLE001
             self._fail(q, command, _reason(e))
             return
         if isinstance(result, FollowUp):
             self._follow_up(q, command, result)
         else:
-            self._fire(command.deferred, command.finish(result))
+            self._fire(command.deferred, result)
 
     def _follow_up(self, q: _Queue, command: Command, follow: FollowUp) -> None:
         """Run follow.command next on q, in command's place (it answers command's Deferred)."""
@@ -514,6 +584,17 @@ class Scheduler:
         q.items.appendleft(nxt)
         self._schedule_pump()
 
+    def _again(self, q: _Queue, command: Command) -> None:
+        """Put a command with work left back at the head of its queue."""
+        reason = self._faults.get(q.instance)
+        if q.dead or reason is not None:
+            if not command.cancelled:
+                command.cancelled = True
+                self._fire(command.deferred, Failure(InstanceFault(reason or "the instance ended")))
+            return
+        q.items.appendleft(command)
+        self._schedule_pump()
+
     def _synchronize(self, q: _Queue, command: Command) -> None:
         """True once every job this queue has dispatched so far has completed."""
         if not q.outstanding:
@@ -524,21 +605,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ forward batches
 
-    def page_staged(self, page: int) -> bool:
-        """True while an item of the open batch (not yet sent), or the waiting rest of a
-        split item, names this physical page."""
-        return page in self._open_reads or any(page in p for p in self._chunk_pages.values())
-
     def _set_open(self, entries: list[_Entry]) -> None:
+        """The open batch is now `entries` (a subset of it): the others were sent or dropped."""
+        kept = {id(e) for e in entries}
+        for e in self._open:
+            if id(e) not in kept:
+                self._resources.unstage(e.reads)
         self._open = entries
         self._open_reads = set().union(*(e.reads for e in entries))
         self._open_writes = set().union(*(e.writes for e in entries))
         self._open_tokens = sum(_size(e.prepared) for e in entries)
         self._full = False
-        if self.unstaged is not None:
-            self.unstaged()
 
-    def _release_forwards(self) -> bool:
+    def _release_forwards(self) -> list[_Entry]:
+        """Take the entries the policy releases now out of the open batch."""
         count, wake = self._release_count()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -546,15 +626,14 @@ class Scheduler:
         if wake is not None:
             self._timer = self._reactor.callLater(max(wake, 0.0), self._on_timer)
         if not count:
-            return False
+            return []
         ranked = sorted(range(len(self._open)), key=lambda i: (self._open[i].queue.priority, i))
         chosen = set(ranked[:count])
         released = [e for i, e in enumerate(self._open) if i in chosen]
         self._set_open([e for i, e in enumerate(self._open) if i not in chosen])
         for entry in released:
             entry.queue.staged -= 1
-        self._dispatch(Forward(items=[e.prepared for e in released]), released)
-        return True
+        return released
 
     def _release_count(self) -> tuple[int, float | None]:
         """(items to release now, seconds until the policy should be asked again or None)."""
@@ -584,8 +663,7 @@ class Scheduler:
 
     def _dispatch(self, job: object, entries: list[_Entry]) -> None:
         for entry in entries:
-            if entry.command.dispatched is not None:
-                entry.command.dispatched(entry.prepared)
+            self._handler.dispatched(_origin(entry.command), entry.prepared)
             entry.queue.holding += entry.command.holds_queue
         is_forward = isinstance(job, Forward)
         if is_forward:
@@ -609,11 +687,13 @@ class Scheduler:
         for entry, answer in zip(entries, answers, strict=True):
             entry.queue.holding -= entry.command.holds_queue
             try:
-                value = entry.command.finish(answer)
+                value = self._finish(entry.command, answer)
             except Exception as e:  # noqa: BLE001
                 self._fail(entry.queue, entry.command, _reason(e))
                 continue
-            if isinstance(value, FollowUp):
+            if value is AGAIN:
+                self._again(entry.queue, _origin(entry.command))
+            elif isinstance(value, FollowUp):
                 self._follow_up(entry.queue, entry.command, value)
             else:
                 self._fire(entry.command.deferred, value)
@@ -629,8 +709,8 @@ class Scheduler:
             entry.queue.holding = max(0, entry.queue.holding - command.holds_queue)
             if command.cancelled:
                 continue
-            if command.recover is not None and failure.check(PieError):
-                self._fire(command.deferred, command.recover(failure))
+            if _origin(command).answers_errors and failure.check(PieError):
+                self._fire(command.deferred, f"error: {failure.getErrorMessage()}")
             else:
                 self._fail(entry.queue, command, reason)
 
@@ -644,6 +724,11 @@ class Scheduler:
         self._flush()
 
 
+def _origin(command: Command) -> Command:
+    """The command a slice belongs to (a command is its own)."""
+    return command.origin if isinstance(command, _Chunk) else command
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, InstanceFault):
         return str(error)
@@ -651,9 +736,9 @@ def _reason(error: Exception) -> str:
     return f"internal error: {error!r}"
 
 
-def _merge(group: str, jobs: list) -> object:
-    """One job standing for several jobs of a mergeable type, in order."""
-    if group == "EmbedText":
+def _merge(kind: type, jobs: list) -> object:
+    """One job standing for several jobs of a mergeable kind, in order."""
+    if kind is EmbedText:
         return EmbedText(
             slots=[s for j in jobs for s in j.slots],
             tokens=[t for j in jobs for t in j.tokens],

@@ -1,7 +1,8 @@
 """The model service: one served model as inferlets see it (IModelService), on any IModelWorker.
 
-It checks every command before anything reaches the worker, translates the
-instance's virtual ids into physical ones (pie.service.resources), keeps each
+It checks what only it knows of every command (the host binding checked the
+argument types) before anything reaches the worker, translates the instance's
+virtual ids into physical ones (pie.service.resources), keeps each
 queue's order and batches forward passes across queues (pie.service.scheduler),
 applies the contention policy when pages run out, and keeps persistent KV
 exports across restarts (pie.service.exportstore). All on the reactor thread;
@@ -14,10 +15,10 @@ destroy_instance, which frees everything the instance held.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -35,18 +36,44 @@ from pie.engine.batch import (
     Query,
     Sampling,
     check_sampling,
+    context_len,
+    layout_of,
 )
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
-from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
+from pie.service.commands import (
+    AllocateEmbeds,
+    AllocatePages,
+    CopyPage,
+    DeallocateEmbeds,
+    DeallocatePages,
+    EmbedTokens,
+    ExportPages,
+    ForwardEmbeds,
+    ForwardText,
+    Generate,
+    ImportPages,
+    MaskPage,
+    ReadDistributions,
+    Recompute,
+    ServiceQuery,
+    Synchronize,
+    UnexportPages,
+    WorkerQuery,
+)
 from pie.service.exportstore import ExportStore
 from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
-from pie.service.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
+from pie.service.scheduler import (
+    AGAIN,
+    BatchingPolicy,
+    Command,
+    FollowUp,
+    Scheduler,
+)
 
 log = Logger()
 
 _QUEUE_IDS = itertools.count(1)  # queue ids are unique in the process (Pie: a global counter)
 _SERVICE_IDS = itertools.count(0)
-_U32 = 1 << 32
 # Positions past the model's trained window are allowed (RoPE extrapolates, and windowed or
 # sink attention keeps counting); this cap keeps every position exact in fp32 on any worker.
 _MAX_POSITION = 1 << 24
@@ -56,43 +83,8 @@ CPU_BATCH_TOKENS = 256  # bench/prefill.py: a 2,000-token prompt's worst decode 
 DEVICE_BATCH_TOKENS = 16384
 
 
-def _u32(name: str, value: object) -> int:
-    if type(value) is not int or not 0 <= value < _U32:
-        raise InstanceFault(f"{name} must be an unsigned 32-bit integer, got {value!r}")
-    return value
-
-
-def _u32s(name: str, values: object) -> list[int]:
-    if not isinstance(values, (list, tuple)):
-        raise InstanceFault(f"{name} must be a list of integers, got {type(values).__name__}")
-    values = list(values)
-    # (set/min/max run in C: this is on every forward's path)
-    if values and (set(map(type, values)) != {int} or min(values) < 0 or max(values) >= _U32):
-        bad = next(v for v in values if type(v) is not int or not 0 <= v < _U32)
-        raise InstanceFault(f"{name} must hold unsigned 32-bit integers, got {bad!r}")
-    return values
-
-
-def _text(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InstanceFault(f"{name} must be a string, got {type(value).__name__}")
-    return value
-
-
 def _dists(answer: object) -> list[tuple[list[int], list[float]]]:
     return [(list(ids), list(probs)) for ids, probs in answer]
-
-
-@dataclass
-class _Generation:
-    """One host-side generation in progress (see ModelService.generate)."""
-
-    instance: str
-    pages: list[int]
-    sampling: Sampling
-    max_tokens: int
-    stops: frozenset
-    out: list[int] = field(default_factory=list)
 
 
 @implementer(IModelService)
@@ -140,12 +132,11 @@ class ModelService:
         self.scheduler = Scheduler(
             reactor,
             worker.execute,
-            info.kv_page_size,
+            self.resources,
+            self,
             BatchingPolicy.parse(policy.split()),
             max_batch_tokens,
         )
-        self.resources.busy = self.scheduler.page_staged
-        self.scheduler.unstaged = self.resources.release_deferred
         self._run_blocking = run_blocking or (
             lambda fn, *a: deferToThreadPool(reactor, reactor.getThreadPool(), fn, *a)
         )
@@ -204,17 +195,11 @@ class ModelService:
         self.resources.release_instance(instance_id)
 
     def submit(self, instance_id: str, queue_id: int, op: str, *args) -> Deferred:
-        def build() -> Command:
-            if op not in MODEL_COMMANDS:
-                raise InstanceFault(f"{op!r} is not a model command")
-            params = [name for name, _ in HOST_CALLS[op].params[1:]]
-            if len(args) != len(params):
-                raise InstanceFault(
-                    f"{op} takes {len(params)} arguments ({', '.join(params)}), got {len(args)}"
-                )
-            return getattr(self, "_op_" + op)(instance_id, *args)
-
-        return self._enqueue(instance_id, queue_id, build)
+        """Queue model command `op` (a MODEL_COMMANDS row); its arguments are of its WIT types
+        (pie.runtime.hostapi checked them), so only what the service knows is checked here."""
+        return self._enqueue(
+            instance_id, queue_id, lambda: getattr(self, "_op_" + op)(instance_id, *args)
+        )
 
     def _enqueue(self, instance_id: str, queue_id: int, build: Callable[[], Command]) -> Deferred:
         """Queue the command build() makes after the checks every command gets."""
@@ -264,21 +249,13 @@ class ModelService:
 
     # ------------------------------------------------------------------ resources (local commands)
 
-    def _op_allocate_kv_pages(self, inst: str, ids) -> Command:
-        ids = _u32s("ids", ids)
-        return Command(LOCAL, lambda: self._allocate(inst, "kv", ids))
-
-    def _op_allocate_embeds(self, inst: str, ids) -> Command:
-        ids = _u32s("ids", ids)
-        return Command(LOCAL, lambda: self._allocate(inst, "embed", ids))
-
-    def _op_deallocate_kv_pages(self, inst: str, ids) -> Command:
-        ids = _u32s("ids", ids)
-        return Command(LOCAL, lambda: self.resources.deallocate_pages(inst, ids))
-
-    def _op_deallocate_embeds(self, inst: str, ids) -> Command:
-        ids = _u32s("ids", ids)
-        return Command(LOCAL, lambda: self.resources.deallocate_embeds(inst, ids))
+    _op_allocate_kv_pages = staticmethod(AllocatePages)
+    _op_allocate_embeds = staticmethod(AllocateEmbeds)
+    _op_deallocate_kv_pages = staticmethod(DeallocatePages)
+    _op_deallocate_embeds = staticmethod(DeallocateEmbeds)
+    _op_export_kv_pages = staticmethod(ExportPages)
+    _op_unexport_kv_pages = staticmethod(UnexportPages)
+    _op_import_kv_pages = staticmethod(ImportPages)
 
     def _allocate(self, inst: str, kind: str, ids: list[int]) -> None:
         """Make room under the contention policy, then map fresh pages or embed slots."""
@@ -314,12 +291,6 @@ class ModelService:
 
     # ------------------------------------------------------------------ exports
 
-    def _op_export_kv_pages(self, inst: str, ids, name, persistent) -> Command:
-        ids, name = _u32s("ids", ids), _text("name", name)
-        if not isinstance(persistent, bool):
-            raise InstanceFault(f"persistent must be a bool, got {persistent!r}")
-        return Command(LOCAL, lambda: self._export(inst, ids, name, persistent))
-
     def _export(self, inst: str, ids: list[int], name: str, persistent: bool) -> None:
         old = self.resources.exports.get(name)
         stored = self._store is not None and old is not None and old.owner is None
@@ -338,18 +309,9 @@ class ModelService:
         if stored:
             self._persist(self._store.remove, name)
 
-    def _op_unexport_kv_pages(self, inst: str, name) -> Command:
-        name = _text("name", name)
-
-        def unexport() -> None:
-            if self.resources.unexport(inst, name).owner is None and self._store is not None:
-                self._persist(self._store.remove, name)
-
-        return Command(LOCAL, unexport)
-
-    def _op_import_kv_pages(self, inst: str, ids, name) -> Command:
-        ids, name = _u32s("ids", ids), _text("name", name)
-        return Command(LOCAL, lambda: self._import(inst, ids, name))
+    def _unexport(self, inst: str, name: str) -> None:
+        if self.resources.unexport(inst, name).owner is None and self._store is not None:
+            self._persist(self._store.remove, name)
 
     def _import(self, inst: str, ids: list[int], name: str) -> FollowUp | None:
         entry = self.resources.lookup_export(inst, ids, name)
@@ -369,9 +331,7 @@ class ModelService:
             tokens=recipe.tokens,
             masks=recipe.masks,
         )
-        command = Command(
-            FORWARD, lambda: item, finish=lambda _: None, dispatched=self._track_forward
-        )
+        command = Recompute(name, item)
         command.deferred.addErrback(self._recompute_failed, name, physical)
         return FollowUp(command)
 
@@ -402,159 +362,81 @@ class ModelService:
     # ------------------------------------------------------------------ worker commands
 
     def _op_copy_kv_page(self, inst: str, src, dst, src_offset, dst_offset, size) -> Command:
-        src, dst = _u32("src", src), _u32("dst", dst)
-        src_offset, dst_offset, size = (
-            _u32("src_offset", src_offset),
-            _u32("dst_offset", dst_offset),
-            _u32("size", size),
-        )
         ps = self.kv_page_size
         if size < 1 or src_offset + size > ps or dst_offset + size > ps:
             raise InstanceFault(
                 f"copy_kv_page: size {size} at offsets {src_offset}->{dst_offset} does not fit a page of {ps}"
             )
-
-        def prepare() -> CopyKv:
-            s, d = self.resources.translate_pages(inst, [src, dst])
-            return CopyKv(s, d, src_offset, dst_offset, size)
-
-        return Command("CopyKv", prepare, dispatched=self._track_copy if self._store else None)
+        return CopyPage(inst, src, dst, src_offset, dst_offset, size)
 
     def _op_mask_kv_page(self, inst: str, page, mask) -> Command:
-        page = _u32("page", page)
-        if not isinstance(mask, (list, tuple)) or not all(isinstance(m, bool) for m in mask):
-            raise InstanceFault("mask_kv_page: mask must be a list of bools")
         if len(mask) > self.kv_page_size:
             raise InstanceFault(
                 f"mask_kv_page: {len(mask)} flags for a page of {self.kv_page_size}"
             )
-        mask = list(mask)
-        return Command(
-            "MaskKv", lambda: MaskKv(self.resources.translate_pages(inst, [page])[0], mask)
-        )
+        return MaskPage(inst, page, mask)
 
     def _op_embed_text(self, inst: str, embeds, tokens, positions) -> Command:
-        embeds, tokens = _u32s("embeds", embeds), self._tokens(tokens)
-        positions = self._positions(positions)
+        self._check_tokens(tokens, positions)
         if not len(embeds) == len(tokens) == len(positions):
             raise InstanceFault(
                 f"embed_text: {len(embeds)} embeds, {len(tokens)} tokens and {len(positions)} positions "
                 f"(the three lists must have the same length)"
             )
-        return Command(
-            "EmbedText",
-            lambda: EmbedText(self.resources.translate_embeds(inst, embeds), tokens, positions),
-            dispatched=lambda job: self.resources.mark_embeds(job.slots, HOLDS_TOKEN),
-        )
+        return EmbedTokens(inst, embeds, tokens, positions)
 
-    def _op_get_next_token_distribution(self, inst: str, embeds) -> Command:
-        embeds = _u32s("embeds", embeds)
+    _op_get_next_token_distribution = staticmethod(ReadDistributions)
 
-        def prepare() -> GetDistributions:
-            slots = self.resources.translate_embeds(inst, embeds)
-            self.resources.check_embeds(
-                slots,
-                HOLDS_DISTRIBUTION,
-                "get_next_token_distribution: no forward wrote these embeds",
-            )
-            return GetDistributions(slots)
-
-        return Command("GetDistributions", prepare, finish=_dists)
-
-    def _op_queue_debug_query(self, inst: str, query) -> Command:
-        query = _text("query", query)
+    def _op_queue_debug_query(self, inst: str, query: str) -> Command:
         if self._service_query(query) is not None:
-            return Command(LOCAL, lambda: self._service_query(query))
-        return Command(
-            "Query", lambda: Query(query), recover=lambda f: f"error: {f.getErrorMessage()}"
-        )
+            return ServiceQuery(query)
+        return WorkerQuery(query)
 
     def _op_synchronize(self, inst: str) -> Command:
-        return Command(SYNC, lambda: None)
+        return Synchronize()
 
     # ------------------------------------------------------------------ forward passes
 
     def _op_forward_text(
         self, inst: str, last_page_len, pages, tokens, positions, masks, output_indices
     ) -> Command:
-        outputs = _u32s("output_indices", output_indices)
-        command = self._forward_text(inst, last_page_len, pages, tokens, positions, masks, outputs)
-        command.finish = lambda answer: self._outputs(answer, len(outputs))
-        return command
+        return self._forward_text(
+            inst, last_page_len, pages, tokens, positions, masks, output_indices
+        )
 
     def _op_forward_text_no_output(
         self, inst: str, last_page_len, pages, tokens, positions, masks
     ) -> Command:
-        command = self._forward_text(inst, last_page_len, pages, tokens, positions, masks, [])
-        command.finish = lambda _: None
-        return command
+        return self._forward_text(inst, last_page_len, pages, tokens, positions, masks, None)
 
     def _forward_text(
         self, inst, last_page_len, pages, tokens, positions, masks, outputs
     ) -> Command:
-        pages, tokens, positions = (
-            _u32s("pages", pages),
-            self._tokens(tokens),
-            self._positions(positions),
-        )
+        self._check_tokens(tokens, positions)
         if len(tokens) != len(positions):
             raise InstanceFault(
                 f"forward_text: {len(tokens)} tokens but {len(positions)} positions"
             )
         total = self._check_layout("forward_text", last_page_len, pages, len(tokens))
         masks = self._check_masks(masks, total, len(tokens))
-        bad = [i for i in outputs if i >= len(tokens)]
+        bad = [i for i in outputs or () if i >= len(tokens)]
         if bad:
             raise InstanceFault(
                 f"forward_text: output indices {bad} out of range for {len(tokens)} tokens"
             )
-
-        def prepare() -> ForwardItem:
-            return ForwardItem(
-                pages=self.resources.translate_pages(inst, pages),
-                last_page_len=last_page_len,
-                positions=positions,
-                tokens=tokens,
-                masks=masks,
-                output_indices=outputs,
-            )
-
-        return Command(FORWARD, prepare, dispatched=self._track_forward if self._store else None)
+        return ForwardText(inst, last_page_len, pages, tokens, positions, masks, outputs)
 
     def _op_forward(self, inst: str, last_page_len, pages, input_embeds, output_embeds) -> Command:
-        pages = _u32s("pages", pages)
-        inputs, outputs = _u32s("input_embeds", input_embeds), _u32s("output_embeds", output_embeds)
+        inputs, outputs = input_embeds, output_embeds
         self._check_layout("forward", last_page_len, pages, len(inputs))
         if len(outputs) > len(inputs):
             raise InstanceFault(
                 f"forward: {len(outputs)} output embeds for {len(inputs)} input embeds"
             )
-
-        def prepare() -> ForwardItem:
-            embeds = self.resources.translate_embeds(inst, inputs + outputs)
-            self.resources.check_embeds(
-                embeds[: len(inputs)],
-                HOLDS_TOKEN,
-                "forward: input embeds never filled by embed_text",
-            )
-            return ForwardItem(
-                pages=self.resources.translate_pages(inst, pages),
-                last_page_len=last_page_len,
-                positions=[],
-                input_embeds=embeds[: len(inputs)],
-                output_embeds=embeds[len(inputs) :],
-            )
-
-        def dispatched(item: ForwardItem) -> None:
-            self.resources.mark_embeds(item.output_embeds, HOLDS_DISTRIBUTION)
-            if self._store is not None:
-                self.resources.record_opaque(item.pages, item.last_page_len, len(item.input_embeds))
-
-        return Command(FORWARD, prepare, finish=lambda _: None, dispatched=dispatched)
+        return ForwardEmbeds(inst, last_page_len, pages, inputs, outputs)
 
     def _check_layout(self, op: str, last_page_len, pages: list[int], count: int) -> int:
         """Total slots of the pages after the call; the new tokens must fit in them."""
-        last_page_len = _u32("last_page_len", last_page_len)
         ps = self.kv_page_size
         if not pages:
             raise InstanceFault(f"{op}: no KV pages given")
@@ -562,7 +444,7 @@ class ModelService:
             raise InstanceFault(f"{op}: last_page_len {last_page_len} is not in 1..{ps}")
         if count == 0:
             raise InstanceFault(f"{op}: no tokens to forward")
-        total = ps * (len(pages) - 1) + last_page_len
+        total = context_len(ps, len(pages), last_page_len)
         if count > total:
             raise InstanceFault(
                 f"{op}: {count} new tokens do not fit in {len(pages)} pages with last_page_len "
@@ -570,19 +452,15 @@ class ModelService:
             )
         return total
 
-    def _check_masks(self, masks, total: int, count: int) -> list[list[int]]:
+    def _check_masks(self, masks: list[list[int]], total: int, count: int) -> list[list[int]]:
         """BRLE row i must cover exactly the total - count + i + 1 slots token i can see."""
-        if not isinstance(masks, (list, tuple)):
-            raise InstanceFault("forward_text: masks must be a list of BRLE lists")
         if not masks:
             return []
         if len(masks) != count:
             raise InstanceFault(
                 f"forward_text: {len(masks)} masks for {count} tokens (give one per token, or none)"
             )
-        rows = []
         for i, row in enumerate(masks):
-            row = _u32s(f"masks[{i}]", row)
             want = total - count + i + 1
             if sum(row) != want:
                 raise InstanceFault(
@@ -590,22 +468,16 @@ class ModelService:
                 )
             if not sum(row[0::2]):
                 raise InstanceFault(f"forward_text: masks[{i}] attends to no slot at all")
-            rows.append(row)
-        return rows
+        return masks
 
-    def _tokens(self, tokens) -> list[int]:
-        tokens = _u32s("tokens", tokens)
+    def _check_tokens(self, tokens: list[int], positions: list[int]) -> None:
+        """Token ids in the vocabulary, positions under _MAX_POSITION (what the service knows)."""
         vocab = self.info.vocab_size
-        bad = [t for t in tokens if t >= vocab]
-        if bad:
+        if tokens and max(tokens) >= vocab:
+            bad = [t for t in tokens if t >= vocab]
             raise InstanceFault(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})")
-        return tokens
-
-    def _positions(self, positions) -> list[int]:
-        positions = _u32s("positions", positions)
         if positions and max(positions) >= _MAX_POSITION:
             raise InstanceFault(f"positions must be below {_MAX_POSITION}")
-        return positions
 
     @staticmethod
     def _outputs(answer: object, count: int) -> list[tuple[list[int], list[float]]]:
@@ -618,135 +490,190 @@ class ModelService:
 
     # ------------------------------------------------------------------ host-side generation
 
-    def generate(
-        self,
-        instance_id: str,
-        queue_id: int,
-        pages: list[int],
-        filled: int,
-        tokens: list[int],
-        positions: list[int],
-        sampling: Sampling,
-        max_tokens: int,
-        stop_tokens: list[int] = (),
-    ) -> Deferred:
-        """Generate up to max_tokens tokens in the engine, with no guest round trip per token.
-
-        The context holds `filled` slots of `pages`; `tokens` (at `positions`)
-        are forwarded first, then each sampled token is forwarded to sample the
-        next, causally, until a stop token or max_tokens. Fires with the sampled
-        ids; the last one is not forwarded yet (it is the context's next pending
-        token, as after the SDK's generate). `pages` must have room for
-        filled + len(tokens) + max_tokens - 1 slots. The queue holds later
-        commands until the generation ends, so its order is kept.
-        """
-
-        return self._enqueue(
-            instance_id,
-            queue_id,
-            lambda: self._generation(
-                instance_id, pages, filled, tokens, positions, sampling, max_tokens, stop_tokens
-            ),
-        )
-
     def _op_generate(
         self,
         inst: str,
-        last_page_len,
-        pages,
-        tokens,
-        positions,
-        spare_pages,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        max_tokens,
-        stop_tokens,
+        last_page_len: int,
+        pages: list[int],
+        tokens: list[int],
+        positions: list[int],
+        spare_pages: list[int],
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        max_tokens: int,
+        stop_tokens: list[int],
     ) -> Command:
-        """The `generate` host call: the context is laid out as for forward_text; the
-        generated tokens continue into spare_pages."""
-        pages, spare = _u32s("pages", pages), _u32s("spare_pages", spare_pages)
-        total = self._check_layout("generate", last_page_len, pages, len(_u32s("tokens", tokens)))
-        for name, value in (("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InstanceFault(f"generate: {name} must be a number, got {value!r}")
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 1 << 64):
-            raise InstanceFault(f"generate: seed must be an unsigned 64-bit integer, got {seed!r}")
-        sampling = Sampling(float(temperature), _u32("top_k", top_k), float(top_p), seed)
-        return self._generation(
-            inst, pages + spare, total - len(tokens), tokens, positions, sampling, max_tokens,
-            stop_tokens,
-        )  # fmt: skip
+        """Generate up to max_tokens tokens in the engine, with no guest round trip per token.
 
-    def _generation(
-        self, inst, pages, filled, tokens, positions, sampling, max_tokens, stop_tokens
-    ) -> Command:
-        """The first step of a checked host-side generation (see generate)."""
-        page_ids = _u32s("pages", pages)
-        new, at = self._tokens(tokens), self._positions(positions)
-        stops = frozenset(_u32s("stop_tokens", stop_tokens))
-        if not new or len(new) != len(at):
-            raise InstanceFault(f"generate: {len(new)} tokens and {len(at)} positions")
-        if type(max_tokens) is not int or max_tokens < 1:
-            raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
-        if not isinstance(sampling, Sampling):
-            raise InstanceFault("generate: sampling must be a pie.engine.batch.Sampling")
-
+        The context is laid out as for forward_text; `tokens` are forwarded
+        first, then each sampled token is forwarded to sample the next, writing
+        on into spare_pages, until a stop token or max_tokens. Fires with the
+        sampled ids; the last one is not forwarded yet (it is the context's next
+        pending token, as after the SDK's generate). The queue holds later
+        commands until the generation ends, so its order is kept.
+        """
+        total = self._check_layout("generate", last_page_len, pages, len(tokens))
+        self._check_tokens(tokens, positions)
+        if len(tokens) != len(positions):
+            raise InstanceFault(f"generate: {len(tokens)} tokens and {len(positions)} positions")
+        if max_tokens < 1:
+            raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens}")
+        sampling = Sampling(temperature, top_k, top_p, seed)
         try:
             check_sampling(sampling)
         except PieError as e:
             raise InstanceFault(f"generate: {e}") from None
-        need = _u32("filled", filled) + len(new) + max_tokens - 1
+        page_ids = pages + spare_pages
+        need = total + max_tokens - 1
         if need > self.kv_page_size * len(page_ids):
             raise InstanceFault(
                 f"generate: {len(page_ids)} pages hold {self.kv_page_size * len(page_ids)} slots, "
                 f"{need} are needed"
             )
-        run = _Generation(inst, page_ids, sampling, max_tokens, stops)
-        return self._generation_step(run, filled, new, at)
+        return Generate(
+            inst, page_ids, sampling, max_tokens, frozenset(stop_tokens), total - len(tokens),
+            tokens, positions,
+        )  # fmt: skip
 
-    def _generation_step(
-        self, run: _Generation, filled: int, tokens: list[int], positions: list[int]
-    ) -> Command:
-        ps = self.kv_page_size
-        total = filled + len(tokens)
-        used = -(-total // ps)
+    # ------------------------------------------------------------------ CommandHandler
 
-        def prepare() -> ForwardItem:
-            return ForwardItem(
-                pages=self.resources.translate_pages(run.instance, run.pages[:used]),
-                last_page_len=total - ps * (used - 1),
-                positions=positions,
-                tokens=tokens,
-                output_indices=[len(tokens) - 1],
-                sampling=run.sampling,
-            )
+    @functools.singledispatchmethod
+    def prepare(self, command: Command) -> object:
+        """See pie.service.scheduler.CommandHandler (one registration per command type)."""
+        raise TypeError(f"no prepare for {type(command).__name__}")
 
-        def finish(answer: list[int]) -> list[int] | FollowUp:
+    @prepare.register
+    def _(self, c: AllocatePages) -> None:
+        self._allocate(c.instance, "kv", c.ids)
+
+    @prepare.register
+    def _(self, c: AllocateEmbeds) -> None:
+        self._allocate(c.instance, "embed", c.ids)
+
+    @prepare.register
+    def _(self, c: DeallocatePages) -> None:
+        self.resources.deallocate_pages(c.instance, c.ids)
+
+    @prepare.register
+    def _(self, c: DeallocateEmbeds) -> None:
+        self.resources.deallocate_embeds(c.instance, c.ids)
+
+    @prepare.register
+    def _(self, c: ExportPages) -> None:
+        self._export(c.instance, c.ids, c.name, c.persistent)
+
+    @prepare.register
+    def _(self, c: UnexportPages) -> None:
+        self._unexport(c.instance, c.name)
+
+    @prepare.register
+    def _(self, c: ImportPages) -> FollowUp | None:
+        return self._import(c.instance, c.ids, c.name)
+
+    @prepare.register
+    def _(self, c: ServiceQuery) -> str | None:
+        return self._service_query(c.query)
+
+    @prepare.register
+    def _(self, c: WorkerQuery) -> Query:
+        return Query(c.query)
+
+    @prepare.register
+    def _(self, c: CopyPage) -> CopyKv:
+        src, dst = self.resources.translate_pages(c.instance, [c.src, c.dst])
+        return CopyKv(src, dst, c.src_offset, c.dst_offset, c.size)
+
+    @prepare.register
+    def _(self, c: MaskPage) -> MaskKv:
+        return MaskKv(self.resources.translate_pages(c.instance, [c.page])[0], c.mask)
+
+    @prepare.register
+    def _(self, c: EmbedTokens) -> EmbedText:
+        return EmbedText(
+            self.resources.translate_embeds(c.instance, c.embeds), c.tokens, c.positions
+        )
+
+    @prepare.register
+    def _(self, c: ReadDistributions) -> GetDistributions:
+        slots = self.resources.translate_embeds(c.instance, c.embeds)
+        self.resources.check_embeds(
+            slots, HOLDS_DISTRIBUTION, "get_next_token_distribution: no forward wrote these embeds"
+        )
+        return GetDistributions(slots)
+
+    @prepare.register
+    def _(self, c: ForwardText) -> ForwardItem:
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages),
+            last_page_len=c.last_page_len,
+            positions=c.positions,
+            tokens=c.tokens,
+            masks=c.masks,
+            output_indices=c.outputs or [],
+        )
+
+    @prepare.register
+    def _(self, c: ForwardEmbeds) -> ForwardItem:
+        embeds = self.resources.translate_embeds(c.instance, c.inputs + c.outputs)
+        n = len(c.inputs)
+        self.resources.check_embeds(
+            embeds[:n], HOLDS_TOKEN, "forward: input embeds never filled by embed_text"
+        )
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages),
+            last_page_len=c.last_page_len,
+            positions=[],
+            input_embeds=embeds[:n],
+            output_embeds=embeds[n:],
+        )
+
+    @prepare.register
+    def _(self, c: Recompute) -> ForwardItem:
+        return c.item
+
+    @prepare.register
+    def _(self, c: Generate) -> ForwardItem:
+        used, last_page_len = layout_of(self.kv_page_size, c.filled + len(c.tokens))
+        return ForwardItem(
+            pages=self.resources.translate_pages(c.instance, c.pages[:used]),
+            last_page_len=last_page_len,
+            positions=c.positions,
+            tokens=c.tokens,
+            output_indices=[len(c.tokens) - 1],
+            sampling=c.sampling,
+        )
+
+    def finish(self, command: Command, answer: object) -> object:
+        """See pie.service.scheduler.CommandHandler."""
+        if isinstance(command, Generate):
             (token,) = answer
-            run.out.append(token)
-            if token in run.stops or len(run.out) >= run.max_tokens:
-                return run.out
-            return FollowUp(self._generation_step(run, total, [token], [positions[-1] + 1]))
+            return command.out if command.advance(token) else AGAIN
+        if isinstance(command, ForwardText) and command.outputs is not None:
+            return self._outputs(answer, len(command.outputs))
+        if isinstance(command, ReadDistributions):
+            return _dists(answer)
+        if isinstance(command, WorkerQuery):
+            return answer
+        return None
 
-        return Command(
-            FORWARD,
-            prepare,
-            finish=finish,
-            holds_queue=True,
-            dispatched=self._track_forward if self._store else None,
-        )
-
-    # ------------------------------------------------------------------ what the slots hold
-
-    def _track_forward(self, item: ForwardItem) -> None:
-        self.resources.record_forward(
-            item.pages, item.last_page_len, item.tokens, item.positions, item.masks
-        )
-
-    def _track_copy(self, job: CopyKv) -> None:
-        self.resources.record_copy(job.src, job.dst, job.src_offset, job.dst_offset, job.size)
+    def dispatched(self, command: Command, job: object) -> None:
+        """See pie.service.scheduler.CommandHandler: what the slots and embeds now hold."""
+        if isinstance(command, EmbedTokens):
+            self.resources.mark_embeds(job.slots, HOLDS_TOKEN)
+        elif isinstance(command, ForwardEmbeds):
+            self.resources.mark_embeds(job.output_embeds, HOLDS_DISTRIBUTION)
+            if self._store is not None:
+                self.resources.record_opaque(job.pages, job.last_page_len, len(job.input_embeds))
+        elif self._store is None:
+            return
+        elif isinstance(command, ForwardText | Generate | Recompute):
+            self.resources.record_forward(
+                job.pages, job.last_page_len, job.tokens, job.positions, job.masks
+            )
+        elif isinstance(command, CopyPage):
+            self.resources.record_copy(job.src, job.dst, job.src_offset, job.dst_offset, job.size)
 
 
 __all__ = ["ModelService", "CONTENTION_REASON", "Recipe"]

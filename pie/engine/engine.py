@@ -8,6 +8,7 @@ so a bad job fails with a PieError and leaves the cache as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pie.engine.attention import ItemLayout, build_plan
+from pie.engine.attention import ItemLayout, build_plan, causal_mask
 from pie.engine.batch import (
     CopyKv,
     EmbedText,
@@ -188,6 +189,7 @@ class Engine:
             plan = build_plan(
                 [p.layout for p in prepared], self.page_size, device, self.model.dtype
             )
+        local_plan = self._local_plan(prepared)
         dist_rows = [r for p in prepared if p.sampling is None for r in p.return_rows]
         dist_rows += [r for p in prepared for r in p.store_rows]
         sample_rows = [r for p in prepared if p.sampling is not None for r in p.return_rows]
@@ -198,6 +200,7 @@ class Engine:
             plan,
             self.cache,
             out_rows,
+            local_plan,
         )
         self.stats["forwards"] += 1
         self.stats["tokens"] += len(tokens)
@@ -294,6 +297,36 @@ class Engine:
         valid = self.cache.slot_valid[pages].reshape(-1)[: layout.context_len]
         where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len]
         return valid[None, :] & (where[None, :] <= p.positions[:, None])
+
+    def _local_plan(self, prepared: list[_Prepared]):
+        """The plan of the sliding-window layers, or None when no item reaches past the window.
+
+        A query at position p sees the slots its own mask (BRLE, or causal)
+        allows *and* whose position is within the window: p - window < position.
+        Windows go by recorded positions, as llama.cpp's do, so position gaps count.
+        """
+        window = self.model.config.sliding_window
+        if window is None:
+            return None
+        layouts, windowed = [], False
+        for p in prepared:
+            layout = p.layout
+            pages = np.asarray(layout.pages)
+            where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len]
+            if p.positions.max() - where.min() < window:
+                layouts.append(layout)
+                continue
+            base = layout.mask
+            if base is None:
+                base = causal_mask(layout.context_len, layout.num_new)
+            mask = base & (where[None, :] > p.positions[:, None] - window)
+            if not mask.any(axis=1).all():
+                raise PieError("a new token's mask attends to no slot within the sliding window")
+            layouts.append(dataclasses.replace(layout, mask=mask))
+            windowed = True
+        if not windowed:
+            return None
+        return build_plan(layouts, self.page_size, self.model.device, self.model.dtype)
 
     def _check_embed_slots(self, slots: list[int]) -> np.ndarray:
         array = _int_array(slots, "embed slots")

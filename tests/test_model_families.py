@@ -206,3 +206,39 @@ class Mistral(Family):
 
     def test_chunked_prefill_then_batched_decode_past_the_window(self):
         self.check_chunked_prefill_then_batched_decode()
+
+
+class RopeScalings(TestCase):
+    """linear and YaRN (with its attention factor) equal transformers past the original context."""
+
+    def check(self, rope_scaling: dict):
+        loaded, ref = model(rope_scaling=rope_scaling)
+        self.assertEqual(loaded.config.rope_scaling["rope_type"], rope_scaling["rope_type"])
+        engine = create_engine(
+            loaded, device="cpu", dtype="float32", num_pages=8, page_size=PS, dist_size=300
+        )
+        toks = list(range(3, 200, 7))
+        positions = [p * 5 for p in range(len(toks))]  # up to 140, past the original 64
+        n = len(toks)
+        [out] = engine.run(Forward([item([0, 1], n, toks, positions, output_indices=[n - 1])]))
+        diff = (dense(out[0], 300) - hf_probs(ref, toks, positions)[-1]).abs().max().item()
+        self.assertLess(diff, ATOL)
+
+    def test_linear(self):
+        self.check({"rope_type": "linear", "factor": 4.0})
+
+    def test_yarn(self):
+        self.check({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+
+    def test_yarn_attention_factor_matters(self):
+        """The factor on cos/sin is not 1 here, so the equality above covers it."""
+        from pie.engine.llama import rope_attention_factor
+
+        loaded, _ = model(
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        )
+        self.assertGreater(rope_attention_factor(loaded.config), 1.1)

@@ -214,11 +214,63 @@ def rope_inv_freq(config: LlamaConfig, local: bool = False) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled)
-    raise PieError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+    if kind == "yarn":
+        return _yarn_inv_freq(config, base, scaling)
+    raise PieError(
+        f"rope scaling type {kind!r} is not supported (default, linear, llama3, yarn are)"
+    )
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    """YaRN's factor on cos and sin (1 for the other scalings), as transformers computes it."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _yarn_factor(config, scaling)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
+
+
+def _yarn_factor(config: LlamaConfig, scaling: dict) -> float:
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    return factor
+
+
+def _yarn_inv_freq(config: LlamaConfig, base: float, scaling: dict) -> torch.Tensor:
+    """YaRN: interpolate low frequencies, extrapolate high ones, a linear ramp between."""
+    dim = config.head_dim
+    factor = _yarn_factor(config, scaling)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    original = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep
 
 
 def rope_tables(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, factor: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin [N, 1, dim] for explicit positions, in fp32 per call as HF does.
 
@@ -229,9 +281,11 @@ def rope_tables(
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     half = freqs.shape[-1]
-    sin = emb.sin()
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:  # YaRN's attention factor, on both tables as transformers applies it
+        cos, sin = cos * factor, sin * factor
     sin[:, :half] = -sin[:, :half]
-    return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+    return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -362,6 +416,7 @@ class LlamaModel:
                 )
             )
         self.inv_freq = rope_inv_freq(config).to(self.device)
+        self.rope_factor = rope_attention_factor(config)
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
@@ -417,7 +472,7 @@ class LlamaModel:
         n = tokens.shape[0]
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_size, kv_size = hq * hd, hkv * hd
-        cos, sin = rope_tables(self.inv_freq, positions, self.dtype)
+        cos, sin = rope_tables(self.inv_freq, positions, self.dtype, self.rope_factor)
         local_cos, local_sin = cos, sin
         if self.local_inv_freq is not None:
             local_cos, local_sin = rope_tables(self.local_inv_freq, positions, self.dtype)

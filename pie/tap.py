@@ -87,6 +87,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         from pie.runtime.executors import make_executor
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
+        from pie.service.servicetypes import attach_remote_service
 
         runtime = Runtime(
             settings["home"],
@@ -99,6 +100,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             ),
             reactor=reactor,
             max_program_size=settings["max_program_size"],
+            attacher=attach_remote_service,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

@@ -18,7 +18,7 @@ from pie.service.registry import (
 )
 
 
-def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """`pie model add NAME | list | remove NAME` (argv without the leading 'model')."""
     parser = argparse.ArgumentParser(prog="pie model", description="Manage the local model cache.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     remove_cmd = commands.add_parser("remove", help="delete a cached model")
     remove_cmd.add_argument("name")
     args = parser.parse_args(argv)
+    out = out or sys.stdout
     try:
         if args.command == "add":
             add(args.name, out=out)

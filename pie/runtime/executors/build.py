@@ -35,6 +35,7 @@ from pathlib import Path
 import wasmtime
 from wasmtime.component import Component
 
+from pie.config import default_home
 from pie.runtime.witgen import WIT_PATH, WORLD
 
 REPO_PIE = Path(__file__).resolve().parents[2]
@@ -49,8 +50,7 @@ Progress = Callable[[str], None]
 
 
 def pie_home() -> Path:
-    """$PIE_HOME, else ~/.cache/pie."""
-    return Path(os.environ.get("PIE_HOME") or Path.home() / ".cache" / "pie")
+    return Path(default_home())
 
 
 def engine_config() -> wasmtime.Config:

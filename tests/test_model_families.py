@@ -242,3 +242,43 @@ class RopeScalings(TestCase):
             }
         )
         self.assertGreater(rope_attention_factor(loaded.config), 1.1)
+
+
+PHI3 = dict(architecture="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+class Phi3(Family):
+    """Fused qkv_proj and gate_up_proj, sliding window on every layer."""
+
+    overrides = dict(PHI3, sliding_window=WINDOW)
+
+    def test_prefill_longer_than_the_window_on_shuffled_pages(self):
+        self.check_prefill_on_shuffled_pages()
+
+    def test_chunked_prefill_then_batched_decode_past_the_window(self):
+        self.check_chunked_prefill_then_batched_decode()
+
+
+class LongRope(TestCase):
+    """Phi-3's LongRoPE: short factors within the original context, long ones past it."""
+
+    def test_short_and_long_factors(self):
+        rng = random.Random(5)
+        scaling = {
+            "rope_type": "longrope",
+            "short_factor": [round(rng.uniform(1, 2), 3) for _ in range(8)],
+            "long_factor": [round(rng.uniform(2, 8), 3) for _ in range(8)],
+            "original_max_position_embeddings": 64,
+        }
+        loaded, ref = model(**PHI3, rope_scaling=scaling, original_max_position_embeddings=64)
+        self.assertEqual(loaded.config.rope_scaling["original_max_position_embeddings"], 64)
+        engine = create_engine(
+            loaded, device="cpu", dtype="float32", num_pages=8, page_size=PS, dist_size=300
+        )
+        toks = list(range(3, 200, 7))
+        n = len(toks)
+        for stride in (1, 5):  # largest position 28 (short factors), then 140 (long ones)
+            positions = [p * stride for p in range(n)]
+            [out] = engine.run(Forward([item([0, 1], n, toks, positions, output_indices=[n - 1])]))
+            diff = (dense(out[0], 300) - hf_probs(ref, toks, positions)[-1]).abs().max().item()
+            self.assertLess(diff, ATOL, f"stride {stride}")

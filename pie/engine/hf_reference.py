@@ -16,7 +16,7 @@ def hf_model(loaded: LoadedModel, dtype: torch.dtype = torch.float32):
     """The family's *ForCausalLM (sdpa attention, eval mode) holding `loaded`'s weights."""
     import transformers
 
-    hf = loaded.config.to_hf()
+    hf = loaded.config.to_hf() | {"pad_token_id": None}  # the padding row does not matter here
     model_class = getattr(transformers, HF_FAMILIES[loaded.config.model_type])
     config = model_class.config_class(**hf, attn_implementation="sdpa")
     with torch.device("meta"):

@@ -102,6 +102,9 @@ class LlamaConfig:
                 rope_scaling = params
         sliding_window = layer_types = None
         gemma = model_type == "gemma3_text"
+        partial = (params or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise PieError(f"partial rotary embeddings ({partial}) are not supported")
         if gemma:
             sliding_window = d.get("sliding_window", 4096)
             pattern = d.get("sliding_window_pattern", 6)
@@ -114,7 +117,7 @@ class LlamaConfig:
             )
             if d.get("attn_logit_softcapping") is not None:
                 raise PieError("attention logit soft-capping is not supported")
-        elif model_type == "mistral" and d.get("sliding_window") is not None:
+        elif model_type in ("mistral", "phi3") and d.get("sliding_window") is not None:
             sliding_window = d["sliding_window"]
             layer_types = ("sliding_attention",) * d["num_hidden_layers"]
         elif d.get("use_sliding_window"):
@@ -172,6 +175,9 @@ class LlamaConfig:
             d.pop("sliding_window")
         if self.rope_scaling is None:
             d.pop("rope_scaling")
+        elif self.model_type == "phi3":  # Phi3Config overrides the dict's with its own field
+            original = self.rope_scaling.get("original_max_position_embeddings")
+            d["original_max_position_embeddings"] = original or self.max_position_embeddings
         return d
 
 
@@ -182,7 +188,9 @@ HF_FAMILIES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+FUSED = {"phi3"}  # checkpoints with qkv_proj and gate_up_proj
 
 
 def rope_inv_freq(config: LlamaConfig, local: bool = False) -> torch.Tensor:
@@ -216,19 +224,42 @@ def rope_inv_freq(config: LlamaConfig, local: bool = False) -> torch.Tensor:
         return torch.where(is_medium, smoothed, scaled)
     if kind == "yarn":
         return _yarn_inv_freq(config, base, scaling)
+    if kind == "longrope":  # the short factors; rope_long_inv_freq has the long ones
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     raise PieError(
         f"rope scaling type {kind!r} is not supported (default, linear, llama3, yarn are)"
     )
 
 
-def rope_attention_factor(config: LlamaConfig) -> float:
-    """YaRN's factor on cos and sin (1 for the other scalings), as transformers computes it."""
+def rope_long_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, int] | None:
+    """LongRoPE's long-context frequencies and the length past which they apply (else None).
+
+    As transformers does, a forward pass whose largest position reaches past
+    original_max_position_embeddings uses the long factors for all its tokens.
+    """
     scaling = config.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return None
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    )
+    long = inv_freq / torch.tensor(scaling["long_factor"], dtype=torch.float32)
+    return long, scaling["original_max_position_embeddings"]
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    """YaRN's and LongRoPE's factor on cos and sin (1 for the other scalings), as transformers."""
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = _yarn_factor(config, scaling)
+    if kind == "longrope":
+        original = scaling["original_max_position_embeddings"]
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -240,7 +271,7 @@ def rope_attention_factor(config: LlamaConfig) -> float:
 
 def _yarn_factor(config: LlamaConfig, scaling: dict) -> float:
     factor = scaling.get("factor")
-    if factor is None:
+    if factor is None:  # Phi-3: from the two lengths
         factor = config.max_position_embeddings / scaling["original_max_position_embeddings"]
     return factor
 
@@ -368,6 +399,7 @@ class LlamaModel:
         if config.hidden_act not in ACTIVATIONS:
             raise PieError(f"activation {config.hidden_act!r} is not supported")
         self.act = ACTIVATIONS[config.hidden_act]
+        fused = config.model_type in FUSED
         self.embed = tensor("model.embed_tokens.weight")
         self.embed_scale = (
             None
@@ -403,11 +435,15 @@ class LlamaModel:
                 LlamaLayer(
                     input_norm=norm(p + "input_layernorm.weight"),
                     post_norm=pre_mlp,
-                    qkv=linear(
+                    qkv=linear(attn + "qkv_proj.weight")
+                    if fused
+                    else linear(
                         attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"
                     ),
                     o=linear(attn + "o_proj.weight"),
-                    gate_up=linear(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                    gate_up=linear(mlp + "gate_up_proj.weight")
+                    if fused
+                    else linear(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
                     down=linear(mlp + "down_proj.weight"),
                     qk_norm=qk_norm,
                     attn_out_norm=attn_out_norm,
@@ -417,6 +453,9 @@ class LlamaModel:
             )
         self.inv_freq = rope_inv_freq(config).to(self.device)
         self.rope_factor = rope_attention_factor(config)
+        self.long_rope = rope_long_inv_freq(config)
+        if self.long_rope is not None:
+            self.long_rope = (self.long_rope[0].to(self.device), self.long_rope[1])
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
@@ -426,6 +465,10 @@ class LlamaModel:
         for i in range(self.config.num_hidden_layers):
             p = f"model.layers.{i}."
             names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            if self.config.model_type in FUSED:
+                names += [p + "self_attn.qkv_proj.weight", p + "self_attn.o_proj.weight"]
+                names += [p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"]
+                continue
             names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
             if self.config.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
@@ -472,7 +515,10 @@ class LlamaModel:
         n = tokens.shape[0]
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_size, kv_size = hq * hd, hkv * hd
-        cos, sin = rope_tables(self.inv_freq, positions, self.dtype, self.rope_factor)
+        inv_freq = self.inv_freq
+        if self.long_rope is not None and int(positions.max()) + 1 > self.long_rope[1]:
+            inv_freq = self.long_rope[0]
+        cos, sin = rope_tables(inv_freq, positions, self.dtype, self.rope_factor)
         local_cos, local_sin = cos, sin
         if self.local_inv_freq is not None:
             local_cos, local_sin = rope_tables(self.local_inv_freq, positions, self.dtype)

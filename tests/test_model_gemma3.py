@@ -224,3 +224,17 @@ class Gemma3_270M(TestCase):
             if self.tok.tokenize(t) != want
         ]
         self.assertEqual(wrong[:5], [], f"{len(wrong)} of {len(texts)} texts differ")
+
+    def test_tokenizer_equals_transformers_gguf_tokenizer(self):
+        """A second opinion that needs no llama.cpp: transformers' own GGUF -> GemmaTokenizer."""
+        from transformers import AutoTokenizer
+
+        folder, file = os.path.split(self.loaded.path)
+        reference = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        texts = corpus()
+        wrong = [
+            t
+            for t in texts
+            if self.tok.tokenize(t) != reference.encode(t, add_special_tokens=False)
+        ]
+        self.assertEqual(wrong[:5], [], f"{len(wrong)} of {len(texts)} texts differ")

@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
+from pie.interfaces import PieError
 from tests.model_fixtures import dense, hf_probs, tiny_model
 
 PS = 16
@@ -186,6 +187,16 @@ class Gemma3(Family):
         with torch.no_grad():
             logits = self.ref(torch.tensor([toks + new]), attention_mask=mapping).logits[0]
         self.assertSameDistribution(out[0], torch.softmax(logits[-1], dim=-1))
+
+    def test_mask_with_nothing_inside_the_window_is_refused_before_the_cache(self):
+        toks = self.tokens(20)
+        self.engine.run(Forward([item([3, 4], 20, toks, range(20))]))
+        with self.assertRaisesRegex(PieError, "within the sliding window"):
+            self.engine.run(Forward([item([3, 4], 21, self.tokens(1), [20], masks=[[3, 18]])]))
+        self.assertFalse(self.engine.cache.slot_valid[4, 4])  # the job left no trace
+        new = self.tokens(1)
+        [out] = self.engine.run(Forward([item([3, 4], 21, new, [20], output_indices=[0])]))
+        self.assertSameDistribution(out[0], hf_probs(self.ref, toks + new)[-1])
 
 
 class Qwen3(Family):

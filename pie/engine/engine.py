@@ -263,6 +263,11 @@ class Engine:
         if n > total:
             raise PieError(f"{n} new tokens do not fit a context of {total} slots")
         mask = _brle_mask(item.masks, n, total)
+        layout = ItemLayout(list(item.pages), total, n, row_start, mask)
+        if mask is not None and self.model.config.sliding_window is not None:
+            windowed = self._window_mask(layout, positions)
+            if windowed is not None and not windowed.any(axis=1).all():
+                raise PieError("a new token's mask attends to no slot within the sliding window")
         for i in item.output_indices:
             if not isinstance(i, int) or not 0 <= i < n:
                 raise PieError(f"output index {i!r} not in 0..{n - 1}")
@@ -275,7 +280,7 @@ class Engine:
         return _Prepared(
             tokens=tokens,
             positions=positions,
-            layout=ItemLayout(list(item.pages), total, n, row_start, mask),
+            layout=layout,
             return_rows=[row_start + i for i in item.output_indices],
             store_rows=[row_start + i for i in range(n - k, n)],
             store_slots=list(item.output_embeds),
@@ -299,34 +304,36 @@ class Engine:
         return valid[None, :] & (where[None, :] <= p.positions[:, None])
 
     def _local_plan(self, prepared: list[_Prepared]):
-        """The plan of the sliding-window layers, or None when no item reaches past the window.
-
-        A query at position p sees the slots its own mask (BRLE, or causal)
-        allows *and* whose position is within the window: p - window < position.
-        Windows go by recorded positions, as llama.cpp's do, so position gaps count.
-        """
-        window = self.model.config.sliding_window
-        if window is None:
+        """The plan of the sliding-window layers, or None when no item reaches past the window."""
+        if self.model.config.sliding_window is None:
             return None
         layouts, windowed = [], False
         for p in prepared:
-            layout = p.layout
-            pages = np.asarray(layout.pages)
-            where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len]
-            if p.positions.max() - where.min() < window:
-                layouts.append(layout)
-                continue
-            base = layout.mask
-            if base is None:
-                base = causal_mask(layout.context_len, layout.num_new)
-            mask = base & (where[None, :] > p.positions[:, None] - window)
-            if not mask.any(axis=1).all():
-                raise PieError("a new token's mask attends to no slot within the sliding window")
-            layouts.append(dataclasses.replace(layout, mask=mask))
-            windowed = True
+            mask = self._window_mask(p.layout, p.positions)
+            layouts.append(p.layout if mask is None else dataclasses.replace(p.layout, mask=mask))
+            windowed = windowed or mask is not None
         if not windowed:
             return None
         return build_plan(layouts, self.page_size, self.model.device, self.model.dtype)
+
+    def _window_mask(self, layout: ItemLayout, positions: np.ndarray) -> np.ndarray | None:
+        """The item's mask (BRLE, or causal) ∩ the sliding window; None if the window hides nothing.
+
+        A query at position p sees slots whose position q has p - window < q.
+        Windows go by positions, as llama.cpp's do, so position gaps count. The
+        new tokens' own positions are taken from `positions`, not the cache, so
+        this can run (and reject a job) before the job touches the cache.
+        """
+        window = self.model.config.sliding_window
+        pages = np.asarray(layout.pages)
+        where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len].copy()
+        where[layout.context_len - layout.num_new :] = positions
+        if positions.max() - where.min() < window:
+            return None
+        base = layout.mask
+        if base is None:
+            base = causal_mask(layout.context_len, layout.num_new)
+        return base & (where[None, :] > positions[:, None] - window)
 
     def _check_embed_slots(self, slots: list[int]) -> np.ndarray:
         array = _int_array(slots, "embed slots")

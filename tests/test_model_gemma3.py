@@ -26,6 +26,7 @@ from pie.service.registry import resolve_model
 
 PS = 16
 NEW = 8
+NEAR_TIE = 0.05  # probability gap between our top two under which llama.cpp may pick the other
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -197,22 +198,36 @@ class Gemma3_270M(TestCase):
             self.assertLess(diff, 1e-4, f"row {i}: max |Δp| = {diff}")
 
     def test_greedy_tokens_agree_with_llama_cpp(self):
-        """First 8 greedy tokens equal llama.cpp's on at least 4 of 5 prompts; teacher-forced
-        top-1 agreement at least 90%."""
-        engine = self.engine(dist_size=1)
-        ours = [greedy(engine, ids)[0] for ids in self.prompts]
+        """Greedy continuations vs llama.cpp's, and top-1 agreement over teacher-forced positions.
+
+        llama.cpp multiplies K-quant weights with activations rounded to 8 bits,
+        we with exact dequantized fp32 weights, so a near-tie can go either way:
+        a continuation must equal llama.cpp's for 8 tokens, or first differ where
+        our top two are within NEAR_TIE of each other. Measured (2026-12-02):
+        3 of 5 equal for all 8 tokens, the other two part at p = 0.095 vs 0.084
+        and 0.233 vs 0.204.
+        """
+        engine = self.engine(dist_size=262144)
         theirs = llama_cpp(self.loaded, [], self.prompts)
-        equal = sum(a == b for a, b in zip(ours, theirs["greedy"], strict=True))
-        self.assertGreaterEqual(equal, 4, f"ours {ours} vs llama.cpp {theirs['greedy']}")
+        equal = 0
+        for ids, want in zip(self.prompts, theirs["greedy"], strict=True):
+            got, _ = greedy(engine, ids)
+            if got == want:
+                equal += 1
+                continue
+            first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            [rows] = engine.run(Forward([prefill_item(ids + want[:first])]))
+            probs = dict(zip(*rows[-1], strict=True))
+            gap = probs[got[first]] - probs.get(want[first], 0.0)
+            self.assertLess(gap, NEAR_TIE, f"ours {got} vs llama.cpp {want}: not a near-tie")
+        self.assertGreaterEqual(equal, 3, f"{equal} of 5 continuations equal")
         agree = total = 0
         for ids, continuation, top1 in zip(
             self.prompts, theirs["greedy"], theirs["argmax"], strict=True
         ):
-            seq = ids + continuation
-            [rows] = engine.run(Forward([prefill_item(seq)]))
-            ours_top1 = [r[0][0] for r in rows]
-            agree += sum(a == b for a, b in zip(ours_top1, top1, strict=True))
-            total += len(seq)
+            [rows] = engine.run(Forward([prefill_item(ids + continuation)]))
+            agree += sum(r[0][0] == b for r, b in zip(rows, top1, strict=True))
+            total += len(rows)
         self.assertGreaterEqual(agree / total, 0.9, f"top-1 agreement {agree}/{total}")
 
     def test_tokenizer_equals_llama_cpp(self):

@@ -37,14 +37,14 @@ def write_byte_tokenizer(folder: str) -> None:
 
 
 def write_tiny_model(folder: str, *, seed: int = 0, architecture: str = "llama", **overrides):
-    """A random LlamaForCausalLM (or Qwen2ForCausalLM) saved with save_pretrained, plus a
-    tokenizer; returns the transformers model."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random LlamaForCausalLM (or Qwen2/Qwen3/Mistral/Gemma3ForCausalLM) saved with
+    save_pretrained, plus a tokenizer; returns the transformers model."""
+    import transformers
 
-    config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[architecture]
+    from pie.engine.llama import HF_FAMILIES
+
+    model_class = getattr(transformers, HF_FAMILIES[architecture])
+    config_class = model_class.config_class
     settings = dict(
         vocab_size=300,
         hidden_size=64,
@@ -64,8 +64,8 @@ def write_tiny_model(folder: str, *, seed: int = 0, architecture: str = "llama",
     model = model_class(config_class(**settings))
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them too
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+            if "norm" in name:  # Gemma applies (1 + w): centre its weights on 0
+                p.uniform_(-0.5, 0.5) if architecture == "gemma3_text" else p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
     model.save_pretrained(folder, safe_serialization=True)

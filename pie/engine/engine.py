@@ -11,6 +11,7 @@ as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pie.engine.attention import ItemLayout, build_plan
+from pie.engine.attention import ItemLayout, build_plan, causal_mask
 from pie.engine.batch import (
     CopyKv,
     EmbedText,
@@ -183,6 +184,7 @@ class Engine:
             plan = build_plan(
                 [p.layout for p in prepared], self.page_size, device, self.model.dtype
             )
+        local_plan = self._local_plan(prepared)
         dist_rows = [r for p in prepared if p.sampling is None for r in p.return_rows]
         dist_rows += [r for p in prepared for r in p.store_rows]
         sample_rows = [r for p in prepared if p.sampling is not None for r in p.return_rows]
@@ -193,6 +195,7 @@ class Engine:
             plan,
             self.cache,
             out_rows,
+            local_plan,
         )
         self.stats["forwards"] += 1
         self.stats["tokens"] += len(tokens)
@@ -255,6 +258,11 @@ class Engine:
         if n > total:
             raise PieError(f"{n} new tokens do not fit a context of {total} slots")
         mask = _brle_mask(item.masks, n, total)
+        layout = ItemLayout(list(item.pages), total, n, row_start, mask)
+        if mask is not None and self.model.config.sliding_window is not None:
+            windowed = self._window_mask(layout, positions)
+            if windowed is not None and not windowed.any(axis=1).all():
+                raise PieError("a new token's mask attends to no slot within the sliding window")
         if (
             item.output_indices
             and not 0 <= min(item.output_indices) <= max(item.output_indices) < n
@@ -270,7 +278,7 @@ class Engine:
         return _Prepared(
             tokens=tokens,
             positions=positions,
-            layout=ItemLayout(list(item.pages), total, n, row_start, mask),
+            layout=layout,
             return_rows=[row_start + i for i in item.output_indices],
             store_rows=[row_start + i for i in range(n - k, n)],
             store_slots=list(item.output_embeds),
@@ -292,6 +300,38 @@ class Engine:
         valid = self.cache.slot_valid[pages].reshape(-1)[: layout.context_len]
         where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len]
         return valid[None, :] & (where[None, :] <= p.positions[:, None])
+
+    def _local_plan(self, prepared: list[_Prepared]):
+        """The plan of the sliding-window layers, or None when no item reaches past the window."""
+        if self.model.config.sliding_window is None:
+            return None
+        layouts, windowed = [], False
+        for p in prepared:
+            mask = self._window_mask(p.layout, p.positions)
+            layouts.append(p.layout if mask is None else dataclasses.replace(p.layout, mask=mask))
+            windowed = windowed or mask is not None
+        if not windowed:
+            return None
+        return build_plan(layouts, self.page_size, self.model.device, self.model.dtype)
+
+    def _window_mask(self, layout: ItemLayout, positions: np.ndarray) -> np.ndarray | None:
+        """The item's mask (BRLE, or causal) ∩ the sliding window; None if the window hides nothing.
+
+        A query at position p sees slots whose position q has p - window < q.
+        Windows go by positions, as llama.cpp's do, so position gaps count. The
+        new tokens' own positions are taken from `positions`, not the cache, so
+        this can run (and reject a job) before the job touches the cache.
+        """
+        window = self.model.config.sliding_window
+        pages = np.asarray(layout.pages)
+        where = self.cache.slot_position[pages].reshape(-1)[: layout.context_len].copy()
+        where[layout.context_len - layout.num_new :] = positions
+        if positions.max() - where.min() < window:
+            return None
+        base = layout.mask
+        if base is None:
+            base = causal_mask(layout.context_len, layout.num_new)
+        return base & (where[None, :] > positions[:, None] - window)
 
     def _check_embed_slots(self, slots: list[int]) -> np.ndarray:
         array = np.asarray(slots, dtype=np.int64)

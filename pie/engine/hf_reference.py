@@ -1,4 +1,5 @@
-"""The same weights in Hugging Face transformers' LlamaForCausalLM: the reference we test against.
+"""The same weights in Hugging Face transformers (LlamaForCausalLM, Gemma3ForCausalLM, ...):
+the reference we test against.
 
 transformers is a test/bench extra, imported only here.
 """
@@ -7,21 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from pie.engine.llama import HF_FAMILIES
 from pie.engine.loaders import LoadedModel
 
 
 def hf_model(loaded: LoadedModel, dtype: torch.dtype = torch.float32):
-    """A LlamaForCausalLM (sdpa attention, eval mode) holding `loaded`'s weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The family's *ForCausalLM (sdpa attention, eval mode) holding `loaded`'s weights."""
+    import transformers
 
-    config = LlamaConfig(**loaded.config.to_hf(), attn_implementation="sdpa")
+    hf = loaded.config.to_hf() | {"pad_token_id": None}  # the padding row does not matter here
+    model_class = getattr(transformers, HF_FAMILIES[loaded.config.model_type])
+    config = model_class.config_class(**hf, attn_implementation="sdpa")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     state = {name: w.to(dtype) for name, w in loaded.weights.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    if hasattr(inner.embed_tokens, "embed_scale"):  # a non-persistent buffer, left on meta
+        inner.embed_tokens.embed_scale = torch.tensor(config.hidden_size**0.5)
     return model.to(dtype).eval()

@@ -1,7 +1,10 @@
 """The model's tokenizer: from GGUF metadata or a tokenizer.json, plus its chat template.
 
-Encoding is delegated to the `tokenizers` library. For GGUF byte-level BPE
-vocabularies we build the pipeline ourselves, with the pre-tokenizer that
+Encoding is delegated to the `tokenizers` library. For GGUF SentencePiece
+vocabularies (`tokenizer.ggml.model = llama`: Llama 2, Gemma) we build a BPE
+with byte fallback whose merges come from the pieces' scores, which is how
+llama.cpp's SPM tokenizer merges (the best-scoring adjacent pair first). For
+GGUF byte-level BPE vocabularies we build the pipeline ourselves, with the pre-tokenizer that
 llama.cpp uses for the model's `tokenizer.ggml.pre` (transformers' GGUF path
 drops e.g. SmolLM2's digit split and then disagrees with llama.cpp on text
 with digits). Decoding goes through our own id -> bytes table, so partial
@@ -15,7 +18,7 @@ import os
 from datetime import datetime
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from zope.interface import implementer
 
@@ -32,7 +35,15 @@ QWEN2_PATTERN = (
 )
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
+SPM_SPACE = "\u2581"
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -101,6 +112,7 @@ class Tokenizer:
                 ends.append(i)
         self.eos_token_ids = ends
         self._template = None
+        self.bos_token_id: int | None = None  # what a prompt should start with, if anything
 
     # ------------------------------------------------------------------ ITokenizer
 
@@ -153,10 +165,13 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
         """From GGUF `tokenizer.*` metadata (values already decoded to Python)."""
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(meta)
         if kind != "gpt2":
             raise PieError(
-                f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
-                "serve the model from a Hugging Face folder with tokenizer.json instead"
+                f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' and "
+                "SentencePiece 'llama' are); serve the model from a Hugging Face folder with "
+                "tokenizer.json instead"
             )
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -179,6 +194,41 @@ class Tokenizer:
             splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
         backend.decoder = decoders.ByteLevel()
+        return cls._from_gguf_backend(backend, meta, tokens, types, byte_level=True)
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, meta: dict) -> Tokenizer:
+        """SentencePiece vocabulary with scores: BPE with byte fallback, merges ranked by score."""
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        types = list(meta.get("tokenizer.ggml.token_type", [GGUF_NORMAL] * len(tokens)))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+        backend = HFTokenizer(
+            models.BPE(
+                vocab,
+                sentencepiece_merges(tokens, scores, types),
+                unk_token=unk,
+                fuse_unk=True,
+                byte_fallback=True,
+            )
+        )
+        steps = []
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            steps.append(normalizers.Prepend(SPM_SPACE))
+        steps.append(normalizers.Replace(" ", SPM_SPACE))
+        backend.normalizer = normalizers.Sequence(steps)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        return cls._from_gguf_backend(backend, meta, tokens, types, byte_level=False)
+
+    @classmethod
+    def _from_gguf_backend(
+        cls, backend: HFTokenizer, meta: dict, tokens: list[str], types: list[int], byte_level: bool
+    ) -> Tokenizer:
+        """Control and user-defined tokens are matched in text; BOS/EOS from the metadata."""
         special = [i for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_USER_DEFINED)]
         backend.add_special_tokens(
             [AddedToken(tokens[i], special=True, normalized=False) for i in special]
@@ -193,15 +243,22 @@ class Tokenizer:
             for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if isinstance(meta.get(k), int)
         ]
-        return cls(
+        tokenizer = cls(
             backend,
-            byte_level=True,
-            special_ids=set(special),
+            byte_level=byte_level,
+            # SentencePiece user-defined pieces are text ("\n\n", "<h1>"): decoded as such
+            special_ids=set(special)
+            if byte_level
+            else {i for i in special if types[i] == GGUF_CONTROL},
             chat_template=meta.get("tokenizer.chat_template", ""),
             bos_token=token("tokenizer.ggml.bos_token_id"),
             eos_token=token("tokenizer.ggml.eos_token_id"),
             eos_token_ids=ends,
         )
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", not byte_level)
+        tokenizer.bos_token_id = bos if add_bos and isinstance(bos, int) else None
+        return tokenizer
 
     @classmethod
     def from_folder(cls, folder: str) -> Tokenizer:
@@ -248,6 +305,27 @@ class Tokenizer:
             eos_token=eos,
             eos_token_ids=ends,
         )
+
+
+def sentencepiece_merges(
+    tokens: list[str], scores: list[float], types: list[int]
+) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-driven merging.
+
+    Every normal piece that splits into two normal pieces yields a merge,
+    ranked by the merged piece's score (higher first); ties in score go by
+    the shorter left part, then by the parts' ids (as transformers'
+    generate_merges does, which llama.cpp agrees with on real vocabularies).
+    """
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == GGUF_NORMAL}
+    found = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                found.append((-scores[i], len(left), normal[left], normal[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
 
 
 def _read_json(path: str) -> dict:

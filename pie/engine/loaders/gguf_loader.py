@@ -1,9 +1,13 @@
 """GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
 
 Linear weights stored as Q4_1 are also kept in block form so that the CPU
-int4 kernel can use them losslessly (pie.engine.quant). Q and K rows are
-un-permuted: convert_hf_to_gguf interleaves them for llama.cpp's pair-wise
-RoPE, while our RoPE (like Hugging Face's) rotates halves.
+int4 kernel can use them losslessly (pie.engine.quant); every other type the
+`gguf` package knows (F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, ...) is
+dequantized by gguf.quants into dense copies. Q and K rows are un-permuted:
+convert_hf_to_gguf interleaves them for llama.cpp's pair-wise RoPE (Llama
+only), while our RoPE (like Hugging Face's) rotates halves. Gemma's RMSNorm
+weights are stored by the converter as 1 + w; we hand the model Hugging
+Face's w.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import IModelLoader, PieError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 PERMUTED_QK = ("llama",)  # architectures whose converter interleaves Q/K rows
 QK_NAMES = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
+NORM_PLUS_ONE = ("gemma3",)  # converter wrote norm weights as 1 + w
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: every 6th Gemma 3 layer is global
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for Gemma 3
 
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -35,6 +42,14 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 3: four norms per block; its ffn_norm is the pre-MLP norm
+GEMMA3_LAYER_NAMES = LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,14 +58,15 @@ GLOBAL_NAMES = {
 }
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The Hugging Face tensor name of a GGUF tensor (None: not a weight we use)."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
+    names = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
         if parts[3] in ("weight", "bias"):
-            return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+            return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -89,20 +105,42 @@ def config_from_metadata(
         rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
     elif scaling_type not in (None, "none"):
         raise PieError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    layers = key("block_count")
+    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+    family: dict = {"model_type": arch, "qk_norm": arch == "qwen3"}
+    if arch == "gemma3":
+        family = dict(
+            model_type="gemma3_text",
+            hidden_act="gelu_pytorch_tanh",
+            qk_norm=True,
+            sandwich_norm=True,
+            norm_offset=1.0,
+            embed_scale=hidden**0.5,
+            # llama.cpp: 1/sqrt(hidden/heads) for the 62-layer 27B, 1/sqrt(head_dim) otherwise
+            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+            sliding_window=key("attention.sliding_window"),
+            layer_types=tuple(
+                "sliding_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
+                for i in range(layers)
+            ),
+            rope_local_theta=GEMMA3_LOCAL_ROPE_BASE,
+            final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping"),
+        )
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
-        num_hidden_layers=key("block_count"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=key("attention.head_count_kv", heads),
-        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=key("context_length", 2048),
         tie_word_embeddings=tied_head,
         name=name,
+        **family,
     )
 
 
@@ -140,14 +178,17 @@ class GGUFLoader:
         target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
         weights: dict[str, torch.Tensor] = {}
         quantized: dict[str, Q4_1Weight] = {}
-        permuted = meta.get("general.architecture") in PERMUTED_QK
+        arch = meta.get("general.architecture")
+        permuted = arch in PERMUTED_QK
         for gname, t in tensors.items():
-            name_hf = hf_name(gname)
+            name_hf = hf_name(gname, arch)
             if name_hf is None:
                 continue
             array = dequantize(t.data, t.tensor_type)
             if not array.flags.writeable:  # F32 tensors come straight from the mmap
                 array = array.copy()
+            if arch in NORM_PLUS_ONE and name_hf.endswith("norm.weight"):
+                array = array - 1.0
             order = None
             if permuted and name_hf.endswith(QK_NAMES):
                 heads = (

@@ -242,4 +242,4 @@ async def main(args):
         _, _, outcome = self.launch(
             b"from pie.inferlet import _abi\nasync def main(args):\n    _abi.call('List')\n"
         )
-        self.assertFailedWith(outcome, "NameError: no host call named 'List'")
+        self.assertFailedWith(outcome, "invalid host call: unknown host call 'List'")

@@ -34,14 +34,17 @@ import typing  # noqa: F401
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import host  # noqa: F401  (snapshotted here; pie.inferlet._abi binds it)
+from wit_world.imports import host  # (snapshotted here; pie.inferlet._abi binds it)
 
 import pie.inferlet  # noqa: F401  (the SDK, with every submodule it imports)
 from pie.inferlet import _abi
 from pie.inferlet._driver import Driver, Step, format_failure
 from pie.inferlet.template import Template, compiled
 from pie.inferlet.testing import SMOLLM2_TEMPLATE
+from pie.runtime.sandbox import guard
 from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, compile_modules, load_main
+
+guard.install(host)  # malformed host calls fail the step instead of trapping
 
 _driver: Driver | None = None
 _last: Step = ("parked",)
@@ -147,8 +150,10 @@ gc.freeze()
 
 
 def _ended(step: Step) -> bool:
-    """Keep the step for `outcome`; true once main has ended."""
+    """Keep the step for `outcome`; true once main has ended (or made a malformed host call)."""
     global _last
+    if guard.invalid() is not None:
+        step = ("failed", f"invalid host call: {guard.invalid()}")
     _last = step
     return step[0] != "parked"
 

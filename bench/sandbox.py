@@ -121,7 +121,9 @@ def parked_memory(executor, n: int = 100) -> float:
 
 def wasm_executor() -> WasmExecutor:
     build.build(progress=lambda line: print("  " + line, flush=True))
-    return WasmExecutor(deadline_ms=10_000)
+    # One turn per program (no reactor runs here, so a paused step would never go on):
+    # these are per-call costs. A paused step costs two thread switches per quantum.
+    return WasmExecutor(deadline_ms=10_000, slice_ms=600_000)
 
 
 def main(argv: list[str] | None = None) -> None:

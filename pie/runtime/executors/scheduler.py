@@ -115,7 +115,7 @@ class SchedState:
         self.paused_on: _GuestThread | None = None
         self.credit = credit  # CPU seconds it may still use before it is over its share
         self.refilled = time.monotonic()
-        self.cpu_mark = 0.0  # thread CPU time when its current segment started
+        self.cpu_mark = 0.0  # when its current segment started to hold the baton
         self.call_mark = 0.0  # when it last made a host call (paused time excluded)
         self.throttle = None  # the delayed call that queues it again once under its share
         self.interrupt: InstanceFault | None = None  # why the epoch callback trapped it
@@ -264,8 +264,8 @@ class GuestScheduler:
         thread.go.acquire()  # ... until a later turn goes on with this step
         state.paused_on = None
         self._paused.discard(execution)
-        state.call_mark += time.monotonic() - paused_at
-        state.cpu_mark = time.thread_time()
+        state.cpu_mark = time.monotonic()
+        state.call_mark += state.cpu_mark - paused_at
         return InstanceFault("instance killed") if execution.ended else None
 
     # ------------------------------------------------------------------ turns
@@ -322,10 +322,11 @@ class GuestScheduler:
             state.queued = False
             if execution.ended or (state.paused_on is None and not execution.has_work()):
                 continue  # (a killed paused step is in the unwind line instead)
-            self._refill(execution)
-            if state.credit < 0:
-                self._over_share(execution)
-                continue
+            if state.credit < 0:  # (a refill can only bring it back)
+                self._refill(execution)
+                if state.credit < 0:
+                    self._over_share(execution)
+                    continue
             return execution
 
     def _hand(self, execution: Any) -> None:
@@ -354,8 +355,7 @@ class GuestScheduler:
     def _run_step(self, execution: Any) -> None:
         state = execution.sched
         state.running = True
-        state.call_mark = time.monotonic()
-        state.cpu_mark = time.thread_time()
+        state.call_mark = state.cpu_mark = time.monotonic()
         try:
             execution.step_once()
         except BaseException:  # noqa: BLE001 - a broken step ends its instance, not the thread
@@ -381,16 +381,20 @@ class GuestScheduler:
     # ------------------------------------------------------------------ CPU share
 
     def _account(self, execution: Any) -> None:
-        """Charge the CPU its running segment used (on the thread that ran it)."""
+        """Charge the time its running segment held the baton.
+
+        Wall time, not the thread's CPU time: while it holds the baton nothing else of
+        pie runs, and reading the clock costs nothing (a thread CPU clock is a system call).
+        """
         state = execution.sched
-        now = time.thread_time()
-        self._refill(execution)
+        now = time.monotonic()
+        self._refill(execution, now)
         state.credit -= now - state.cpu_mark
         state.cpu_mark = now
 
-    def _refill(self, execution: Any) -> None:
+    def _refill(self, execution: Any, now: float | None = None) -> None:
         state = execution.sched
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         burst = self.cpu_share * self.cpu_window_s
         state.credit = min(burst, state.credit + (now - state.refilled) * self.cpu_share)
         state.refilled = now

@@ -16,7 +16,7 @@ from tests.test_executor_contract import zipped
 
 class ProgramFormatTests(TestCase):
     def test_source_file_is_main(self) -> None:
-        files = program.check(b"async def main(args):\n    return 'x'\n")
+        files = program.check(b"async def main(args):\n    return 'x'\n").files
         self.assertEqual(list(files), ["main.py"])
 
     def test_syntax_error_message_names_file_and_line(self) -> None:
@@ -32,11 +32,11 @@ class ProgramFormatTests(TestCase):
     def test_main_is_required(self) -> None:
         error = self.assertRaises(PieError, program.check, b"def helper(): pass\n")
         self.assertIn("async def main(args)", str(error))
-        self.assertEqual(list(program.check(b"from util import main\n")), ["main.py"])
+        self.assertEqual(list(program.check(b"from util import main\n").files), ["main.py"])
 
     def test_zipped_folder(self) -> None:
         data = zipped({"app/main.py": "async def main(a): pass\n", "app/pkg/__init__.py": ""})
-        self.assertEqual(sorted(program.check(data)), ["main.py", "pkg/__init__.py"])
+        self.assertEqual(sorted(program.check(data).files), ["main.py", "pkg/__init__.py"])
 
     def test_archive_without_main(self) -> None:
         error = self.assertRaises(PieError, program.check, zipped({"util.py": "x = 1\n"}))

@@ -16,10 +16,13 @@ IModelService of the model they use.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
@@ -36,6 +39,8 @@ from pie.runtime.programs import (
 )
 
 SHUTDOWN_REASON = "engine shutting down"
+PREPARED_SOURCE_BYTES = 64 * 2**20
+"""Checked programs (their sources) kept for launches; older ones are loaded and checked again."""
 
 
 @implementer(IRuntime)
@@ -65,7 +70,10 @@ class Runtime(service.Service):
         )
         self.hostapi = HostApi(self)
         self.servers: dict[str, ServerInstance] = {}
-        self._checked: set[str] = set()  # program hashes the executor has accepted
+        self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
+        # One thread checks programs, one at a time: compiling a big one is slow and takes
+        # memory in proportion, and it must not happen on the reactor thread.
+        self._checker = ThreadPool(minthreads=0, maxthreads=1, name="pie-program-check")
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)
 
@@ -75,6 +83,7 @@ class Runtime(service.Service):
         os.makedirs(self.home, exist_ok=True)
         self.programs.scan()
         self.kvstore.start()
+        self._checker.start()
         super().startService()
 
     def stopService(self):
@@ -87,6 +96,7 @@ class Runtime(service.Service):
         for instance in list(self.instances.running.values()):
             self.instances.end(instance, SHUTDOWN_REASON)
         await self.kvstore.stop()
+        self._checker.stop()  # waits for a check in progress (bounded by the source limit)
 
     # ------------------------------------------------------------------ models
 
@@ -119,29 +129,49 @@ class Runtime(service.Service):
 
     async def _add_program(self, data: bytes) -> str:
         self.programs.validate_size(data)
-        data = bytes(data)
-        digest = program_hash(data)
-        self._check(digest, data)
+        digest, prepared = await self._in_checker(self._hash_and_check, bytes(data))
+        self._remember(digest, prepared)
         return await self.programs.add(data, digest)
 
-    def _check(self, digest: str, program: bytes) -> None:
-        """Let the executor refuse a program it cannot run (once per program and process)."""
-        if digest in self._checked:
-            return
+    def _hash_and_check(self, data: bytes) -> tuple[str, object]:
+        return program_hash(data), self._check(data)
+
+    def _check(self, program: bytes) -> object:
+        """What the executor makes of the program (in the checker thread); PieError if it
+        cannot run it."""
         try:
-            self.executor.check(program)
+            return self.executor.check(program)
         except PieError:
             raise
         except Exception as e:
             raise PieError(f"the program cannot be loaded: {type(e).__name__}: {e}") from None
-        self._checked.add(digest)
 
-    async def _runnable(self, digest: str) -> bytes:
+    def _in_checker(self, function, *args) -> Deferred:
+        """Run `function` in the checker thread (started with the service)."""
+        return deferToThreadPool(self.reactor, self._checker, function, *args)
+
+    def _remember(self, digest: str, prepared: object) -> None:
+        """Keep what the executor made of a program, for its launches (bounded by size)."""
+        self._prepared[digest] = prepared
+        self._prepared.move_to_end(digest)
+        total = sum(getattr(p, "size", 0) for p in self._prepared.values())
+        while total > PREPARED_SOURCE_BYTES and len(self._prepared) > 1:
+            _, dropped = self._prepared.popitem(last=False)
+            total -= getattr(dropped, "size", 0)
+
+    async def _runnable(self, digest: str) -> object:
+        """The program checked by the executor: checked at upload, else loaded and checked
+        now (a program found on disk, or one the cache let go)."""
         if not is_program_hash(digest):
             raise PieError(f"invalid program hash {digest!r}: expected 64 lowercase hex digits")
-        program = await self.programs.load(digest)
-        self._check(digest, program)
-        return program
+        prepared = self._prepared.get(digest)
+        if prepared is None:
+            program = await self.programs.load(digest)
+            prepared = await self._in_checker(self._check, program)
+            self._remember(digest, prepared)
+        else:
+            self._prepared.move_to_end(digest)
+        return prepared
 
     # ------------------------------------------------------------------ instances
 
@@ -159,7 +189,7 @@ class Runtime(service.Service):
     def start_instance(
         self,
         digest: str,
-        program: bytes,
+        program: object,
         arguments: list[str],
         owner: IInstanceOwner | None,
         server_id: str | None = None,

@@ -52,11 +52,19 @@ class DevExecutor:
 
     name = "dev"
 
-    def check(self, program_bytes: bytes) -> None:
-        program.check(program_bytes)
+    def __init__(self, program_limits: program.Limits = program.DEFAULT_LIMITS) -> None:
+        self.limits = program_limits
 
-    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> DevExecution:
+    def check(self, program_bytes: bytes) -> program.Checked:
+        return program.check(program_bytes, self.limits)
+
+    def run(
+        self, program_bytes: bytes | program.Checked, arguments: list[str], host: Any
+    ) -> DevExecution:
         """Start main(args) now (until its first park); raises PieError if the program is invalid."""
-        execution = DevExecution(program.check(program_bytes), arguments, host)
+        checked = program_bytes
+        if not isinstance(checked, program.Checked):
+            checked = program.check(program_bytes, self.limits)
+        execution = DevExecution(checked.files, arguments, host)
         execution.start()
         return execution

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from pie.config import CPU_POLICIES
 from pie.interfaces import InstanceFault
 
 log = Logger()
@@ -58,7 +59,6 @@ DEFAULT_SLICE_MS = 50
 DEFAULT_CPU_PERCENT = 50
 DEFAULT_CPU_WINDOW_S = 10
 DEFAULT_MAX_PAUSED = 256
-CPU_POLICIES = ("throttle", "end")
 PAUSED_QUANTA = 5
 """A paused step goes on for slice/PAUSED_QUANTA per turn (10 ms of the default 50)."""
 GUEST_STACK_BYTES = 16 * 1024 * 1024

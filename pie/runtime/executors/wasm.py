@@ -29,7 +29,6 @@ plus the host call it is in.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import re
 import threading
 import time
@@ -224,11 +223,12 @@ class _GuestKilled(Exception):
 
 class WasmExecution(Execution):
     def __init__(
-        self, executor: WasmExecutor, files: dict[str, str], arguments: list[str], host: Any
+        self, executor: WasmExecutor, checked: program.Checked, arguments: list[str], host: Any
     ) -> None:
         super().__init__(host, executor.scheduler)
         self.executor = executor
-        self._files = sorted(files.items())
+        self._checked = checked
+        self._files = sorted(checked.files.items())
         self._arguments = list(arguments)
         self._runtime: Runtime | None = None
         self._store: wasmtime.Store | None = None
@@ -247,7 +247,7 @@ class WasmExecution(Execution):
         runtime = self._runtime
         files = self._files
         with _Active(self):
-            code = self.executor.compiled(runtime, files, self)
+            code = self.executor.compiled(runtime, self._checked, files, self)
         if self.sched.interrupt is not None:  # killed, or out of time, while compiling
             raise self.sched.interrupt
         if code is not None:
@@ -394,6 +394,7 @@ class WasmExecutor:
         cpu_window_s: int = DEFAULT_CPU_WINDOW_S,
         cpu_policy: str = "throttle",
         max_paused: int = DEFAULT_MAX_PAUSED,
+        program_limits: program.Limits = program.DEFAULT_LIMITS,
         reactor: Any = None,
     ) -> None:
         """`artifact` pins a compiled runtime file (no build); default: the cached build.
@@ -404,6 +405,7 @@ class WasmExecutor:
         self.artifact = artifact
         self.memory_limit = memory_limit
         self.deadline_ms = deadline_ms
+        self.limits = program_limits
         self.scheduler = GuestScheduler(
             reactor, slice_ms, cpu_percent, cpu_window_s, cpu_policy, max_paused
         )
@@ -412,14 +414,18 @@ class WasmExecutor:
         self._compiled: OrderedDict[bytes, str | None] = OrderedDict()
 
     def compiled(
-        self, runtime: Runtime, files: list[tuple[str, str]], execution: WasmExecution
+        self,
+        runtime: Runtime,
+        checked: program.Checked,
+        files: list[tuple[str, str]],
+        execution: WasmExecution,
     ) -> str | None:
         """The marshalled code of a program's modules, compiled in the sandbox once per
         program (the last COMPILED_CACHE_SIZE programs): instances load it rather than
         compile the same sources again, a third of their start. None: compile as usual."""
-        if sum(len(source) for _, source in files) > COMPILED_SOURCE_LIMIT:
+        if checked.size > COMPILED_SOURCE_LIMIT:
             return None
-        key = hashlib.sha256(repr(files).encode()).digest()
+        key = checked.key
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
@@ -431,16 +437,20 @@ class WasmExecutor:
             self._compiled.popitem(last=False)
         return code
 
-    def check(self, program_bytes: bytes) -> None:
-        program.check(program_bytes)
+    def check(self, program_bytes: bytes) -> program.Checked:
+        return program.check(program_bytes, self.limits)
 
-    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> WasmExecution:
+    def run(
+        self, program_bytes: bytes | program.Checked, arguments: list[str], host: Any
+    ) -> WasmExecution:
         """Run main(args) to its first park now (once the runtime is loaded, if it is not yet).
 
         Raises PieError if the program is not valid.
         """
-        files = program.check(program_bytes)
-        execution = WasmExecution(self, files, arguments, host)
+        checked = program_bytes
+        if not isinstance(checked, program.Checked):
+            checked = program.check(program_bytes, self.limits)
+        execution = WasmExecution(self, checked, arguments, host)
 
         def unavailable(failure: Failure) -> None:
             execution.fail(PieError(f"sandbox runtime unavailable: {failure.value}"))

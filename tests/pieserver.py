@@ -94,7 +94,11 @@ class ChildProcess(ProcessProtocol):
         for _, watch in self._watches:
             watch.errback(RuntimeError(f"the child ended: {self.output.decode()[-3000:]}"))
         self._watches.clear()
-        self.ended.callback(reason.value.exitCode if reason.value.exitCode is not None else f"signal {reason.value.signal}")
+        self.ended.callback(
+            reason.value.exitCode
+            if reason.value.exitCode is not None
+            else f"signal {reason.value.signal}"
+        )
 
 
 def spawn_module(module: str, *args: str) -> tuple[ChildProcess, Any]:

@@ -20,9 +20,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
@@ -71,9 +70,6 @@ class Runtime(service.Service):
         self.hostapi = HostApi(self)
         self.servers: dict[str, ServerInstance] = {}
         self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
-        # One thread checks programs, one at a time: compiling a big one is slow and takes
-        # memory in proportion, and it must not happen on the reactor thread.
-        self._checker = ThreadPool(minthreads=0, maxthreads=1, name="pie-program-check")
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)
 
@@ -83,7 +79,6 @@ class Runtime(service.Service):
         os.makedirs(self.home, exist_ok=True)
         self.programs.scan()
         self.kvstore.start()
-        self._checker.start()
         super().startService()
 
     def stopService(self):
@@ -96,7 +91,6 @@ class Runtime(service.Service):
         for instance in list(self.instances.running.values()):
             self.instances.end(instance, SHUTDOWN_REASON)
         await self.kvstore.stop()
-        self._checker.stop()  # waits for a check in progress (bounded by the source limit)
 
     # ------------------------------------------------------------------ models
 
@@ -129,26 +123,22 @@ class Runtime(service.Service):
 
     async def _add_program(self, data: bytes) -> str:
         self.programs.validate_size(data)
-        digest, prepared = await self._in_checker(self._hash_and_check, bytes(data))
+        data = bytes(data)
+        pool = self.reactor.getThreadPool()
+        digest = await deferToThreadPool(self.reactor, pool, program_hash, data)
+        prepared = self._prepared.get(digest) or await self._check(data)
         self._remember(digest, prepared)
         return await self.programs.add(data, digest)
 
-    def _hash_and_check(self, data: bytes) -> tuple[str, object]:
-        return program_hash(data), self._check(data)
-
-    def _check(self, program: bytes) -> object:
-        """What the executor makes of the program (in the checker thread); PieError if it
-        cannot run it."""
+    async def _check(self, program: bytes) -> object:
+        """What the executor makes of the program (off the reactor thread: executors
+        check in a thread or in the sandbox); PieError if it cannot run it."""
         try:
-            return self.executor.check(program)
+            return await maybeDeferred(self.executor.check, program)
         except PieError:
             raise
         except Exception as e:
             raise PieError(f"the program cannot be loaded: {type(e).__name__}: {e}") from None
-
-    def _in_checker(self, function, *args) -> Deferred:
-        """Run `function` in the checker thread (started with the service)."""
-        return deferToThreadPool(self.reactor, self._checker, function, *args)
 
     def _remember(self, digest: str, prepared: object) -> None:
         """Keep what the executor made of a program, for its launches (bounded by size)."""
@@ -167,7 +157,7 @@ class Runtime(service.Service):
         prepared = self._prepared.get(digest)
         if prepared is None:
             program = await self.programs.load(digest)
-            prepared = await self._in_checker(self._check, program)
+            prepared = await self._check(program)
             self._remember(digest, prepared)
         else:
             self._prepared.move_to_end(digest)

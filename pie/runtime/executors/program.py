@@ -11,17 +11,15 @@ imported by main.py as usual; non-.py members are ignored. A zipped folder
 
 from __future__ import annotations
 
-import dis
 import hashlib
 import io
 import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from types import CodeType
 
 from pie.interfaces import PieError
-from pie.runtime.sandbox.loader import MAIN_MODULE, module_name
+from pie.runtime.sandbox.loader import MAIN_MODULE, ProgramError, compile_modules, module_name
 
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
@@ -31,7 +29,6 @@ DEFAULT_MAX_FILES = 1000
 """Members one program archive may have (of any kind: the listing alone costs memory)."""
 CHECKED_SOURCE_BYTES = 64 * 1024 * 1024
 """Sources of the programs that passed `check` lately, kept so a launch need not check again."""
-_ENTRY_POINTS = ("main", "handle")
 
 
 @dataclass(frozen=True)
@@ -77,12 +74,18 @@ def parse(program: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
     return files
 
 
-def check(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
-    """Parse and compile every module; PieError with the first syntax error's message.
+def prepare(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
+    """The program's modules and key, not compiled yet (the sandbox compiles them)."""
+    return Checked(parse(program, limits), hashlib.sha256(program).digest())
 
-    Slow for a big program (a second per MB of source) and holds the GIL for up to
-    ~10 ms at a time, so the runtime calls it in a thread. A program that passed
-    lately is not compiled again (each launch by bytes checks its program).
+
+def check(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
+    """Parse and compile every module, here; PieError with the first syntax error's message.
+
+    Slow for a big program (a second per MB of source), in one piece and holding the
+    GIL: the dev executor calls it in a thread, the sandbox compiles in the sandbox
+    instead (WasmExecutor.check). A program that passed lately is not compiled again
+    (each launch by bytes checks its program).
     """
     key = hashlib.sha256(program).digest()
     with _checked_lock:
@@ -91,13 +94,12 @@ def check(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
             _checked.move_to_end(key)
             return found
     files = parse(program, limits)
-    for path, source in files.items():
-        code = _compile(path, source)
-        if path == MAIN_MODULE + ".py" and not _binds_entry_point(code):
-            raise PieError(
-                "main.py must define `async def main(args)` "
-                "(or `async def handle(request)` for an HTTP server)"
-            )
+    try:
+        compile_modules(files)
+    except ProgramError as error:
+        raise PieError(str(error)) from None
+    except MemoryError:
+        raise PieError("the program is too big to compile") from None
     checked = Checked(files, key)
     with _checked_lock:
         _checked[key] = checked
@@ -105,31 +107,6 @@ def check(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
         while total > CHECKED_SOURCE_BYTES and len(_checked) > 1:
             total -= _checked.popitem(last=False)[1].size
     return checked
-
-
-def _compile(path: str, source: str) -> CodeType:
-    """compile(), not ast.parse: the same syntax errors, without building an AST of
-    Python objects (a third less memory, and no collector runs over it)."""
-    try:
-        return compile(source, path, "exec", dont_inherit=True)
-    except SyntaxError as error:
-        where = f"{error.filename}, line {error.lineno}"
-        text = (error.text or "").strip()
-        message = f"SyntaxError: {error.msg} ({where})" + (f": {text}" if text else "")
-        raise PieError(message) from None
-    except (ValueError, MemoryError, RecursionError) as error:  # NUL bytes, absurd nesting
-        raise PieError(f"{path} cannot be compiled: {type(error).__name__}: {error}") from None
-
-
-def _binds_entry_point(code: CodeType) -> bool:
-    """True if the module's own code (not a function's) binds `main` or `handle`:
-    a def, an assignment or an import at the top level."""
-    if not any(name in code.co_names for name in _ENTRY_POINTS):
-        return False
-    return any(
-        op.opname in ("STORE_NAME", "STORE_GLOBAL") and op.argval in _ENTRY_POINTS
-        for op in dis.get_instructions(code)
-    )
 
 
 def _single_folder(paths: list[str]) -> str:

@@ -67,10 +67,11 @@ DEFAULT_DEADLINE_MS = 500
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 OUTPUT_LINE_LIMIT = 2000
 """Characters of one guest stdout/stderr write kept in the server log."""
-COMPILED_CACHE_SIZE = 64
-"""Programs whose compiled code the executor keeps (see WasmExecutor.compiled)."""
-COMPILED_SOURCE_LIMIT = 256 * 1024
-"""Larger programs are compiled by each instance (bounds the cache's memory)."""
+COMPILED_CACHE_BYTES = 64 * 1024 * 1024
+"""Marshalled code the executor keeps for programs (see WasmExecutor.compiled); a program
+whose code is over a quarter of it compiles in each instance instead."""
+CHECK_DEADLINE_MS = 60_000
+"""Longest the compiler may run on one program (a check runs no program code)."""
 OUTPUT_WRITES_LIMIT = 1000
 """Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
 
@@ -174,22 +175,25 @@ def _new_store(
     return store
 
 
-def _compile_in_sandbox(runtime: Runtime, execution: WasmExecution, files: list) -> str | None:
+def _compile_in_sandbox(
+    runtime: Runtime, execution: WasmExecution, files: list
+) -> tuple[str | None, str]:
     """The program's modules compiled and marshalled by a throwaway instance that runs
-    none of its code (so the result is not the program's to forge); None if that fails,
-    and the instance then compiles for itself, failing with its usual message."""
+    none of its code (so the result is not the program's to forge): (code, "") or
+    (None, what went wrong). Called inside a step of `execution` (its limits apply)."""
     store = _new_store(runtime, execution, wasmtime.WasiConfig())
     try:
-        instance = runtime.linker.instantiate(store, runtime.component)
-        funcs = {e: instance.get_func(store, runtime.exports[e]) for e in ("start", "outcome")}
-        start = _signature(runtime, "start", funcs["start"], store)
-        if not start.call(funcs["start"], store, [*files, (COMPILE_ONLY, "")], []):
-            return None
-        outcome = _signature(runtime, "outcome", funcs["outcome"], store)
-        result = outcome.call(funcs["outcome"], store)
-        return result.payload if result.tag == "ok" else None
-    except (wasmtime.Trap, wasmtime.WasmtimeError, ValueMismatch):
-        return None
+        with _Active(execution):
+            instance = runtime.linker.instantiate(store, runtime.component)
+            funcs = {e: instance.get_func(store, runtime.exports[e]) for e in ("start", "outcome")}
+            start = _signature(runtime, "start", funcs["start"], store)
+            if not start.call(funcs["start"], store, [*files, (COMPILE_ONLY, "")], []):
+                return None, "the compiler did not finish"
+            outcome = _signature(runtime, "outcome", funcs["outcome"], store)
+            result = outcome.call(funcs["outcome"], store)
+        return (result.payload, "") if result.tag == "ok" else (None, result.payload)
+    except (wasmtime.Trap, wasmtime.WasmtimeError, ValueMismatch) as error:
+        return None, str(execution._describe(error))
     finally:
         store.close()
 
@@ -227,6 +231,7 @@ class WasmExecution(Execution):
     ) -> None:
         super().__init__(host, executor.scheduler)
         self.executor = executor
+        self.deadline_s = executor.deadline_ms / 1000
         self._checked = checked
         self._files = sorted(checked.files.items())
         self._arguments = list(arguments)
@@ -246,8 +251,7 @@ class WasmExecution(Execution):
     def _enter_start(self) -> Step:
         runtime = self._runtime
         files = self._files
-        with _Active(self):
-            code = self.executor.compiled(runtime, self._checked, files, self)
+        code = self.executor.compiled(runtime, self._checked, files, self)
         if self.sched.interrupt is not None:  # killed, or out of time, while compiling
             raise self.sched.interrupt
         if code is not None:
@@ -335,11 +339,11 @@ class WasmExecution(Execution):
 
     def epoch_ticks(self) -> int:
         """Ticks until the scheduler must look at this step (end of turn, or CPU deadline)."""
-        return self.scheduler.ticks(self, TICK_S, self.executor.deadline_ms / 1000)
+        return self.scheduler.ticks(self, TICK_S, self.deadline_s)
 
     def on_epoch(self) -> InstanceFault | None:
         """The epoch deadline passed: None to go on (after a pause, maybe), or why it traps."""
-        return self.scheduler.pause(self, self.executor.deadline_ms / 1000)
+        return self.scheduler.pause(self, self.deadline_s)
 
     def _output(self, stream: str):
         def write(data: bytes) -> None:
@@ -355,6 +359,26 @@ class WasmExecution(Execution):
                 log.info("[{label}] more output dropped", label=self._prefix())
 
         return write
+
+
+class _CompileJob(WasmExecution):
+    """Checks a program for WasmExecutor.check: compiles it in a throwaway instance.
+
+    A step like any other (on a guest thread, paused at the slice, within the memory
+    limit), so a big or hostile program costs the reactor nothing; it may compute
+    for up to CHECK_DEADLINE_MS, as it runs only the compiler. `finished` fires with
+    the marshalled code, or fails with what is wrong with the program.
+    """
+
+    def __init__(self, executor: WasmExecutor, checked: program.Checked) -> None:
+        super().__init__(executor, checked, [], None)
+        self.deadline_s = CHECK_DEADLINE_MS / 1000
+
+    def _enter_start(self) -> Step:
+        code, error = _compile_in_sandbox(self._runtime, self, self._files)
+        if self.sched.interrupt is not None:
+            raise self.sched.interrupt
+        return ("done", code) if code is not None else ("failed", error)
 
 
 class _Active:
@@ -412,6 +436,7 @@ class WasmExecutor:
         self._runtime: Runtime | None = None
         self._waiters: list[Deferred] = []
         self._compiled: OrderedDict[bytes, str | None] = OrderedDict()
+        self._compiled_bytes = 0
 
     def compiled(
         self,
@@ -421,24 +446,49 @@ class WasmExecutor:
         execution: WasmExecution,
     ) -> str | None:
         """The marshalled code of a program's modules, compiled in the sandbox once per
-        program (the last COMPILED_CACHE_SIZE programs): instances load it rather than
-        compile the same sources again, a third of their start. None: compile as usual."""
-        if checked.size > COMPILED_SOURCE_LIMIT:
-            return None
+        program (by its check, or its first instance; the recent ones, COMPILED_CACHE_BYTES
+        in all): instances load it rather than compile the same sources again, a third of
+        their start. None: compile as usual."""
         key = checked.key
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
-        code = _compile_in_sandbox(runtime, execution, files)
+        code, _ = _compile_in_sandbox(runtime, execution, files)  # (the instance says why)
         if execution.sched.interrupt is not None:
             return None  # cut short: says nothing about the program
-        self._compiled[key] = code
-        if len(self._compiled) > COMPILED_CACHE_SIZE:
-            self._compiled.popitem(last=False)
+        self._remember_compiled(checked, code)
         return code
 
-    def check(self, program_bytes: bytes) -> program.Checked:
-        return program.check(program_bytes, self.limits)
+    def _remember_compiled(self, checked: program.Checked, code: str | None) -> None:
+        size = len(code or "")
+        if checked.key in self._compiled or size > COMPILED_CACHE_BYTES // 4:
+            return
+        self._compiled[checked.key] = code
+        self._compiled_bytes += size
+        while self._compiled_bytes > COMPILED_CACHE_BYTES:
+            _, dropped = self._compiled.popitem(last=False)
+            self._compiled_bytes -= len(dropped or "")
+
+    def check(self, program_bytes: bytes) -> Deferred:
+        """Deferred firing with the program checked (program.Checked); PieError if not valid.
+
+        Nothing of it runs on the reactor thread: the archive is unzipped in a thread,
+        and the modules are compiled in the sandbox by a _CompileJob, whose code the
+        program's instances then load instead of compiling again.
+        """
+        return Deferred.fromCoroutine(self._check(bytes(program_bytes)))
+
+    async def _check(self, program_bytes: bytes) -> program.Checked:
+        checked = await deferToThread(program.prepare, program_bytes, self.limits)
+        runtime = await self.ready()
+        job = _CompileJob(self, checked)
+        job.begin(runtime)
+        try:
+            code = await job.finished
+        except InstanceFault as fault:
+            raise PieError(str(fault)) from None
+        self._remember_compiled(checked, code)
+        return checked
 
     def run(
         self, program_bytes: bytes | program.Checked, arguments: list[str], host: Any

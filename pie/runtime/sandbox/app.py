@@ -42,7 +42,13 @@ from pie.inferlet._driver import Driver, Step, format_failure
 from pie.inferlet.template import Template, compiled
 from pie.inferlet.testing import SMOLLM2_TEMPLATE
 from pie.runtime.sandbox import guard
-from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, compile_modules, load_main
+from pie.runtime.sandbox.loader import (
+    COMPILE_ONLY,
+    COMPILED,
+    ProgramError,
+    compile_modules,
+    load_main,
+)
 
 guard.install(host)  # malformed host calls fail the step instead of trapping
 
@@ -165,9 +171,14 @@ def _resume(fut: int, value) -> bool:
 
 
 def _compile_only(files: dict[str, str]) -> bool:
-    """Compile without running: the outcome is the marshalled code, as latin-1 text."""
+    """Compile without running: the outcome is the marshalled code, as latin-1 text, or
+    what is wrong with the program (the text the upload fails with)."""
     try:
         code = marshal.dumps(compile_modules(files))
+    except ProgramError as error:
+        return _ended(("failed", str(error)))
+    except MemoryError:
+        return _ended(("failed", "the program is too big to compile within the memory limit"))
     except BaseException as error:
         return _ended(("failed", format_failure(error)))
     return _ended(("done", code.decode("latin-1")))

@@ -161,9 +161,9 @@ async def run(reactor, opts) -> None:
     from twisted.internet import threads
 
     from bench.decode import wait_for_quiet
+    from pie.service.local import load_worker
     from pie.service.registry import default_model_path
     from pie.service.service import ModelService
-    from pie.service.local import load_worker
 
     torch.set_num_threads(opts.threads)
     model = opts.model or default_model_path()

@@ -37,14 +37,14 @@ from zope.interface import implementer
 
 from bench.decode import wait_for_quiet
 from bench.sandbox import host_call_latency, spawn_time, wasm_executor
+from pie.engine.batch import Forward, ForwardItem, Sampling
 from pie.inferlet.template import Template
 from pie.interfaces import IInstanceOwner
-from pie.engine.batch import Forward, ForwardItem, Sampling
-from pie.service.registry import default_model_path
-from pie.service.service import ModelService
-from pie.service.local import load_worker
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.runtime import Runtime
+from pie.service.local import load_worker
+from pie.service.registry import default_model_path
+from pie.service.service import ModelService
 
 APP = "inferlets/text_completion.py"
 TOPICS = [

@@ -35,9 +35,9 @@ from pie.engine.batch import Forward, Sampling
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model, resolve_dtype
+from pie.service.local import LocalWorker
 from pie.service.registry import default_model_path
 from pie.service.service import ModelService
-from pie.service.local import LocalWorker
 
 TEXT = (
     "The history of the lighthouse is a history of people who kept a light burning for ships "

@@ -27,11 +27,12 @@ import time
 import torch
 from twisted.internet import defer, task
 
+from pie.remote.client import WorkerProcess, spawn_worker
+from pie.remote.wire import WORKER_TOKEN_FILE
+from pie.service.local import load_worker
 from pie.service.placement import attach_worker
 from pie.service.registry import resolve_model
-from pie.remote.wire import WORKER_TOKEN_FILE, WorkerProcess, spawn_worker
 from pie.service.service import ModelService
-from pie.service.local import load_worker
 
 PAGE = 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,8 +19,8 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from pie.interfaces import IModelWorker
 from pie.engine.batch import Forward, Sampling, WorkerInfo
+from pie.interfaces import IModelWorker
 from pie.service.service import ModelService
 
 PAGE = 16

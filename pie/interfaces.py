@@ -108,6 +108,10 @@ class IModelService(Interface):
     service_id = Attribute("int: the model service's id (stable for the daemon's life).")
     kv_page_size = Attribute("int")
     dist_size = Attribute("int: entries in each returned distribution (top-k).")
+    instance_terminator = Attribute(
+        "callable(instance_id, reason) or None: how the service ends an instance it must evict; "
+        "the runtime sets it when the service is added."
+    )
     tokenizer = Attribute("ITokenizer")
 
     def status() -> dict:

@@ -130,6 +130,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         from pie.runtime.executors.program import Limits
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
+        from pie.service.servicetypes import attach_remote_service
 
         runtime = Runtime(
             settings["home"],
@@ -142,6 +143,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             ),
             reactor=reactor,
             max_program_size=settings["max_program_size"],
+            attacher=attach_remote_service,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

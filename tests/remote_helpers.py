@@ -11,10 +11,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from zope.interface import implementer
 
-from pie.interfaces import IModelWorker, PieError
 from pie.engine import batch
-from pie.remote import wire as remote
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import IModelWorker, PieError
+from pie.remote import client, server
 
 SECRET = b"s" * 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ class FakeWorker:
 
 async def listen_worker(worker: object, secret: bytes = SECRET, name: str = "w-test", clock=None):
     """Serve `worker` on a loopback port; (factory, port, 'ws://127.0.0.1:N')."""
-    factory = remote.WorkerServerFactory(worker, secret, name, clock=clock)
+    factory = server.WorkerServerFactory(worker, secret, name, clock=clock)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     return factory, port, f"ws://127.0.0.1:{port.getHost().port}"
 
@@ -99,9 +99,9 @@ def start_worker_process(
     listen: str = "tcp:0:interface=127.0.0.1",
     prefix: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
-) -> remote.WorkerProcess:
+) -> client.WorkerProcess:
     """A real `pie worker` on the CPU in fp32 with 64 KV pages (one torch thread)."""
     args = ["--model", model, "--listen", listen, "--token-file", token_file]
     args += ["--device", "cpu", "--dtype", "float32", "--num-pages", "64", *extra]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
-    return remote.spawn_worker(reactor, args, env=env, prefix=prefix)
+    return client.spawn_worker(reactor, args, env=env, prefix=prefix)

@@ -27,6 +27,7 @@ from pie.interfaces import (
     PieError,
 )
 from pie.runtime.runtime import Runtime
+from pie.service.servicetypes import attach_remote_service
 
 Script = Callable[[object, list[str]], Coroutine]
 
@@ -206,7 +207,7 @@ def make_runtime(
         home,
         services if services is not None else {"fake": FakeModelService()},
         executor if executor is not None else ScriptExecutor(),
-        **kwargs,
+        **{"attacher": attach_remote_service, **kwargs},
     )
     runtime.startService()
     testcase.addCleanup(lambda: runtime.stopService() if runtime.running else None)

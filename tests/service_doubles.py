@@ -17,8 +17,8 @@ import hashlib
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from pie.interfaces import IModelWorker, PieError
 from pie.engine.batch import CopyKv, EmbedText, Forward, GetDistributions, MaskKv, Query, WorkerInfo
+from pie.interfaces import IModelWorker, PieError
 
 
 def fake_distribution(

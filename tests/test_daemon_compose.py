@@ -13,8 +13,8 @@ import json
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from pie.service.local import LocalModelService
 from pie.server.uploads import hash_program
+from pie.service.local import LocalModelService
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.model_fixtures import write_tiny_model
@@ -97,3 +97,39 @@ class ComposedDaemonTests(unittest.TestCase):
             [(e["event"], e["message"]) for e in events],
             [("message", f"{model['model_name']} 8"), ("terminated", "instance normally finished")],
         )
+
+    async def test_shutdown_order(self):
+        """Stop goes listener -> runtime (ends instances) -> model service close -> worker close."""
+        model_dir = self.mktemp()
+        write_tiny_model(model_dir)
+        port = await self.start(
+            "--model",
+            model_dir,
+            "--executor",
+            "dev",
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num-pages",
+            "16",
+        )
+        [local] = [s for s in self.top if isinstance(s, LocalModelService)]
+        runtime = next(s for s in self.top if type(s).__name__ == "Runtime")
+        listener = self.top.getServiceNamed("clients")
+        order: list[str] = []
+
+        def spy(obj: object, method: str, label: str) -> None:
+            real = getattr(obj, method)
+            self.patch(obj, method, lambda *a: (order.append(label), real(*a))[1])
+
+        spy(listener, "stopService", "listener")
+        spy(runtime, "stopService", "runtime")
+        spy(local.model_service, "close", "model service")
+        spy(local.worker, "close", "worker")
+        client = await rawclient.connect(port.getHost().port)
+        await self.top.stopService()
+        await client.closed
+        self.assertEqual(order, ["listener", "runtime", "model service", "worker"])

@@ -14,10 +14,10 @@ import tempfile
 import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
-from pie.interfaces import PieError
 from pie.engine.batch import CopyKv, EmbedText, Forward, ForwardItem, GetDistributions, MaskKv
 from pie.engine.engine import create_engine
 from pie.engine.loaders import load_model
+from pie.interfaces import PieError
 from tests.model_fixtures import dense, hf_probs, tiny_model, write_tiny_model
 
 PS = 16

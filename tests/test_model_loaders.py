@@ -13,12 +13,12 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
 from pie.engine.quant import Int4Linear
+from pie.interfaces import IModelLoader, PieError
 from pie.service.servicetypes import model_loaders
 from tests.model_fixtures import dense, hf_probs, write_tiny_model
 

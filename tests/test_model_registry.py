@@ -10,6 +10,7 @@ import zipfile
 
 from twisted.trial.unittest import TestCase
 
+from pie.cli import model as model_cli
 from pie.interfaces import PieError
 from pie.service import registry
 
@@ -97,6 +98,6 @@ class ModelCache(TestCase):
     def test_cli_list_and_errors(self):
         self.patch(os, "environ", dict(os.environ, PIE_HOME=self.home))
         out = io.StringIO()
-        self.assertEqual(registry.main(["list"], out=out), 0)
+        self.assertEqual(model_cli.main(["list"], out=out), 0)
         self.assertIn("no models", out.getvalue())
-        self.assertEqual(registry.main(["remove", "ghost"], out=io.StringIO()), 1)
+        self.assertEqual(model_cli.main(["remove", "ghost"], out=io.StringIO()), 1)

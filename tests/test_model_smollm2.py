@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
-from pie.interfaces import PieError
 from pie.engine.batch import Forward, ForwardItem, Sampling
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
+from pie.interfaces import PieError
 from pie.service.registry import default_model_path
 
 PS = 16

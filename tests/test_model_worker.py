@@ -10,8 +10,8 @@ import threading
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import IModelWorker, ITokenizer, PieError
 from pie.engine.batch import EmbedText, Forward, ForwardItem, Query, Sampling, WorkerInfo
+from pie.interfaces import IModelWorker, ITokenizer, PieError
 from pie.service.local import load_worker
 from tests.model_fixtures import write_tiny_model
 

@@ -17,8 +17,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pie.interfaces import IRemoteServiceType, PieError
-from pie.service import servicetypes
 from pie.plugins import pie_l4m
+from pie.service import servicetypes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pie-echo-plugin")

@@ -18,15 +18,15 @@ import torch
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 
-from pie.interfaces import PieError
 from pie.engine import batch
-from pie.remote import wire as remote
 from pie.engine.loaders import load_model
-from pie.service.placement import ModelPool
-from pie.service.service import ModelService
-from pie.service.local import start_worker
+from pie.interfaces import PieError
+from pie.remote import client, wire
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
+from pie.service.local import start_worker
+from pie.service.placement import ModelPool
+from pie.service.service import ModelService
 from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
 from tests.pieserver import LiveServer, token
@@ -61,7 +61,7 @@ class RemoteWorkerCase(unittest.TestCase):
         write_tiny_model(self.model)
         self.home = os.path.join(tmp, "home")
         os.makedirs(self.home)
-        self.token_file = os.path.join(self.home, remote.WORKER_TOKEN_FILE)
+        self.token_file = os.path.join(self.home, wire.WORKER_TOKEN_FILE)
         with open(self.token_file, "w") as f:
             f.write("t" * 64)
         self.runtime = make_runtime(self, home=self.home, executor=DevExecutor(), services={})
@@ -69,7 +69,7 @@ class RemoteWorkerCase(unittest.TestCase):
 
     async def worker(
         self, *extra: str, token_file: str | None = None, env: dict | None = None
-    ) -> tuple[remote.WorkerProcess, str]:
+    ) -> tuple[client.WorkerProcess, str]:
         process = start_worker_process(self.model, token_file or self.token_file, *extra, env=env)
         self.addCleanup(process.stop, "KILL")
         return process, await process.url
@@ -189,7 +189,7 @@ class TensorParallelWorkerTests(RemoteWorkerCase):
             "--num-pages",
             "8",
         )
-        worker = await remote.connect_worker(url, b"t" * 64, "tp2")
+        worker = await client.connect_worker(url, b"t" * 64, "tp2")
         self.assertEqual(worker.info.model_name, "tiny")
         loaded = load_model(self.model)
         from pie.engine.llama import LlamaModel

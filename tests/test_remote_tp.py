@@ -13,10 +13,10 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from pie.interfaces import PieError
 from pie.engine import tp
 from pie.engine.llama import LlamaConfig, LlamaModel
 from pie.engine.loaders import load_model
+from pie.interfaces import PieError
 from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
 

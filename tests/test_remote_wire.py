@@ -14,9 +14,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pie.interfaces import InstanceFault, PieError
 from pie.engine import batch
-from pie.remote import wire as remote
+from pie.interfaces import InstanceFault, PieError
+from pie.remote import client, server, wire
 from tests.remote_helpers import SECRET, FakeWorker, listen_worker
 from tests.test_inferlets_apps import model_path
 
@@ -40,7 +40,7 @@ class RawClient(WebSocketClientProtocol):
 
 async def raw_exchange(url: str, reply) -> tuple[list[dict], int]:
     """Connect by hand, answer the challenge with reply(nonce); (messages, close code)."""
-    factory = WebSocketClientFactory(url, protocols=[remote.SUBPROTOCOL])
+    factory = WebSocketClientFactory(url, protocols=[wire.SUBPROTOCOL])
     factory.protocol = RawClient
     factory.reply = reply
     factory.closed = Deferred()
@@ -56,8 +56,8 @@ class WireTests(unittest.TestCase):
         self.server, port, self.url = await listen_worker(self.fake)
         self.addCleanup(port.stopListening)
 
-    async def attach(self, name: str = "w1", secret: bytes = SECRET) -> remote.RemoteWorker:
-        worker = await remote.connect_worker(self.url, secret, name)
+    async def attach(self, name: str = "w1", secret: bytes = SECRET) -> client.RemoteWorker:
+        worker = await client.connect_worker(self.url, secret, name)
         self.addCleanup(worker.close)
         return worker
 
@@ -131,7 +131,7 @@ class WireTests(unittest.TestCase):
     async def test_wrong_token_is_refused(self):
         """A daemon without the worker's secret is refused before any job runs."""
         with self.assertRaises(PieError) as caught:
-            await remote.connect_worker(self.url, b"x" * 32, "w1")
+            await client.connect_worker(self.url, b"x" * 32, "w1")
         self.assertEqual(
             str(caught.exception),
             f"model worker at {self.url} refused the daemon: bad worker token",
@@ -139,9 +139,9 @@ class WireTests(unittest.TestCase):
 
     async def test_second_daemon_is_refused_until_the_first_detaches(self):
         """Only the daemon that attached may use the worker; after a detach it can be re-attached."""
-        first = await remote.connect_worker(self.url, SECRET, "w1")
+        first = await client.connect_worker(self.url, SECRET, "w1")
         with self.assertRaises(PieError) as caught:
-            await remote.connect_worker(self.url, SECRET, "w1-again")
+            await client.connect_worker(self.url, SECRET, "w1-again")
         self.assertIn(
             "refused the daemon: already attached to the daemon at tcp4:127.0.0.1:",
             str(caught.exception),
@@ -158,14 +158,14 @@ class WireTests(unittest.TestCase):
         messages, code = await raw_exchange(self.url, lambda nonce: [job])
         self.assertEqual([m["type"] for m in messages], ["challenge", "refused"])
         self.assertEqual(messages[1]["reason"], "'job' before a successful hello")
-        self.assertEqual(code, remote.CLOSE_REFUSED)
+        self.assertEqual(code, wire.CLOSE_REFUSED)
         self.assertEqual(self.fake.executed, [])
 
     async def test_protocol_version_mismatch_is_refused(self):
         """A hello for another protocol version is refused with both versions named."""
 
         def hello(nonce):
-            return [{"type": "hello", "protocol": 99, "proof": remote.proof(SECRET, nonce)}]
+            return [{"type": "hello", "protocol": 99, "proof": wire.proof(SECRET, nonce)}]
 
         messages, code = await raw_exchange(self.url, hello)
         self.assertEqual(
@@ -174,7 +174,7 @@ class WireTests(unittest.TestCase):
 
     async def test_replayed_proof_is_refused(self):
         """A proof made for another nonce (a replay) does not authenticate."""
-        stale = remote.proof(SECRET, b"\0" * 32)
+        stale = wire.proof(SECRET, b"\0" * 32)
         messages, _ = await raw_exchange(
             self.url, lambda nonce: [{"type": "hello", "protocol": 1, "proof": stale}]
         )
@@ -184,7 +184,7 @@ class WireTests(unittest.TestCase):
         """A stranger's garbage is closed with 4003 while the attached daemon keeps working."""
         worker = await self.attach()
         messages, code = await raw_exchange(self.url, lambda nonce: [["not", "a", "map"]])
-        self.assertEqual(code, remote.CLOSE_BAD_FRAME)
+        self.assertEqual(code, wire.CLOSE_BAD_FRAME)
         self.assertEqual(await worker.execute(batch.Query("ping")), "pong")
 
     async def test_lost_worker_fails_pending_and_future_jobs(self):
@@ -213,15 +213,15 @@ class SilentHostTests(unittest.TestCase):
         self.patch(txaio.config, "loop", clock)
         server, port, url = await listen_worker(FakeWorker())
         self.addCleanup(port.stopListening)
-        worker = await remote.connect_worker(url, SECRET, "w1")
+        worker = await client.connect_worker(url, SECRET, "w1")
         lost = Deferred()
         worker.on_lost(lambda w, reason: lost.callback(reason))
         parked = worker.execute(batch.Query("park"))
         daemon = server.daemon
         daemon.transport.pauseProducing()  # the worker reads nothing more: no pongs
-        clock.advance(remote.PING_INTERVAL_S)
+        clock.advance(wire.PING_INTERVAL_S)
         self.assertNoResult(lost)
-        clock.advance(remote.PING_TIMEOUT_S + 1)
+        clock.advance(wire.PING_TIMEOUT_S + 1)
         reason = await lost
         self.assertTrue(reason.startswith(f"model worker w1 at {url} lost: "), reason)
         with self.assertRaises(InstanceFault):
@@ -244,7 +244,7 @@ class ConnectFailureTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         url = f"ws://127.0.0.1:{port.getHost().port}"
         clock = Clock()
-        d = remote.connect_worker(url, SECRET, "w1", clock=clock, timeout=5)
+        d = client.connect_worker(url, SECRET, "w1", clock=clock, timeout=5)
         silent = await accepted
         self.addCleanup(silent.transport.loseConnection)
         clock.advance(4.9)
@@ -263,19 +263,19 @@ class ConnectFailureTests(unittest.TestCase):
         number = port.getHost().port
         await port.stopListening()
         with self.assertRaises(PieError) as caught:
-            await remote.connect_worker(f"ws://127.0.0.1:{number}", SECRET, "w1")
+            await client.connect_worker(f"ws://127.0.0.1:{number}", SECRET, "w1")
         self.assertIn("is unreachable", str(caught.exception))
 
     def test_bad_endpoint(self):
         """Malformed endpoints fail at once; Pie's tcp:// form and bare host:port are accepted."""
-        self.failureResultOf(remote.connect_worker("ipc:///tmp/x", SECRET, "w"), PieError)
-        self.assertEqual(remote.parse_endpoint("tcp://10.1.2.3:9100"), ("10.1.2.3", 9100))
-        self.assertEqual(remote.parse_endpoint("localhost:80"), ("localhost", 80))
-        self.assertRaises(PieError, remote.parse_endpoint, "ws://host:70000")
+        self.failureResultOf(client.connect_worker("ipc:///tmp/x", SECRET, "w"), PieError)
+        self.assertEqual(wire.parse_endpoint("tcp://10.1.2.3:9100"), ("10.1.2.3", 9100))
+        self.assertEqual(wire.parse_endpoint("localhost:80"), ("localhost", 80))
+        self.assertRaises(PieError, wire.parse_endpoint, "ws://host:70000")
 
     def test_worker_needs_a_secret(self):
         """A worker cannot be started without a token."""
-        self.assertRaises(PieError, remote.WorkerServerFactory, FakeWorker(), b"", "w")
+        self.assertRaises(PieError, server.WorkerServerFactory, FakeWorker(), b"", "w")
 
 
 class TokenizerWireTests(unittest.TestCase):
@@ -292,8 +292,8 @@ class TokenizerWireTests(unittest.TestCase):
         from pie.engine.tokenizer import Tokenizer
 
         original = Tokenizer.from_gguf_metadata(read_metadata(GGUFReader(path)))
-        shipped = remote.tokenizer_from_wire(
-            remote.unpack(remote.pack(dict(remote.tokenizer_to_wire(original), type="t")))
+        shipped = wire.tokenizer_from_wire(
+            wire.unpack(wire.pack(dict(wire.tokenizer_to_wire(original), type="t")))
         )
         text = "<|im_start|>user\nPrix: 1234,56 € — naïve café 😀<|im_end|>\n"
         self.assertEqual(shipped.tokenize(text), original.tokenize(text))
@@ -302,4 +302,4 @@ class TokenizerWireTests(unittest.TestCase):
         self.assertEqual(shipped.vocabs(), original.vocabs())
         self.assertEqual(shipped.eos_token_ids, original.eos_token_ids)
         self.assertEqual(shipped.chat_template, original.chat_template)
-        self.assertTrue(remote.tokenizer_to_wire(original)["byte_level"])
+        self.assertTrue(wire.tokenizer_to_wire(original)["byte_level"])

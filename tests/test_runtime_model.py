@@ -7,9 +7,9 @@ import textwrap
 
 from twisted.trial import unittest
 
-from pie.service.service import CONTENTION_REASON, ModelService
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.instances import NORMAL_FINISH
+from pie.service.service import CONTENTION_REASON, ModelService
 from tests.runtime_doubles import CharTokenizer, RecordingOwner, make_runtime
 from tests.service_doubles import FakeWorker
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from pie.cli import sandbox as sandbox_cli
 from pie.interfaces import PieError
 from pie.runtime.executors import build, wasm
 from tests.test_executor_contract import ExecutorHelpers
@@ -83,7 +84,7 @@ class CacheKeyTests(TestCase):
     def test_cli_status_and_build_failure(self) -> None:
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out):
-            self.assertEqual(build.main(["status", "--home", str(self.home)]), 1)
+            self.assertEqual(sandbox_cli.main(["status", "--home", str(self.home)]), 1)
         self.assertIn("not built", out.getvalue())
 
         def broken(output, progress):
@@ -92,7 +93,7 @@ class CacheKeyTests(TestCase):
 
         self.patch(build, "componentize", broken)
         with redirect_stdout(out), redirect_stderr(err):
-            self.assertEqual(build.main(["build", "--home", str(self.home)]), 1)
+            self.assertEqual(sandbox_cli.main(["build", "--home", str(self.home)]), 1)
         self.assertIn("componentize-py: building", out.getvalue())
         self.assertIn("boom", err.getvalue())
 

@@ -7,8 +7,8 @@ import os
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
-from pie.interfaces import InstanceFault
 from pie.engine.batch import Forward
+from pie.interfaces import InstanceFault
 from pie.service.exportstore import ExportStore
 from pie.service.resources import IdPool, Resources
 from pie.service.service import ModelService

@@ -6,11 +6,11 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from pie.interfaces import IModelWorker, InstanceFault
 from pie.engine.batch import CopyKv, Forward, Sampling
 from pie.engine.loaders import load_model
-from pie.service.service import CONTENTION_REASON, ModelService
+from pie.interfaces import IModelWorker, InstanceFault
 from pie.service.local import start_worker
+from pie.service.service import CONTENTION_REASON, ModelService
 from tests.model_fixtures import write_tiny_model
 
 PS = 4

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pie.interfaces import PieError
+
 Distribution = tuple[list[int], list[float]]  # top-k token ids, probabilities (descending)
 
 
@@ -136,3 +138,11 @@ def from_wire(data: dict):
             items.append(ForwardItem(**item))
         return Forward(items=items)
     return cls(**args)
+
+
+def check_sampling(s: Sampling) -> None:
+    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
+        raise PieError(
+            f"bad sampling parameters (temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}): "
+            "need temperature >= 0, top_k >= 0, 0 < top_p <= 1"
+        )

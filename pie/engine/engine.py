@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pie.interfaces import PieError
 from pie.engine.attention import ItemLayout, build_plan
 from pie.engine.batch import (
     CopyKv,
@@ -27,11 +26,13 @@ from pie.engine.batch import (
     Query,
     Sampling,
     WorkerInfo,
+    check_sampling,
 )
 from pie.engine.llama import LlamaModel
 from pie.engine.loaders import LoadedModel, resolve_device, resolve_dtype
-from pie.engine.sampling import check_sampling, sample
+from pie.engine.sampling import sample
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import PieError
 
 MAX_POSITION = 1 << 24  # fp32 holds every integer position up to here exactly
 CPU_KV_BUDGET = 512 << 20

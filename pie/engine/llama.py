@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pie.interfaces import PieError
 from pie.engine.attention import AttentionPlan, attend
 from pie.engine.kv_cache import KvCache
 from pie.engine.quant import (
@@ -27,6 +26,7 @@ from pie.engine.quant import (
     Q4_1Weight,
     int4_supported,
 )
+from pie.interfaces import PieError
 
 Linear = DenseLinear | Int4OrDenseLinear
 

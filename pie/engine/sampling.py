@@ -10,16 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pie.interfaces import PieError
 from pie.engine.batch import Sampling
-
-
-def check_sampling(s: Sampling) -> None:
-    if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
-        raise PieError(
-            f"bad sampling parameters (temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}): "
-            "need temperature >= 0, top_k >= 0, 0 < top_p <= 1"
-        )
 
 
 def sample(

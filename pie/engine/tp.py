@@ -25,9 +25,9 @@ import signal
 import torch
 import torch.distributed as dist
 
-from pie.interfaces import PieError
 from pie.engine import batch
 from pie.engine.llama import LlamaConfig, LlamaModel
+from pie.interfaces import PieError
 
 PR_SET_PDEATHSIG = 1
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
@@ -53,12 +53,17 @@ class Runtime(service.Service):
         executor: IInferletExecutor,
         reactor=None,
         max_program_size: int = DEFAULT_MAX_PROGRAM_BYTES,
+        attacher: Callable[..., Deferred] | None = None,
     ) -> None:
+        """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
+        text: how `attach_remote_service` finds a service type (the daemon passes
+        pie.service.servicetypes.attach_remote_service)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
         self.reactor = reactor
         self.executor = executor
+        self.attacher = attacher
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
@@ -101,17 +106,17 @@ class Runtime(service.Service):
         """Serve one more model (attach_remote_service plugins call this)."""
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
-        if hasattr(model_service, "instance_terminator"):  # pie.service.service evicts through it
-            model_service.instance_terminator = self.terminate
+        model_service.instance_terminator = self.terminate
         self._services[name] = model_service
 
     def model_status(self) -> list[dict]:
         return [model_service.status() for model_service in self._services.values()]
 
     def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
-        from pie.service.servicetypes import attach_remote_service
-
-        return attach_remote_service(self, endpoint, service_type, service_name)
+        """Attach a model worker through the attacher the daemon was built with."""
+        if self.attacher is None:
+            return fail(PieError("this daemon attaches no remote services"))
+        return self.attacher(self, endpoint, service_type, service_name)
 
     # ------------------------------------------------------------------ programs
 

@@ -1,7 +1,8 @@
 """The WebSocket listener as a Twisted service, with a shutdown that closes sessions.
 
 StreamServerEndpointService only stops listening; on SIGTERM the daemon should
-also close each client session properly (close code 1001), which ends the
+also close each client session properly (close code 1000: autobahn lets an
+application send only 1000 or 3000-4999), which ends the
 instances those sessions own, before the reactor goes away.
 """
 

@@ -25,13 +25,8 @@ from zope.interface import implementer
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
-from pie.remote.wire import (
-    WORKER_TOKEN_ENV,
-    WORKER_TOKEN_FILE,
-    RemoteWorker,
-    connect_worker,
-    worker_token,
-)
+from pie.remote.client import RemoteWorker, connect_worker
+from pie.remote.wire import WORKER_TOKEN_ENV, WORKER_TOKEN_FILE, worker_token
 from pie.service.service import ModelService
 
 log = Logger()

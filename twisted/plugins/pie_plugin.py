@@ -9,3 +9,10 @@ pie = ServiceMaker(
     "Programmable LLM inference engine: inferlets over a WebSocket/msgpack protocol.",
     "pie",
 )
+
+worker = ServiceMaker(
+    "pie-worker",
+    "pie.remote.worker",
+    "A pie model worker: loads a model and serves it to one daemon (attach type l4m).",
+    "pie-worker",
+)

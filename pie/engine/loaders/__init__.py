@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pie.interfaces import PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.quant import Q4_1Weight
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import PieError
 
 DTYPES = {
     "float32": torch.float32,

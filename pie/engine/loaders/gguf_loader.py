@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from zope.interface import implementer
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
 from pie.engine.quant import Q4_1Weight, parse_q4_1
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import IModelLoader, PieError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from zope.interface import implementer
 
-from pie.interfaces import IModelLoader, PieError
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
 from pie.engine.tokenizer import Tokenizer
+from pie.interfaces import IModelLoader, PieError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # qwen2: Llama with q/k/v biases
 

@@ -15,12 +15,11 @@ cached file takes a few milliseconds. A file lock keeps two processes from
 building the same key at once.
 
 CLI: `pie sandbox build [--force]` and `pie sandbox status` (dispatched here
-by pie/cli.py), or `python -m pie.runtime.executors.build build`.
+by pie/cli/sandbox.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import importlib.metadata
@@ -36,6 +35,7 @@ from pathlib import Path
 import wasmtime
 from wasmtime.component import Component
 
+from pie.config import default_home
 from pie.runtime.witgen import WIT_PATH, WORLD
 
 REPO_PIE = Path(__file__).resolve().parents[2]
@@ -52,8 +52,7 @@ Progress = Callable[[str], None]
 
 
 def pie_home() -> Path:
-    """$PIE_HOME, else ~/.cache/pie."""
-    return Path(os.environ.get("PIE_HOME") or Path.home() / ".cache" / "pie")
+    return Path(default_home())
 
 
 def engine_config() -> wasmtime.Config:
@@ -180,36 +179,3 @@ def prune(home: Path | None = None, keep: int = KEEP_BUILDS) -> list[Path]:
     for stale in builds[keep:]:
         shutil.rmtree(stale, ignore_errors=True)
     return builds[keep:]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`pie sandbox build [--force]` / `pie sandbox status`."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", type=Path, default=None, help="Pie home (default $PIE_HOME)")
-    parser = argparse.ArgumentParser(
-        prog="pie sandbox", description="The inferlet sandbox runtime."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser(
-        "build", parents=[common], help="build and cache the runtime now (once per install)"
-    )
-    make.add_argument("--force", action="store_true", help="rebuild even if cached")
-    commands.add_parser(
-        "status", parents=[common], help="where the runtime is cached and whether it is built"
-    )
-    opts = parser.parse_args(argv)
-    if opts.command == "status":
-        path = artifact_path(opts.home)
-        print(f"{path} ({'built' if path.exists() else 'not built: run `pie sandbox build`'})")
-        return 0 if path.exists() else 1
-    try:
-        path = build(opts.home, opts.force, progress=lambda line: print(line, flush=True))
-    except RuntimeError as error:
-        print(error, file=sys.stderr)
-        return 1
-    print(f"sandbox runtime ready: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ readable; with none, they connect unauthenticated (fine for `serve --no-auth`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -25,12 +24,8 @@ from pie import config as pieconfig
 DEFAULT_URL = "ws://127.0.0.1:8080"
 NORMAL_FINISH = "instance normally finished"
 
-# sub-command -> (module, function taking argv): filled by the parts that own them.
-HOOKS: dict[str, tuple[str, str]] = {
-    "model": ("pie.service.registry", "main"),
-    "worker": ("pie.remote.wire", "worker_main"),
-    "sandbox": ("pie.runtime.executors.build", "main"),
-}
+# `pie NAME ARGV` for the subcommands that parse their own arguments: NAME -> module.run
+SUBCOMMANDS = ("model", "worker", "sandbox")
 
 
 class CliError(Exception):
@@ -175,19 +170,14 @@ def serve(argv: list[str]) -> int:
 
 
 def dispatch(name: str, argv: list[str]) -> int:
-    """Hand `pie NAME ARGV` to the module that owns it."""
-    module_name, function = HOOKS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module_name.startswith(e.name):
-            raise
-        print(
-            f"pie {name}: not available in this installation ({module_name} is missing)",
-            file=sys.stderr,
-        )
-        return 2
-    return getattr(module, function)(argv) or 0
+    """`pie model|worker|sandbox ARGV`: each parses its own arguments."""
+    if name == "model":
+        from pie.cli.model import main as run
+    elif name == "sandbox":
+        from pie.cli.sandbox import main as run
+    else:
+        from pie.remote.worker import run
+    return run(argv) or 0
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -222,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("subject")
     query.add_argument("record", nargs="?", default="")
     _connection_options(query)
-    for name in HOOKS:
+    for name in SUBCOMMANDS:
         commands.add_parser(name, help=f"(see pie {name} --help)", add_help=False)
     return parser
 
@@ -244,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return serve(argv[1:])
-    if argv and argv[0] in HOOKS:
+    if argv and argv[0] in SUBCOMMANDS:
         return dispatch(argv[0], argv[1:])
     args = parse_args(argv)
     try:

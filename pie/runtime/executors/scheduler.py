@@ -23,10 +23,11 @@ GuestScheduler therefore runs every step on a guest thread, with a baton:
   an instance that parks often is not slowed by one that computes, and a paused
   step still gets the baton at least every other slice. A paused step goes on
   in quanta of a fifth of a slice, so that while it computes the reactor gets
-  the baton back every 10 ms or so (by default) and what arrives there runs. Each execution has a
-  CPU budget (a token bucket: `cpu_share` of a core, bursts up to
-  `cpu_share * cpu_window_s` seconds); one that spent it is throttled (not
-  run until the bucket refills) or, with policy "end", ended with the reason.
+  the baton back every 10 ms or so (by default) and what arrives there runs.
+- Each execution has a CPU budget (a token bucket: `cpu_share` of a core,
+  bursts up to `cpu_share * cpu_window_s` seconds); one that spent it is
+  throttled (not run until the bucket refills) or, with policy "end", ended
+  with the reason.
 - At most `max_paused` steps may be paused at once (each holds a thread); past
   that, the one with the least CPU budget left is ended.
 
@@ -37,6 +38,9 @@ or a resume finishes before `submit` returns). Work submitted during a turn
 
 InlineScheduler runs steps on the calling thread, to completion: dev mode,
 whose guests are plain Python on the reactor and cannot be paused.
+
+A scheduler needs of an execution (pie.runtime.executors.base.Execution):
+`sched` (its SchedState), `ended`, `has_work()`, `step_once()` and `kill(reason)`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -64,18 +68,6 @@ PAUSED_QUANTA = 5
 GUEST_STACK_BYTES = 16 * 1024 * 1024
 """Native stack of a guest thread: wasm frames run on it (wasmtime's 512 KiB wasm stack
 limit, plus the host calls' Python frames)."""
-
-
-class Steppable(Protocol):
-    """What a scheduler needs of an execution (pie.runtime.executors.base.Execution)."""
-
-    ended: bool
-
-    def has_work(self) -> bool: ...
-
-    def step_once(self) -> None: ...
-
-    def kill(self, reason: str) -> None: ...
 
 
 class InlineScheduler:

@@ -138,7 +138,9 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             executor=make_executor(
                 settings["executor"],
                 settings["home"],
-                program_limits=Limits(settings["max_program_source"], settings["max_program_files"]),
+                program_limits=Limits(
+                    settings["max_program_source"], settings["max_program_files"]
+                ),
                 **executor_limits(settings, reactor),
             ),
             reactor=reactor,

@@ -41,6 +41,7 @@ from pie.engine.batch import Forward, ForwardItem, Sampling
 from pie.interfaces import IInstanceOwner
 from pie.runtime.chat_template import render
 from pie.runtime.executors.dev import DevExecutor
+from pie.runtime.executors.scheduler import DEFAULT_SLICE_MS
 from pie.runtime.runtime import Runtime
 from pie.service.local import load_worker
 from pie.service.registry import default_model_path
@@ -160,7 +161,7 @@ async def run(reactor, opts) -> None:
     service = ModelService(worker, reactor=reactor)
     executors = {}
     if "wasm" in opts.executors:
-        executors["wasm"] = wasm_executor()
+        executors["wasm"] = wasm_executor()  # for the executor costs (synchronous runs)
     if "dev" in opts.executors:
         executors["dev"] = DevExecutor()
     print(f"model {worker.info.model_name} ({path}) on {worker.info.device} {worker.info.dtype}")
@@ -173,6 +174,8 @@ async def run(reactor, opts) -> None:
     runtimes = {}
     with open(APP, "rb") as f:
         source = f.read()
+    if "wasm" in executors:  # the inferlets run as in the daemon: preempted at its slice
+        executors["wasm"] = wasm_executor(slice_ms=DEFAULT_SLICE_MS)
     for name, executor in executors.items():
         runtime = Runtime(tempfile.mkdtemp(prefix="pie-bench-"), {"m": service}, executor, reactor)
         runtime.startService()

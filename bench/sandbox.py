@@ -119,9 +119,12 @@ def parked_memory(executor, n: int = 100) -> float:
     return used / n
 
 
-def wasm_executor() -> WasmExecutor:
+def wasm_executor(slice_ms: int = 600_000) -> WasmExecutor:
+    """The sandbox for these measurements. By default one turn per program: they run
+    programs synchronously (no reactor), so a paused step would never go on; they
+    measure per-call costs. bench/inferlets.py runs its inferlets with the daemon's slice."""
     build.build(progress=lambda line: print("  " + line, flush=True))
-    return WasmExecutor(deadline_ms=10_000)
+    return WasmExecutor(deadline_ms=10_000, slice_ms=slice_ms)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,17 +78,60 @@ SETTINGS: tuple[Setting, ...] = (
         "inferlet_deadline_ms",
         500,
         int,
-        "CPU time a sandboxed inferlet may run between host calls, in ms (wasm executor).",
+        "Time a sandboxed inferlet may compute without a host call, in ms (wasm executor).",
+    ),
+    Setting(
+        "inferlet_slice_ms",
+        50,
+        int,
+        "Longest a sandboxed inferlet runs before the daemon serves others again, in ms.",
+    ),
+    Setting(
+        "inferlet_cpu_percent",
+        50,
+        int,
+        "CPU share of one sandboxed instance, in percent of a core (over inferlet_cpu_window_s).",
+    ),
+    Setting(
+        "inferlet_cpu_window_s",
+        10,
+        int,
+        "Window of the CPU share, in seconds: an instance may burst this times its share.",
+    ),
+    Setting(
+        "inferlet_cpu_policy",
+        "throttle",
+        str,
+        "An instance over its CPU share is slowed to it (throttle) or ended (end).",
+    ),
+    Setting(
+        "inferlet_max_paused",
+        256,
+        int,
+        "Sandboxed instances that may be paused mid-computation at once (one thread each).",
     ),
     Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
+    Setting(
+        "max_program_source",
+        4 * 1024 * 1024,
+        int,
+        "Largest source one program may have once unzipped, in bytes.",
+    ),
+    Setting("max_program_files", 1000, int, "Most members one program archive may have."),
     Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
     Setting(
         "max_chat_chars",
         4 * 1024 * 1024,
         int,
         "Longest text a chat template may render for an inferlet (and longest JSON it is given), in characters.",
+    ),
+    Setting(
+        "shutdown_timeout_s",
+        10,
+        int,
+        "After SIGTERM, the longest the daemon waits for its parts to stop before it exits.",
     ),
     Setting(
         "max_outbound",
@@ -99,6 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 EXECUTORS = ("wasm", "dev")
+CPU_POLICIES = ("throttle", "end")
 
 
 class ConfigError(usage.UsageError):
@@ -152,9 +196,23 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "max_chat_chars",
         "inferlet_memory_limit",
         "inferlet_deadline_ms",
+        "inferlet_slice_ms",
+        "inferlet_cpu_percent",
+        "inferlet_cpu_window_s",
+        "inferlet_max_paused",
+        "max_program_source",
+        "max_program_files",
+        "shutdown_timeout_s",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    if merged["inferlet_cpu_percent"] > 100:
+        raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
+    if merged["inferlet_cpu_policy"] not in CPU_POLICIES:
+        raise ConfigError(
+            f"inferlet_cpu_policy must be one of {', '.join(CPU_POLICIES)}, "
+            f"not {merged['inferlet_cpu_policy']!r}"
+        )
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged

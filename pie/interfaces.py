@@ -172,13 +172,15 @@ class IInferletExecutor(Interface):
 
     name = Attribute("str: 'wasm' or 'dev'.")
 
-    def check(program: bytes) -> None:
-        """Raise PieError(with the message) if the program cannot run (e.g. a syntax error)."""
+    def check(program: bytes) -> object:
+        """The program made ready to run, or a Deferred of it; PieError (with the message)
+        if it cannot run (e.g. a syntax error). Slow work must not happen on the reactor
+        thread. The runtime keeps the result and passes it to `run` in place of the bytes."""
 
-    def run(program: bytes, arguments: list[str], host: object) -> object:
+    def run(program: object, arguments: list[str], host: object) -> object:
         """Start the program's main(args) against a bound host (pie.runtime.hostapi).
 
-        Returns an IExecution.
+        `program` is what `check` made of it, or the program's bytes. Returns an IExecution.
         """
 
 

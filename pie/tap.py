@@ -49,16 +49,42 @@ class Options(usage.Options):
 
 
 class SequentialMultiService(MultiService):
-    """Stops its children one after the other, last started first.
+    """Stops its children one after the other, last started first, within a timeout.
 
     MultiService stops them all at once; pie must first close the client
     sessions (ending their instances) and only then stop the runtime and the
-    model workers under them.
+    model workers under them. If that takes longer than `timeout_s`, the stop
+    is reported done anyway (and logged), so that SIGTERM always ends the daemon.
     """
+
+    def __init__(self, timeout_s: float | None = None, reactor: Any = None) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+        self._reactor = reactor
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop_each())
+        stopping = Deferred.fromCoroutine(self._stop_each())
+        if self.timeout_s is None:
+            return stopping
+        done: Deferred = Deferred()
+
+        def timed_out() -> None:
+            _log.error(
+                "the daemon's parts did not stop within {timeout} s; exiting anyway",
+                timeout=self.timeout_s,
+            )
+            done.callback(None)
+
+        timer = self._reactor.callLater(self.timeout_s, timed_out)
+
+        def stopped(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        stopping.addBoth(stopped)
+        return done
 
     async def _stop_each(self) -> None:
         for child in reversed(list(self)):
@@ -66,6 +92,22 @@ class SequentialMultiService(MultiService):
                 await maybeDeferred(child.stopService)
             except Exception:
                 _log.failure("stopping {service} failed", service=child)
+
+
+def executor_limits(settings: dict[str, Any], reactor: Any) -> dict[str, Any]:
+    """The sandbox's limits from the settings (the dev executor has none)."""
+    if settings["executor"] != "wasm":
+        return {}
+    return {
+        "memory_limit": settings["inferlet_memory_limit"],
+        "deadline_ms": settings["inferlet_deadline_ms"],
+        "slice_ms": settings["inferlet_slice_ms"],
+        "cpu_percent": settings["inferlet_cpu_percent"],
+        "cpu_window_s": settings["inferlet_cpu_window_s"],
+        "cpu_policy": settings["inferlet_cpu_policy"],
+        "max_paused": settings["inferlet_max_paused"],
+        "reactor": reactor,
+    }
 
 
 def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> MultiService:
@@ -81,10 +123,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if reactor is None:
         from twisted.internet import reactor
     settings = config.settings
-    top = SequentialMultiService()
+    top = SequentialMultiService(settings["shutdown_timeout_s"], reactor)
     model = None
     if runtime is None:
         from pie.runtime.executors import make_executor
+        from pie.runtime.executors.program import Limits
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
         from pie.service.servicetypes import attach_remote_service
@@ -95,8 +138,10 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             executor=make_executor(
                 settings["executor"],
                 settings["home"],
-                memory_limit=settings["inferlet_memory_limit"],
-                deadline_ms=settings["inferlet_deadline_ms"],
+                program_limits=Limits(
+                    settings["max_program_source"], settings["max_program_files"]
+                ),
+                **executor_limits(settings, reactor),
             ),
             reactor=reactor,
             max_program_size=settings["max_program_size"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -67,14 +68,37 @@ class ChildProcess(ProcessProtocol):
         self.output = b""
         self.first_line: Deferred[bytes] = Deferred()
         self.ended: Deferred[int] = Deferred()
+        self._watches: list[tuple[re.Pattern, Deferred]] = []
+
+    def when_output(self, pattern: bytes) -> Deferred:
+        """Fires with the first match of the regex `pattern` in the output (so far or later)."""
+        watch: Deferred = Deferred()
+        self._watches.append((re.compile(pattern), watch))
+        self._match()
+        return watch
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         self.output += data
         if fd == 1 and not self.first_line.called and b"\n" in self.output:
             self.first_line.callback(self.output.split(b"\n")[0])
+        self._match()
+
+    def _match(self) -> None:
+        for pattern, watch in list(self._watches):
+            found = pattern.search(self.output)
+            if found:
+                self._watches.remove((pattern, watch))
+                watch.callback(found)
 
     def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value.exitCode)
+        for _, watch in self._watches:
+            watch.errback(RuntimeError(f"the child ended: {self.output.decode()[-3000:]}"))
+        self._watches.clear()
+        self.ended.callback(
+            reason.value.exitCode
+            if reason.value.exitCode is not None
+            else f"signal {reason.value.signal}"
+        )
 
 
 def spawn_module(module: str, *args: str) -> tuple[ChildProcess, Any]:

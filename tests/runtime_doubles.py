@@ -70,10 +70,11 @@ class ScriptExecutor:
         self.scripts[source] = script
         return source
 
-    def check(self, program: bytes) -> None:
+    def check(self, program: bytes) -> bytes:
         self.checks += 1
         if program not in self.scripts:
             raise PieError("SyntaxError: invalid syntax (main.py, line 1)")
+        return program
 
     def run(self, program: bytes, arguments: list[str], host) -> ScriptExecution:
         execution = ScriptExecution(self.scripts[program](host, list(arguments)))

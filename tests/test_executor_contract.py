@@ -11,7 +11,7 @@ import json
 import zipfile
 from collections import defaultdict
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface.verify import verifyObject
 
 from pie.interfaces import IExecution, IInferletExecutor, InstanceFault, PieError
@@ -191,7 +191,6 @@ async def main(args):
 async def handle(request):
     return {"status": 201, "body": request.method + " " + request.path}
 """
-        self.executor.check(source)
         request = json.dumps({"method": "POST", "path": "/x", "arguments": []})
         _, _, outcome = self.launch(source, ["--pie-http-request", request])
         self.assertEqual(len(outcome), 1)
@@ -213,13 +212,19 @@ async def handle(request):
         self.assertIn("the following arguments are required: --who", text)
         self.assertEqual(host.sent, [])
 
-    def test_syntax_error_fails_check_with_the_message(self) -> None:
-        error = self.assertRaises(
-            PieError, self.executor.check, b"async def main(args)\n    pass\n"
-        )
-        self.assertIn("SyntaxError", str(error))
-        self.assertIn("line 1", str(error))
-        self.executor.check(WELL_BEHAVED)
+    async def test_syntax_error_fails_check_with_the_message(self) -> None:
+        with self.assertRaises(PieError) as raised:
+            await maybeDeferred(self.executor.check, b"async def main(args)\n    pass\n")
+        self.assertIn("SyntaxError", str(raised.exception))
+        self.assertIn("line 1", str(raised.exception))
+        checked = await maybeDeferred(self.executor.check, WELL_BEHAVED)
+        _, host, outcome = self.launch(checked, ["--who", "c"])  # run() takes what check made
+        self.finish_well_behaved(host, outcome, "c")
+
+    async def test_a_program_without_main_fails_check(self) -> None:
+        with self.assertRaises(PieError) as raised:
+            await maybeDeferred(self.executor.check, b"def helper():\n    pass\n")
+        self.assertIn("main.py must define `async def main(args)`", str(raised.exception))
 
     def test_kill_while_parked(self) -> None:
         execution, host, outcome = self.launch(WELL_BEHAVED, ["--who", "x"])

@@ -21,6 +21,9 @@ MEMORY_LIMIT = 64 * 1024 * 1024
 DEADLINE_MS = 5000
 """Generous: the test machine is shared, and only the runaway tests should meet it."""
 SHORT_DEADLINE_MS = 100
+TEST_SLICE_MS = 60_000
+"""These tests drive steps synchronously (a launch or a release returns with the step
+parked), so their steps must fit in one turn; the preemption tests set a short slice."""
 BUILD_TIMEOUT = 600
 """The first test may build the runtime (~15 s idle, minutes on a loaded machine)."""
 
@@ -41,7 +44,12 @@ def pinned_artifact():
 
 def sandbox(**limits) -> WasmExecutor:
     """A WasmExecutor with the test limits over the pinned runtime."""
-    options = {"memory_limit": MEMORY_LIMIT, "deadline_ms": DEADLINE_MS, **limits}
+    options = {
+        "memory_limit": MEMORY_LIMIT,
+        "deadline_ms": DEADLINE_MS,
+        "slice_ms": TEST_SLICE_MS,
+        **limits,
+    }
     executor = WasmExecutor(artifact=pinned_artifact(), **options)
     executor.ready()
     return executor
@@ -234,4 +242,4 @@ async def main(args):
         _, _, outcome = self.launch(
             b"from pie.inferlet import _abi\nasync def main(args):\n    _abi.call('List')\n"
         )
-        self.assertFailedWith(outcome, "NameError: no host call named 'List'")
+        self.assertFailedWith(outcome, "invalid host call: unknown host call 'List'")

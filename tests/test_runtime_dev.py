@@ -208,6 +208,38 @@ class InferletSourceTests:
         self.assertIn("ValueError: no luck", reason)
         self.assertEqual(self.owner.terminations(instance_id), [reason])
 
+    async def test_malformed_host_calls_end_the_instance_with_what_was_wrong(self):
+        """The same reason in both executors (the sandbox used to trap on `unreachable`),
+        also when the program catches the error and goes on."""
+        cases = {
+            "'send', 123": "send: argument 'message': expected a string, got int",
+            "'send'": "send takes 1 arguments (message), got 0",
+            "'tokenize', -1, 'x'": "tokenize: argument 'service': -1 is out of range for u32",
+            "'create_queue', 2**40": "create_queue: argument 'service': "
+            "1099511627776 is out of range for u32",
+            "'send', 'a\\ud800'": "send: argument 'message': string is not valid Unicode (surrogates not allowed)",
+            "'allocate_kv_pages', 1, [1, 'x']": "allocate_kv_pages: argument 'ids': "
+            "item 1: expected an integer (u32), got str",
+            "'List'": "unknown host call 'List'",
+        }
+        for call, detail in cases.items():
+            program = source(
+                f"""
+                from pie.inferlet import _abi, send
+
+                async def main(args):
+                    try:
+                        _abi.call({call})
+                    except BaseException:
+                        pass
+                    send("went on")
+                """
+            )
+            instance_id = await self.launch(program)
+            reason = await self.owner.ended(instance_id)
+            self.assertEqual(reason, f"Runtime error: invalid host call: {detail}", call)
+            self.assertEqual(self.owner.messages(instance_id), [], call)
+
     async def test_terminate_frees_the_model_resources(self):
         instance_id = await self.launch(USES_MODEL)
         await self.owner.heard(instance_id, "allocated")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import sys
+import zipfile
 
 from twisted.trial.unittest import TestCase
 
@@ -16,7 +19,7 @@ from tests.test_executor_contract import zipped
 
 class ProgramFormatTests(TestCase):
     def test_source_file_is_main(self) -> None:
-        files = program.check(b"async def main(args):\n    return 'x'\n")
+        files = program.check(b"async def main(args):\n    return 'x'\n").files
         self.assertEqual(list(files), ["main.py"])
 
     def test_syntax_error_message_names_file_and_line(self) -> None:
@@ -32,11 +35,11 @@ class ProgramFormatTests(TestCase):
     def test_main_is_required(self) -> None:
         error = self.assertRaises(PieError, program.check, b"def helper(): pass\n")
         self.assertIn("async def main(args)", str(error))
-        self.assertEqual(list(program.check(b"from util import main\n")), ["main.py"])
+        self.assertEqual(list(program.check(b"from util import main\n").files), ["main.py"])
 
     def test_zipped_folder(self) -> None:
         data = zipped({"app/main.py": "async def main(a): pass\n", "app/pkg/__init__.py": ""})
-        self.assertEqual(sorted(program.check(data)), ["main.py", "pkg/__init__.py"])
+        self.assertEqual(sorted(program.check(data).files), ["main.py", "pkg/__init__.py"])
 
     def test_archive_without_main(self) -> None:
         error = self.assertRaises(PieError, program.check, zipped({"util.py": "x = 1\n"}))
@@ -49,6 +52,43 @@ class ProgramFormatTests(TestCase):
     def test_broken_archive(self) -> None:
         error = self.assertRaises(PieError, program.check, b"PK\x03\x04garbage")
         self.assertIn("not a valid zip", str(error))
+
+    def test_source_over_the_limit(self) -> None:
+        limits = program.Limits(max_source_bytes=1000)
+        error = self.assertRaises(PieError, program.check, b"#" * 1001, limits)
+        self.assertIn("the program's source exceeds 1000 bytes", str(error))
+
+    def test_zip_bomb_is_refused_before_it_inflates(self) -> None:
+        """A 5 KB archive that would inflate to 5 MB of source: refused by its declared sizes."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("main.py", "async def main(args): pass\n" + "#" * (5 << 20))
+        self.assertLess(len(buffer.getvalue()), 20_000)
+        error = self.assertRaises(PieError, program.check, buffer.getvalue())
+        self.assertIn(
+            f"the program's sources exceed {program.DEFAULT_MAX_SOURCE_BYTES}", str(error)
+        )
+
+    def test_zip_member_that_lies_about_its_size_is_refused(self) -> None:
+        """Declared 30 bytes, inflates to 1 MB: nothing past the declared size is inflated."""
+        buffer = io.BytesIO()
+        source = "async def main(args): pass\n" + "#" * (1 << 20)
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("main.py", source)
+        data = bytearray(buffer.getvalue())
+        real = struct.pack("<I", len(source))
+        for at in (i for i in range(len(data) - 4) if data[i : i + 4] == real):
+            data[at : at + 4] = struct.pack("<I", 30)  # the local and central headers
+        error = self.assertRaises(PieError, program.check, bytes(data))
+        self.assertIn("not a valid zip file", str(error))
+
+    def test_archive_with_too_many_members(self) -> None:
+        files = {"main.py": "async def main(args): pass\n"}
+        files.update({f"data/{i}.txt": "" for i in range(10)})
+        error = self.assertRaises(
+            PieError, program.check, zipped(files), program.Limits(max_files=10)
+        )
+        self.assertIn("the program archive has 11 members; the limit is 10", str(error))
 
     def test_bad_module_path_in_archive(self) -> None:
         data = zipped({"main.py": "async def main(a): pass\n", "my-mod.py": "x = 1\n"})

@@ -62,6 +62,9 @@ class WitBinding:
     def __init__(self) -> None:
         from wit_world.imports import host  # only exists inside the runtime component
 
+        from pie.runtime.sandbox.guard import refuse
+
+        self._refuse = refuse
         self._imports = {
             name: value
             for name, value in vars(host).items()
@@ -77,8 +80,8 @@ class WitBinding:
     def _lookup(self, name: str) -> Callable:
         try:
             return self._imports[name]
-        except KeyError:
-            raise NameError(f"no host call named {name!r}") from None
+        except (KeyError, TypeError):
+            self._refuse(f"unknown host call {name!r}")
 
 
 def run(

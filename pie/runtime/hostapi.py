@@ -10,9 +10,9 @@ each inferlet call as `host.call(name, args)`:
   failure's text (Pie's fire-and-forget semantics, without the silent loss).
 
 Arguments are checked against the WIT types of the table before anything
-runs. An unknown name, a wrong number of arguments or a wrongly typed one is a
+runs (pie.runtime.witcheck). An unknown name, a wrong number of arguments or a wrongly typed one is a
 broken guest, not a user mistake: the call raises InstanceFault and that
-instance (and only it) is terminated with the reason. Errors a program can
+instance (and only it) is terminated with "Runtime error: invalid host call: <what>". Errors a program can
 reasonably expect and handle (an unknown queue, subscription or model id, a
 bad priority) raise PieError into the guest. Calls of an instance that has
 ended raise InstanceFault.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import time
 from collections.abc import Callable
 
@@ -34,131 +33,9 @@ from pie.interfaces import IModelService, InstanceFault, PieError
 from pie.runtime import chat_template
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
 from pie.runtime.instances import Instance
+from pie.runtime.witcheck import InvalidCall, check_call
 
 log = Logger()
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-class _BadArgument(Exception):
-    pass
-
-
-def _check_string(value):
-    if not isinstance(value, str):
-        raise _BadArgument(f"expected a string, got {type(value).__name__}")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise _BadArgument(f"string is not valid Unicode ({e.reason})") from None
-    return value
-
-
-def _check_bool(value):
-    if not isinstance(value, bool):
-        raise _BadArgument(f"expected a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_f32(value):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _BadArgument(f"expected a number (f32), got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise _BadArgument(f"{value} is not a finite number")
-    return float(value)
-
-
-def _unsigned(bits: int) -> Callable[[object], int]:
-    top = (1 << bits) - 1
-
-    def check(value):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _BadArgument(f"expected an integer (u{bits}), got {type(value).__name__}")
-        if not 0 <= value <= top:
-            raise _BadArgument(f"{value} is out of range for u{bits}")
-        return int(value)
-
-    return check
-
-
-def _u32_list(value):
-    """list<u32>, the hot path of every forward call: one pass, no per-item function call."""
-    if not isinstance(value, list | tuple):
-        raise _BadArgument(f"expected a list, got {type(value).__name__}")
-    if not all(type(x) is int and 0 <= x <= 0xFFFFFFFF for x in value):
-        for i, x in enumerate(value):
-            try:
-                _unsigned(32)(x)
-            except _BadArgument as e:
-                raise _BadArgument(f"item {i}: {e}") from None
-    return list(value)
-
-
-def _list_of(item: Callable[[object], object]) -> Callable[[object], list]:
-    def check(value):
-        if not isinstance(value, list | tuple):
-            raise _BadArgument(f"expected a list, got {type(value).__name__}")
-        out = []
-        for i, x in enumerate(value):
-            try:
-                out.append(item(x))
-            except _BadArgument as e:
-                raise _BadArgument(f"item {i}: {e}") from None
-        return out
-
-    return check
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts]
-
-
-def _checker(wit_type: str) -> Callable[[object], object]:
-    """A checker-and-normaliser for a WIT parameter type of the host table."""
-    t = wit_type.strip()
-    if t == "string":
-        return _check_string
-    if t == "bool":
-        return _check_bool
-    if t == "f32":
-        return _check_f32
-    if t in ("u8", "u32", "u64"):
-        return _unsigned(int(t[1:]))
-    if t == "list<u32>":
-        return _u32_list
-    if t.startswith("list<") and t.endswith(">"):
-        return _list_of(_checker(t[5:-1]))
-    if t.startswith("option<") and t.endswith(">"):
-        inner = _checker(t[7:-1])
-        return lambda value: None if value is None else inner(value)
-    if t.startswith("tuple<") and t.endswith(">"):
-        items = [_checker(p) for p in _split_top_level(t[6:-1])]
-
-        def check_tuple(value):
-            if not isinstance(value, list | tuple) or len(value) != len(items):
-                raise _BadArgument(f"expected a tuple of {len(items)}")
-            return tuple(c(v) for c, v in zip(items, value, strict=True))
-
-        return check_tuple
-    raise ValueError(f"no checker for WIT type {wit_type!r}")
-
-
-_CHECKERS: dict[str, tuple[tuple[str, Callable], ...]] = {
-    name: tuple((pname, _checker(ptype)) for pname, ptype in call.params)
-    for name, call in HOST_CALLS.items()
-}
 
 
 # --------------------------------------------------------------------------- the binding
@@ -210,23 +87,13 @@ class HostApi:
     def call(self, instance: Instance, name: str, args: tuple):
         if instance.ended or instance.fault is not None:
             raise InstanceFault(instance.fault or instance.reason or "instance has ended")
-        spec = HOST_CALLS.get(name) if isinstance(name, str) else None
-        if spec is None:
-            self._broken(instance, f"unknown host call {name!r}")
-        if not isinstance(args, tuple | list):
-            self._broken(instance, f"{name}: arguments must be a tuple, not {type(args).__name__}")
-        checkers = _CHECKERS[name]
-        if len(args) != len(checkers):
-            wanted = ", ".join(p for p, _ in checkers) or "none"
-            self._broken(
-                instance, f"{name} takes {len(checkers)} arguments ({wanted}), got {len(args)}"
-            )
-        checked = []
-        for (pname, check), value in zip(checkers, args, strict=True):
-            try:
-                checked.append(check(value))
-            except _BadArgument as e:
-                self._broken(instance, f"{name}: argument {pname!r}: {e}")
+        try:
+            checked = check_call(name, args)
+        except InvalidCall as invalid:
+            reason = f"Runtime error: invalid host call: {invalid}"
+            self._runtime.instances.fault(instance, reason)
+            raise InstanceFault(reason) from None
+        spec = HOST_CALLS[name]
         try:
             result = self._handlers[name](instance, *checked)
         except InstanceFault as fault:
@@ -238,11 +105,6 @@ class HostApi:
             result.addErrback(self._command_failed, instance, name)
             return None
         return result
-
-    def _broken(self, instance: Instance, detail: str):
-        reason = f"Runtime error: invalid host call: {detail}"
-        self._runtime.instances.fault(instance, reason)
-        raise InstanceFault(reason)
 
     def _async_failed(self, failure, instance: Instance):
         if failure.check(InstanceFault):

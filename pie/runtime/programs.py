@@ -6,7 +6,7 @@ one lives in `<directory>/<hash>`, written atomically (temp file + fsync +
 rename) so a crash never leaves a half program under a valid name. At start the
 directory is rescanned and every file is registered under the hash of its
 *content*, as Pie does: a renamed or hand-copied file is still found by what it
-is. Disk work runs in a thread pool; the reactor only hashes and checks.
+is. Disk work and hashing run in a thread pool (the runtime checks programs in its own).
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ class ProgramStore:
         path = self._paths.get(digest)
         if path is None:
             return fail(PieError(f"No such program with hash={digest}"))
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _read, path)
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _read_hashed, path)
 
-        def loaded(data: bytes) -> bytes:
-            if program_hash(data) != digest:
+        def loaded(read: tuple[bytes, str]) -> bytes:
+            data, actual = read
+            if actual != digest:
                 raise PieError(f"program {digest} changed on disk ({path})")
             self._remember(digest, data)
             return data
@@ -178,3 +179,9 @@ class ProgramStore:
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _read_hashed(path: str) -> tuple[bytes, str]:
+    """The file's bytes and their hash (in a thread: a program may be 32 MB)."""
+    data = _read(path)
+    return data, program_hash(data)

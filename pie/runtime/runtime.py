@@ -16,10 +16,12 @@ IModelService of the model they use.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
@@ -37,6 +39,8 @@ from pie.runtime.programs import (
 )
 
 SHUTDOWN_REASON = "engine shutting down"
+PREPARED_SOURCE_BYTES = 64 * 2**20
+"""Checked programs (their sources) kept for launches; older ones are loaded and checked again."""
 
 
 @implementer(IRuntime)
@@ -72,7 +76,7 @@ class Runtime(service.Service):
         )
         self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
-        self._checked: set[str] = set()  # program hashes the executor has accepted
+        self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)
 
@@ -127,28 +131,44 @@ class Runtime(service.Service):
     async def _add_program(self, data: bytes) -> str:
         self.programs.validate_size(data)
         data = bytes(data)
-        digest = program_hash(data)
-        self._check(digest, data)
+        pool = self.reactor.getThreadPool()
+        digest = await deferToThreadPool(self.reactor, pool, program_hash, data)
+        prepared = self._prepared.get(digest) or await self._check(data)
+        self._remember(digest, prepared)
         return await self.programs.add(data, digest)
 
-    def _check(self, digest: str, program: bytes) -> None:
-        """Let the executor refuse a program it cannot run (once per program and process)."""
-        if digest in self._checked:
-            return
+    async def _check(self, program: bytes) -> object:
+        """What the executor makes of the program (off the reactor thread: executors
+        check in a thread or in the sandbox); PieError if it cannot run it."""
         try:
-            self.executor.check(program)
+            return await maybeDeferred(self.executor.check, program)
         except PieError:
             raise
         except Exception as e:
             raise PieError(f"the program cannot be loaded: {type(e).__name__}: {e}") from None
-        self._checked.add(digest)
 
-    async def _runnable(self, digest: str) -> bytes:
+    def _remember(self, digest: str, prepared: object) -> None:
+        """Keep what the executor made of a program, for its launches (bounded by size)."""
+        self._prepared[digest] = prepared
+        self._prepared.move_to_end(digest)
+        total = sum(getattr(p, "size", 0) for p in self._prepared.values())
+        while total > PREPARED_SOURCE_BYTES and len(self._prepared) > 1:
+            _, dropped = self._prepared.popitem(last=False)
+            total -= getattr(dropped, "size", 0)
+
+    async def _runnable(self, digest: str) -> object:
+        """The program checked by the executor: checked at upload, else loaded and checked
+        now (a program found on disk, or one the cache let go)."""
         if not is_program_hash(digest):
             raise PieError(f"invalid program hash {digest!r}: expected 64 lowercase hex digits")
-        program = await self.programs.load(digest)
-        self._check(digest, program)
-        return program
+        prepared = self._prepared.get(digest)
+        if prepared is None:
+            program = await self.programs.load(digest)
+            prepared = await self._check(program)
+            self._remember(digest, prepared)
+        else:
+            self._prepared.move_to_end(digest)
+        return prepared
 
     # ------------------------------------------------------------------ instances
 
@@ -166,7 +186,7 @@ class Runtime(service.Service):
     def start_instance(
         self,
         digest: str,
-        program: bytes,
+        program: object,
         arguments: list[str],
         owner: IInstanceOwner | None,
         server_id: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 
@@ -55,6 +56,7 @@ class Upload:
     total_chunks: int
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    hasher: Any = field(default_factory=blake3.blake3)  # hashed chunk by chunk, as they come
 
 
 class UploadAssembler:
@@ -123,14 +125,14 @@ class UploadAssembler:
             raise UploadError(f"program exceeds the size limit of {self.max_program_size} bytes")
         upload.chunks.append(data)
         upload.size += len(data)
+        upload.hasher.update(data)
         if chunk_index < total_chunks - 1:
             return None
         self.current = None
-        program = b"".join(upload.chunks)
-        actual = hash_program(program)
+        actual = upload.hasher.hexdigest()
         if actual != upload.program_hash:
             raise UploadError(f"hash mismatch: expected {upload.program_hash}, got {actual}")
-        return program
+        return b"".join(upload.chunks)
 
     def _begin(self, corr_id: int, program_hash: str, total_chunks: int) -> Upload:
         program_hash = check_program_hash(program_hash)

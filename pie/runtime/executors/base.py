@@ -8,9 +8,12 @@ futures, turns their results into resume steps, and turns a step's outcome
 to run a step (`_enter_start`, `_enter_resume`) and how to let go of the guest
 (`_release`).
 
-Results that arrive while another resume is running are queued and delivered
-by one loop (`_drain`), so a chain of already-fired Deferreds never recurses.
-Everything here runs on the reactor thread.
+Steps are run by a scheduler (pie.runtime.executors.scheduler): in dev mode
+inline, on the reactor thread; in the sandbox on guest threads that hold the
+reactor's baton, so that a long step can be paused and the reactor runs in
+between. Either way one thread at a time runs this code, and results that
+arrive while a step of this instance runs wait in `_ready`: the guest is
+never entered twice, and a chain of already-fired Deferreds never recurses.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pie.interfaces import IExecution, InstanceFault, PieError
+from pie.runtime.executors.scheduler import INLINE, SchedState
 
 Step = tuple
 
@@ -33,15 +37,17 @@ class Killed(BaseException):
 
 @implementer(IExecution)
 class Execution:
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Any, scheduler: Any = INLINE) -> None:
         self.finished: Deferred = Deferred()
         self.host = host
         self.ended = False
+        self.scheduler = scheduler
+        self.sched: SchedState = scheduler.state()
         self._stepping = False
         self._next_fut = 1
         self._new: list[tuple[int, str, Deferred]] = []
         self._ready: deque[tuple[int, str, Any]] = deque()
-        self._draining = False
+        self._start_pending = False
         self._fault: PieError | None = None
 
     # ---------------------------------------------------------------- subclass hooks
@@ -97,7 +103,22 @@ class Execution:
 
     def start(self) -> None:
         """Run main until it parks (call on the reactor thread, once)."""
-        self._advance(self._enter_start)
+        self._start_pending = True
+        self.scheduler.submit(self)
+
+    # ---------------------------------------------------------------- called by the scheduler
+
+    def has_work(self) -> bool:
+        """A step is due: the start, or a result to resume with."""
+        return not self.ended and (self._start_pending or bool(self._ready))
+
+    def step_once(self) -> None:
+        """Run the due step (the start first, then one resume per result, in order)."""
+        if self._start_pending:
+            self._start_pending = False
+            self._advance(self._enter_start)
+        elif self._ready and not self.ended:
+            self._advance(self._enter_resume, *self._ready.popleft())
 
     def _advance(self, enter, *args: Any) -> None:
         if self.ended:
@@ -128,24 +149,11 @@ class Execution:
     def _resolved(self, value: Any, fut: int, name: str) -> None:
         if not self.ended:
             self._ready.append((fut, name, value))
-            self._drain()
+            self.scheduler.submit(self)
 
     def _rejected(self, failure: Failure, name: str) -> None:
         if not self.ended:
             self._end(Failure(self._as_pie_error(failure.value, name)))
-
-    def _drain(self) -> None:
-        # Resume steps run only from here, so a result that arrives during one (a sync host
-        # call of this instance firing one of its own pending Deferreds, e.g. a broadcast to
-        # its own subscription) waits in _ready: the guest is never entered twice.
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while self._ready and not self.ended:
-                self._advance(self._enter_resume, *self._ready.popleft())
-        finally:
-            self._draining = False
 
     def _end(self, outcome: Any) -> None:
         """Finish once: a value (str/None) or a Failure. The guest is dropped now or after its step."""
@@ -153,8 +161,10 @@ class Execution:
             return
         self.ended = True
         self._ready.clear()
+        self._start_pending = False
         if not self._stepping:
             self._release()
+        self.scheduler.ended(self)
         if isinstance(outcome, Failure):
             self.finished.errback(outcome)
         else:

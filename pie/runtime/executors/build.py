@@ -42,6 +42,8 @@ REPO_PIE = Path(__file__).resolve().parents[2]
 """The `pie` package directory; the guest sources are taken from it."""
 GUEST_DIRS = ("inferlet", "runtime/sandbox")
 """Packages under pie/ bundled into the guest (pure Python, no host imports)."""
+GUEST_MODULES = ("runtime/hostcalls.py", "runtime/witcheck.py")
+"""Single modules under pie/ bundled too: the guest checks host-call arguments with them."""
 APP_MODULE = "pie.runtime.sandbox.app"
 ARTIFACT = "runtime.cwasm"
 KEEP_BUILDS = 3
@@ -71,6 +73,7 @@ def guest_files() -> list[Path]:
     files = []
     for sub in GUEST_DIRS:
         files += sorted((REPO_PIE / sub).rglob("*.py"))
+    files += [REPO_PIE / module for module in GUEST_MODULES]
     return [f for f in files if "__pycache__" not in f.parts]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from pie.inferlet import _abi
@@ -52,11 +54,24 @@ class DevExecutor:
 
     name = "dev"
 
-    def check(self, program_bytes: bytes) -> None:
-        program.check(program_bytes)
+    def __init__(self, program_limits: program.Limits = program.DEFAULT_LIMITS) -> None:
+        self.limits = program_limits
 
-    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> DevExecution:
+    def check(self, program_bytes: bytes) -> Deferred:
+        """Deferred firing with the program checked (program.Checked); PieError if not valid.
+
+        Compiled in a thread. The compiler holds the GIL while it works, so a huge
+        program still slows the reactor (dev mode is for trusted programs only).
+        """
+        return deferToThread(program.check, bytes(program_bytes), self.limits)
+
+    def run(
+        self, program_bytes: bytes | program.Checked, arguments: list[str], host: Any
+    ) -> DevExecution:
         """Start main(args) now (until its first park); raises PieError if the program is invalid."""
-        execution = DevExecution(program.check(program_bytes), arguments, host)
+        checked = program_bytes
+        if not isinstance(checked, program.Checked):
+            checked = program.check(program_bytes, self.limits)
+        execution = DevExecution(checked.files, arguments, host)
         execution.start()
         return execution

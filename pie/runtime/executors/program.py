@@ -11,81 +11,102 @@ imported by main.py as usual; non-.py members are ignored. A zipped folder
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import io
+import threading
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pie.interfaces import PieError
-from pie.runtime.sandbox.loader import MAIN_MODULE, module_name
+from pie.runtime.sandbox.loader import MAIN_MODULE, ProgramError, compile_modules, module_name
 
-MAX_SOURCE_BYTES = 16 * 1024 * 1024
-"""Total uncompressed source accepted from one archive (guards against zip bombs)."""
 ZIP_MAGIC = b"PK\x03\x04"
-CHECKED_PROGRAMS = 256
-"""Digests of the programs that passed `check` lately (each launch checks its program)."""
+DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
+"""Uncompressed source accepted from one program (a zip bomb inflates to no more). Checking a
+program compiles it, which takes about 150 times its size in memory at the peak."""
+DEFAULT_MAX_FILES = 1000
+"""Members one program archive may have (of any kind: the listing alone costs memory)."""
+CHECKED_SOURCE_BYTES = 64 * 1024 * 1024
+"""Sources of the programs that passed `check` lately, kept so a launch need not check again."""
 
-_checked: OrderedDict[bytes, None] = OrderedDict()
+
+@dataclass(frozen=True)
+class Limits:
+    """What one program may be (settings max_program_source and max_program_files)."""
+
+    max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
+    max_files: int = DEFAULT_MAX_FILES
 
 
-def parse(program: bytes) -> dict[str, str]:
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, eq=False)
+class Checked:
+    """A program that passed `check`: its modules, ready for an executor's run().
+
+    `key` (sha256 of the program's bytes) names it in the executors' caches.
+    """
+
+    files: dict[str, str]
+    key: bytes
+
+    @property
+    def size(self) -> int:
+        return sum(len(source) for source in self.files.values())
+
+
+_checked: OrderedDict[bytes, Checked] = OrderedDict()
+_checked_lock = threading.Lock()  # check() runs in threads
+
+
+def parse(program: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, str]:
     """The program's modules as {path: source}; PieError if it is not a program."""
     if program.startswith(ZIP_MAGIC):
-        files = _unzip(program)
+        files = _unzip(program, limits)
     else:
+        if len(program) > limits.max_source_bytes:
+            raise PieError(f"the program's source exceeds {limits.max_source_bytes} bytes")
         files = {MAIN_MODULE + ".py": _decode("the program", program)}
     if MAIN_MODULE + ".py" not in files:
         raise PieError("the program archive has no main.py")
     return files
 
 
-def check(program: bytes) -> dict[str, str]:
-    """Parse and compile every module; PieError with the first syntax error's message.
+def prepare(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
+    """The program's modules and key, not compiled yet (the sandbox compiles them)."""
+    return Checked(parse(program, limits), hashlib.sha256(program).digest())
 
-    A program that passed lately is not parsed again: every launch checks its program,
-    and 32 instances of one program should not parse it 32 times next to the model.
+
+def check(program: bytes, limits: Limits = DEFAULT_LIMITS) -> Checked:
+    """Parse and compile every module, here; PieError with the first syntax error's message.
+
+    Slow for a big program (a second per MB of source), in one piece and holding the
+    GIL: the dev executor calls it in a thread, the sandbox compiles in the sandbox
+    instead (WasmExecutor.check). A program that passed lately is not compiled again
+    (each launch by bytes checks its program).
     """
-    files = parse(program)
-    digest = hashlib.sha256(program).digest()
-    if digest in _checked:
-        _checked.move_to_end(digest)
-        return files
-    for path, source in files.items():
-        try:
-            tree = ast.parse(source, filename=path)
-        except SyntaxError as error:
-            where = f"{error.filename}, line {error.lineno}"
-            text = (error.text or "").strip()
-            message = f"SyntaxError: {error.msg} ({where})" + (f": {text}" if text else "")
-            raise PieError(message) from None
-        if path == MAIN_MODULE + ".py" and not (_binds(tree, "main") or _binds(tree, "handle")):
-            raise PieError(
-                "main.py must define `async def main(args)` "
-                "(or `async def handle(request)` for an HTTP server)"
-            )
-    _checked[digest] = None
-    if len(_checked) > CHECKED_PROGRAMS:
-        _checked.popitem(last=False)
-    return files
-
-
-def _binds(tree: ast.Module, name: str) -> bool:
-    """True if a top-level statement binds `name`."""
-    for node in tree.body:
-        if isinstance(node, (ast.AsyncFunctionDef, ast.FunctionDef)) and node.name == name:
-            return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((alias.asname or alias.name) == name for alias in node.names):
-                return True
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = ast.walk(node)
-            if any(
-                isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store)
-                for n in targets
-            ):
-                return True
-    return False
+    key = hashlib.sha256(program).digest()
+    with _checked_lock:
+        found = _checked.get(key)
+        if found is not None:
+            _checked.move_to_end(key)
+            return found
+    files = parse(program, limits)
+    try:
+        compile_modules(files)
+    except ProgramError as error:
+        raise PieError(str(error)) from None
+    except MemoryError:
+        raise PieError("the program is too big to compile") from None
+    checked = Checked(files, key)
+    with _checked_lock:
+        _checked[key] = checked
+        total = sum(c.size for c in _checked.values())
+        while total > CHECKED_SOURCE_BYTES and len(_checked) > 1:
+            total -= _checked.popitem(last=False)[1].size
+    return checked
 
 
 def _single_folder(paths: list[str]) -> str:
@@ -105,12 +126,19 @@ def _decode(what: str, data: bytes) -> str:
         raise PieError(f"{what} is not UTF-8 text ({error})") from None
 
 
-def _unzip(program: bytes) -> dict[str, str]:
+def _unzip(program: bytes, limits: Limits) -> dict[str, str]:
+    """The .py members, within the limits: their declared sizes are checked before anything
+    is inflated, and zipfile inflates no member beyond its declared size."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(program))
-        members = [m for m in archive.infolist() if m.filename.endswith(".py") and not m.is_dir()]
-        if sum(m.file_size for m in members) > MAX_SOURCE_BYTES:
-            raise PieError(f"the program's sources exceed {MAX_SOURCE_BYTES} bytes")
+        entries = archive.infolist()
+        if len(entries) > limits.max_files:
+            raise PieError(
+                f"the program archive has {len(entries)} members; the limit is {limits.max_files}"
+            )
+        members = [m for m in entries if m.filename.endswith(".py") and not m.is_dir()]
+        if sum(m.file_size for m in members) > limits.max_source_bytes:
+            raise PieError(f"the program's sources exceed {limits.max_source_bytes} bytes")
         names = [m.filename.removeprefix("./") for m in members]
         top = _single_folder(names)
         files = {}
@@ -122,5 +150,5 @@ def _unzip(program: bytes) -> dict[str, str]:
                 raise PieError(f"bad module in the program archive: {error}") from None
             files[path] = _decode(path, archive.read(member))
         return files
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
         raise PieError(f"the program archive is not a valid zip file: {error}") from None

@@ -9,22 +9,26 @@ instantiated per instance in its own wasmtime Store:
   instance. A trap ends only its own Store.
 - memory: `Store.set_limits(memory_size=...)`; a hog traps or gets MemoryError.
 - CPU: epoch interruption. A ticker thread bumps the engine epoch every
-  TICK_S; each step and each host call re-arms the deadline, so a guest gets at
-  most `deadline_ms` of CPU between two host calls.
+  TICK_S; when a store's deadline passes, wasmtime calls `_on_epoch` on the
+  thread running the guest, which asks the GuestScheduler what to do: go on,
+  pause (the turn is over: the reactor runs, a later turn continues the step),
+  or trap (killed; `deadline_ms` without a host call; over its CPU share).
 - parking: a step returns when every guest task waits on a host future; the
   instance then costs memory only, and is resumed from the reactor when a
   result arrives, so many parked instances join one model batch.
 - kill: dropping the Store (after the current step, if one is running).
 
-Every wasm call runs on the reactor thread, one at a time: wasmtime-py keeps
-the exception raised by a host function in a process global, so calls into
-two stores must not overlap. A guest can therefore hold the reactor for at most
-`deadline_ms`.
+Every wasm call runs on a guest thread of the GuestScheduler
+(pie.runtime.executors.scheduler), never on the reactor thread, and one at a
+time (the scheduler's baton): wasmtime-py keeps the exception raised by a host
+function in a process global, so calls into two stores must not overlap. A
+guest holds the reactor for at most one slice (`slice_ms`, 50 ms by default)
+plus the host call it is in.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import re
 import threading
 import time
@@ -37,6 +41,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from zope.interface import implementer
 
@@ -44,6 +49,13 @@ from pie.interfaces import IInferletExecutor, InstanceFault, PieError
 from pie.runtime.executors import build, program
 from pie.runtime.executors.base import Execution, Killed, Step
 from pie.runtime.executors.fastcall import ExportSignature, ValueMismatch, add_host_func
+from pie.runtime.executors.scheduler import (
+    DEFAULT_CPU_PERCENT,
+    DEFAULT_CPU_WINDOW_S,
+    DEFAULT_MAX_PAUSED,
+    DEFAULT_SLICE_MS,
+    GuestScheduler,
+)
 from pie.runtime.hostcalls import HOST_CALLS
 from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED
 from pie.runtime.witgen import kebab, resume_export
@@ -55,15 +67,17 @@ DEFAULT_DEADLINE_MS = 500
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 OUTPUT_LINE_LIMIT = 2000
 """Characters of one guest stdout/stderr write kept in the server log."""
-COMPILED_CACHE_SIZE = 64
-"""Programs whose compiled code the executor keeps (see WasmExecutor.compiled)."""
-COMPILED_SOURCE_LIMIT = 256 * 1024
-"""Larger programs are compiled by each instance (bounds the cache's memory)."""
+COMPILED_CACHE_BYTES = 64 * 1024 * 1024
+"""Marshalled code the executor keeps for programs (see WasmExecutor.compiled); a program
+whose code is over a quarter of it compiles in each instance instead."""
+CHECK_DEADLINE_MS = 60_000
+"""Longest the compiler may run on one program (a check runs no program code)."""
 OUTPUT_WRITES_LIMIT = 1000
 """Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
 
-_active: WasmExecution | None = None
-"""The instance whose step is running; host imports act on it (one step at a time)."""
+_running = threading.local()
+"""`.execution`: the instance whose wasm call runs on this thread; host imports and the
+epoch callback act on it. Per thread: a paused step keeps its own on its own thread."""
 
 
 class _Ticker(threading.Thread):
@@ -114,32 +128,72 @@ def _signature(runtime: Runtime, export: str, func: Any, store: wasmtime.Store) 
     return signature
 
 
+_EpochCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ffi.wasmtime_update_deadline_kind_t),
+)
+_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _no_finalizer(data) -> None:  # noqa: ANN001
+    """The callback's data is unused (it finds its execution per thread): nothing to free."""
+
+
+@_EpochCallback
+def _on_epoch(context, data, delta, kind) -> int:  # noqa: ANN001
+    """A store's epoch deadline passed (on the thread running it): go on, pause, or trap."""
+    execution = getattr(_running, "execution", None)
+    try:
+        if execution is None:
+            fault = InstanceFault("sandbox error: a guest ran outside of a step")
+        else:
+            fault = execution.on_epoch()
+    except BaseException as error:  # noqa: BLE001 - never let an exception into wasmtime
+        fault = InstanceFault(f"sandbox error: {type(error).__name__}: {error}")
+    if fault is None:
+        delta[0] = execution.epoch_ticks()
+        kind[0] = _CONTINUE
+        return 0
+    if execution is not None:
+        execution.sched.interrupt = execution.sched.interrupt or fault
+    return ctypes.cast(ffi.wasmtime_error_new(str(fault).encode()), ctypes.c_void_p).value or 0
+
+
 def _new_store(
-    runtime: Runtime, executor: WasmExecutor, wasi: wasmtime.WasiConfig
+    runtime: Runtime, execution: WasmExecution, wasi: wasmtime.WasiConfig
 ) -> wasmtime.Store:
+    """A store with the executor's limits; its epoch deadline calls back `execution`."""
     store = wasmtime.Store(runtime.engine)
     store.set_wasi(wasi)
-    store.set_limits(memory_size=executor.memory_limit)
-    store.set_epoch_deadline(executor.deadline_ticks)
+    store.set_limits(memory_size=execution.executor.memory_limit)
+    ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_epoch, None, _no_finalizer)
+    store.set_epoch_deadline(execution.epoch_ticks())
     return store
 
 
-def _compile_in_sandbox(runtime: Runtime, executor: WasmExecutor, files: list) -> str | None:
+def _compile_in_sandbox(
+    runtime: Runtime, execution: WasmExecution, files: list
+) -> tuple[str | None, str]:
     """The program's modules compiled and marshalled by a throwaway instance that runs
-    none of its code (so the result is not the program's to forge); None if that fails,
-    and the instance then compiles for itself, failing with its usual message."""
-    store = _new_store(runtime, executor, wasmtime.WasiConfig())
+    none of its code (so the result is not the program's to forge): (code, "") or
+    (None, what went wrong). Called inside a step of `execution` (its limits apply)."""
+    store = _new_store(runtime, execution, wasmtime.WasiConfig())
     try:
-        instance = runtime.linker.instantiate(store, runtime.component)
-        funcs = {e: instance.get_func(store, runtime.exports[e]) for e in ("start", "outcome")}
-        start = _signature(runtime, "start", funcs["start"], store)
-        if not start.call(funcs["start"], store, [*files, (COMPILE_ONLY, "")], []):
-            return None
-        outcome = _signature(runtime, "outcome", funcs["outcome"], store)
-        result = outcome.call(funcs["outcome"], store)
-        return result.payload if result.tag == "ok" else None
-    except (wasmtime.Trap, wasmtime.WasmtimeError, ValueMismatch):
-        return None
+        with _Active(execution):
+            instance = runtime.linker.instantiate(store, runtime.component)
+            funcs = {e: instance.get_func(store, runtime.exports[e]) for e in ("start", "outcome")}
+            start = _signature(runtime, "start", funcs["start"], store)
+            if not start.call(funcs["start"], store, [*files, (COMPILE_ONLY, "")], []):
+                return None, "the compiler did not finish"
+            outcome = _signature(runtime, "outcome", funcs["outcome"], store)
+            result = outcome.call(funcs["outcome"], store)
+        return (result.payload, "") if result.tag == "ok" else (None, result.payload)
+    except (wasmtime.Trap, wasmtime.WasmtimeError, ValueMismatch) as error:
+        return None, str(execution._describe(error))
     finally:
         store.close()
 
@@ -156,13 +210,13 @@ def _host_import(name: str, mode: str):
     """The wasmtime host function for one row of the host-call table."""
 
     def sync_call(*args: Any) -> Any:
-        return _active.host_import(name, args, False)
+        return _running.execution.host_import(name, args, False)
 
     def async_call(*args: Any) -> int:
-        return _active.host_import(name, args, True)
+        return _running.execution.host_import(name, args, True)
 
     def command_call(*args: Any) -> None:
-        _active.host_import(name, args, False)
+        _running.execution.host_import(name, args, False)
 
     return {"sync": sync_call, "async": async_call, "command": command_call}[mode]
 
@@ -173,11 +227,13 @@ class _GuestKilled(Exception):
 
 class WasmExecution(Execution):
     def __init__(
-        self, executor: WasmExecutor, files: dict[str, str], arguments: list[str], host: Any
+        self, executor: WasmExecutor, checked: program.Checked, arguments: list[str], host: Any
     ) -> None:
-        super().__init__(host)
-        self._executor = executor
-        self._files = sorted(files.items())
+        super().__init__(host, executor.scheduler)
+        self.executor = executor
+        self.deadline_s = executor.deadline_ms / 1000
+        self._checked = checked
+        self._files = sorted(checked.files.items())
         self._arguments = list(arguments)
         self._runtime: Runtime | None = None
         self._store: wasmtime.Store | None = None
@@ -195,13 +251,15 @@ class WasmExecution(Execution):
     def _enter_start(self) -> Step:
         runtime = self._runtime
         files = self._files
-        code = self._executor.compiled(runtime, files)
+        code = self.executor.compiled(runtime, self._checked, files, self)
+        if self.sched.interrupt is not None:  # killed, or out of time, while compiling
+            raise self.sched.interrupt
         if code is not None:
             files = [*files, (COMPILED, code)]
         wasi = wasmtime.WasiConfig()  # no preopens, env, args, stdin or network
         wasi.stdout_custom = self._output("stdout")
         wasi.stderr_custom = self._output("stderr")
-        store = self._store = _new_store(runtime, self._executor, wasi)
+        store = self._store = _new_store(runtime, self, wasi)
         with _Active(self):
             self._instance = runtime.linker.instantiate(store, runtime.component)
         return self._call("start", files, self._arguments)
@@ -220,6 +278,8 @@ class WasmExecution(Execution):
             store.close()
 
     def _describe(self, error: BaseException) -> InstanceFault:
+        if self.sched.interrupt is not None:  # the epoch callback trapped it, saying why
+            return self.sched.interrupt
         if isinstance(error, ValueMismatch):
             return InstanceFault(str(error))
         if not isinstance(error, wasmtime.Trap | wasmtime.WasmtimeError):
@@ -227,15 +287,12 @@ class WasmExecution(Execution):
         text = str(error)
         found = re.search(r"wasm trap: (.+)", text)
         trap = found.group(1).strip() if found else (text.strip().splitlines() or ["?"])[0]
-        if trap == "interrupt":
-            ms = self._executor.deadline_ms
-            return InstanceFault(f"CPU deadline exceeded (over {ms} ms without a host call)")
         if "memory" in trap and ("limit" in trap or "grow" in trap):
             return InstanceFault(self._memory_message())
         return InstanceFault(f"trap: {trap}")
 
     def _memory_message(self) -> str:
-        return f"memory limit exceeded ({self._executor.memory_limit // (1024 * 1024)} MiB)"
+        return f"memory limit exceeded ({self.executor.memory_limit // (1024 * 1024)} MiB)"
 
     # ------------------------------------------------------------ wasm calls
 
@@ -254,7 +311,7 @@ class WasmExecution(Execution):
             index = self._runtime.exports[export]
             func = self._funcs[export] = self._instance.get_func(self._store, index)
         signature = _signature(self._runtime, export, func, self._store)
-        self._store.set_epoch_deadline(self._executor.deadline_ticks)
+        self._store.set_epoch_deadline(self.epoch_ticks())
         with _Active(self):
             result = signature.call(func, self._store, *params)
         if export == "outcome":
@@ -277,8 +334,16 @@ class WasmExecution(Execution):
                 result = self.call(name, args)
         except Killed:
             raise _GuestKilled("instance killed") from None
-        self._store.set_epoch_deadline(self._executor.deadline_ticks)
+        self.sched.call_mark = time.monotonic()  # the CPU deadline counts from the last call
         return result
+
+    def epoch_ticks(self) -> int:
+        """Ticks until the scheduler must look at this step (end of turn, or CPU deadline)."""
+        return self.scheduler.ticks(self, TICK_S, self.deadline_s)
+
+    def on_epoch(self) -> InstanceFault | None:
+        """The epoch deadline passed: None to go on (after a pause, maybe), or why it traps."""
+        return self.scheduler.pause(self, self.deadline_s)
 
     def _output(self, stream: str):
         def write(data: bytes) -> None:
@@ -296,6 +361,26 @@ class WasmExecution(Execution):
         return write
 
 
+class _CompileJob(WasmExecution):
+    """Checks a program for WasmExecutor.check: compiles it in a throwaway instance.
+
+    A step like any other (on a guest thread, paused at the slice, within the memory
+    limit), so a big or hostile program costs the reactor nothing; it may compute
+    for up to CHECK_DEADLINE_MS, as it runs only the compiler. `finished` fires with
+    the marshalled code, or fails with what is wrong with the program.
+    """
+
+    def __init__(self, executor: WasmExecutor, checked: program.Checked) -> None:
+        super().__init__(executor, checked, [], None)
+        self.deadline_s = CHECK_DEADLINE_MS / 1000
+
+    def _enter_start(self) -> Step:
+        code, error = _compile_in_sandbox(self._runtime, self, self._files)
+        if self.sched.interrupt is not None:
+            raise self.sched.interrupt
+        return ("done", code) if code is not None else ("failed", error)
+
+
 class _Active:
     """Marks which instance the host imports belong to during one wasm call.
 
@@ -309,12 +394,11 @@ class _Active:
         self._execution = execution
 
     def __enter__(self) -> None:
-        global _active
-        self._previous, _active = _active, self._execution
+        self._previous = getattr(_running, "execution", None)
+        _running.execution = self._execution
 
     def __exit__(self, *exc: Any) -> None:
-        global _active
-        _active = self._previous
+        _running.execution = self._previous
 
 
 @implementer(IInferletExecutor)
@@ -329,42 +413,94 @@ class WasmExecutor:
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
         deadline_ms: int = DEFAULT_DEADLINE_MS,
         artifact: Path | None = None,
+        slice_ms: int = DEFAULT_SLICE_MS,
+        cpu_percent: int = DEFAULT_CPU_PERCENT,
+        cpu_window_s: int = DEFAULT_CPU_WINDOW_S,
+        cpu_policy: str = "throttle",
+        max_paused: int = DEFAULT_MAX_PAUSED,
+        program_limits: program.Limits = program.DEFAULT_LIMITS,
+        reactor: Any = None,
     ) -> None:
-        """`artifact` pins a compiled runtime file (no build); default: the cached build."""
+        """`artifact` pins a compiled runtime file (no build); default: the cached build.
+
+        The scheduling limits (slice, CPU share, paused steps) are GuestScheduler's.
+        """
         self.home = home
         self.artifact = artifact
         self.memory_limit = memory_limit
         self.deadline_ms = deadline_ms
-        self.deadline_ticks = max(1, round(deadline_ms / 1000 / TICK_S))
+        self.limits = program_limits
+        self.scheduler = GuestScheduler(
+            reactor, slice_ms, cpu_percent, cpu_window_s, cpu_policy, max_paused
+        )
         self._runtime: Runtime | None = None
         self._waiters: list[Deferred] = []
         self._compiled: OrderedDict[bytes, str | None] = OrderedDict()
+        self._compiled_bytes = 0
 
-    def compiled(self, runtime: Runtime, files: list[tuple[str, str]]) -> str | None:
+    def compiled(
+        self,
+        runtime: Runtime,
+        checked: program.Checked,
+        files: list[tuple[str, str]],
+        execution: WasmExecution,
+    ) -> str | None:
         """The marshalled code of a program's modules, compiled in the sandbox once per
-        program (the last COMPILED_CACHE_SIZE programs): instances load it rather than
-        compile the same sources again, a third of their start. None: compile as usual."""
-        if sum(len(source) for _, source in files) > COMPILED_SOURCE_LIMIT:
-            return None
-        key = hashlib.sha256(repr(files).encode()).digest()
+        program (by its check, or its first instance; the recent ones, COMPILED_CACHE_BYTES
+        in all): instances load it rather than compile the same sources again, a third of
+        their start. None: compile as usual."""
+        key = checked.key
         if key in self._compiled:
             self._compiled.move_to_end(key)
             return self._compiled[key]
-        code = self._compiled[key] = _compile_in_sandbox(runtime, self, files)
-        if len(self._compiled) > COMPILED_CACHE_SIZE:
-            self._compiled.popitem(last=False)
+        code, _ = _compile_in_sandbox(runtime, execution, files)  # (the instance says why)
+        if execution.sched.interrupt is not None:
+            return None  # cut short: says nothing about the program
+        self._remember_compiled(checked, code)
         return code
 
-    def check(self, program_bytes: bytes) -> None:
-        program.check(program_bytes)
+    def _remember_compiled(self, checked: program.Checked, code: str | None) -> None:
+        size = len(code or "")
+        if checked.key in self._compiled or size > COMPILED_CACHE_BYTES // 4:
+            return
+        self._compiled[checked.key] = code
+        self._compiled_bytes += size
+        while self._compiled_bytes > COMPILED_CACHE_BYTES:
+            _, dropped = self._compiled.popitem(last=False)
+            self._compiled_bytes -= len(dropped or "")
 
-    def run(self, program_bytes: bytes, arguments: list[str], host: Any) -> WasmExecution:
+    def check(self, program_bytes: bytes) -> Deferred:
+        """Deferred firing with the program checked (program.Checked); PieError if not valid.
+
+        Nothing of it runs on the reactor thread: the archive is unzipped in a thread,
+        and the modules are compiled in the sandbox by a _CompileJob, whose code the
+        program's instances then load instead of compiling again.
+        """
+        return Deferred.fromCoroutine(self._check(bytes(program_bytes)))
+
+    async def _check(self, program_bytes: bytes) -> program.Checked:
+        checked = await deferToThread(program.prepare, program_bytes, self.limits)
+        runtime = await self.ready()
+        job = _CompileJob(self, checked)
+        job.begin(runtime)
+        try:
+            code = await job.finished
+        except InstanceFault as fault:
+            raise PieError(str(fault)) from None
+        self._remember_compiled(checked, code)
+        return checked
+
+    def run(
+        self, program_bytes: bytes | program.Checked, arguments: list[str], host: Any
+    ) -> WasmExecution:
         """Run main(args) to its first park now (once the runtime is loaded, if it is not yet).
 
         Raises PieError if the program is not valid.
         """
-        files = program.check(program_bytes)
-        execution = WasmExecution(self, files, arguments, host)
+        checked = program_bytes
+        if not isinstance(checked, program.Checked):
+            checked = program.check(program_bytes, self.limits)
+        execution = WasmExecution(self, checked, arguments, host)
 
         def unavailable(failure: Failure) -> None:
             execution.fail(PieError(f"sandbox runtime unavailable: {failure.value}"))

@@ -34,12 +34,21 @@ import typing  # noqa: F401
 
 import wit_world
 from componentize_py_types import Err
-from wit_world.imports import host  # noqa: F401  (snapshotted here; pie.inferlet._abi binds it)
+from wit_world.imports import host  # (snapshotted here; pie.inferlet._abi binds it)
 
 import pie.inferlet  # noqa: F401  (the SDK, with every submodule it imports)
 from pie.inferlet import _abi
 from pie.inferlet._driver import Driver, Step, format_failure
-from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, compile_modules, load_main
+from pie.runtime.sandbox import guard
+from pie.runtime.sandbox.loader import (
+    COMPILE_ONLY,
+    COMPILED,
+    ProgramError,
+    compile_modules,
+    load_main,
+)
+
+guard.install(host)  # malformed host calls fail the step instead of trapping
 
 _driver: Driver | None = None
 _last: Step = ("parked",)
@@ -134,8 +143,10 @@ gc.freeze()
 
 
 def _ended(step: Step) -> bool:
-    """Keep the step for `outcome`; true once main has ended."""
+    """Keep the step for `outcome`; true once main has ended (or made a malformed host call)."""
     global _last
+    if guard.invalid() is not None:
+        step = ("failed", f"invalid host call: {guard.invalid()}")
     _last = step
     return step[0] != "parked"
 
@@ -147,9 +158,14 @@ def _resume(fut: int, value) -> bool:
 
 
 def _compile_only(files: dict[str, str]) -> bool:
-    """Compile without running: the outcome is the marshalled code, as latin-1 text."""
+    """Compile without running: the outcome is the marshalled code, as latin-1 text, or
+    what is wrong with the program (the text the upload fails with)."""
     try:
         code = marshal.dumps(compile_modules(files))
+    except ProgramError as error:
+        return _ended(("failed", str(error)))
+    except MemoryError:
+        return _ended(("failed", "the program is too big to compile within the memory limit"))
     except BaseException as error:
         return _ended(("failed", format_failure(error)))
     return _ended(("done", code.decode("latin-1")))

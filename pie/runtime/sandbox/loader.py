@@ -14,6 +14,7 @@ Pure Python: runs inside the runtime component and in the dev executor.
 from __future__ import annotations
 
 import builtins
+import dis
 import linecache
 from collections.abc import Callable
 from types import CodeType, ModuleType
@@ -124,9 +125,63 @@ class Program:
         return module
 
 
+class ProgramError(ValueError):
+    """The program cannot run: a syntax error, or no entry point; str(self) says which."""
+
+
+ENTRY_POINTS = ("main", "handle")
+_STORES = (dis.opmap["STORE_NAME"], dis.opmap["STORE_GLOBAL"])
+
+
 def compile_modules(files: dict[str, str]) -> dict[str, CodeType]:
-    """Each module's code, by file name, as Program compiles it (for `compiled`)."""
-    return {path: compile(source, path, "exec") for path, source in files.items()}
+    """Each module's code, by file name, as Program compiles it (for `compiled`).
+
+    ProgramError with the first syntax error ("SyntaxError: invalid syntax (main.py,
+    line 1): ..."), or if main.py binds neither `main` nor `handle`.
+    """
+    compiled = {path: _compile(path, source) for path, source in files.items()}
+    main = compiled.get(MAIN_MODULE + ".py")
+    if main is not None and not binds_entry_point(main):
+        raise ProgramError(
+            "main.py must define `async def main(args)` "
+            "(or `async def handle(request)` for an HTTP server)"
+        )
+    return compiled
+
+
+def _compile(path: str, source: str) -> CodeType:
+    try:
+        return compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as error:
+        where = f"{error.filename}, line {error.lineno}"
+        text = (error.text or "").strip()
+        message = f"SyntaxError: {error.msg} ({where})" + (f": {text}" if text else "")
+        raise ProgramError(message) from None
+    except (ValueError, RecursionError) as error:  # NUL bytes, absurd nesting
+        raise ProgramError(f"{path} cannot be compiled: {type(error).__name__}: {error}") from None
+
+
+def binds_entry_point(code: CodeType) -> bool:
+    """True if the module's own code (not a function's) binds `main` or `handle`:
+    a def, an assignment or an import at the top level. Scans the bytecode for the
+    store (a big module has hundreds of thousands of instructions)."""
+    raw = code.co_code
+    for name in ENTRY_POINTS:
+        if name not in code.co_names:
+            continue
+        index = code.co_names.index(name)
+        if index > 255:  # needs EXTENDED_ARG: decode the instructions (slow, and rare)
+            return any(
+                op.opcode in _STORES and op.argval in ENTRY_POINTS
+                for op in dis.get_instructions(code)
+            )
+        for store in _STORES:  # 2-byte code units: an (opcode, arg) pair at an even offset
+            at = raw.find(bytes((store, index)))
+            while at != -1:
+                if at % 2 == 0:
+                    return True
+                at = raw.find(bytes((store, index)), at + 1)
+    return False
 
 
 def load_main(

@@ -249,6 +249,10 @@ class BasicAppTests(AppTestCase):
             run.messages, ["before: adaptive", "after: kort 4 20", "runtime ping: pong"]
         )
         self.assertEqual(self.service.get_batching(), "kort 4 20")
+        for pie_form, policy in (("batching_algo:t:8:16", "t 16"), ("batching_algo:k:8:16", "k 8")):
+            run = await self.run_app("debugger", "--policy", pie_form)
+            self.assertEqual(run.messages[1], f"after: {policy}")
+        self.service.set_batching("adaptive")
         bad = await self.launch("debugger", "--policy", "fastest")
         await self.wait(bad)
         self.assertIn("unknown batching policy", bad.reason)

@@ -81,6 +81,28 @@ SETTINGS: tuple[Setting, ...] = (
         "CPU time a sandboxed inferlet may run between host calls, in ms (wasm executor).",
     ),
     Setting(
+        "inferlet_http_allow",
+        "",
+        str,
+        "URL patterns inferlets may fetch (scheme://host[:port][/path], space or comma "
+        "separated; *.example.com for subdomains). Empty: no outgoing HTTP.",
+    ),
+    Setting(
+        "inferlet_http_max_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Largest request or response body of an inferlet's fetch, in bytes.",
+    ),
+    Setting(
+        "inferlet_http_timeout_ms",
+        30_000,
+        int,
+        "Longest an inferlet's fetch may take (lookup, redirects, body), in ms.",
+    ),
+    Setting(
+        "inferlet_http_concurrency", 4, int, "Fetches one inferlet instance may have in flight."
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting("max_message_size", 1024 * 1024, int, "Largest WebSocket frame/message, in bytes."),
@@ -145,9 +167,18 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "max_message_size",
         "inferlet_memory_limit",
         "inferlet_deadline_ms",
+        "inferlet_http_max_bytes",
+        "inferlet_http_timeout_ms",
+        "inferlet_http_concurrency",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    from pie.runtime.outbound import parse_patterns
+
+    try:
+        parse_patterns(merged["inferlet_http_allow"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged

@@ -85,6 +85,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     model = None
     if runtime is None:
         from pie.runtime.executors import make_executor
+        from pie.runtime.outbound import HttpPolicy
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
         from pie.service.servicetypes import attach_remote_service
@@ -101,6 +102,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             reactor=reactor,
             max_program_size=settings["max_program_size"],
             attacher=attach_remote_service,
+            http_policy=HttpPolicy.from_settings(settings),
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

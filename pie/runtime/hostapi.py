@@ -84,6 +84,13 @@ def _unsigned(bits: int) -> Callable[[object], int]:
     return check
 
 
+def _check_bytes(value):
+    """list<u8> arrives as bytes from both executors (componentize-py lowers it so)."""
+    if not isinstance(value, bytes | bytearray):
+        raise _BadArgument(f"expected bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 def _u32_list(value):
     """list<u32>, the hot path of every forward call: one pass, no per-item function call."""
     if not isinstance(value, list | tuple):
@@ -139,6 +146,8 @@ def _checker(wit_type: str) -> Callable[[object], object]:
         return _unsigned(int(t[1:]))
     if t == "list<u32>":
         return _u32_list
+    if t == "list<u8>":
+        return _check_bytes
     if t.startswith("list<") and t.endswith(">"):
         return _list_of(_checker(t[5:-1]))
     if t.startswith("option<") and t.endswith(">"):
@@ -186,8 +195,9 @@ class HostApi:
     """Implements every host call against the runtime's parts.
 
     `runtime` provides: `instances` (pie.runtime.instances.Instances),
-    `inboxes`, `pubsub`, `kvstore`, `model_services()` (iterable of
-    IModelService), `debug_query(text)` and `reactor`.
+    `inboxes`, `pubsub`, `kvstore`, `http` (pie.runtime.outbound.OutboundHttp),
+    `model_services()` (iterable of IModelService), `debug_query(text)` and
+    `reactor`.
     """
 
     def __init__(self, runtime) -> None:
@@ -397,6 +407,11 @@ class HostApi:
 
     def _store_list_keys(self, instance: Instance):
         return self._runtime.kvstore.list_keys()
+
+    # ------------------------------------------------------------------ outgoing HTTP
+
+    def _fetch(self, instance: Instance, url, method, headers, body, timeout_ms):
+        return self._runtime.http.fetch(instance, url, method, headers, body, timeout_ms)
 
 
 def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]:

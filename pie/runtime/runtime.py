@@ -28,6 +28,7 @@ from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import KeyValueStore
 from pie.runtime.messaging import Inboxes, PubSub
+from pie.runtime.outbound import HttpPolicy, OutboundHttp
 from pie.runtime.programs import (
     DEFAULT_MAX_PROGRAM_BYTES,
     ProgramStore,
@@ -50,10 +51,12 @@ class Runtime(service.Service):
         reactor=None,
         max_program_size: int = DEFAULT_MAX_PROGRAM_BYTES,
         attacher: Callable[..., Deferred] | None = None,
+        http_policy: HttpPolicy | None = None,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
-        pie.service.servicetypes.attach_remote_service)."""
+        pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
+        `fetch` may reach (default: nothing)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -68,6 +71,7 @@ class Runtime(service.Service):
         self.instances = Instances(
             reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
         )
+        self.http = OutboundHttp(reactor, http_policy)
         self.hostapi = HostApi(self)
         self.servers: dict[str, ServerInstance] = {}
         self._checked: set[str] = set()  # program hashes the executor has accepted

@@ -9,8 +9,9 @@ Routes:
                       `ends[request]` fails once the client has cut the connection)
     /redirect?to=URL  302 to URL
     /image.png        `png` (a PNG made by make_png)
-    /tool/search?q=Q  JSON {"q": Q, "result": ...} from FACTS (the agents' tool)
+    /tool/search?q=Q  JSON {"q": Q, "result": ...} from FACTS (the agents' search tool)
     /tool/docs?id=N   a long document (the agents' retrieval tool)
+                      (both after `ms` milliseconds; see ToolServer.tool)
 """
 
 from __future__ import annotations
@@ -101,11 +102,11 @@ class _Routes(resource.Resource):
             q = _arg(request, "q").lower()
             found = next((fact for key, fact in FACTS.items() if key in q), "No results.")
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"q": q, "result": found}).encode()
+            return owner.tool(request, json.dumps({"q": q, "result": found}).encode())
         if path == "/tool/docs":
             n = _arg(request, "id", "0")
-            text = f"Document {n}. " + " ".join(f"Fact {n}.{i} is filler text." for i in range(40))
-            return text.encode()
+            text = f"Document {n}. " + " ".join(f"Fact {n}.{i} is filler text." for i in range(8))
+            return owner.tool(request, text.encode())
         request.setResponseCode(404)
         return b"not found"
 
@@ -117,6 +118,9 @@ class ToolServer:
         self.png = png or make_png(7, 5)
         self.paths: list[str] = []
         self.slow: list = []
+        self.calls: dict[str, int] = {}  # tool calls per `run`
+        self.peak: dict[str, int] = {}  # most tool calls of a `run` in flight at once
+        self._open: dict[str, int] = {}
         self.ends: dict = {}  # /slow request -> its notifyFinish() (fails when the client cuts)
         self._slow_waiters: list[Deferred] = []
         self.port = 0
@@ -129,6 +133,28 @@ class ToolServer:
         self.port = self._listening.getHost().port
         testcase.addCleanup(self._stop)
         return self
+
+    def tool(self, request, body: bytes):
+        """Answer a tool call after `ms` milliseconds (a remote API's latency), counting the
+        calls of each `run` (a query parameter) in flight at once in `peak[run]`."""
+        run = _arg(request, "run")
+        self.calls[run] = self.calls.get(run, 0) + 1
+        self._open[run] = self._open.get(run, 0) + 1
+        self.peak[run] = max(self.peak.get(run, 0), self._open[run])
+
+        def answer():
+            self._open[run] -= 1
+            request.write(body)
+            request.finish()
+
+        def gone(_):
+            self._open[run] -= 1
+            if delayed.active():
+                delayed.cancel()
+
+        delayed = reactor.callLater(int(_arg(request, "ms", "0")) / 1000.0, answer)
+        request.notifyFinish().addErrback(gone)
+        return server.NOT_DONE_YET
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -65,9 +65,14 @@ async def call_tool(url):
     return response.text()
 
 
+def quote(text):
+    """Percent-encode for a query string (ASCII; no urllib in the sandbox)."""
+    return "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02X}" for c in text)
+
+
 async def tools(base, run, query, first_doc, latency_ms, overlap):
     """The round's three tool calls: one search and two documents."""
-    tail = f"run={run}&ms={latency_ms}"
+    tail = f"run={quote(run)}&ms={latency_ms}"
     urls = [
         f"{base}/search?q={query}&{tail}",
         f"{base}/docs?id={first_doc}&{tail}",

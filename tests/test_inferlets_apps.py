@@ -689,6 +689,39 @@ class SandboxAppTests(AppTestCase):
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
 
+    async def test_bare_abi_fetch_and_code_actions(self):
+        run = await self.run_app("helloworld_plain")
+        self.assertIn(run.id, run.messages[0])
+        run = await self.run_app("image_fetch", "--url", self.tools.url("/image.png"))
+        info = json.loads(run.messages[0])
+        self.assertEqual(
+            (info["bytes"], info["width"], info["height"]), (len(self.tools.png), 123, 45)
+        )
+        replies = [
+            "```python\nx = sum(range(5))\nprint(x)\n```",
+            "```python\nwhile True:\n    x += 1\n```",
+            "```python\nprint(x > 10)\n```",
+            "Final answer: 10",
+        ]
+        run = await self.run_app(
+            "agent_codeact", "--canned", json.dumps(replies), "--step-budget", "500"
+        )
+        self.assertEqual(
+            [run.line(f"observation {i}: ") for i in range(3)],
+            ["10", "step budget exceeded (500 lines)", "True"],
+        )
+        run = await self.run_app(
+            "agent_react_bench", "--tools", self.tools.url("/tool"), "--rounds", "2",
+            "--max-tokens", "2", "--drop", "--overlap",
+        )  # fmt: skip
+        result = json.loads(run.messages[0])
+        self.assertEqual(result["config"], "drop+overlap")
+        self.assertGreater(result["pages_dropped"], 0)
+        self.assertEqual(
+            (self.tools.calls["drop+overlap"], self.tools.peak["drop+overlap"]), (6, 3)
+        )
+        self.assertPagesReturned()
+
     async def test_every_other_app_finishes(self):
         """The apps not run above, with tiny budgets: each finishes normally in the sandbox."""
         for app, *arguments in (
@@ -707,6 +740,8 @@ class SandboxAppTests(AppTestCase):
             ("debugger", "--policy", "k 2"),
             ("bench_spawn_time",),
             ("bench_host_call", "--iterations", "20"),
+            ("bench_host_call", "--aggregate"),
+            ("debugger", "--policy", "batching_algo:t:8:16"),
         ):
             run = await self.run_app(app, *arguments)
             self.assertTrue(run.messages, app)

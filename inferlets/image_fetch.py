@@ -54,13 +54,14 @@ async def parse_png(data):
     while at + 12 <= len(data):
         length = int.from_bytes(data[at : at + 4], "big")
         kind = data[at + 4 : at + 8]
+        name = kind.decode("latin-1")
         body = data[at + 8 : at + 8 + length]
         if len(body) != length or at + 12 + length > len(data):
-            raise ValueError(f"chunk {kind!r} is truncated")
+            raise ValueError(f"chunk {name} is truncated")
         stored = int.from_bytes(data[at + 8 + length : at + 12 + length], "big")
         if await crc32(kind + body) != stored:
-            raise ValueError(f"chunk {kind.decode('latin-1')} has a bad CRC")
-        chunks.append(kind.decode("latin-1"))
+            raise ValueError(f"chunk {name} has a bad CRC")
+        chunks.append(name)
         if kind == b"IHDR":
             header = body
         at += 12 + length

@@ -9,15 +9,17 @@ needs no DNS.
 
 from __future__ import annotations
 
+import datetime
 import json
 import textwrap
 
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import gatherResults
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
+from twisted.web import resource, server
 from zope.interface import implementer
 
 from pie import config
@@ -171,6 +173,52 @@ class PolicyTests(unittest.TestCase):
         instance.cancel_timers()  # what ending the instance does
         self.assertEqual(self.successResultOf(pending)[0], "cancelled")
         self.assertEqual(http.in_flight(instance.id), 0)
+
+
+def self_signed_pem(name: str) -> bytes:
+    """A key and a self-signed certificate for `name` (subjectAltName included), as PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
+
+
+class TlsTests(unittest.TestCase):
+    async def test_https_is_verified_against_the_host_name(self):
+        """The connection goes to the checked address, but TLS still checks the name."""
+        certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem("localhost"))
+        site = server.Site(resource.Resource())  # never reached: the handshake fails
+        port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"https://localhost:{port.getHost().port}/"
+        resolver = FakeResolver({"localhost": "127.0.0.1"})
+        http = OutboundHttp(reactor, HttpPolicy(parse_patterns(url)), resolver)
+        error, status, _, body = await http.fetch(
+            Instance("0" * 64, [], None), url, "GET", [], b"", 0
+        )
+        self.assertIn("certificate verify failed", error)
+        self.assertEqual((status, body, resolver.asked), (0, b"", ["localhost"]))
 
 
 class FetchTests:

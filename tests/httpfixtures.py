@@ -7,6 +7,7 @@ Routes:
     /stream?n=N       N bytes in 1000-byte chunks, no Content-Length
     /slow             never answers (kept in `slow`; `next_slow()` fires on the next one,
                       `ends[request]` fails once the client has cut the connection)
+    /drip             like /slow, after the headers and 10 bytes of the body
     /redirect?to=URL  302 to URL
     /image.png        `png` (a PNG made by make_png)
     /tool/search?q=Q  JSON {"q": Q, "result": ...} from FACTS (the agents' search tool)
@@ -86,7 +87,9 @@ class _Routes(resource.Resource):
                 left -= 1000
             request.finish()
             return server.NOT_DONE_YET
-        if path == "/slow":
+        if path in ("/slow", "/drip"):
+            if path == "/drip":
+                request.write(b"z" * 10)  # the headers and a first piece; then nothing
             owner.slow.append(request)
             owner.ends[request] = request.notifyFinish()
             if owner._slow_waiters:

@@ -15,11 +15,12 @@ import textwrap
 
 from twisted.internet import reactor, ssl
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 from twisted.internet.interfaces import IHostnameResolver
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 from twisted.web import resource, server
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from pie import config
@@ -30,6 +31,7 @@ from pie.runtime.outbound import (
     OutboundHttp,
     Refused,
     UrlPattern,
+    _LimitedBody,
     parse_patterns,
     parse_url,
 )
@@ -204,6 +206,30 @@ def self_signed_pem(name: str) -> bytes:
     return key_pem + certificate.public_bytes(serialization.Encoding.PEM)
 
 
+class BodyTests(unittest.TestCase):
+    """The body reader on its own: cancelling it (the instance ended) aborts the connection."""
+
+    def test_cancelling_while_the_body_arrives_aborts_the_connection(self):
+        body = _LimitedBody(100, UNKNOWN_LENGTH)
+        transport = StringTransport()
+        body.makeConnection(transport)
+        body.dataReceived(b"first part")
+        body.finished.cancel()
+        self.assertTrue(transport.disconnected)  # abortConnection
+        self.failureResultOf(body.finished, CancelledError)
+
+    def test_a_body_past_the_limit_aborts_the_connection(self):
+        body = _LimitedBody(15, UNKNOWN_LENGTH)
+        transport = StringTransport()
+        body.makeConnection(transport)
+        body.dataReceived(b"0123456789")
+        self.assertFalse(transport.disconnecting)
+        body.dataReceived(b"0123456789")
+        self.assertTrue(transport.disconnected)  # abortConnection
+        failure = self.failureResultOf(body.finished, Refused)
+        self.assertEqual(str(failure.value), "response body over the limit of 15 bytes")
+
+
 class TlsTests(unittest.TestCase):
     async def test_https_is_verified_against_the_host_name(self):
         """The connection goes to the checked address, but TLS still checks the name."""
@@ -328,14 +354,15 @@ class FetchTests:
         self.assertEqual(asked["error"], "timed out after 50 ms")
 
     async def test_killing_the_instance_cancels_its_request(self):
-        arrived = self.server.next_slow()
-        instance_id = await self.launch(FETCH, json.dumps({"url": self.server.url("/slow")}))
-        request = await arrived
-        self.assertEqual(self.runtime.http.in_flight(instance_id), 1)
-        self.runtime.terminate(instance_id, "user terminated the program")
-        self.assertEqual(await self.owner.ended(instance_id), "user terminated the program")
-        await self.assertFailure(self.server.ends[request], Exception)  # the server saw it go
-        self.assertEqual(self.runtime.http.in_flight(instance_id), 0)
+        for path in ("/slow", "/drip"):  # waiting for the answer, and in the middle of the body
+            arrived = self.server.next_slow()
+            instance_id = await self.launch(FETCH, json.dumps({"url": self.server.url(path)}))
+            request = await arrived
+            self.assertEqual(self.runtime.http.in_flight(instance_id), 1)
+            self.runtime.terminate(instance_id, "user terminated the program")
+            self.assertEqual(await self.owner.ended(instance_id), "user terminated the program")
+            await self.assertFailure(self.server.ends[request], Exception)  # the server saw it go
+            self.assertEqual(self.runtime.http.in_flight(instance_id), 0)
 
     async def test_fetches_in_flight_are_bounded_per_instance(self):
         self.allow(self.server.url("/"), concurrency=2)

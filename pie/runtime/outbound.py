@@ -271,7 +271,7 @@ class OutboundHttp:
         """`resolver`: an IHostnameResolver (default: the reactor's own)."""
         self.policy = policy if policy is not None else HttpPolicy()
         self._reactor = reactor
-        self._resolver = resolver if resolver is not None else reactor.nameResolver
+        self._resolver = resolver  # looked up on use: a test's Clock reactor has none
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         self._active: dict[str, int] = {}  # instance id -> fetches in flight
 
@@ -378,7 +378,8 @@ class OutboundHttp:
         if _is_ip(target.host):
             addresses = [target.host]
         else:
-            addresses = await _resolve(self._resolver, target.host, target.port)
+            resolver = self._resolver or self._reactor.nameResolver
+            addresses = await _resolve(resolver, target.host, target.port)
         if not addresses:
             raise Refused(f"{target.host} does not resolve")
         if pattern.names_address:

@@ -111,6 +111,28 @@ SETTINGS: tuple[Setting, ...] = (
         "Sandboxed instances that may be paused mid-computation at once (one thread each).",
     ),
     Setting(
+        "inferlet_http_allow",
+        "",
+        str,
+        "URL patterns inferlets may fetch (scheme://host[:port][/path], space or comma "
+        "separated; *.example.com for subdomains). Empty: no outgoing HTTP.",
+    ),
+    Setting(
+        "inferlet_http_max_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Largest request or response body of an inferlet's fetch, in bytes.",
+    ),
+    Setting(
+        "inferlet_http_timeout_ms",
+        30_000,
+        int,
+        "Longest an inferlet's fetch may take (lookup, redirects, body), in ms.",
+    ),
+    Setting(
+        "inferlet_http_concurrency", 4, int, "Fetches one inferlet instance may have in flight."
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting(
@@ -203,6 +225,9 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "max_program_source",
         "max_program_files",
         "shutdown_timeout_s",
+        "inferlet_http_max_bytes",
+        "inferlet_http_timeout_ms",
+        "inferlet_http_concurrency",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
@@ -213,6 +238,12 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
             f"inferlet_cpu_policy must be one of {', '.join(CPU_POLICIES)}, "
             f"not {merged['inferlet_cpu_policy']!r}"
         )
+    from pie.runtime.outbound import parse_patterns
+
+    try:
+        parse_patterns(merged["inferlet_http_allow"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged

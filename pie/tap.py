@@ -128,6 +128,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if runtime is None:
         from pie.runtime.executors import make_executor
         from pie.runtime.executors.program import Limits
+        from pie.runtime.outbound import HttpPolicy
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
         from pie.service.servicetypes import attach_remote_service
@@ -147,6 +148,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_program_size=settings["max_program_size"],
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
+            http_policy=HttpPolicy.from_settings(settings),
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

@@ -18,6 +18,7 @@ on the fake model in tests/test_sdk_context.py.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -30,8 +31,10 @@ from twisted.web.http_headers import Headers
 
 import pie
 from pie.runtime.executors.dev import DevExecutor
+from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
+from tests.httpfixtures import ToolServer, make_png
 from tests.pieserver import LiveServer
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
@@ -90,8 +93,13 @@ class AppTestCase(unittest.TestCase):
         from pie.service.service import ModelService
 
         self.service = ModelService(shared_worker(), reactor=reactor)
+        self.tools = ToolServer(make_png(123, 45)).start(self)  # what the apps' fetch may reach
         self.runtime = Runtime(
-            os.path.abspath(self.mktemp()), {"smollm2": self.service}, self.make_executor(), reactor
+            os.path.abspath(self.mktemp()),
+            {"smollm2": self.service},
+            self.make_executor(),
+            reactor,
+            http_policy=HttpPolicy(parse_patterns(self.tools.url("/"))),
         )
         self.runtime.startService()
         self.addCleanup(self.runtime.stopService)
@@ -249,6 +257,10 @@ class BasicAppTests(AppTestCase):
             run.messages, ["before: adaptive", "after: kort 4 20", "runtime ping: pong"]
         )
         self.assertEqual(self.service.get_batching(), "kort 4 20")
+        for pie_form, policy in (("batching_algo:t:8:16", "t 16"), ("batching_algo:k:8:16", "k 8")):
+            run = await self.run_app("debugger", "--policy", pie_form)
+            self.assertEqual(run.messages[1], f"after: {policy}")
+        self.service.set_batching("adaptive")
         bad = await self.launch("debugger", "--policy", "fastest")
         await self.wait(bad)
         self.assertIn("unknown batching policy", bad.reason)
@@ -269,6 +281,148 @@ class BasicAppTests(AppTestCase):
         for key in ("runtime_ping_us", "queue_ping_us", "async_call_us"):
             self.assertGreaterEqual(figures[key], 0)
         self.assertLess(figures["queue_ping_us"], 1_000_000)
+
+    async def test_bench_host_call_aggregates_its_kept_samples(self):
+        runs = [await self.run_app("bench_host_call", "--reset", "--iterations", "20")]
+        runs.append(await self.run_app("bench_host_call", "--iterations", "20"))
+        samples = [json.loads(run.messages[0]) for run in runs]
+        aggregate = json.loads((await self.run_app("bench_host_call", "--aggregate")).messages[0])
+        self.assertEqual(aggregate["samples"], 2)
+        for metric in ("runtime_ping_us", "queue_ping_us", "async_call_us"):
+            a, b = (sample[metric] for sample in samples)
+            figures = aggregate[metric]
+            self.assertAlmostEqual(figures["mean"], (a + b) / 2)
+            self.assertAlmostEqual(figures["median"], (a + b) / 2)
+            self.assertAlmostEqual(figures["stdev"], abs(a - b) / 2**0.5)
+        await self.run_app("bench_host_call", "--reset", "--aggregate")
+        empty = await self.run_app("bench_host_call", "--aggregate")
+        self.assertEqual(json.loads(empty.messages[0]), {"samples": 0})
+
+    async def test_helloworld_plain_is_helloworld_on_the_bare_abi(self):
+        run = await self.run_app("helloworld_plain")
+        self.assertEqual(
+            run.messages,
+            [f"Hello World!! I am instance {run.id}, running on pie {pie.__version__}"],
+        )
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(ast.parse(source("helloworld_plain")))
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        self.assertEqual(imported, {"pie.inferlet"})  # only `from pie.inferlet import _abi`
+        self.assertIn("from pie.inferlet import _abi\n", source("helloworld_plain").decode())
+
+
+class ToolAppTests(AppTestCase):
+    """The apps that reach the world through `fetch`, against the loopback ToolServer."""
+
+    async def test_image_fetch_reports_the_served_pngs_size_and_dimensions(self):
+        run = await self.run_app("image_fetch", "--url", self.tools.url("/image.png"))
+        self.assertEqual(
+            json.loads(run.messages[0]),
+            {
+                "url": self.tools.url("/image.png"),
+                "bytes": len(self.tools.png),
+                "width": 123,
+                "height": 45,
+                "bit_depth": 8,
+                "colour": "rgb",
+                "chunks": ["IHDR", "tEXt", "IDAT", "IEND"],
+            },
+        )
+        corrupt = bytearray(self.tools.png)
+        corrupt[-20] ^= 0xFF  # inside the IDAT data
+        self.tools.png = bytes(corrupt)
+        run = await self.run_app("image_fetch", "--url", self.tools.url("/image.png"))
+        self.assertEqual(run.messages, ["error: chunk IDAT has a bad CRC"])
+        run = await self.run_app("image_fetch", "--url", "http://example.com/image.png")
+        self.assertEqual(
+            run.messages,
+            ["error: URL http://example.com/image.png is not allowed by inferlet_http_allow"],
+        )
+
+    async def test_agent_codeact_runs_the_models_code_in_its_own_namespace(self):
+        replies = [
+            "```python\nsquares = [i * i for i in range(1, 11)]\nprint(sum(squares))\n```",
+            "```python\nprint(len(squares), max(squares))\n```",
+            "```python\nimport os\nprint(os.listdir('/'))\n```",
+            "```python\nprint(main)\n```",
+            "```python\nwhile True:\n    pass\n```",
+            "Final answer: 385",
+        ]
+        run = await self.run_app(
+            "agent_codeact",
+            "--canned",
+            json.dumps(replies),
+            "--turns",
+            "8",
+            "--step-budget",
+            "1000",
+            "--show-context",
+        )
+        observations = [run.line(f"observation {i}: ") for i in range(5)]
+        self.assertEqual(
+            observations,
+            [
+                "385",
+                "10 100",  # variables persist from one action to the next
+                "ImportError: import of 'os' is not allowed here",
+                "NameError: name 'main' is not defined",  # the inferlet's globals are not there
+                "step budget exceeded (1000 lines)",
+            ],
+        )
+        self.assertEqual(run.line("answer: "), "385")
+        transcript = run.line("transcript: ")
+        for observation in observations:
+            self.assertIn(f"Observation:\n{observation}", transcript)
+        self.assertGreater(int(run.line("context: ").split()[0]), 100)
+        self.assertPagesReturned()
+
+    async def test_agent_react_bench_measures_its_three_optimisations(self):
+        run = await self.run_app(
+            "agent_react_bench",
+            "--tools",
+            self.tools.url("/tool"),
+            "--rounds",
+            "2",
+            "--max-tokens",
+            "2",
+            "--tool-ms",
+            "50",
+            "--compare",
+        )
+        runs = {r["config"]: r for r in map(json.loads, run.messages[:4])}
+        self.assertEqual(
+            list(runs), ["baseline", "prefix_cache", "drop_documents", "overlap_tools"]
+        )
+        self.assertEqual(
+            {config: r["prefix"] for config, r in runs.items()},
+            {
+                "baseline": "off",
+                "prefix_cache": "hit",
+                "drop_documents": "off",
+                "overlap_tools": "off",
+            },
+        )
+        self.assertGreater(runs["drop_documents"]["pages_dropped"], 0)
+        self.assertEqual(runs["baseline"]["pages_dropped"], 0)
+        self.assertLess(runs["drop_documents"]["pages_held"], runs["baseline"]["pages_held"])
+        self.assertEqual(self.tools.calls, {config: 6 for config in runs})  # real HTTP calls
+        self.assertEqual(self.tools.peak["overlap_tools"], 3)  # a round's calls in flight together
+        self.assertEqual(
+            {config: self.tools.peak[config] for config in ("baseline", "prefix_cache")},
+            {"baseline": 1, "prefix_cache": 1},
+        )
+        self.assertTrue(run.messages[4].startswith("prefix cache saves "))
+        self.assertTrue(run.messages[5].startswith("dropping documents saves "))
+        self.assertTrue(run.messages[6].startswith("overlapping tool calls saves "))
+        saved = json.loads(run.messages[7])["saved_ms"]
+        self.assertEqual(set(saved), {"prefix_cache", "drop_documents", "overlap_tools"})
+        self.assertGreater(saved["overlap_tools"], 0)  # 3 x 50 ms in a row vs at once, per round
+        held = self.service.info.num_kv_pages - self.service.resources.pages.available
+        self.assertGreater(held, 0)  # the persistent export of the tool documentation
+        self.assertPagesReturned(held)
 
 
 class ForkingAppTests(AppTestCase):
@@ -535,6 +689,39 @@ class SandboxAppTests(AppTestCase):
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
 
+    async def test_bare_abi_fetch_and_code_actions(self):
+        run = await self.run_app("helloworld_plain")
+        self.assertIn(run.id, run.messages[0])
+        run = await self.run_app("image_fetch", "--url", self.tools.url("/image.png"))
+        info = json.loads(run.messages[0])
+        self.assertEqual(
+            (info["bytes"], info["width"], info["height"]), (len(self.tools.png), 123, 45)
+        )
+        replies = [
+            "```python\nx = sum(range(5))\nprint(x)\n```",
+            "```python\nwhile True:\n    x += 1\n```",
+            "```python\nprint(x > 10)\n```",
+            "Final answer: 10",
+        ]
+        run = await self.run_app(
+            "agent_codeact", "--canned", json.dumps(replies), "--step-budget", "500"
+        )
+        self.assertEqual(
+            [run.line(f"observation {i}: ") for i in range(3)],
+            ["10", "step budget exceeded (500 lines)", "True"],
+        )
+        run = await self.run_app(
+            "agent_react_bench", "--tools", self.tools.url("/tool"), "--rounds", "2",
+            "--max-tokens", "2", "--drop", "--overlap",
+        )  # fmt: skip
+        result = json.loads(run.messages[0])
+        self.assertEqual(result["config"], "drop+overlap")
+        self.assertGreater(result["pages_dropped"], 0)
+        self.assertEqual(
+            (self.tools.calls["drop+overlap"], self.tools.peak["drop+overlap"]), (6, 3)
+        )
+        self.assertPagesReturned()
+
     async def test_every_other_app_finishes(self):
         """The apps not run above, with tiny budgets: each finishes normally in the sandbox."""
         for app, *arguments in (
@@ -553,6 +740,8 @@ class SandboxAppTests(AppTestCase):
             ("debugger", "--policy", "k 2"),
             ("bench_spawn_time",),
             ("bench_host_call", "--iterations", "20"),
+            ("bench_host_call", "--aggregate"),
+            ("debugger", "--policy", "batching_algo:t:8:16"),
         ):
             run = await self.run_app(app, *arguments)
             self.assertTrue(run.messages, app)

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from pie.inferlet.testing import COMMANDS, FakeInstance, FakeModel, FakeWorld, greedy_reference
 from pie.runtime.hostcalls import HOST_CALLS
 from pie.runtime.sandbox.loader import load_main
+from tests.httpfixtures import make_png
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 
@@ -167,6 +168,88 @@ class FakeAppTests(unittest.TestCase):
         self.assertIn(inst.id, inst.sent[0])
         for name in ("bench_spawn_time", "bench_host_call"):
             self.run_app(name)
+
+    def test_helloworld_plain_sends_what_helloworld_sends(self):
+        world = FakeWorld()
+        plain = world.finish(app("helloworld_plain"), [])
+        sdk = world.finish(app("helloworld"), [])
+        self.assertEqual(
+            [m.replace(plain.id, "ID") for m in plain.sent],
+            [m.replace(sdk.id, "ID") for m in sdk.sent],
+        )
+        self.assertEqual(
+            [name for name, _ in plain.calls], ["get_instance_id", "get_version", "send"]
+        )
+
+    def test_image_fetch_parses_the_png_it_fetched(self):
+        png = make_png(31, 17)
+        world = FakeWorld()
+        world.web["http://img.test/a.png"] = lambda url, method, body: (200, [], png)
+        _, inst = self.run_app("image_fetch", "--url", "http://img.test/a.png", world=world)
+        info = json.loads(inst.sent[0])
+        self.assertEqual((info["bytes"], info["width"], info["height"]), (len(png), 31, 17))
+        world.web["http://img.test/b.png"] = lambda url, method, body: (200, [], png[:-20])
+        _, inst = self.run_app("image_fetch", "--url", "http://img.test/b.png", world=world)
+        self.assertEqual(inst.sent, ["error: chunk IDAT is truncated"])
+        world.web["http://img.test/c.png"] = lambda url, method, body: (404, [], b"no")
+        _, inst = self.run_app("image_fetch", "--url", "http://img.test/c.png", world=world)
+        self.assertEqual(inst.sent, ["error: HTTP status 404"])
+
+    def test_agent_codeact_observes_what_its_code_printed(self):
+        replies = [
+            "Let me compute.\n```python\ndef f(n):\n    return n * 2\nprint(f(21))\n```",
+            "```python\nprint(1 / 0)\n```",
+            "```python\nimport math\nprint(math.isqrt(f(50)))\n```",
+            "```python\nfor i in range(10**9):\n    pass\n```",
+            "no code here",
+        ]
+        _, inst = self.run_app(
+            "agent_codeact", "--canned", json.dumps(replies), "--turns", "5",
+            "--step-budget", "300",
+        )  # fmt: skip
+        observations = [m.split(": ", 1)[1] for m in inst.sent if m.startswith("observation")]
+        self.assertEqual(
+            observations,
+            [
+                "42",
+                "ZeroDivisionError: division by zero",
+                "10",
+                "step budget exceeded (300 lines)",
+                "No ```python block found.",
+            ],
+        )
+        self.assertEqual(inst.sent[-2], "answer: none")
+
+    def test_agent_react_bench_calls_its_tools_over_fetch(self):
+        world = FakeWorld()
+        called = []
+
+        def tool(url, method, body):
+            called.append(url.split("?")[0])
+            return 200, [], b"Paris has 2.1 million people." if "search" in url else b"doc " * 40
+
+        world.web["http://tools.test/search"] = tool
+        world.web["http://tools.test/docs"] = tool
+        args = ["--tools", "http://tools.test", "--rounds", "3", "--max-tokens", "3"]
+        _, inst = self.run_app("agent_react_bench", *args, "--drop", "--cache", world=world)
+        result = json.loads(inst.sent[0])
+        self.assertEqual((result["config"], result["prefix"]), ("cache+drop", "miss"))
+        self.assertGreater(result["pages_dropped"], 0)
+        self.assertEqual(called, ["http://tools.test/search", *["http://tools.test/docs"] * 2] * 3)
+        _, again = self.run_app("agent_react_bench", *args, "--cache", world=world)
+        self.assertEqual(json.loads(again.sent[0])["prefix"], "hit")
+
+    def test_bench_host_call_aggregates_samples(self):
+        world = FakeWorld()
+        for _ in range(3):
+            self.run_app("bench_host_call", "--iterations", "5", world=world)
+        samples = [json.loads(world.store[k]) for k in world.store if "/sample/" in k]
+        _, inst = self.run_app("bench_host_call", "--aggregate", world=world)
+        aggregate = json.loads(inst.sent[0])
+        self.assertEqual(aggregate["samples"], 3)
+        values = sorted(s["async_call_us"] for s in samples)
+        self.assertAlmostEqual(aggregate["async_call_us"]["median"], values[1])
+        self.assertAlmostEqual(aggregate["async_call_us"]["mean"], sum(values) / 3)
 
     def test_bad_arguments_fail_the_instance(self):
         world = FakeWorld(FakeModel())

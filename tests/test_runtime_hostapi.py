@@ -60,6 +60,7 @@ SAMPLE_ARGS = {
     "store_delete": ("k",),
     "store_exists": ("k",),
     "store_list_keys": (),
+    "fetch": ("http://example.com/", "GET", [("accept", "*/*")], b"", 0),
 }
 
 
@@ -128,6 +129,9 @@ class EveryRowTests(unittest.TestCase):
         self.assertEqual(results["store_get"], None)
         self.assertEqual(results["store_exists"], False)  # set, then deleted
         self.assertEqual(results["store_list_keys"], [])
+        self.assertEqual(
+            results["fetch"][0], "outgoing HTTP is off (the daemon's inferlet_http_allow is empty)"
+        )
         self.assertEqual(owner.messages(instance_id), ["m", "r"])  # send, then the return value
         model_ops = [op for i, _, op, _ in self.model.submitted if i == instance_id]
         expected = [n for n in SAMPLE_ARGS if n in pie.runtime.hostcalls.MODEL_COMMANDS]
@@ -176,6 +180,8 @@ class BadCallTests(unittest.TestCase):
             ("mask_kv_page", (1, 1, [1]), "argument 'mask': item 0: expected a bool"),
             ("forward_text", (1, 1, [1], [1], [0], [[1, -2]], [0]), "argument 'masks': item 0"),
             ("send", "m", "arguments must be a tuple"),
+            ("fetch", ("u", "GET", [], [1], 0), "argument 'body': expected bytes, got list"),
+            ("fetch", ("u", "GET", [("a",)], b"", 0), "argument 'headers': item 0"),
         ]
         for name, args, text in cases:
             reason, seen = await self.outcome(name, args)

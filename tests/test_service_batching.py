@@ -161,6 +161,25 @@ class BatchingTests(ServiceCase):
         self.assertEqual(answers[5], ["pong"])
         self.assertEqual(self.service.status()["batching"], "kort 3 20")
 
+    def test_pie_batching_algo_string_works_for_every_policy(self):
+        q = self.start("a", [0])
+        queries = {
+            "batching_algo:adaptive:8:16": "adaptive",
+            "batching_algo:k:8:16": "k 8",
+            "batching_algo:t:8:16": "t 16",
+            "batching_algo:kort:8:16": "kort 8 16",
+            "batching_algo:t:20": "t 20",
+            "batching_algo:k_or_t:2:5": "kort 2 5",
+            "batching_algo:fastest:8:16": "error: unknown batching policy 'fastest' (adaptive, k, t, kort)",
+            "batching_algo:k:8:16:1": "error: batching_algo takes <algo>:<k>:<t>",
+            "batching_algo:k:x:16": "error: bad parameter in 'k x'",
+        }
+        answers = [self.submit("a", q, "queue_debug_query", text) for text in queries]
+        for _ in range(3):
+            self.run_reactor()
+        self.assertEqual([a[0] for a in answers], list(queries.values()))
+        self.assertEqual(self.service.get_batching(), "kort 2 5")
+
     def test_worker_failure_faults_the_batch_and_the_next_batch_runs(self):
         qa, qb = self.start("a", [0]), self.start("b", [0])
         self.worker.fail_next = "device on fire"

@@ -117,6 +117,10 @@ class FakeWorld:
         self.ready: deque[tuple[FakeInstance, int, Any]] = deque()
         self.debug_log: list[str] = []
         self._queue_ids = itertools.count(1)
+        self.web: dict[str, Callable[[str, str, bytes], tuple[int, list, bytes]]] = {}
+        """URL (with or without its query) -> handler(url, method, body) -> (status, headers,
+        body): what `fetch` reaches. Any other URL is refused, as by a daemon whose
+        inferlet_http_allow does not list it."""
 
     # ------------------------------------------------------------------ running
     def spawn(
@@ -624,6 +628,15 @@ class FakeInstance:
 
     def _store_list_keys(self, fut: int) -> list[str]:
         return sorted(self.world.store)
+
+    # ------------------------------------------------------------------ outgoing HTTP
+    def _fetch(self, fut, url, method, headers, body, timeout_ms) -> tuple:
+        web = self.world.web
+        handler = web.get(url) or web.get(url.split("?", 1)[0])
+        if handler is None:
+            return (f"URL {url} is not allowed by inferlet_http_allow", 0, [], b"")
+        status, got, content = handler(url, method, bytes(body))
+        return ("", status, list(got), bytes(content))
 
 
 _PENDING = object()

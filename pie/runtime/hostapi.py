@@ -62,9 +62,10 @@ class HostApi:
     """Implements every host call against the runtime's parts.
 
     `runtime` provides: `instances` (pie.runtime.instances.Instances),
-    `inboxes`, `pubsub`, `kvstore`, `model_services()` (iterable of
-    IModelService), `debug_query(text)` and `reactor`. `max_chat_chars` bounds
-    a rendered chat template (and the JSON it is given).
+    `inboxes`, `pubsub`, `kvstore`, `http` (pie.runtime.outbound.OutboundHttp),
+    `model_services()` (iterable of IModelService), `debug_query(text)` and
+    `reactor`. `max_chat_chars` bounds a rendered chat template (and the JSON
+    it is given).
     """
 
     def __init__(self, runtime, max_chat_chars: int = chat_template.DEFAULT_MAX_CHARS) -> None:
@@ -283,6 +284,11 @@ class HostApi:
 
     def _store_list_keys(self, instance: Instance):
         return self._runtime.kvstore.list_keys()
+
+    # ------------------------------------------------------------------ outgoing HTTP
+
+    def _fetch(self, instance: Instance, url, method, headers, body, timeout_ms):
+        return self._runtime.http.fetch(instance, url, method, headers, body, timeout_ms)
 
 
 def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]:

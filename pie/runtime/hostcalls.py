@@ -209,6 +209,17 @@ HOST_CALLS: dict[str, HostCall] = {
         _c("store_delete", "key: string", None, "async", "Delete."),
         _c("store_exists", "key: string", "bool", "async", "Membership."),
         _c("store_list_keys", "", "list<string>", "async", "All keys."),
+        # ---- outgoing HTTP (pie.runtime.outbound: the daemon's inferlet_http_allow policy)
+        _c(
+            "fetch",
+            "url: string; method: string; headers: list<tuple<string, string>>; body: list<u8>; "
+            "timeout_ms: u32",
+            "tuple<string, u16, list<tuple<string, string>>, list<u8>>",
+            "async",
+            "HTTP request made by the daemon if its policy allows the URL: (error, status, "
+            "headers, body); error is empty on success, else why it was refused or failed. "
+            "timeout_ms 0 = the daemon's limit.",
+        ),
     ]
 }
 

@@ -50,10 +50,11 @@ class Instance:
         self.ended = False
         self.reason: str | None = None
         self._watchers: list[Deferred] = []
-        self._timers: set[Deferred] = set()  # pending sleep() calls, cancelled at the end
+        self._timers: set[Deferred] = set()  # pending sleeps and fetches, cancelled at the end
 
     def add_timer(self, timer: Deferred) -> Deferred:
-        """Track a sleep so that ending the instance cancels its delayed call."""
+        """Track a sleep or a fetch so that ending the instance cancels it (the delayed
+        call, the connection)."""
         self._timers.add(timer)
 
         def done(result):

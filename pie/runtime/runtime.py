@@ -31,6 +31,7 @@ from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import KeyValueStore
 from pie.runtime.messaging import Inboxes, PubSub
+from pie.runtime.outbound import HttpPolicy, OutboundHttp
 from pie.runtime.programs import (
     DEFAULT_MAX_PROGRAM_BYTES,
     ProgramStore,
@@ -56,10 +57,12 @@ class Runtime(service.Service):
         max_program_size: int = DEFAULT_MAX_PROGRAM_BYTES,
         max_chat_chars: int = DEFAULT_MAX_CHARS,
         attacher: Callable[..., Deferred] | None = None,
+        http_policy: HttpPolicy | None = None,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
-        pie.service.servicetypes.attach_remote_service)."""
+        pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
+        `fetch` may reach (default: nothing)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -74,6 +77,7 @@ class Runtime(service.Service):
         self.instances = Instances(
             reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
         )
+        self.http = OutboundHttp(reactor, http_policy)
         self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
         self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()

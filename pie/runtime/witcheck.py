@@ -64,6 +64,13 @@ def _unsigned(bits: int) -> Callable[[object], int]:
     return check
 
 
+def _check_bytes(value):
+    """list<u8> arrives as bytes from both executors (componentize-py lowers it so)."""
+    if not isinstance(value, bytes | bytearray):
+        raise _BadArgument(f"expected bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 def _u32_list(value):
     """list<u32>, the hot path of every forward call: one pass, no per-item function call."""
     if not isinstance(value, list | tuple):
@@ -119,6 +126,8 @@ def _checker(wit_type: str) -> Callable[[object], object]:
         return _unsigned(int(t[1:]))
     if t == "list<u32>":
         return _u32_list
+    if t == "list<u8>":
+        return _check_bytes
     if t.startswith("list<") and t.endswith(">"):
         return _list_of(_checker(t[5:-1]))
     if t.startswith("option<") and t.endswith(">"):

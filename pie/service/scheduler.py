@@ -111,16 +111,36 @@ class BatchingPolicy:
         try:
             if name in ("k", "kort") and args:
                 policy = cls(name, k=int(args[0]), t=policy.t)
-            t_arg = (
-                args[0] if name == "t" else args[1] if name == "kort" and len(args) > 1 else None
-            )
-            if t_arg is not None:
-                policy = cls(name, k=policy.k, t=float(t_arg) / 1000.0)
+            t_args = {"t": args, "kort": args[1:]}.get(name, [])
+            if t_args:
+                policy = cls(name, k=policy.k, t=float(t_args[0]) / 1000.0)
         except ValueError:
             raise ValueError(f"bad parameter in {' '.join(words)!r}") from None
         if policy.k < 1 or policy.t < 0:
             raise ValueError("k must be >= 1 and t >= 0")
         return policy
+
+    @classmethod
+    def parse_pie(cls, fields: list[str]) -> BatchingPolicy:
+        """From the fields of Pie's debugger string `batching_algo:<algo>:<k>:<t>`.
+
+        Pie's form gives every policy both k and t; each keeps the ones it has
+        (adaptive none, k its k, t its t, kort both), so `t:8:16` is `t 16`. A
+        single number is the policy's own first parameter (`t:16` is `t 16`).
+        """
+        if not fields:
+            raise ValueError("no policy given")
+        values = fields[1:]
+        if len(values) > 2:
+            raise ValueError("batching_algo takes <algo>:<k>:<t>")
+        name = fields[0]
+        if len(values) == 2:
+            k, t = values
+            kind = cls.parse([name]).name  # validates and normalises the name
+            values = {"adaptive": [], "k": [k], "t": [t], "kort": [k, t]}[kind]
+        elif values and cls.parse([name]).name == "adaptive":
+            values = []
+        return cls.parse([name, *values])
 
     def describe(self) -> str:
         ms = f"{self.t * 1000:g}"

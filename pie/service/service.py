@@ -235,7 +235,12 @@ class ModelService:
         """Answer the queries the service itself handles, None for the worker's."""
         words = query.split()
         if query.startswith("batching_algo:"):  # Pie's debugger: batching_algo:<algo>:<k>:<t>
-            words = ["set_batching", *[w for w in query.split(":")[1:] if w]]
+            try:
+                policy = BatchingPolicy.parse_pie([w for w in query.split(":")[1:] if w])
+            except ValueError as e:
+                return f"error: {e}"
+            self.scheduler.set_policy(policy)
+            return policy.describe()
         if not words or words[0] not in ("set_batching", "get_batching", "service_stats"):
             return None
         if words[0] == "get_batching":

@@ -67,7 +67,7 @@ def _unsigned(bits: int) -> Callable[[object], int]:
 def _check_bytes(value):
     """list<u8> arrives as bytes from both executors (componentize-py lowers it so)."""
     if not isinstance(value, bytes | bytearray):
-        raise _BadArgument(f"expected bytes, got {type(value).__name__}")
+        raise BadArgument(f"expected bytes, got {type(value).__name__}")
     return bytes(value)
 
 

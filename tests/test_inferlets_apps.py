@@ -53,12 +53,17 @@ def model_path() -> str | None:
 
 
 def shared_worker():
-    """The SmolLM2 worker of this module (loaded on first use, then reused)."""
+    """The SmolLM2 worker of this module (loaded on first use, then reused).
+
+    float32, not the CPU's `auto` choice: these tests check what the apps do with the text a
+    model writes, and greedy text in bf16 differs between CPUs with and without AVX512-BF16
+    (low-precision numerics are tested by tolerance in test_model_smollm2).
+    """
     global _worker
     if _worker is None:
         from pie.service.local import load_worker
 
-        _worker = load_worker(model_path())
+        _worker = load_worker(model_path(), dtype="float32")
     return _worker
 
 

@@ -109,10 +109,59 @@ class SmolLM2(TestCase):
         engine = create_engine(self.loaded, device="cpu", dtype="float32", num_pages=16)
         self.assertIn("Paris", greedy_text(engine, self.prompt))
 
-    def test_int4_bfloat16_answer_mentions_paris(self):
-        engine = create_engine(self.loaded, device="cpu", dtype="bfloat16", num_pages=16)
-        self.assertTrue(engine.model.int4)
-        self.assertIn("Paris", greedy_text(engine, self.prompt))
+    def test_int4_bfloat16_agrees_with_float32(self):
+        """The int4/bf16 path's next-token choices agree with fp32 on a fixed text.
+
+        Greedy text in low precision drifts with any rounding (and differs between CPUs with
+        and without AVX512-BF16), so this compares distributions position by position instead.
+        """
+        fp32 = create_engine(self.loaded, device="cpu", dtype="float32", num_pages=64)
+        int4 = create_engine(self.loaded, device="cpu", dtype="bfloat16", num_pages=64)
+        self.assertTrue(int4.model.int4)
+        ids = self.tok.tokenize(AGREEMENT_TEXT)[: 60 * PS]
+        pages = list(range((len(ids) + PS - 1) // PS))
+        item = prefill_item(pages, ids, output_indices=list(range(len(ids))))
+        [want] = fp32.run(Forward([item]))
+        [got] = int4.run(Forward([item]))
+        agree = sum(w[0][0] == g[0][0] for w, g in zip(want, got, strict=True))
+        self.assertGreater(len(ids), 400)
+        self.assertGreaterEqual(agree / len(ids), 0.9, f"{agree}/{len(ids)} top-1 agree")
+        # Where fp32 is confident, int4/bf16 makes the same choice.
+        confident = [(w, g) for w, g in zip(want, got, strict=True) if w[1][0] > 0.5]
+        self.assertGreater(len(confident), 100)
+        for w, g in confident:
+            self.assertEqual(w[0][0], g[0][0])
+            self.assertLess(abs(w[1][0] - g[1][0]), 0.25)
+
+
+AGREEMENT_TEXT = """<|im_start|>user
+Explain how a bicycle works, then list the planets of the solar system in order.<|im_end|>
+<|im_start|>assistant
+A bicycle turns the push of your legs into forward motion. The pedals turn a crank, the crank
+turns the front sprocket, and a chain carries that motion to the rear wheel. Gears change how far
+the wheel turns for each turn of the pedals, so you can climb hills slowly or ride fast on flat
+roads. Brakes press pads against the rim or a disc to slow the wheels, and you balance by steering
+into the direction you are falling.
+
+The planets of the solar system, in order from the Sun, are Mercury, Venus, Earth, Mars, Jupiter,
+Saturn, Uranus and Neptune. Mercury is the smallest and closest to the Sun. Venus is the hottest
+because its thick atmosphere traps heat. Earth is the only planet known to support life. Mars is
+called the Red Planet because of the iron oxide on its surface. Jupiter is the largest planet, a gas
+giant with a great red storm. Saturn is famous for its bright rings of ice and rock. Uranus rotates
+on its side, and Neptune has the strongest winds in the solar system.<|im_end|>
+<|im_start|>user
+What is the capital of France, and what is it known for?<|im_end|>
+<|im_start|>assistant
+The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum, which holds the
+Mona Lisa, the cathedral of Notre-Dame, wide boulevards, cafes, fashion and food. The river Seine
+runs through the city, and many bridges cross it. Paris has been a centre of art, science and
+politics for centuries.<|im_end|>
+<|im_start|>user
+Count from one to twenty in words.<|im_end|>
+<|im_start|>assistant
+One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen,
+fifteen, sixteen, seventeen, eighteen, nineteen, twenty.<|im_end|>
+"""
 
 
 class SmolLM2Tokenizer(TestCase):

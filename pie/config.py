@@ -57,6 +57,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    # fair KV (issue 17): per-instance page cap
+    Setting(
+        "kv_instance_pages",
+        0,
+        int,
+        "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
+    ),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
     Setting(
         "batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."

@@ -238,6 +238,9 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    if merged["kv_instance_pages"] < 0:
+        raise ConfigError(f"kv_instance_pages must be 0 or more, not {merged['kv_instance_pages']}")
+    merged["kv_instance_pages"] = merged["kv_instance_pages"] or merged["num_pages"] * 3 // 4
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:

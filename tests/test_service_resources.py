@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.trial.unittest import TestCase
+
+from pie.config import ConfigError, resolve
 from pie.engine.batch import Forward
 from pie.service.service import CONTENTION_REASON
 from tests.service_case import ServiceCase
@@ -332,3 +335,13 @@ class FairShareTests(ServiceCase):
             self.service.status()["free_kv_pages"], 14, "all but the persistent export's 2"
         )
         self.assertEqual(self.service.list_exports(), [("kept", 2)])
+
+
+class InstancePagesSettingTests(TestCase):
+    def test_the_default_is_three_quarters_of_the_pool_and_negative_is_refused(self):
+        self.assertEqual(resolve({"num_pages": 1024}, {})["kv_instance_pages"], 768)
+        self.assertEqual(
+            resolve({"num_pages": 64, "kv_instance_pages": 10}, {})["kv_instance_pages"], 10
+        )
+        with self.assertRaises(ConfigError):
+            resolve({"kv_instance_pages": -1}, {})

@@ -173,6 +173,13 @@ class ModelServiceRegistryTests(unittest.TestCase):
             [s["model_name"] for s in runtime.model_status()], ["fake-model", "second"]
         )
 
+    def test_kv_exports_lists_and_removes_across_models(self):
+        runtime = make_runtime(self, services={"fake": FakeModelService()})
+        self.assertEqual(runtime.kv_exports(), [{"model": "fake", "name": "prefix", "pages": 3}])
+        self.assertTrue(runtime.remove_kv_export("fake", "prefix"))
+        self.assertFalse(runtime.remove_kv_export("fake", "other"))
+        self.assertFalse(runtime.remove_kv_export("no-such-model", "prefix"))
+
     async def test_attach_unknown_service_type_is_a_pie_error(self):
         runtime = make_runtime(self)
         with self.assertRaises(PieError) as caught:

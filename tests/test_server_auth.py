@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jwt
@@ -130,3 +131,35 @@ class GateTests(unittest.TestCase):
         reply = await admin.request(attach)
         self.assertEqual((reply["successful"], reply["result"]), (True, "attached w"))
         self.assertEqual(server.runtime.attached, [("tcp://h:1", "l4m", "w")])
+
+    async def test_kv_export_admin_queries_need_admin(self):
+        server = await LiveServer(self, auth=True).start()
+        listing = {"type": "query", "corr_id": 2, "subject": "kv_exports", "record": ""}
+        remove = {
+            "type": "query",
+            "corr_id": 3,
+            "subject": "kv_unexport",
+            "record": json.dumps({"model": "m", "name": "pinned"}),
+        }
+        user = await server.connect()
+        await user.request({"type": "authenticate", "corr_id": 1, "token": token("User")})
+        for request in (listing, remove):
+            reply = await user.request(request)
+            self.assertEqual(
+                (reply["successful"], reply["result"]),
+                (False, f"query {request['subject']} requires a token with role Admin"),
+            )
+        self.assertEqual(server.runtime.exports, ["pinned"])
+        admin = await server.connect()
+        await admin.request({"type": "authenticate", "corr_id": 1, "token": token("Admin")})
+        reply = await admin.request(listing)
+        self.assertEqual(
+            json.loads(reply["result"]), [{"model": "m", "name": "pinned", "pages": 2}]
+        )
+        reply = await admin.request(remove)
+        self.assertEqual((reply["successful"], reply["result"]), (True, "removed"))
+        self.assertEqual(server.runtime.exports, [])
+        reply = await admin.request(remove)
+        self.assertEqual(reply["result"], "kv_unexport: model 'm' has no export named 'pinned'")
+        reply = await admin.request({**remove, "record": "nope"})
+        self.assertIn("the record must be JSON", reply["result"])

@@ -345,3 +345,26 @@ class InstancePagesSettingTests(TestCase):
         )
         with self.assertRaises(ConfigError):
             resolve({"kv_instance_pages": -1}, {})
+
+
+class RemoveExportTests(ServiceCase):
+    """The admin's kv_unexport: any export goes, whoever owns it, and its pages come back."""
+
+    def test_remove_persistent_and_owned_exports(self):
+        self.make(FakeWorker(num_pages=8))
+        q = self.service.create_queue("a")
+        self.submit("a", q, "allocate_kv_pages", [0, 1, 2])
+        self.submit("a", q, "export_kv_pages", [0, 1], "pinned", True)
+        self.submit("a", q, "export_kv_pages", [2], "owned", False)
+        self.run_reactor()
+        self.service.destroy_instance("a")
+        self.assertEqual(self.service.status()["free_kv_pages"], 6)
+        self.assertTrue(self.service.remove_export("pinned"))
+        self.assertEqual(self.service.status()["free_kv_pages"], 8)
+        self.assertFalse(self.service.remove_export("pinned"))
+        q = self.service.create_queue("b")
+        self.submit("b", q, "allocate_kv_pages", [0])
+        self.submit("b", q, "export_kv_pages", [0], "owned", False)
+        self.run_reactor()
+        self.assertTrue(self.service.remove_export("owned"))
+        self.assertEqual(self.service.list_exports(), [])

@@ -118,6 +118,19 @@ class Runtime(service.Service):
     def model_status(self) -> list[dict]:
         return [model_service.status() for model_service in self._services.values()]
 
+    def kv_exports(self) -> list[dict]:
+        """Every KV export on every model: {"model", "name", "pages"} (the admin's `kv_exports`)."""
+        return [
+            {"model": model, "name": name, "pages": pages}
+            for model, service in self._services.items()
+            for name, pages in service.list_exports()
+        ]
+
+    def remove_kv_export(self, model: str, name: str) -> bool:
+        """Drop one export whoever owns it; False if the model or the export does not exist."""
+        service = self._services.get(model)
+        return service is not None and service.remove_export(name)
+
     def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
         """Attach a model worker through the attacher the daemon was built with."""
         if self.attacher is None:

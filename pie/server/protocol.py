@@ -46,6 +46,7 @@ REASON_CONNECTION_CLOSED = "socket terminated"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
+ADMIN_QUERIES = ("kv_exports", "kv_unexport")  # need role Admin where auth is on
 CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
 
 
@@ -176,10 +177,18 @@ class PieServerProtocol(WebSocketServerProtocol):
             return self._request(
                 corr_id, lambda: maybeDeferred(runtime.model_status).addCallback(json.dumps)
             )
+        if subject in ADMIN_QUERIES:
+            if self.factory.auth_enabled and not (self.claims and self.claims.is_admin):
+                self._respond(corr_id, False, f"query {subject} requires a token with role Admin")
+                return None
+            return self._request(
+                corr_id, lambda: maybeDeferred(_admin_query, runtime, subject, record)
+            )
         self._respond(
             corr_id,
             False,
-            f"Unknown query subject: {subject!r} (known: program_exists, model_status)",
+            f"Unknown query subject: {subject!r} (known: program_exists, model_status, "
+            f"{', '.join(ADMIN_QUERIES)})",
         )
         return None
 
@@ -427,6 +436,20 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._backlog.clear()
         self._backlog_bytes = 0
         self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
+
+
+def _admin_query(runtime: IRuntime, subject: str, record: str) -> str:
+    """kv_exports: JSON list of every export; kv_unexport: drop one, record {"model", "name"}."""
+    if subject == "kv_exports":
+        return json.dumps(runtime.kv_exports())
+    try:
+        target = json.loads(record)
+        model, name = target["model"], target["name"]
+    except (ValueError, TypeError, KeyError):
+        raise PieError('kv_unexport: the record must be JSON {"model": ..., "name": ...}') from None
+    if not runtime.remove_kv_export(str(model), str(name)):
+        raise PieError(f"kv_unexport: model {model!r} has no export named {name!r}")
+    return "removed"
 
 
 def _too_big(message: dict[str, Any], size: int, limit: int) -> dict[str, Any]:

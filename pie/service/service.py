@@ -319,6 +319,15 @@ class ModelService:
         if stored:
             self._persist(self._store.remove, name)
 
+    def remove_export(self, name: str) -> bool:
+        entry = self.resources.exports.get(name)
+        if entry is None:
+            return False
+        self.resources.unexport(entry.owner, name)
+        if entry.owner is None and self._store is not None:
+            self._persist(self._store.remove, name)
+        return True
+
     def _unexport(self, inst: str, name: str) -> None:
         if self.resources.unexport(inst, name).owner is None and self._store is not None:
             self._persist(self._store.remove, name)

@@ -200,10 +200,16 @@ class ModelService:
 
     def submit(self, instance_id: str, queue_id: int, op: str, *args) -> Deferred:
         """Queue model command `op` (a MODEL_COMMANDS row); its arguments are of its WIT types
-        (pie.runtime.hostapi checked them), so only what the service knows is checked here."""
-        return self._enqueue(
+        (pie.runtime.hostapi checked them), so only what the service knows is checked here.
+
+        synchronize also waits for the export store: once it answers, every persistent
+        export made before it is on disk (and survives a kill -9)."""
+        d = self._enqueue(
             instance_id, queue_id, lambda: getattr(self, "_op_" + op)(instance_id, *args)
         )
+        if op == "synchronize":
+            d.addCallback(lambda result: self.flush_store().addCallback(lambda _: result))
+        return d
 
     def _enqueue(self, instance_id: str, queue_id: int, build: Callable[[], Command]) -> Deferred:
         """Queue the command build() makes after the checks every command gets."""

@@ -57,6 +57,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    # instance quotas (issue 17): launches refused past them
+    Setting(
+        "max_instances_per_connection",
+        256,
+        int,
+        "Instances one client connection may run (or be launching) at once.",
+    ),
+    Setting(
+        "max_instances_per_user",
+        1024,
+        int,
+        "Instances one user (token subject; one anonymous user without auth) may run at once.",
+    ),
     # fair KV (issue 17): per-instance page cap
     Setting(
         "kv_instance_pages",
@@ -235,6 +248,8 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_http_max_bytes",
         "inferlet_http_timeout_ms",
         "inferlet_http_concurrency",
+        "max_instances_per_connection",
+        "max_instances_per_user",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")

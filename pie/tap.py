@@ -163,6 +163,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_message_size=settings["max_message_size"],
         max_outbound=settings["max_outbound"],
         reactor=reactor,
+        max_instances_per_connection=settings["max_instances_per_connection"],
+        max_instances_per_user=settings["max_instances_per_user"],
     )
     listener = ClientListenerService(
         serverFromString(reactor, settings["port"]),

@@ -47,6 +47,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead 
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
 ADMIN_QUERIES = ("kv_exports", "kv_unexport")  # need role Admin where auth is on
+DEFAULT_MAX_INSTANCES_PER_CONNECTION = 256
+DEFAULT_MAX_INSTANCES_PER_USER = 1024
+ANONYMOUS = "anonymous"  # the one user of a daemon without auth
 CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
 
 
@@ -308,6 +311,10 @@ class PieServerProtocol(WebSocketServerProtocol):
         except UploadError as e:
             self._respond(corr_id, False, str(e))
             return succeed(None)
+        refusal = self._instance_quota()
+        if refusal is not None:
+            self._respond(corr_id, False, refusal)
+            return succeed(None)
         self._pending_launches += 1
         d = maybeDeferred(start, program_hash)
 
@@ -329,6 +336,31 @@ class PieServerProtocol(WebSocketServerProtocol):
 
         d.addCallbacks(launched, failed)
         return d
+
+    @property
+    def user(self) -> str:
+        """Whom quotas count this connection for: the token's subject, or the anonymous user."""
+        return self.claims.subject if self.claims is not None else ANONYMOUS
+
+    def running(self) -> int:
+        """Instances this connection owns or is launching."""
+        return len(self.owned) + self._pending_launches
+
+    def _instance_quota(self) -> str | None:
+        """Why one more launch is refused (the connection's or the user's quota), or None."""
+        factory = self.factory
+        if self.running() >= factory.max_instances_per_connection:
+            return (
+                f"instance quota reached: this connection runs {self.running()} instances "
+                f"(max_instances_per_connection = {factory.max_instances_per_connection})"
+            )
+        mine = sum(s.running() for s in factory.sessions if s.user == self.user)
+        if mine >= factory.max_instances_per_user:
+            return (
+                f"instance quota reached: user {self.user!r} runs {mine} instances "
+                f"(max_instances_per_user = {factory.max_instances_per_user})"
+            )
+        return None
 
     def instance_message(self, instance_id: str, message: str) -> None:
         self._event(instance_id, "message", message)
@@ -482,6 +514,8 @@ class PieServerFactory(WebSocketServerFactory):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_outbound: int = DEFAULT_MAX_OUTBOUND,
         reactor: Any = None,
+        max_instances_per_connection: int = DEFAULT_MAX_INSTANCES_PER_CONNECTION,
+        max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
     ) -> None:
         """auth_secret None disables authentication (every session starts authenticated)."""
         super().__init__(reactor=reactor)
@@ -490,6 +524,8 @@ class PieServerFactory(WebSocketServerFactory):
         self.max_program_size = max_program_size
         self.max_message_size = max_message_size
         self.max_outbound = max_outbound
+        self.max_instances_per_connection = max_instances_per_connection
+        self.max_instances_per_user = max_instances_per_user
         self.sessions: set[PieServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

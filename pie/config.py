@@ -70,6 +70,19 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "Instances one user (token subject; one anonymous user without auth) may run at once.",
     ),
+    # message quotas (issue 17): unread messages held per instance / per subscription
+    Setting(
+        "inbox_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Bytes of unread signal_instance messages one instance may hold; more are refused.",
+    ),
+    Setting(
+        "subscription_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Bytes of unread broadcasts one subscription may hold; more are dropped and reported.",
+    ),
     # fair KV (issue 17): per-instance page cap
     Setting(
         "kv_instance_pages",
@@ -250,6 +263,8 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_http_concurrency",
         "max_instances_per_connection",
         "max_instances_per_user",
+        "inbox_bytes",
+        "subscription_bytes",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")

@@ -149,6 +149,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
             http_policy=HttpPolicy.from_settings(settings),
+            inbox_bytes=settings["inbox_bytes"],
+            subscription_bytes=settings["subscription_bytes"],
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

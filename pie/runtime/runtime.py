@@ -30,7 +30,12 @@ from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import KeyValueStore
-from pie.runtime.messaging import Inboxes, PubSub
+from pie.runtime.messaging import (
+    DEFAULT_INBOX_BYTES,
+    DEFAULT_SUBSCRIPTION_BYTES,
+    Inboxes,
+    PubSub,
+)
 from pie.runtime.outbound import HttpPolicy, OutboundHttp
 from pie.runtime.programs import (
     DEFAULT_MAX_PROGRAM_BYTES,
@@ -58,11 +63,14 @@ class Runtime(service.Service):
         max_chat_chars: int = DEFAULT_MAX_CHARS,
         attacher: Callable[..., Deferred] | None = None,
         http_policy: HttpPolicy | None = None,
+        inbox_bytes: int = DEFAULT_INBOX_BYTES,
+        subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
-        `fetch` may reach (default: nothing)."""
+        `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
+        messages one instance's inbox / one subscription may hold (pie.runtime.messaging)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -72,8 +80,8 @@ class Runtime(service.Service):
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
-        self.inboxes = Inboxes()
-        self.pubsub = PubSub()
+        self.inboxes = Inboxes(max_bytes=inbox_bytes)
+        self.pubsub = PubSub(max_bytes=subscription_bytes)
         self.instances = Instances(
             reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
         )

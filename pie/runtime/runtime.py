@@ -269,10 +269,23 @@ class Runtime(service.Service):
 
     # ------------------------------------------------------------------ debug queries
 
-    def debug_query(self, query: str) -> str:
-        """Pie's runtime debug queries (spec §3.6)."""
+    def debug_query(self, query: str, asker: Instance | None = None) -> str:
+        """Pie's runtime debug queries (spec §3.6), answered for the asking instance's user.
+
+        A user sees only the instances of its own user (the owning connection's
+        token subject); an admin (role Admin, or any asker without auth or
+        without a connection) sees all, and alone may list programs and the
+        program directory.
+        """
+        admin, user = _asker(asker)
         # as in Pie, the per-request instances of HTTP servers are not counted or listed
-        running = {i: inst for i, inst in self.instances.running.items() if inst.server_id is None}
+        running = {
+            i: inst
+            for i, inst in self.instances.running.items()
+            if inst.server_id is None and (admin or _asker(inst)[1] == user)
+        }
+        if query in ("list_in_memory_programs", "get_cache_dir") and not admin:
+            return f"{query} requires a token with role Admin"
         if query == "ping":
             return "pong"
         if query == "get_instance_count":
@@ -288,6 +301,15 @@ class Runtime(service.Service):
         if query == "get_cache_dir":
             return self.programs.directory
         return f"Unknown query: {query}"
+
+
+def _asker(instance: Instance | None) -> tuple[bool, str | None]:
+    """(is admin, user) of an instance, from its owner (a client connection, see pie.server)."""
+    owner = getattr(instance, "owner", None)
+    user = getattr(owner, "user", None)
+    if user is None:  # no connection behind it: the daemon's own, or a test's
+        return True, None
+    return bool(getattr(owner, "is_admin", False)), user
 
 
 def _checked_arguments(arguments: list[str]) -> list[str]:

@@ -342,6 +342,11 @@ class PieServerProtocol(WebSocketServerProtocol):
         """Whom quotas count this connection for: the token's subject, or the anonymous user."""
         return self.claims.subject if self.claims is not None else ANONYMOUS
 
+    @property
+    def is_admin(self) -> bool:
+        """An admin sees every user's instances in debug_query: role Admin, or auth is off."""
+        return not self.factory.auth_enabled or bool(self.claims and self.claims.is_admin)
+
     def running(self) -> int:
         """Instances this connection owns or is launching."""
         return len(self.owned) + self._pending_launches

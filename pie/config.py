@@ -57,6 +57,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    # instance quotas (issue 17): launches refused past them
+    Setting(
+        "max_instances_per_connection",
+        256,
+        int,
+        "Instances one client connection may run (or be launching) at once.",
+    ),
+    Setting(
+        "max_instances_per_user",
+        1024,
+        int,
+        "Instances one user (token subject; one anonymous user without auth) may run at once.",
+    ),
+    # message quotas (issue 17): unread messages held per instance / per subscription
+    Setting(
+        "inbox_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Bytes of unread signal_instance messages one instance may hold; more are refused.",
+    ),
+    Setting(
+        "subscription_bytes",
+        8 * 1024 * 1024,
+        int,
+        "Bytes of unread broadcasts one subscription may hold; more are dropped and reported.",
+    ),
+    # fair KV (issue 17): per-instance page cap
+    Setting(
+        "kv_instance_pages",
+        0,
+        int,
+        "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
+    ),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
     Setting(
         "batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."
@@ -228,9 +261,16 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_http_max_bytes",
         "inferlet_http_timeout_ms",
         "inferlet_http_concurrency",
+        "max_instances_per_connection",
+        "max_instances_per_user",
+        "inbox_bytes",
+        "subscription_bytes",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    if merged["kv_instance_pages"] < 0:
+        raise ConfigError(f"kv_instance_pages must be 0 or more, not {merged['kv_instance_pages']}")
+    merged["kv_instance_pages"] = merged["kv_instance_pages"] or merged["num_pages"] * 3 // 4
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:

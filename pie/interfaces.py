@@ -71,6 +71,12 @@ class IRuntime(Interface):
     def model_status() -> list[dict]:
         """One dict per model service, the seed's model_status entries."""
 
+    def kv_exports() -> list[dict]:
+        """Every KV export of every model: {"model", "name", "pages"} (admin query kv_exports)."""
+
+    def remove_kv_export(model: str, name: str) -> bool:
+        """Drop one export whoever owns it (admin query kv_unexport); False if there is none."""
+
     def attach_remote_service(endpoint: str, service_type: str, service_name: str) -> object:
         """Deferred firing with a success text; errbacks with PieError."""
 
@@ -135,6 +141,9 @@ class IModelService(Interface):
 
     def list_exports() -> list[tuple[str, int]]:
         """(name, number of pages) of every exported KV page set."""
+
+    def remove_export(name: str) -> bool:
+        """Drop the export `name` whoever owns it (the admin's `kv_unexport` query); False if none."""
 
     def destroy_instance(instance_id: str) -> None:
         """Free everything the instance holds; drop its non-persistent exports."""

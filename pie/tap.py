@@ -149,6 +149,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
             http_policy=HttpPolicy.from_settings(settings),
+            inbox_bytes=settings["inbox_bytes"],
+            subscription_bytes=settings["subscription_bytes"],
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
@@ -163,6 +165,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_message_size=settings["max_message_size"],
         max_outbound=settings["max_outbound"],
         reactor=reactor,
+        max_instances_per_connection=settings["max_instances_per_connection"],
+        max_instances_per_user=settings["max_instances_per_user"],
     )
     listener = ClientListenerService(
         serverFromString(reactor, settings["port"]),

@@ -50,6 +50,7 @@ class FakeRuntime:
         self.on_start: Callable[[FakeInstance], None] | None = None
         self.attached: list[tuple[str, str, str]] = []
         self.status = [{"model_name": "fake", "kv_page_size": 16}]
+        self.exports = ["pinned"]  # the KV exports the admin queries see, on model "m"
         self._launch_waiters: list[Deferred] = []
         self._signal_waiters: list[Deferred] = []
 
@@ -91,6 +92,15 @@ class FakeRuntime:
 
     def model_status(self) -> list[dict]:
         return self.status
+
+    def kv_exports(self) -> list[dict]:
+        return [{"model": "m", "name": name, "pages": 2} for name in self.exports]
+
+    def remove_kv_export(self, model: str, name: str) -> bool:
+        if model != "m" or name not in self.exports:
+            return False
+        self.exports.remove(name)
+        return True
 
     def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
         if service_type != "l4m":

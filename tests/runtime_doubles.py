@@ -151,6 +151,9 @@ class FakeModelService:
     def list_exports(self) -> list[tuple[str, int]]:
         return [("prefix", 3)]
 
+    def remove_export(self, name: str) -> bool:
+        return name == "prefix"
+
     def destroy_instance(self, instance_id: str) -> None:
         self.destroyed.append(instance_id)
         self.pages.pop(instance_id, None)

@@ -22,7 +22,7 @@ class AsyncioClientTests(unittest.TestCase):
         self.assertEqual(
             lines,
             [
-                "refused: Unknown query subject: 'weather' (known: program_exists, model_status)",
+                "refused: Unknown query subject: 'weather' (known: program_exists, model_status, kv_exports, kv_unexport)",
                 "exists: True",
                 "message: hello",
                 "terminated: instance normally finished",

@@ -8,7 +8,7 @@ import tempfile
 import threading
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.engine.batch import EmbedText, Forward, ForwardItem, Query, Sampling, WorkerInfo
 from pie.interfaces import IModelWorker, ITokenizer, PieError
@@ -133,3 +133,14 @@ class Sizing(TestCase):
     def test_impossible_kv_cache_is_a_clear_error(self):
         with self.assertRaisesRegex(PieError, "cannot allocate a KV cache"):
             load_worker(_FOLDER.name, device="cpu", dtype="float32", num_pages=1 << 24)  # 128 GiB
+
+
+class ReleaseFreedMemoryTests(TestCase):
+    def test_glibc_heap_is_trimmed_after_a_load(self):
+        import platform
+
+        from pie.engine.worker import release_freed_memory
+
+        if platform.libc_ver()[0] != "glibc":
+            raise SkipTest("malloc_trim is glibc's")
+        self.assertTrue(release_freed_memory())

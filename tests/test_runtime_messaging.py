@@ -49,6 +49,21 @@ class InboxTests(unittest.TestCase):
         self.assertRaises(PieError, inboxes.push, "i", "c")
         self.assertEqual(self.successResultOf(inboxes.pull("i")), "a")
 
+    def test_inbox_bytes_are_bounded_and_freed_by_reading(self):
+        inboxes = Inboxes(max_bytes=10)
+        inboxes.open("i")
+        inboxes.open("neighbour")
+        inboxes.push("i", "x" * 6)
+        with self.assertRaises(PieError) as refused:
+            inboxes.push("i", "é" * 3)  # 6 more bytes in UTF-8: 12 > 10
+        self.assertIn("has 1 unread messages of 6 bytes", str(refused.exception))
+        self.assertIn("or 10 bytes, inbox_bytes); message refused", str(refused.exception))
+        inboxes.push("neighbour", "y" * 10)  # the neighbour's inbox is its own
+        inboxes.push("i", "z" * 4)  # exactly 10
+        self.assertEqual(self.successResultOf(inboxes.pull("i")), "x" * 6)
+        inboxes.push("i", "é" * 3)  # reading gave the bytes back
+        self.assertEqual(inboxes.pending("i"), 2)
+
     def test_closed_inbox_forgets_everything(self):
         inboxes = Inboxes()
         inboxes.open("i")
@@ -99,6 +114,17 @@ class PubSubTests(unittest.TestCase):
         failure = self.failureResultOf(pubsub.next("x", sub), PieError)
         self.assertIn("dropped 2 messages", str(failure.value))
         self.assertEqual(self.successResultOf(pubsub.next("x", sub)), "1")
+
+    def test_subscription_backlog_bytes_are_bounded(self):
+        pubsub = PubSub(max_bytes=5)
+        slow, fast = pubsub.subscribe("x", "t"), pubsub.subscribe("y", "t")
+        pubsub.broadcast("t", "abc")
+        self.assertEqual(self.successResultOf(pubsub.next("y", fast)), "abc")
+        pubsub.broadcast("t", "def")  # slow would hold 6 bytes: dropped for it only
+        self.assertEqual(self.successResultOf(pubsub.next("y", fast)), "def")
+        failure = self.failureResultOf(pubsub.next("x", slow), PieError)
+        self.assertIn("dropped 1 messages: more than 65536 messages or 5 bytes", str(failure.value))
+        self.assertEqual(self.successResultOf(pubsub.next("x", slow)), "abc")
 
     def test_instance_end_drops_its_subscriptions(self):
         pubsub = PubSub()

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from pie.interfaces import PieError
 from pie.runtime.instances import NORMAL_FINISH
 from pie.runtime.programs import program_hash
 from pie.runtime.runtime import Runtime
-from tests.runtime_doubles import FakeModelService, ScriptExecutor, launched, make_runtime
+from tests.runtime_doubles import (
+    FakeModelService,
+    RecordingOwner,
+    ScriptExecutor,
+    launched,
+    make_runtime,
+)
 
 
 class ProgramStoreTests(unittest.TestCase):
@@ -82,6 +89,38 @@ class ProgramStoreTests(unittest.TestCase):
         runtime = self.runtime()
         self.assertFalse(runtime.program_exists("../../etc/passwd"))
         self.assertFalse(runtime.program_exists(None))
+
+    async def test_debug_query_shows_a_user_only_its_own_instances(self):
+        runtime = self.runtime()
+        parked = Deferred()
+        self.addCleanup(lambda: parked.called or parked.callback(None))
+
+        async def park(host, args):
+            await parked
+
+        def owner(user, admin=False):
+            o = RecordingOwner()
+            o.user, o.is_admin = user, admin
+            return o
+
+        ids = {}
+        for name, who in (("a1", owner("alice")), ("a2", owner("alice")), ("b", owner("bob"))):
+            ids[name] = (await launched(runtime, park, owner=who))[0]
+        ids["root"] = (await launched(runtime, park, owner=owner("root", admin=True)))[0]
+
+        def ask(name, query):
+            return runtime.debug_query(query, runtime.instances.running[ids[name]])
+
+        listed = ask("a1", "list_running_instances")
+        self.assertIn(ids["a2"], listed)
+        self.assertNotIn(ids["b"], listed)
+        self.assertEqual(ask("a1", "get_instance_count"), "2")
+        self.assertEqual(ask("b", "get_instance_count"), "1")
+        self.assertEqual(ask("root", "get_instance_count"), "4")
+        self.assertEqual(
+            ask("b", "get_cache_dir"), "get_cache_dir requires a token with role Admin"
+        )
+        self.assertEqual(ask("root", "get_cache_dir"), os.path.join(self.home, "programs"))
 
     async def test_debug_queries_about_programs(self):
         runtime = self.runtime()
@@ -172,6 +211,13 @@ class ModelServiceRegistryTests(unittest.TestCase):
         self.assertEqual(
             [s["model_name"] for s in runtime.model_status()], ["fake-model", "second"]
         )
+
+    def test_kv_exports_lists_and_removes_across_models(self):
+        runtime = make_runtime(self, services={"fake": FakeModelService()})
+        self.assertEqual(runtime.kv_exports(), [{"model": "fake", "name": "prefix", "pages": 3}])
+        self.assertTrue(runtime.remove_kv_export("fake", "prefix"))
+        self.assertFalse(runtime.remove_kv_export("fake", "other"))
+        self.assertFalse(runtime.remove_kv_export("no-such-model", "prefix"))
 
     async def test_attach_unknown_service_type_is_a_pie_error(self):
         runtime = make_runtime(self)

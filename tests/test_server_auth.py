@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jwt
@@ -10,7 +11,7 @@ from twisted.trial import unittest
 from pie.server.auth import AuthError, issue_token, load_or_create_secret, validate_token
 from pie.server.uploads import hash_program
 from tests.pieserver import SECRET, LiveServer, token
-from tests.test_server_protocol import PROGRAM, upload_frames
+from tests.test_server_protocol import PROGRAM, launch, upload, upload_frames
 
 
 class TokenTests(unittest.SynchronousTestCase):
@@ -130,3 +131,75 @@ class GateTests(unittest.TestCase):
         reply = await admin.request(attach)
         self.assertEqual((reply["successful"], reply["result"]), (True, "attached w"))
         self.assertEqual(server.runtime.attached, [("tcp://h:1", "l4m", "w")])
+
+    async def test_kv_export_admin_queries_need_admin(self):
+        server = await LiveServer(self, auth=True).start()
+        listing = {"type": "query", "corr_id": 2, "subject": "kv_exports", "record": ""}
+        remove = {
+            "type": "query",
+            "corr_id": 3,
+            "subject": "kv_unexport",
+            "record": json.dumps({"model": "m", "name": "pinned"}),
+        }
+        user = await server.connect()
+        await user.request({"type": "authenticate", "corr_id": 1, "token": token("User")})
+        for request in (listing, remove):
+            reply = await user.request(request)
+            self.assertEqual(
+                (reply["successful"], reply["result"]),
+                (False, f"query {request['subject']} requires a token with role Admin"),
+            )
+        self.assertEqual(server.runtime.exports, ["pinned"])
+        admin = await server.connect()
+        await admin.request({"type": "authenticate", "corr_id": 1, "token": token("Admin")})
+        reply = await admin.request(listing)
+        self.assertEqual(
+            json.loads(reply["result"]), [{"model": "m", "name": "pinned", "pages": 2}]
+        )
+        reply = await admin.request(remove)
+        self.assertEqual((reply["successful"], reply["result"]), (True, "removed"))
+        self.assertEqual(server.runtime.exports, [])
+        reply = await admin.request(remove)
+        self.assertEqual(reply["result"], "kv_unexport: model 'm' has no export named 'pinned'")
+        reply = await admin.request({**remove, "record": "nope"})
+        self.assertIn("the record must be JSON", reply["result"])
+
+    async def test_instance_quotas_per_connection_and_per_user(self):
+        server = await LiveServer(
+            self, auth=True, max_instances_per_connection=2, max_instances_per_user=3
+        ).start()
+
+        async def session(subject):
+            client = await server.connect()
+            await client.request(
+                {"type": "authenticate", "corr_id": 1, "token": token(subject=subject)}
+            )
+            return client
+
+        async def try_launch(client, digest, corr_id):
+            return await client.request(
+                {"type": "launch_instance", "corr_id": corr_id, "program_hash": digest,
+                 "arguments": []}
+            )  # fmt: skip
+
+        a1, a2, b = await session("alice"), await session("alice"), await session("bob")
+        digest = (await upload(a1, PROGRAM))["result"]
+        first = await launch(a1, digest, corr_id=2)
+        await launch(a1, digest, corr_id=3)
+        reply = await try_launch(a1, digest, 4)
+        self.assertEqual(
+            (reply["successful"], reply["result"]),
+            (False, "instance quota reached: this connection runs 2 instances "
+                    "(max_instances_per_connection = 2)"),
+        )  # fmt: skip
+        await launch(a2, digest, corr_id=5)  # alice's third
+        reply = await try_launch(a2, digest, 6)
+        self.assertEqual(
+            reply["result"],
+            "instance quota reached: user 'alice' runs 3 instances (max_instances_per_user = 3)",
+        )
+        await launch(b, digest, corr_id=7)  # bob, the neighbour, is not held back by alice
+        a1.send({"type": "terminate_instance", "instance_id": first})
+        self.assertEqual((await a1.next())["event"], "terminated")
+        await launch(a2, digest, corr_id=8)  # a slot came back
+        self.assertEqual(len(server.runtime.instances), 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import TestCase
 
 from pie.engine.batch import Forward
@@ -53,6 +53,26 @@ class PersistentExportTests(ServiceCase):
         got = self.do(inst, q, "forward_text", 1, [4, 5, 6], [9], [8], [], [0])
         self.service.destroy_instance(inst)
         return got
+
+    def test_synchronize_answers_once_the_export_is_on_disk(self):
+        writes = []
+        self.make(
+            FakeWorker(num_pages=8),
+            state_dir=self.state,
+            run_blocking=lambda fn, *a: writes.append((fn, a, Deferred())) or writes[-1][2],
+        )
+        q = self.service.create_queue("a")
+        self.do("a", q, "allocate_kv_pages", [0, 1])
+        self.do("a", q, "forward_text_no_output", 4, [0, 1], PREFIX, list(range(8)), [])
+        self.do("a", q, "export_kv_pages", [0, 1], "sys", True)
+        synced = self.do("a", q, "synchronize")
+        self.assertEqual(synced, [], "synchronize waits for the store write")
+        fn, args, written = writes.pop()
+        fn(*args)
+        written.callback(None)
+        self.run_reactor()
+        self.assertEqual(synced, [True])
+        self.assertEqual(list(ExportStore(self.state, "fake-model", 4).load()), ["sys"])
 
     def test_restart_recomputes_the_pages_from_recorded_tokens(self):
         self.prefill_and_export()

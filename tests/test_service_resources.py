@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.trial.unittest import TestCase
+
+from pie.config import ConfigError, resolve
 from pie.engine.batch import Forward
 from pie.service.service import CONTENTION_REASON
 from tests.service_case import ServiceCase
@@ -255,3 +258,113 @@ class ContentionTests(ServiceCase):
         self.assertIn("out of KV pages", self.fault_of(box))
         self.run_reactor()
         self.assertEqual(self.terminated, [])
+
+
+class FairShareTests(ServiceCase):
+    """Issue 17: a hog holding the pool cannot starve a newcomer; a per-instance cap holds."""
+
+    def alloc(self, inst, ids):
+        box = self.submit(inst, self.queues[inst], "allocate_kv_pages", ids)
+        self.run_reactor()
+        return box
+
+    def start(self, names, **options):
+        self.make(FakeWorker(num_pages=16), **options)
+        self.queues = {name: self.service.create_queue(name) for name in names}
+
+    def test_an_older_hog_is_evicted_for_a_newcomer_within_its_share(self):
+        self.start("hn")
+        self.assertEqual(self.alloc("h", list(range(16))), [None])
+        box = self.alloc("n", [0, 1])
+        self.assertEqual(box, [None], "the newcomer's 2-page request is served")
+        self.run_reactor()
+        self.assertEqual(self.terminated, [("h", CONTENTION_REASON)])
+        self.assertEqual(self.service.status()["free_kv_pages"], 14)
+        later = self.submit("h", self.queues["h"], "synchronize")
+        self.assertEqual(self.fault_of(later), CONTENTION_REASON)
+
+    def test_the_instance_most_beyond_its_share_goes_first(self):
+        self.start("abcn")  # fair share: 16 / 4 = 4 pages
+        self.alloc("a", list(range(5)))
+        self.alloc("b", list(range(9)))
+        self.alloc("c", [0, 1])
+        self.assertEqual(self.alloc("n", [0, 1, 2]), [None])
+        self.run_reactor()
+        self.assertEqual([i for i, _ in self.terminated], ["b"], "a and c keep running")
+        self.assertEqual(self.service.resources.holds("a"), (5, 0))
+
+    def test_a_requester_beyond_its_share_does_not_evict_older_instances(self):
+        self.start("ab")  # fair share: 8 pages
+        self.alloc("a", list(range(10)))
+        self.alloc("b", list(range(6)))
+        box = self.alloc("b", [6, 7, 8])  # 9 > 8: b would be beyond its own share
+        self.assertIn("out of KV pages: 3 requested, 0 free", self.fault_of(box))
+        self.run_reactor()
+        self.assertEqual(self.terminated, [])
+
+    def test_the_instance_cap_refuses_clearly_and_takes_nothing(self):
+        self.start("a", instance_pages=4)
+        self.assertEqual(self.alloc("a", [0, 1, 2]), [None])
+        box = self.alloc("a", [3, 4])
+        self.assertIn("KV page cap reached: the instance maps 3 pages", self.fault_of(box))
+        self.assertIn("cap of 4 (kv_instance_pages)", self.fault_of(box))
+        self.assertEqual(self.service.status()["free_kv_pages"], 13)
+
+    def test_the_cap_counts_imported_pages(self):
+        self.start("ab", instance_pages=3)
+        self.alloc("a", [0, 1])
+        self.submit("a", self.queues["a"], "export_kv_pages", [0, 1], "x", False)
+        self.alloc("b", [0, 1])
+        box = self.submit("b", self.queues["b"], "import_kv_pages", [5, 6], "x")
+        self.run_reactor()
+        self.assertIn("import_kv_pages: KV page cap reached", self.fault_of(box))
+
+    def test_every_page_not_exported_comes_back_when_instances_end(self):
+        self.start("ab")
+        self.alloc("a", list(range(6)))
+        self.submit("a", self.queues["a"], "export_kv_pages", [0, 1], "kept", True)
+        self.submit("a", self.queues["a"], "export_kv_pages", [2, 3, 4], "shared", False)
+        self.submit("b", self.queues["b"], "import_kv_pages", [0, 1, 2], "shared")
+        self.alloc("b", [7, 8])
+        self.run_reactor()
+        self.assertEqual(self.service.status()["free_kv_pages"], 8)
+        self.service.destroy_instance("a")
+        self.assertEqual(self.service.status()["free_kv_pages"], 9, "only a's unshared page 5")
+        self.service.destroy_instance("b")
+        self.assertEqual(
+            self.service.status()["free_kv_pages"], 14, "all but the persistent export's 2"
+        )
+        self.assertEqual(self.service.list_exports(), [("kept", 2)])
+
+
+class InstancePagesSettingTests(TestCase):
+    def test_the_default_is_three_quarters_of_the_pool_and_negative_is_refused(self):
+        self.assertEqual(resolve({"num_pages": 1024}, {})["kv_instance_pages"], 768)
+        self.assertEqual(
+            resolve({"num_pages": 64, "kv_instance_pages": 10}, {})["kv_instance_pages"], 10
+        )
+        with self.assertRaises(ConfigError):
+            resolve({"kv_instance_pages": -1}, {})
+
+
+class RemoveExportTests(ServiceCase):
+    """The admin's kv_unexport: any export goes, whoever owns it, and its pages come back."""
+
+    def test_remove_persistent_and_owned_exports(self):
+        self.make(FakeWorker(num_pages=8))
+        q = self.service.create_queue("a")
+        self.submit("a", q, "allocate_kv_pages", [0, 1, 2])
+        self.submit("a", q, "export_kv_pages", [0, 1], "pinned", True)
+        self.submit("a", q, "export_kv_pages", [2], "owned", False)
+        self.run_reactor()
+        self.service.destroy_instance("a")
+        self.assertEqual(self.service.status()["free_kv_pages"], 6)
+        self.assertTrue(self.service.remove_export("pinned"))
+        self.assertEqual(self.service.status()["free_kv_pages"], 8)
+        self.assertFalse(self.service.remove_export("pinned"))
+        q = self.service.create_queue("b")
+        self.submit("b", q, "allocate_kv_pages", [0])
+        self.submit("b", q, "export_kv_pages", [0], "owned", False)
+        self.run_reactor()
+        self.assertTrue(self.service.remove_export("owned"))
+        self.assertEqual(self.service.list_exports(), [])

@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", choices=["User", "Admin"], default="User")
     token.add_argument("--days", type=float, default=365.0, help="validity [365]")
     _secret_options(token)
-    query = commands.add_parser("query", help="ask the daemon: program_exists HASH | model_status")
+    query = commands.add_parser(
+        "query",
+        help="ask the daemon: program_exists HASH | model_status | kv_exports | kv_unexport JSON",
+    )
     query.add_argument("subject")
     query.add_argument("record", nargs="?", default="")
     _connection_options(query)

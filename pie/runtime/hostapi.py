@@ -149,7 +149,7 @@ class HostApi:
         instance.return_value = value
 
     def _debug_query(self, instance: Instance, query: str) -> str:
-        return self._runtime.debug_query(query)
+        return self._runtime.debug_query(query, instance)
 
     def _time_ms(self, instance: Instance) -> int:
         return int(time.monotonic() * 1000)

@@ -9,9 +9,12 @@ Two mechanisms, as in Pie (spec §4.1–4.2), with Pie's bugs fixed:
 - `PubSub`: topics between instances. A subscription is a stream: every
   message broadcast on its topic after it was made is queued for it, and
   subscription_next() returns them one by one in order (Pie delivered only the
-  first). If a subscriber falls more than `max_pending` messages behind, later
-  messages are dropped for it and its next read reports how many, rather
-  than losing them silently.
+  first). If a subscriber falls more than `max_pending` messages (or
+  `max_bytes` of them) behind, later messages are dropped for it and its next
+  read reports how many, rather than losing them silently.
+
+Both are bounded in count and in bytes (UTF-8), so that messages nobody reads
+cannot grow the daemon without bound (issue 17: 1,000 x 1 MB signals took 950 MB).
 
 Everything an instance holds here is dropped by `drop_instance` when it ends.
 All of this runs on the reactor thread; Deferreds are fired after the state
@@ -28,6 +31,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from pie.interfaces import PieError
 
 DEFAULT_MAX_PENDING = 65536
+DEFAULT_INBOX_BYTES = 8 * 1024 * 1024  # unread client messages of one instance
+DEFAULT_SUBSCRIPTION_BYTES = 8 * 1024 * 1024  # unread broadcasts of one subscription
 
 
 class _Waiters:
@@ -62,12 +67,14 @@ class _Waiters:
 
 
 class _Mailbox:
-    """Queued messages plus waiting readers; a bounded FIFO."""
+    """Queued messages plus waiting readers; a FIFO bounded in count and in bytes."""
 
-    def __init__(self, max_pending: int) -> None:
-        self.messages: deque[str] = deque()
+    def __init__(self, max_pending: int, max_bytes: int) -> None:
+        self.messages: deque[tuple[str, int]] = deque()  # (message, its UTF-8 size)
         self.waiters = _Waiters()
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.dropped = 0
 
     def put(self, message: str) -> bool:
@@ -76,49 +83,62 @@ class _Mailbox:
         if waiter is not None:
             waiter.callback(message)
             return True
-        if len(self.messages) >= self.max_pending:
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if len(self.messages) >= self.max_pending or self.bytes + size > self.max_bytes:
             return False
-        self.messages.append(message)
+        self.messages.append((message, size))
+        self.bytes += size
         return True
+
+    def limit_text(self) -> str:
+        return f"{self.max_pending} messages or {self.max_bytes} bytes"
 
     def take(self, what: str) -> Deferred:
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
             return fail(
                 PieError(
-                    f"{what} dropped {dropped} messages: more than {self.max_pending} were waiting"
+                    f"{what} dropped {dropped} messages: more than {self.limit_text()} were waiting"
                 )
             )
         if self.messages:
-            return succeed(self.messages.popleft())
+            message, size = self.messages.popleft()
+            self.bytes -= size
+            return succeed(message)
         return self.waiters.wait()
 
     def close(self) -> None:
         self.messages.clear()
+        self.bytes = 0
         self.waiters.clear()
 
 
 class Inboxes:
     """User → instance messages: one FIFO per running instance."""
 
-    def __init__(self, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(
+        self, max_pending: int = DEFAULT_MAX_PENDING, max_bytes: int = DEFAULT_INBOX_BYTES
+    ) -> None:
         self._boxes: dict[str, _Mailbox] = {}
         self._max_pending = max_pending
+        self._max_bytes = max_bytes
 
     def open(self, instance_id: str) -> None:
-        self._boxes[instance_id] = _Mailbox(self._max_pending)
+        self._boxes[instance_id] = _Mailbox(self._max_pending, self._max_bytes)
 
     def push(self, instance_id: str, message: str) -> None:
         """Deliver or queue; messages for instances that are gone are ignored.
 
-        Raises PieError when the instance has `max_pending` messages it has not read.
+        Raises PieError when the message would take the instance past `max_pending`
+        messages or `max_bytes` bytes it has not read (setting inbox_bytes).
         """
         box = self._boxes.get(instance_id)
         if box is None:
             return
         if not box.put(message):
             raise PieError(
-                f"instance {instance_id} has {box.max_pending} unread messages; message refused"
+                f"instance {instance_id} has {len(box.messages)} unread messages of "
+                f"{box.bytes} bytes (at most {box.limit_text()}, inbox_bytes); message refused"
             )
 
     def pull(self, instance_id: str) -> Deferred:
@@ -141,27 +161,32 @@ class Inboxes:
 
 
 class _Subscription:
-    def __init__(self, sub_id: int, instance_id: str, topic: str, max_pending: int) -> None:
+    def __init__(self, sub_id: int, instance_id: str, topic: str, mailbox: _Mailbox) -> None:
         self.id = sub_id
         self.instance_id = instance_id
         self.topic = topic
-        self.mailbox = _Mailbox(max_pending)
+        self.mailbox = mailbox
 
 
 class PubSub:
     """Instance ⇄ instance broadcast: topics, subscriptions as streams."""
 
-    def __init__(self, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(
+        self, max_pending: int = DEFAULT_MAX_PENDING, max_bytes: int = DEFAULT_SUBSCRIPTION_BYTES
+    ) -> None:
         self._topics: dict[str, dict[int, _Subscription]] = {}
         self._subscriptions: dict[int, _Subscription] = {}
         self._ids = itertools.count(1)
         self._max_pending = max_pending
+        self._max_bytes = max_bytes
 
     def subscribe(self, instance_id: str, topic: str) -> int:
         sub_id = next(self._ids)
         if sub_id > 0xFFFFFFFF:
             raise PieError("subscription ids exhausted")
-        sub = _Subscription(sub_id, instance_id, topic, self._max_pending)
+        sub = _Subscription(
+            sub_id, instance_id, topic, _Mailbox(self._max_pending, self._max_bytes)
+        )
         self._subscriptions[sub_id] = sub
         self._topics.setdefault(topic, {})[sub_id] = sub
         return sub_id

@@ -30,7 +30,12 @@ from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import KeyValueStore
-from pie.runtime.messaging import Inboxes, PubSub
+from pie.runtime.messaging import (
+    DEFAULT_INBOX_BYTES,
+    DEFAULT_SUBSCRIPTION_BYTES,
+    Inboxes,
+    PubSub,
+)
 from pie.runtime.outbound import HttpPolicy, OutboundHttp
 from pie.runtime.programs import (
     DEFAULT_MAX_PROGRAM_BYTES,
@@ -58,11 +63,14 @@ class Runtime(service.Service):
         max_chat_chars: int = DEFAULT_MAX_CHARS,
         attacher: Callable[..., Deferred] | None = None,
         http_policy: HttpPolicy | None = None,
+        inbox_bytes: int = DEFAULT_INBOX_BYTES,
+        subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
-        `fetch` may reach (default: nothing)."""
+        `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
+        messages one instance's inbox / one subscription may hold (pie.runtime.messaging)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -72,8 +80,8 @@ class Runtime(service.Service):
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
-        self.inboxes = Inboxes()
-        self.pubsub = PubSub()
+        self.inboxes = Inboxes(max_bytes=inbox_bytes)
+        self.pubsub = PubSub(max_bytes=subscription_bytes)
         self.instances = Instances(
             reactor, [self.inboxes.drop_instance, self.pubsub.drop_instance], self.model_services
         )
@@ -117,6 +125,19 @@ class Runtime(service.Service):
 
     def model_status(self) -> list[dict]:
         return [model_service.status() for model_service in self._services.values()]
+
+    def kv_exports(self) -> list[dict]:
+        """Every KV export on every model: {"model", "name", "pages"} (the admin's `kv_exports`)."""
+        return [
+            {"model": model, "name": name, "pages": pages}
+            for model, service in self._services.items()
+            for name, pages in service.list_exports()
+        ]
+
+    def remove_kv_export(self, model: str, name: str) -> bool:
+        """Drop one export whoever owns it; False if the model or the export does not exist."""
+        service = self._services.get(model)
+        return service is not None and service.remove_export(name)
 
     def attach_remote_service(self, endpoint: str, service_type: str, service_name: str):
         """Attach a model worker through the attacher the daemon was built with."""
@@ -248,10 +269,23 @@ class Runtime(service.Service):
 
     # ------------------------------------------------------------------ debug queries
 
-    def debug_query(self, query: str) -> str:
-        """Pie's runtime debug queries (spec §3.6)."""
+    def debug_query(self, query: str, asker: Instance | None = None) -> str:
+        """Pie's runtime debug queries (spec §3.6), answered for the asking instance's user.
+
+        A user sees only the instances of its own user (the owning connection's
+        token subject); an admin (role Admin, or any asker without auth or
+        without a connection) sees all, and alone may list programs and the
+        program directory.
+        """
+        admin, user = _asker(asker)
         # as in Pie, the per-request instances of HTTP servers are not counted or listed
-        running = {i: inst for i, inst in self.instances.running.items() if inst.server_id is None}
+        running = {
+            i: inst
+            for i, inst in self.instances.running.items()
+            if inst.server_id is None and (admin or _asker(inst)[1] == user)
+        }
+        if query in ("list_in_memory_programs", "get_cache_dir") and not admin:
+            return f"{query} requires a token with role Admin"
         if query == "ping":
             return "pong"
         if query == "get_instance_count":
@@ -267,6 +301,15 @@ class Runtime(service.Service):
         if query == "get_cache_dir":
             return self.programs.directory
         return f"Unknown query: {query}"
+
+
+def _asker(instance: Instance | None) -> tuple[bool, str | None]:
+    """(is admin, user) of an instance, from its owner (a client connection, see pie.server)."""
+    owner = getattr(instance, "owner", None)
+    user = getattr(owner, "user", None)
+    if user is None:  # no connection behind it: the daemon's own, or a test's
+        return True, None
+    return bool(getattr(owner, "is_admin", False)), user
 
 
 def _checked_arguments(arguments: list[str]) -> list[str]:

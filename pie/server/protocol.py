@@ -46,6 +46,10 @@ REASON_CONNECTION_CLOSED = "socket terminated"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
+ADMIN_QUERIES = ("kv_exports", "kv_unexport")  # need role Admin where auth is on
+DEFAULT_MAX_INSTANCES_PER_CONNECTION = 256
+DEFAULT_MAX_INSTANCES_PER_USER = 1024
+ANONYMOUS = "anonymous"  # the one user of a daemon without auth
 CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
 
 
@@ -176,10 +180,18 @@ class PieServerProtocol(WebSocketServerProtocol):
             return self._request(
                 corr_id, lambda: maybeDeferred(runtime.model_status).addCallback(json.dumps)
             )
+        if subject in ADMIN_QUERIES:
+            if self.factory.auth_enabled and not (self.claims and self.claims.is_admin):
+                self._respond(corr_id, False, f"query {subject} requires a token with role Admin")
+                return None
+            return self._request(
+                corr_id, lambda: maybeDeferred(_admin_query, runtime, subject, record)
+            )
         self._respond(
             corr_id,
             False,
-            f"Unknown query subject: {subject!r} (known: program_exists, model_status)",
+            f"Unknown query subject: {subject!r} (known: program_exists, model_status, "
+            f"{', '.join(ADMIN_QUERIES)})",
         )
         return None
 
@@ -299,6 +311,10 @@ class PieServerProtocol(WebSocketServerProtocol):
         except UploadError as e:
             self._respond(corr_id, False, str(e))
             return succeed(None)
+        refusal = self._instance_quota()
+        if refusal is not None:
+            self._respond(corr_id, False, refusal)
+            return succeed(None)
         self._pending_launches += 1
         d = maybeDeferred(start, program_hash)
 
@@ -320,6 +336,36 @@ class PieServerProtocol(WebSocketServerProtocol):
 
         d.addCallbacks(launched, failed)
         return d
+
+    @property
+    def user(self) -> str:
+        """Whom quotas count this connection for: the token's subject, or the anonymous user."""
+        return self.claims.subject if self.claims is not None else ANONYMOUS
+
+    @property
+    def is_admin(self) -> bool:
+        """An admin sees every user's instances in debug_query: role Admin, or auth is off."""
+        return not self.factory.auth_enabled or bool(self.claims and self.claims.is_admin)
+
+    def running(self) -> int:
+        """Instances this connection owns or is launching."""
+        return len(self.owned) + self._pending_launches
+
+    def _instance_quota(self) -> str | None:
+        """Why one more launch is refused (the connection's or the user's quota), or None."""
+        factory = self.factory
+        if self.running() >= factory.max_instances_per_connection:
+            return (
+                f"instance quota reached: this connection runs {self.running()} instances "
+                f"(max_instances_per_connection = {factory.max_instances_per_connection})"
+            )
+        mine = sum(s.running() for s in factory.sessions if s.user == self.user)
+        if mine >= factory.max_instances_per_user:
+            return (
+                f"instance quota reached: user {self.user!r} runs {mine} instances "
+                f"(max_instances_per_user = {factory.max_instances_per_user})"
+            )
+        return None
 
     def instance_message(self, instance_id: str, message: str) -> None:
         self._event(instance_id, "message", message)
@@ -429,6 +475,20 @@ class PieServerProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
 
 
+def _admin_query(runtime: IRuntime, subject: str, record: str) -> str:
+    """kv_exports: JSON list of every export; kv_unexport: drop one, record {"model", "name"}."""
+    if subject == "kv_exports":
+        return json.dumps(runtime.kv_exports())
+    try:
+        target = json.loads(record)
+        model, name = target["model"], target["name"]
+    except (ValueError, TypeError, KeyError):
+        raise PieError('kv_unexport: the record must be JSON {"model": ..., "name": ...}') from None
+    if not runtime.remove_kv_export(str(model), str(name)):
+        raise PieError(f"kv_unexport: model {model!r} has no export named {name!r}")
+    return "removed"
+
+
 def _too_big(message: dict[str, Any], size: int, limit: int) -> dict[str, Any]:
     """What to send instead of a message the client could not accept (over its size limit)."""
     what = message["type"]
@@ -459,6 +519,8 @@ class PieServerFactory(WebSocketServerFactory):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_outbound: int = DEFAULT_MAX_OUTBOUND,
         reactor: Any = None,
+        max_instances_per_connection: int = DEFAULT_MAX_INSTANCES_PER_CONNECTION,
+        max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
     ) -> None:
         """auth_secret None disables authentication (every session starts authenticated)."""
         super().__init__(reactor=reactor)
@@ -467,6 +529,8 @@ class PieServerFactory(WebSocketServerFactory):
         self.max_program_size = max_program_size
         self.max_message_size = max_message_size
         self.max_outbound = max_outbound
+        self.max_instances_per_connection = max_instances_per_connection
+        self.max_instances_per_user = max_instances_per_user
         self.sessions: set[PieServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

@@ -167,6 +167,7 @@ class LocalModelService(Service):
             state_dir=os.path.join(s["home"], "kv-exports"),
             policy=s["batching"].replace(":", " "),
             max_batch_tokens=s["max_batch_tokens"] or None,
+            instance_pages=s["kv_instance_pages"],
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service

@@ -172,6 +172,9 @@ class ModelPool:
     def list_exports(self) -> list[tuple[str, int]]:
         return [export for m in self.members.values() for export in m.service.list_exports()]
 
+    def remove_export(self, name: str) -> bool:
+        return any([m.service.remove_export(name) for m in self.members.values()])
+
     def destroy_instance(self, instance_id: str) -> None:
         member = self._placement.pop(instance_id, None)
         if member is not None:

@@ -14,7 +14,8 @@ talks to the worker. It keeps
 - what every written KV slot holds (token, position, attention row) so that a
   persistent export can be written to disk as a *recipe* and recomputed with
   one forward pass after a daemon restart (see docs/model-service.md);
-- the contention choice: which newer instances to evict when pages run out.
+- the per-instance page cap and the contention choice: when pages run out,
+  which instance to evict (the one most beyond its fair share, else newer ones).
 """
 
 from __future__ import annotations
@@ -115,8 +116,11 @@ def _check_unique(what: str, ids: list[int]) -> None:
 class Resources:
     """Every instance's KV pages and embeds on one model, plus the export catalogue."""
 
-    def __init__(self, num_pages: int, num_embeds: int, page_size: int) -> None:
+    def __init__(
+        self, num_pages: int, num_embeds: int, page_size: int, instance_cap: int | None = None
+    ) -> None:
         self.page_size = page_size
+        self.instance_cap = instance_cap  # most KV pages one instance may map; None: the pool
         self.pages = PhysicalPool(num_pages)
         self.embeds = PhysicalPool(num_embeds)
         self._refs = [0] * num_pages
@@ -187,6 +191,16 @@ class Resources:
 
     def check_allocate_pages(self, instance: str, ids: list[int]) -> None:
         self._check_new_page_ids(instance, ids, "allocate_kv_pages")
+        self._check_cap(instance, len(ids), "allocate_kv_pages")
+
+    def _check_cap(self, instance: str, count: int, what: str) -> None:
+        """InstanceFault if mapping `count` more pages would take the instance past its cap."""
+        held = len(self._inst(instance).pages)
+        if self.instance_cap is not None and held + count > self.instance_cap:
+            raise InstanceFault(
+                f"{what}: KV page cap reached: the instance maps {held} pages, "
+                f"{count} more would pass its cap of {self.instance_cap} (kv_instance_pages)"
+            )
 
     def allocate_pages(self, instance: str, ids: list[int]) -> None:
         """Map fresh physical pages (refcount 1) under ids; the caller made room first."""
@@ -272,27 +286,49 @@ class Resources:
 
     # ------------------------------------------------------------------ contention
 
+    def fair_share(self) -> float:
+        """KV pages each instance may hold under contention: the pool split evenly between them."""
+        return self.pages.capacity / max(1, len(self._instances))
+
     def eviction_victims(self, instance: str, kind: str, count: int) -> list[str] | None:
         """Instances to evict so that `count` pages (kind 'kv') or embeds ('embed') are free.
 
-        Newest first, only instances newer than the requester, and only as many
-        as needed. [] if there is room already; None if even evicting every
-        newer instance would not make room (then the requester must fail and
-        nobody is evicted).
+        [] if there is room already. For KV pages, when the requester stays
+        within its fair share (fair_share) after the request, the instances
+        holding the most pages beyond theirs go first, so that a hog cannot
+        starve a newcomer. Otherwise (and for embeds) only instances newer than
+        the requester, newest first. Only as many as needed; None if that
+        would not make room (then the requester fails and nobody is evicted).
         """
         pool = self.pages if kind == "kv" else self.embeds
         if pool.available >= count:
             return []
-        me = self._inst(instance).order
+        me = self._inst(instance)
+        if kind == "kv":
+            share = self.fair_share()
+            if len(me.pages) + count <= share:
+                hogs = sorted(
+                    (i for i, r in self._instances.items() if len(r.pages) > share),
+                    key=lambda i: len(self._instances[i].pages),
+                    reverse=True,
+                )
+                victims = self._enough(hogs, kind, count)
+                if victims is not None:
+                    return victims
         newer = sorted(
-            (i for i, r in self._instances.items() if r.order > me),
+            (i for i, r in self._instances.items() if r.order > me.order),
             key=lambda i: self._instances[i].order,
             reverse=True,
         )
+        return self._enough(newer, kind, count)
+
+    def _enough(self, candidates: list[str], kind: str, count: int) -> list[str] | None:
+        """The first candidates whose eviction frees `count` ids of kind, or None if all do not."""
+        pool = self.pages if kind == "kv" else self.embeds
         refs = list(self._refs) if kind == "kv" else None
         free = pool.available
         victims = []
-        for victim in newer:
+        for victim in candidates:
             held = self._instances[victim]
             if kind == "kv":
                 for page in held.pages.values():
@@ -362,6 +398,7 @@ class Resources:
                 f"import_kv_pages: {name!r} has {entry.num_pages} pages but {len(ids)} ids were given"
             )
         self._check_new_page_ids(instance, ids, "import_kv_pages")
+        self._check_cap(instance, len(ids), "import_kv_pages")
         return entry
 
     def import_pages(self, instance: str, ids: list[int], name: str) -> None:

@@ -98,6 +98,7 @@ class ModelService:
     run_blocking(fn, *args) -> Deferred runs store I/O off the reactor thread.
     max_batch_tokens caps the new tokens of one Forward job (a longer text item is split into
     chunks that run beside the other queues' items: chunked prefill, see the scheduler).
+    instance_pages caps the KV pages one instance may map (None: the whole pool).
     Default: CPU_BATCH_TOKENS on a CPU worker, where a long prompt in one pass would stall
     every decode step for seconds, else DEVICE_BATCH_TOKENS.
     """
@@ -113,6 +114,7 @@ class ModelService:
         max_batch_tokens: int | None = None,
         instance_terminator: Callable[[str, str], None] | None = None,
         run_blocking: Callable[..., Deferred] | None = None,
+        instance_pages: int | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -126,7 +128,9 @@ class ModelService:
         self.dist_size = info.dist_size
         self.tokenizer = worker.tokenizer
         self.instance_terminator = instance_terminator
-        self.resources = Resources(info.num_kv_pages, info.num_embeds, info.kv_page_size)
+        self.resources = Resources(
+            info.num_kv_pages, info.num_embeds, info.kv_page_size, instance_cap=instance_pages
+        )
         if max_batch_tokens is None:
             max_batch_tokens = CPU_BATCH_TOKENS if info.device == "cpu" else DEVICE_BATCH_TOKENS
         self.scheduler = Scheduler(
@@ -196,10 +200,16 @@ class ModelService:
 
     def submit(self, instance_id: str, queue_id: int, op: str, *args) -> Deferred:
         """Queue model command `op` (a MODEL_COMMANDS row); its arguments are of its WIT types
-        (pie.runtime.hostapi checked them), so only what the service knows is checked here."""
-        return self._enqueue(
+        (pie.runtime.hostapi checked them), so only what the service knows is checked here.
+
+        synchronize also waits for the export store: once it answers, every persistent
+        export made before it is on disk (and survives a kill -9)."""
+        d = self._enqueue(
             instance_id, queue_id, lambda: getattr(self, "_op_" + op)(instance_id, *args)
         )
+        if op == "synchronize":
+            d.addCallback(lambda result: self.flush_store().addCallback(lambda _: result))
+        return d
 
     def _enqueue(self, instance_id: str, queue_id: int, build: Callable[[], Command]) -> Deferred:
         """Queue the command build() makes after the checks every command gets."""
@@ -272,7 +282,8 @@ class ModelService:
             what = "KV pages" if kind == "kv" else "embed slots"
             raise InstanceFault(
                 f"out of {what}: {len(ids)} requested, {pool.available} free, "
-                f"and evicting every newer instance would not free enough"
+                f"and evicting the instances beyond their fair share or newer than this one "
+                f"would not free enough"
             )
         for victim in victims:
             self._evict(victim)
@@ -313,6 +324,15 @@ class ModelService:
             )
         if stored:
             self._persist(self._store.remove, name)
+
+    def remove_export(self, name: str) -> bool:
+        entry = self.resources.exports.get(name)
+        if entry is None:
+            return False
+        self.resources.unexport(entry.owner, name)
+        if entry.owner is None and self._store is not None:
+            self._persist(self._store.remove, name)
+        return True
 
     def _unexport(self, inst: str, name: str) -> None:
         if self.resources.unexport(inst, name).owner is None and self._store is not None:

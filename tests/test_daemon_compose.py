@@ -18,10 +18,12 @@ from pie.service.local import LocalModelService
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.model_fixtures import write_tiny_model
-from tests.test_server_protocol import launch, upload
+from tests.protocol_helpers import launch, upload
 
 PROGRAM = b"""
 from pie.inferlet import get_auto_model, send
+
+pytestmark = pytest.mark.slow
 
 async def main(args):
     model = get_auto_model()

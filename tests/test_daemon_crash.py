@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.pied import Daemon
-from tests.test_server_protocol import launch, upload, upload_frames
+from tests.protocol_helpers import launch, upload, upload_frames
 
 WRITER = b"""
 from pie.inferlet import send, store_set
@@ -28,6 +28,8 @@ async def main(args):
 
 READER = b"""
 from pie.inferlet import store_get
+
+pytestmark = pytest.mark.slow
 
 async def main(args):
     found = [await store_get(f"key {i}") for i in range(int(args[0]))]

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from pie.server.uploads import hash_program
 from tests.pied import Daemon
-from tests.test_server_protocol import launch, upload
+from tests.protocol_helpers import launch, upload
 
 HOG = b"""
 from pie.inferlet import _abi
@@ -27,6 +27,8 @@ async def main(args):
 
 ECHO = b"""
 from pie.inferlet import receive, send
+
+pytestmark = pytest.mark.slow
 
 async def main(args):
     for _ in range(int(args[0])):

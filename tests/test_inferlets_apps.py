@@ -24,6 +24,7 @@ import os
 import re
 import time
 
+import pytest
 from twisted.internet import reactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -35,21 +36,15 @@ from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.httpfixtures import ToolServer, make_png
+from tests.model_fixtures import model_path
 from tests.pieserver import LiveServer
+
+pytestmark = pytest.mark.slow
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
 
 _worker = None
-
-
-def model_path() -> str | None:
-    try:
-        from pie.service.registry import default_model_path
-
-        return default_model_path()
-    except Exception:
-        return None
 
 
 def shared_worker():

@@ -17,8 +17,8 @@ from twisted.trial import unittest
 from pie.engine import batch
 from pie.interfaces import InstanceFault, PieError
 from pie.remote import client, server, wire
+from tests.model_fixtures import model_path
 from tests.remote_helpers import SECRET, FakeWorker, listen_worker
-from tests.test_inferlets_apps import model_path
 
 
 class RawClient(WebSocketClientProtocol):

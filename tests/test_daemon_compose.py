@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -20,10 +21,11 @@ from tests import rawclient
 from tests.model_fixtures import write_tiny_model
 from tests.protocol_helpers import launch, upload
 
+pytestmark = pytest.mark.slow
+
 PROGRAM = b"""
 from pie.inferlet import get_auto_model, send
 
-pytestmark = pytest.mark.slow
 
 async def main(args):
     model = get_auto_model()

@@ -41,6 +41,7 @@ from tests.pieserver import LiveServer
 
 pytestmark = pytest.mark.slow
 
+
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
 

@@ -16,6 +16,7 @@ from pie.service.registry import default_model_path
 
 pytestmark = pytest.mark.slow
 
+
 PS = 16
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 _CACHE: dict = {}

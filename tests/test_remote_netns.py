@@ -26,6 +26,7 @@ from tests.remote_helpers import start_worker_process
 
 pytestmark = pytest.mark.slow
 
+
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
 

@@ -23,6 +23,7 @@ from tests.model_fixtures import write_tiny_model
 
 pytestmark = pytest.mark.slow
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

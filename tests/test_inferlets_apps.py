@@ -514,9 +514,14 @@ class DecodingAppTests(AppTestCase):
         self.assertPagesReturned()
 
     async def test_jacobi_decoding(self):
-        run = await self.run_app("jacobi_decoding", "--max-tokens", "12")
+        prompt = "Write the alphabet: A B C"
+        run = await self.run_app("jacobi_decoding", "--prompt", prompt, "--max-tokens", "12")
         iterations, tokens = map(int, re.findall(r"\d+", run.messages[1]))
-        self.assertTrue(run.messages[0])
+        greedy = await self.run_app("text_completion", "--prompt", prompt, "--max-tokens", "12")
+        greedy_tokens = int(re.search(r"tokens=(\d+)", greedy.messages[1]).group(1))
+        # Jacobi decoding only accepts drafts greedy decoding would have produced.
+        self.assertEqual(tokens, greedy_tokens)
+        self.assertEqual(run.messages[0].replace("<|im_end|>", ""), greedy.messages[0])
         self.assertLessEqual(iterations, tokens)
         self.assertPagesReturned()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import msgpack
+import pytest
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -279,6 +280,7 @@ class ConnectFailureTests(unittest.TestCase):
 
 
 class TokenizerWireTests(unittest.TestCase):
+    @pytest.mark.slow  # loads the real model
     def test_smollm2_tokenizer_survives_the_handshake(self):
         """The default model's tokenizer, shipped through msgpack, encodes and decodes identically."""
         path = model_path()

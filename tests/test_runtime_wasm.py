@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.trial import unittest
 
 from pie.runtime.executors import build
@@ -36,6 +37,7 @@ async def main(args):
 """
 
 
+@pytest.mark.slow  # loads the real model
 class SmolLM2VocabularyTests(unittest.TestCase):
     """The real vocabulary (49k tokens) reaches a sandboxed guest within the default deadline."""
 

@@ -98,3 +98,12 @@ def dense(distribution: tuple[list[int], list[float]], vocab_size: int) -> torch
     out = torch.zeros(vocab_size)
     out[torch.tensor(ids)] = torch.tensor(probs)
     return out
+
+
+def model_path() -> str | None:
+    try:
+        from pie.service.registry import default_model_path
+
+        return default_model_path()
+    except Exception:
+        return None

@@ -15,7 +15,7 @@ from typing import Any
 from pie.runtime.executors import build
 from tests import rawclient
 from tests.pieserver import spawn_module
-from tests.test_executor_wasm import pinned_artifact
+from tests.wasm_artifact import pinned_artifact
 
 
 class Daemon:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 from twisted.trial import unittest
@@ -152,6 +153,7 @@ class TransformersParityTests(unittest.TestCase):
                 with self.subTest(chat=label, add_generation_prompt=prompt):
                     self.assertSameAsTransformers(template, messages, add_generation_prompt=prompt)
 
+    @pytest.mark.slow  # loads the real model
     def test_smollm2_from_the_gguf(self):
         if not SMOLLM2_GGUF.exists():
             raise unittest.SkipTest(f"{SMOLLM2_GGUF} is not there (pie pull smollm2-135m-instruct)")

@@ -6,6 +6,7 @@ import io
 import os
 import sys
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial import unittest
@@ -14,7 +15,9 @@ from pie import cli
 from pie.server.auth import validate_token
 from pie.server.uploads import hash_program
 from tests.pieserver import SECRET, LiveServer, spawn_module, token
-from tests.test_server_protocol import PROGRAM
+from tests.protocol_helpers import PROGRAM
+
+pytestmark = pytest.mark.slow
 
 
 class RunTests(unittest.TestCase):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.trial import unittest
 
 from tests.pieserver import LiveServer, spawn_module
+
+pytestmark = pytest.mark.slow
 
 
 class AsyncioClientTests(unittest.TestCase):

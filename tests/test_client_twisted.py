@@ -8,7 +8,7 @@ from pie.client import ConnectionClosed, RequestFailed
 from pie.client.tx import connect
 from pie.server.uploads import hash_program
 from tests.pieserver import LiveServer, token
-from tests.test_server_protocol import PROGRAM
+from tests.protocol_helpers import PROGRAM
 
 
 class TwistedClientTests(unittest.TestCase):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -18,10 +19,13 @@ from pie.service.local import LocalModelService
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.model_fixtures import write_tiny_model
-from tests.test_server_protocol import launch, upload
+from tests.protocol_helpers import launch, upload
+
+pytestmark = pytest.mark.slow
 
 PROGRAM = b"""
 from pie.inferlet import get_auto_model, send
+
 
 async def main(args):
     model = get_auto_model()

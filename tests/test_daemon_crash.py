@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from twisted.trial import unittest
 
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.pied import Daemon
-from tests.test_server_protocol import launch, upload, upload_frames
+from tests.protocol_helpers import launch, upload, upload_frames
+
+pytestmark = pytest.mark.slow
 
 WRITER = b"""
 from pie.inferlet import send, store_set
@@ -28,6 +31,7 @@ async def main(args):
 
 READER = b"""
 from pie.inferlet import store_get
+
 
 async def main(args):
     found = [await store_get(f"key {i}") for i in range(int(args[0]))]

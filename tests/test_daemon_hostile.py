@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from twisted.trial import unittest
 
 from pie.server.uploads import hash_program
 from tests.pied import Daemon
-from tests.test_server_protocol import launch, upload
+from tests.protocol_helpers import launch, upload
+
+pytestmark = pytest.mark.slow
 
 HOG = b"""
 from pie.inferlet import _abi
@@ -27,6 +30,7 @@ async def main(args):
 
 ECHO = b"""
 from pie.inferlet import receive, send
+
 
 async def main(args):
     for _ in range(int(args[0])):

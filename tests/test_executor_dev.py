@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import TestCase
 
 from pie.runtime.executors.dev import DevExecutor
-from tests.test_executor_contract import ExecutorContract
+from tests.executor_contract import ExecutorContract
 
 
 class DevExecutorTests(ExecutorContract, TestCase):

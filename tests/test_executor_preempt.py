@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pie.interfaces import InstanceFault
-from tests.test_executor_wasm import BUILD_TIMEOUT, sandbox
+from tests.wasm_artifact import BUILD_TIMEOUT, sandbox
 
 NEIGHBOUR = b"""
 from pie.inferlet import _abi

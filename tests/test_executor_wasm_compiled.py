@@ -7,14 +7,18 @@ exactly as if they had compiled it themselves, tracebacks included.
 
 from __future__ import annotations
 
+import pytest
 from twisted.trial.unittest import TestCase
 
 from pie.runtime.sandbox.loader import COMPILE_ONLY, COMPILED, module_name
-from tests.test_executor_contract import ExecutorHelpers
-from tests.test_executor_wasm import BUILD_TIMEOUT, sandbox
+from tests.executor_contract import ExecutorHelpers
+from tests.wasm_artifact import BUILD_TIMEOUT, sandbox
+
+pytestmark = pytest.mark.slow
 
 PROGRAM = b"""
 import json
+
 
 def helper(n):
     return {"n": n, "doc": helper.__doc__, "line": helper.__code__.co_firstlineno}

@@ -24,6 +24,7 @@ import os
 import re
 import time
 
+import pytest
 from twisted.internet import reactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -35,21 +36,16 @@ from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.httpfixtures import ToolServer, make_png
+from tests.model_fixtures import model_path
 from tests.pieserver import LiveServer
+
+pytestmark = pytest.mark.slow
+
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
 
 _worker = None
-
-
-def model_path() -> str | None:
-    try:
-        from pie.service.registry import default_model_path
-
-        return default_model_path()
-    except Exception:
-        return None
 
 
 def shared_worker():
@@ -523,9 +519,14 @@ class DecodingAppTests(AppTestCase):
         self.assertPagesReturned()
 
     async def test_jacobi_decoding(self):
-        run = await self.run_app("jacobi_decoding", "--max-tokens", "12")
+        prompt = "Write the alphabet: A B C"
+        run = await self.run_app("jacobi_decoding", "--prompt", prompt, "--max-tokens", "12")
         iterations, tokens = map(int, re.findall(r"\d+", run.messages[1]))
-        self.assertTrue(run.messages[0])
+        greedy = await self.run_app("text_completion", "--prompt", prompt, "--max-tokens", "12")
+        greedy_tokens = int(re.search(r"tokens=(\d+)", greedy.messages[1]).group(1))
+        # Jacobi decoding only accepts drafts greedy decoding would have produced.
+        self.assertEqual(tokens, greedy_tokens)
+        self.assertEqual(run.messages[0].replace("<|im_end|>", ""), greedy.messages[0])
         self.assertLessEqual(iterations, tokens)
         self.assertPagesReturned()
 

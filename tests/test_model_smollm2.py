@@ -3,6 +3,7 @@ a tokenizer that matches llama.cpp (issue 3, points 1 and 6). Skipped when the m
 
 from __future__ import annotations
 
+import pytest
 import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -12,6 +13,9 @@ from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
 from pie.interfaces import PieError
 from pie.service.registry import default_model_path
+
+pytestmark = pytest.mark.slow
+
 
 PS = 16
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
@@ -20,8 +21,11 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from pie.runtime.instances import NORMAL_FINISH
+from tests.remote_case import PROMPT, RemoteWorkerCase
 from tests.remote_helpers import start_worker_process
-from tests.test_remote_attach import PROMPT, RemoteWorkerCase
+
+pytestmark = pytest.mark.slow
+
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import msgpack
+import pytest
 import torch
 from twisted.internet.defer import gatherResults
 from twisted.internet.utils import getProcessOutputAndValue
@@ -19,6 +20,9 @@ from pie.engine.loaders import load_model
 from pie.interfaces import PieError
 from tests.fixtures.tp_rank import engine_for, jobs
 from tests.model_fixtures import write_tiny_model
+
+pytestmark = pytest.mark.slow
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

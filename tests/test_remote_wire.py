@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import msgpack
+import pytest
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -17,8 +18,8 @@ from twisted.trial import unittest
 from pie.engine import batch
 from pie.interfaces import InstanceFault, PieError
 from pie.remote import client, server, wire
+from tests.model_fixtures import model_path
 from tests.remote_helpers import SECRET, FakeWorker, listen_worker
-from tests.test_inferlets_apps import model_path
 
 
 class RawClient(WebSocketClientProtocol):
@@ -279,6 +280,7 @@ class ConnectFailureTests(unittest.TestCase):
 
 
 class TokenizerWireTests(unittest.TestCase):
+    @pytest.mark.slow  # loads the real model
     def test_smollm2_tokenizer_survives_the_handshake(self):
         """The default model's tokenizer, shipped through msgpack, encodes and decodes identically."""
         path = model_path()

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from pie.interfaces import PieError
 from tests.runtime_doubles import RecordingOwner, make_runtime
-from tests.test_executor_wasm import BUILD_TIMEOUT, sandbox
+from tests.wasm_artifact import BUILD_TIMEOUT, sandbox
 
 
 def one_big_expression(entries: int) -> bytes:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.trial import unittest
 
 from pie.runtime.executors import build
 from pie.runtime.executors.wasm import DEFAULT_DEADLINE_MS, WasmExecutor
 from pie.runtime.instances import NORMAL_FINISH
+from tests.inferlet_sources import InferletSourceTests
 from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
-from tests.test_runtime_dev import InferletSourceTests
 
 
 class WasmExecutorTests(InferletSourceTests, unittest.TestCase):
@@ -36,6 +37,7 @@ async def main(args):
 """
 
 
+@pytest.mark.slow  # loads the real model
 class SmolLM2VocabularyTests(unittest.TestCase):
     """The real vocabulary (49k tokens) reaches a sandboxed guest within the default deadline."""
 
@@ -50,7 +52,7 @@ class SmolLM2VocabularyTests(unittest.TestCase):
 
         from pie.engine.loaders.gguf_loader import read_metadata
         from pie.engine.tokenizer import Tokenizer
-        from tests.test_inferlets_apps import model_path
+        from tests.model_fixtures import model_path
 
         path = model_path()
         if path is None:

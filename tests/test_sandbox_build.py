@@ -7,14 +7,17 @@ import os
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from pie.cli import sandbox as sandbox_cli
 from pie.interfaces import PieError
 from pie.runtime.executors import build, wasm
-from tests.test_executor_contract import ExecutorHelpers
-from tests.test_executor_wasm import pinned_artifact
+from tests.executor_contract import ExecutorHelpers
+from tests.wasm_artifact import pinned_artifact
+
+pytestmark = pytest.mark.slow
 
 
 class CacheKeyTests(TestCase):

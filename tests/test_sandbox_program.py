@@ -14,7 +14,7 @@ from pie.inferlet._driver import Driver, Park, current
 from pie.interfaces import PieError
 from pie.runtime.executors import program
 from pie.runtime.sandbox.loader import load_main, module_name
-from tests.test_executor_contract import zipped
+from tests.executor_contract import zipped
 
 
 class ProgramFormatTests(TestCase):

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from pie.server.auth import AuthError, issue_token, load_or_create_secret, validate_token
 from pie.server.uploads import hash_program
 from tests.pieserver import SECRET, LiveServer, token
-from tests.test_server_protocol import PROGRAM, launch, upload, upload_frames
+from tests.protocol_helpers import PROGRAM, launch, upload, upload_frames
 
 
 class TokenTests(unittest.SynchronousTestCase):

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from pie.server.uploads import hash_program
 from tests.pieserver import LiveServer
-from tests.test_server_protocol import PROGRAM, launch, upload
+from tests.protocol_helpers import PING, PROGRAM, launch, upload
 
 
 class _Collect(Protocol):
@@ -24,9 +24,6 @@ class _Collect(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.done.callback(self.data)
-
-
-PING = {"type": "query", "corr_id": 999, "subject": "program_exists", "record": "0" * 64}
 
 
 class MalformedFrameTests(unittest.TestCase):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from tests.pieserver import LiveServer
-from tests.test_server_badinput import PING
-from tests.test_server_protocol import PROGRAM, launch, upload
+from tests.protocol_helpers import PING, PROGRAM, launch, upload
 
 
 class OwnershipTests(unittest.TestCase):

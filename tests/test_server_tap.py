@@ -19,7 +19,7 @@ from pie.tap import Options, makeService
 from tests import rawclient
 from tests.fakeruntime import FakeRuntime
 from tests.pieserver import ROOT, spawn_module
-from tests.test_server_protocol import PROGRAM, launch, upload
+from tests.protocol_helpers import PROGRAM, launch, upload
 
 
 def parse(*argv: str) -> dict:

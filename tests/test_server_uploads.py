@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from pie.server.uploads import CHUNK_SIZE_BYTES, UploadAssembler, UploadError, hash_program
 from tests.pieserver import LiveServer
-from tests.test_server_protocol import PROGRAM, upload_frames
+from tests.protocol_helpers import PROGRAM, upload_frames
 
 BIG = bytes(range(256)) * 2048 + b"!"  # 512 KiB + 1: three chunks
 H = hash_program(BIG)

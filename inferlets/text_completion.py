@@ -3,8 +3,11 @@
     --prompt TEXT   the user message (default: a question about the sky)
     --system TEXT   an optional system message
     --max-tokens N  generation limit (default 64)
+    --raw           feed the prompt as plain text (no chat template) and continue it
 
-Sends the reply text, then a line with timing ("tokens=N ms_per_token=X").
+A model without a chat template (a base model such as Gemma 3 270M) gets the
+prompt as plain text by itself; the first message says so. Sends the reply
+text, then a line with timing ("tokens=N ms_per_token=X").
 """
 
 import argparse
@@ -17,14 +20,21 @@ async def main(args):
     parser.add_argument("--prompt", default="Why is the sky blue?")
     parser.add_argument("--system", default=None)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--raw", action="store_true")
     opts = parser.parse_args(args)
 
     model = get_auto_model()
     ctx = model.create_context()
-    if opts.system:
-        ctx.system(opts.system)
-    ctx.user(opts.prompt)
-    ctx.cue()
+    raw = opts.raw or not model.chat_template
+    if raw and not opts.raw:
+        send(f"model {model.name!r} has no chat template: the prompt is fed as plain text")
+    if raw:
+        ctx.fill((opts.system + "\n\n" if opts.system else "") + opts.prompt)
+    else:
+        if opts.system:
+            ctx.system(opts.system)
+        ctx.user(opts.prompt)
+        ctx.cue()
     start = time_ms()
     before = len(ctx)
     text = await ctx.generate_until(max_tokens=opts.max_tokens)

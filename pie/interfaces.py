@@ -102,6 +102,9 @@ class ITokenizer(Interface):
     eos_token = Attribute(
         "str: the text of the end-of-sequence token, or '' (chat templates use it)."
     )
+    bos_token_id = Attribute(
+        "int | None: the token a prompt must start with (the tokenizer's add_bos), or None."
+    )
 
 
 class IModelService(Interface):

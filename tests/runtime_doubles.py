@@ -89,6 +89,7 @@ class CharTokenizer:
     chat_template = "{{ messages }}"
     eos_token_ids = [0]
     bos_token = "<s>"
+    bos_token_id = 60  # "<": any id, to see it reach model_info
     eos_token = "</s>"
 
     def tokenize(self, text: str) -> list[int]:

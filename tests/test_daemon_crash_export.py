@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from pie.server.uploads import hash_program
 from tests.model_fixtures import write_tiny_model
 from tests.pied import Daemon
-from tests.test_server_protocol import launch, upload
+from tests.protocol_helpers import launch, upload
 
 TEXT = (
     "The hardware store keeps paint in aisle one, screws and bolts in aisle two, power tools "

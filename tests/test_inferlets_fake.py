@@ -52,6 +52,27 @@ class FakeAppTests(unittest.TestCase):
         world, inst = self.run_app("text_completion", "--prompt", "hi", "--max-tokens", "9")
         self.assertEqual(inst.sent[0], self.greedy_text(world, "hi", 9))
 
+    def test_text_completion_raw_feeds_plain_text(self):
+        world, inst = self.run_app(
+            "text_completion", "--raw", "--prompt", "hi", "--max-tokens", "9"
+        )
+        want = greedy_reference(world.model, world.model.tokenize("hi"), 9)
+        self.assertEqual(inst.sent[0], world.model.detokenize(want))
+        self.assertEqual(len(inst.sent), 2)
+
+    def test_text_completion_without_a_template_falls_back_to_raw_with_bos(self):
+        model = FakeModel(chat_template="", bos_token_id=0)
+        world, inst = self.run_app(
+            "text_completion", "--prompt", "hi", "--max-tokens", "9", world=FakeWorld(model)
+        )
+        notice, text, timing = inst.sent
+        self.assertEqual(
+            notice, "model 'fake-model' has no chat template: the prompt is fed as plain text"
+        )
+        want = greedy_reference(model, [0] + model.tokenize("hi"), 9)
+        self.assertEqual(text, model.detokenize(want))
+        self.assertTrue(timing.startswith("tokens=9 "))
+
     def test_decoders_reproduce_greedy(self):
         for name in ("speculative_decoding", "jacobi_decoding"):
             world, inst = self.run_app(name, "--prompt", "ab ab ab ab", "--max-tokens", "20")

@@ -280,6 +280,36 @@ class ConnectFailureTests(unittest.TestCase):
 
 
 class TokenizerWireTests(unittest.TestCase):
+    def test_bos_from_the_post_processor_survives_the_handshake(self):
+        """A folder whose tokenizer.json prepends <bos> (as Gemma's and Llama's do) asks for it;
+        one without a post-processor does not; the daemon's copy says the same."""
+        import tempfile
+
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import processors
+
+        from pie.engine.tokenizer import Tokenizer
+        from tests.model_fixtures import write_byte_tokenizer
+
+        with tempfile.TemporaryDirectory() as folder:
+            write_byte_tokenizer(folder)
+            plain = Tokenizer.from_folder(folder)
+            path = f"{folder}/tokenizer.json"
+            backend = HFTokenizer.from_file(path)
+            bos = backend.token_to_id("<|im_start|>")
+            backend.post_processor = processors.TemplateProcessing(
+                single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+            )
+            backend.save(path)
+            wanting = Tokenizer.from_folder(folder)
+        self.assertIsNone(plain.bos_token_id)
+        self.assertEqual(wanting.bos_token_id, bos)
+        self.assertEqual(wanting.tokenize("the"), plain.tokenize("the"))  # never added by tokenize
+        shipped = wire.tokenizer_from_wire(
+            wire.unpack(wire.pack(dict(wire.tokenizer_to_wire(wanting), type="t")))
+        )
+        self.assertEqual(shipped.bos_token_id, bos)
+
     @pytest.mark.slow  # loads the real model
     def test_smollm2_tokenizer_survives_the_handshake(self):
         """The default model's tokenizer, shipped through msgpack, encodes and decodes identically."""

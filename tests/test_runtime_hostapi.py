@@ -111,7 +111,9 @@ class EveryRowTests(unittest.TestCase):
             (info["name"], info["kv_page_size"], info["dist_size"], info["vocab_size"]),
             ("fake-model", "16", "2", "128"),
         )
-        self.assertEqual((info["eos_token_ids"], info["bos_token"]), ("0", "<s>"))
+        self.assertEqual(
+            (info["eos_token_ids"], info["bos_token"], info["bos_token_id"]), ("0", "<s>", "60")
+        )
         self.assertEqual(results["synchronize"], True)
         self.assertEqual(results["queue_debug_query"], "pong")
         self.assertEqual(results["get_kv_page_size"], 16)

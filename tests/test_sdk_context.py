@@ -18,6 +18,7 @@ from pie.inferlet import (
     EmptyDrafter,
     Greedy,
     Length,
+    NoChatTemplate,
     Subscription,
     TopK,
     broadcast,
@@ -574,3 +575,50 @@ class RuntimeTests(unittest.TestCase):
             return await store_get("k")
 
         self.assertEqual(run(main)[1], "v")
+
+
+class NoTemplateTests(unittest.TestCase):
+    """A base model (no chat template, BOS wanted first), as Gemma 3 270M is."""
+
+    def test_chat_helpers_fail_naming_the_model(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            try:
+                ctx.user("Hi")
+            except NoChatTemplate as e:
+                return repr((str(e), e.model, len(ctx)))
+            return None
+
+        world = FakeWorld(FakeModel(chat_template=""))
+        message, model, filled = eval(run(main, world)[1])
+        self.assertIn("'fake-model' has no chat template", message)
+        self.assertIn("Context.fill()", message)
+        self.assertEqual((model, filled), ("fake-model", 0))
+
+    def test_first_text_of_an_empty_context_gets_bos_once(self):
+        async def main(args):
+            plain = get_auto_model().create_context()
+            plain.fill("ab")
+            plain.fill("cd")
+            written = get_auto_model().create_context()
+            written.fill("<|endoftext|>ab")  # a template that writes {{ bos_token }} itself
+            await plain.flush()
+            forked = plain.fork()
+            forked.fill("ef")
+            return repr((plain.get_token_ids(), written.get_token_ids(), forked.get_token_ids()))
+
+        model = FakeModel(chat_template="", bos_token_id=0)
+        plain, written, forked = eval(run(main, FakeWorld(model))[1])
+        self.assertEqual(plain, [0] + model.tokenize("abcd"))
+        self.assertEqual(written, [0] + model.tokenize("ab"))
+        self.assertEqual(forked, [0] + model.tokenize("abcdef"))
+
+    def test_no_bos_when_the_tokenizer_does_not_ask(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("ab")
+            return repr(ctx.get_token_ids())
+
+        world, tokens = run(main)
+        tokens = eval(tokens)
+        self.assertEqual(tokens, world.model.tokenize("ab"))

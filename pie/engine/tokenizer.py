@@ -93,6 +93,7 @@ class Tokenizer:
         bos_token: str = "",
         eos_token: str = "",
         eos_token_ids: list[int] | None = None,
+        bos_token_id: int | None = None,
     ):
         self.backend = backend
         self.chat_template = chat_template or ""
@@ -112,7 +113,7 @@ class Tokenizer:
                 ends.append(i)
         self.eos_token_ids = ends
         self._template = None
-        self.bos_token_id: int | None = None  # what a prompt should start with, if anything
+        self.bos_token_id = bos_token_id  # what a prompt should start with, if anything
 
     # ------------------------------------------------------------------ ITokenizer
 
@@ -243,7 +244,9 @@ class Tokenizer:
             for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
             if isinstance(meta.get(k), int)
         ]
-        tokenizer = cls(
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", not byte_level)
+        return cls(
             backend,
             byte_level=byte_level,
             # SentencePiece user-defined pieces are text ("\n\n", "<h1>"): decoded as such
@@ -254,11 +257,9 @@ class Tokenizer:
             bos_token=token("tokenizer.ggml.bos_token_id"),
             eos_token=token("tokenizer.ggml.eos_token_id"),
             eos_token_ids=ends,
+            # llama.cpp's rule: the flag when written, else SentencePiece vocabularies add BOS
+            bos_token_id=bos if add_bos and isinstance(bos, int) else None,
         )
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", not byte_level)
-        tokenizer.bos_token_id = bos if add_bos and isinstance(bos, int) else None
-        return tokenizer
 
     @classmethod
     def from_folder(cls, folder: str) -> Tokenizer:
@@ -304,7 +305,19 @@ class Tokenizer:
             bos_token=token_text(config.get("bos_token")),
             eos_token=eos,
             eos_token_ids=ends,
+            bos_token_id=_added_prefix(backend),
         )
+
+
+def _added_prefix(backend: HFTokenizer) -> int | None:
+    """The token tokenizer.json's post-processor puts before every text, if any.
+
+    That is what transformers' `tokenizer(text)` prepends (Gemma's and Llama's
+    <bos>); Qwen's and SmolLM2's post-processors add nothing.
+    """
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    return full[0] if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain else None
 
 
 def sentencepiece_merges(

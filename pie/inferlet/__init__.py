@@ -47,6 +47,7 @@ from pie.inferlet.messaging import (
 from pie.inferlet.model import (
     Distribution,
     Model,
+    NoChatTemplate,
     Queue,
     TemplateError,
     Tokenizer,
@@ -81,6 +82,7 @@ __all__ = [
     "IdPool",
     "Length",
     "Model",
+    "NoChatTemplate",
     "Queue",
     "Sampler",
     "StopCondition",

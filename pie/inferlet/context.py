@@ -115,8 +115,19 @@ class Context:
 
     # ------------------------------------------------------------------ filling
     def fill(self, text: str) -> None:
-        """Tokenize text and append it (pending)."""
-        self.fill_tokens(self.tokenizer.tokenize(text))
+        """Tokenize text and append it (pending).
+
+        The first text of an empty context starts with the model's BOS token
+        when its tokenizer asks for one (Gemma, Llama 2) and the text does not
+        already begin with it (chat templates write `{{ bos_token }}`
+        themselves): what transformers' `tokenizer(text)` and llama.cpp's
+        prompt tokenization do, so raw prompts see what the model was trained on.
+        """
+        tokens = self.tokenizer.tokenize(text)
+        bos = self.model.bos_token_id
+        if bos is not None and len(self) == 0 and not self.pages and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        self.fill_tokens(tokens)
 
     def fill_token(self, token: int) -> None:
         self.fill_tokens([token])

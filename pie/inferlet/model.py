@@ -29,6 +29,18 @@ class TemplateError(Exception):
     """The model's chat template refused the messages or failed; the text is the host's reason."""
 
 
+class NoChatTemplate(RuntimeError):
+    """The model has no chat template (a base model such as Gemma 3 270M): chat
+    helpers cannot turn messages into text, so the caller must fill plain text."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} has no chat template (a base model): fill the prompt as plain "
+            "text with Context.fill(), as text_completion --raw does"
+        )
+        self.model = model
+
+
 class Distribution(NamedTuple):
     """Top-k next-token distribution: ids and their probabilities, most likely first."""
 
@@ -185,6 +197,8 @@ class Model:
         self.traits = [t for t in self.info.get("traits", "").split(",") if t]
         self.chat_template = self.info.get("chat_template", "")
         self.eos_token_ids = [int(t) for t in self.info.get("eos_token_ids", "").split(",") if t]
+        bos = self.info.get("bos_token_id", "")
+        self.bos_token_id: int | None = int(bos) if bos else None  # a text's first token
         self.kv_page_size = int(self.info.get("kv_page_size", "16"))
         self.dist_size = int(self.info.get("dist_size", "64"))
         self.vocab_size = int(self.info.get("vocab_size", "0"))
@@ -235,10 +249,10 @@ class Model:
         and `variables` (e.g. `enable_thinking=False`; they win over the
         special tokens). Everything must be JSON-serialisable. Raises
         TemplateError with the reason if the template refuses the messages
-        (e.g. roles out of order) or fails.
+        (e.g. roles out of order) or fails, NoChatTemplate if the model has none.
         """
         if not self.chat_template:
-            raise RuntimeError(f"model {self.name!r} has no chat template")
+            raise NoChatTemplate(self.name)
         ok, text = _abi.call(
             "apply_chat_template",
             self.service_id,

@@ -61,11 +61,13 @@ class FakeModel:
         dist_size: int = 8,
         eos_every: int = 0,
         chat_template: str = SMOLLM2_TEMPLATE,
+        bos_token_id: int | None = None,
     ) -> None:
         self.page_size = page_size
         self.dist_size = dist_size
         self.eos_every = eos_every  # if > 0, EOS is the top token when hash % eos_every == 0
         self.chat_template = chat_template
+        self.bos_token_id = bos_token_id  # e.g. 0 to make it ask for BOS as Gemma does
 
     def tokenize(self, text: str) -> list[int]:
         out: list[int] = []
@@ -315,6 +317,10 @@ class FakeInstance:
             ("chat_template", self.model.chat_template),
             ("eos_token_ids", "2"),
             ("bos_token", self.model.bos_token),
+            (
+                "bos_token_id",
+                "" if self.model.bos_token_id is None else str(self.model.bos_token_id),
+            ),
             ("kv_page_size", str(self.model.page_size)),
             ("dist_size", str(self.model.dist_size)),
             ("vocab_size", "259"),

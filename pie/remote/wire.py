@@ -115,6 +115,7 @@ def tokenizer_to_wire(tokenizer: Tokenizer) -> dict:
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "eos_token_ids": list(tokenizer.eos_token_ids),
+        "bos_token_id": tokenizer.bos_token_id,
     }
 
 
@@ -128,6 +129,7 @@ def tokenizer_from_wire(data: dict) -> Tokenizer:
         bos_token=data["bos_token"],
         eos_token=data["eos_token"],
         eos_token_ids=data["eos_token_ids"],
+        bos_token_id=data["bos_token_id"],
     )
 
 

@@ -305,6 +305,7 @@ def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]
         ("chat_template", tokenizer.chat_template or ""),
         ("eos_token_ids", ",".join(str(i) for i in tokenizer.eos_token_ids)),
         ("bos_token", tokenizer.bos_token),
+        ("bos_token_id", "" if tokenizer.bos_token_id is None else str(tokenizer.bos_token_id)),
         ("kv_page_size", str(service.kv_page_size)),
         ("dist_size", str(service.dist_size)),
         ("vocab_size", str(vocab_size)),

@@ -69,7 +69,7 @@ HOST_CALLS: dict[str, HostCall] = {
             "list<tuple<string, string>>",
             "sync",
             "name, description, version, license, traits (comma list), chat_template, "
-            "eos_token_ids (comma list), bos_token, kv_page_size, dist_size, vocab_size.",
+            "eos_token_ids (comma list), bos_token, bos_token_id ('' if none), kv_page_size, dist_size, vocab_size.",
         ),
         _c("create_queue", "service: u32", "u32", "sync", "A new command queue on a model."),
         _c("set_priority", _Q + "priority: string", None, "sync", "low | normal | high."),

@@ -19,7 +19,6 @@ pytestmark = pytest.mark.slow
 PROGRAM = b"""
 import json
 
-
 def helper(n):
     return {"n": n, "doc": helper.__doc__, "line": helper.__code__.co_firstlineno}
 

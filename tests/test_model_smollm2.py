@@ -130,8 +130,10 @@ class SmolLM2(TestCase):
         agree = sum(w[0][0] == g[0][0] for w, g in zip(want, got, strict=True))
         self.assertGreater(len(ids), 400)
         self.assertGreaterEqual(agree / len(ids), 0.9, f"{agree}/{len(ids)} top-1 agree")
-        # Where fp32 is confident, int4/bf16 makes the same choice.
-        confident = [(w, g) for w, g in zip(want, got, strict=True) if w[1][0] > 0.5]
+        # Where fp32's choice is clear (its top token leads the next by 0.2 or more),
+        # int4/bf16 makes the same choice; near-ties (0.506 vs 0.493, seen on an AMD EPYC)
+        # may go either way under any rounding.
+        confident = [(w, g) for w, g in zip(want, got, strict=True) if w[1][0] - w[1][1] >= 0.2]
         self.assertGreater(len(confident), 100)
         for w, g in confident:
             self.assertEqual(w[0][0], g[0][0])

@@ -70,6 +70,25 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "Instances one user (token subject; one anonymous user without auth) may run at once.",
     ),
+    Setting(
+        "inferlet_output_bytes",
+        256 * 1024,
+        int,
+        "Characters of stdout/stderr one instance may write to the log; the rest is dropped.",
+    ),
+    # upload quotas (issue 17): partial programs are held in memory until complete
+    Setting(
+        "upload_bytes_in_flight",
+        256 * 1024 * 1024,
+        int,
+        "Bytes all unfinished uploads together may hold; a chunk past it fails its upload.",
+    ),
+    Setting(
+        "upload_idle_timeout_s",
+        60,
+        int,
+        "Seconds an unfinished upload may wait for its next chunk before it is dropped.",
+    ),
     # message quotas (issue 17): unread messages held per instance / per subscription
     Setting(
         "inbox_bytes",
@@ -265,6 +284,9 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "max_instances_per_user",
         "inbox_bytes",
         "subscription_bytes",
+        "upload_bytes_in_flight",
+        "upload_idle_timeout_s",
+        "inferlet_output_bytes",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")

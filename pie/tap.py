@@ -106,6 +106,7 @@ def executor_limits(settings: dict[str, Any], reactor: Any) -> dict[str, Any]:
         "cpu_window_s": settings["inferlet_cpu_window_s"],
         "cpu_policy": settings["inferlet_cpu_policy"],
         "max_paused": settings["inferlet_max_paused"],
+        "output_bytes": settings["inferlet_output_bytes"],
         "reactor": reactor,
     }
 
@@ -167,6 +168,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         reactor=reactor,
         max_instances_per_connection=settings["max_instances_per_connection"],
         max_instances_per_user=settings["max_instances_per_user"],
+        upload_bytes_in_flight=settings["upload_bytes_in_flight"],
+        upload_idle_timeout_s=settings["upload_idle_timeout_s"],
     )
     listener = ClientListenerService(
         serverFromString(reactor, settings["port"]),

@@ -27,8 +27,10 @@ class LiveServer:
     def __init__(self, testcase: Any, runtime: Any = None, auth: bool = False, **limits: Any):
         self.testcase = testcase
         self.runtime = runtime if runtime is not None else FakeRuntime()
+        # `clock=` gives the factory a task.Clock for its timers (the sockets stay real)
+        clock = limits.pop("clock", reactor)
         self.factory = PieServerFactory(
-            self.runtime, auth_secret=SECRET if auth else None, reactor=reactor, **limits
+            self.runtime, auth_secret=SECRET if auth else None, reactor=clock, **limits
         )
         self.clients: list[rawclient.RawClient] = []
         self.port: Any = None

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pie.server.uploads import CHUNK_SIZE_BYTES, UploadAssembler, UploadError, hash_program
+from pie.server.uploads import (
+    CHUNK_SIZE_BYTES,
+    UploadAssembler,
+    UploadBudget,
+    UploadError,
+    hash_program,
+)
 from tests.pieserver import LiveServer
 from tests.protocol_helpers import PROGRAM, upload_frames
 
@@ -68,6 +75,31 @@ class AssemblerTests(unittest.SynchronousTestCase):
         self.assertFalse(assembler.is_leftover(8, H, 2))
         self.assertFalse(assembler.is_leftover(7, H, 0))
 
+    def test_budget_is_shared_and_given_back(self):
+        """Unfinished uploads on all connections together stay within upload_bytes_in_flight."""
+        a, b, c = chunks(BIG)
+        budget = UploadBudget(limit=3 * CHUNK_SIZE_BYTES)
+        first, second = UploadAssembler(budget=budget), UploadAssembler(budget=budget)
+        self.assertIsNone(first.add_chunk(1, H, 0, 3, a))
+        self.assertIsNone(second.add_chunk(2, H, 0, 3, a))
+        self.assertIsNone(second.add_chunk(2, H, 1, 3, b))
+        self.assertEqual(budget.held, 3 * CHUNK_SIZE_BYTES)
+        error = self.assertRaises(UploadError, first.add_chunk, 1, H, 1, 3, b)
+        self.assertIn("upload_bytes_in_flight", str(error))
+        self.assertEqual(budget.held, 2 * CHUNK_SIZE_BYTES)  # first's upload was dropped
+        second.abandon()
+        self.assertEqual(budget.held, 0)
+        self.assertEqual(self.feed(first, [(3, H, i, 3, p) for i, p in enumerate((a, b, c))]), BIG)
+        self.assertEqual(budget.held, 0)  # a finished upload holds nothing
+
+    def test_superseded_upload_gives_its_bytes_back(self):
+        a, b, c = chunks(BIG)
+        budget = UploadBudget()
+        assembler = UploadAssembler(budget=budget)
+        assembler.add_chunk(1, H, 0, 3, a)
+        assembler.add_chunk(2, H, 0, 3, a)
+        self.assertEqual(budget.held, CHUNK_SIZE_BYTES)
+
 
 class WireTests(unittest.TestCase):
     async def test_one_failure_response_and_nothing_stored(self):
@@ -123,3 +155,45 @@ class WireTests(unittest.TestCase):
         self.assertEqual((first["corr_id"], first["successful"]), (1, False))
         self.assertIn("abandoned", first["result"])
         self.assertEqual((second["corr_id"], second["result"]), (2, hash_program(PROGRAM)))
+
+    async def test_idle_upload_is_dropped_and_answered(self):
+        """No chunk for upload_idle_timeout_s: the upload fails once and its bytes come back."""
+        clock = Clock()
+        server = await LiveServer(self, clock=clock, upload_idle_timeout_s=30).start()
+        client = await server.connect()
+        frames = upload_frames(BIG, corr_id=8)
+        client.send(frames[0])
+        ok = await client.request(
+            {"type": "query", "corr_id": 9, "subject": "program_exists", "record": H}
+        )  # answered after chunk 0 was taken in order
+        self.assertEqual(ok["result"], "false")
+        budget = server.factory.upload_budget
+        self.assertEqual(budget.held, CHUNK_SIZE_BYTES)
+        clock.advance(29)
+        client.send(frames[1])  # a chunk restarts the timer
+        await client.request(
+            {"type": "query", "corr_id": 10, "subject": "program_exists", "record": H}
+        )
+        clock.advance(29)
+        self.assertEqual(budget.held, 2 * CHUNK_SIZE_BYTES)
+        clock.advance(1)
+        reply = await client.next()
+        self.assertEqual((reply["corr_id"], reply["successful"]), (8, False))
+        self.assertEqual(
+            reply["result"], "upload abandoned: no chunk for 30 s (upload_idle_timeout_s)"
+        )
+        self.assertEqual(budget.held, 0)
+        client.send(frames[2])  # the rest of the dropped upload is ignored, not answered again
+        self.assertEqual(await self.upload(client, PROGRAM, 11), (True, hash_program(PROGRAM)))
+
+    async def test_connection_close_gives_upload_bytes_back(self):
+        server = await LiveServer(self).start()
+        client = await server.connect()
+        client.send(upload_frames(BIG, corr_id=1)[0])
+        await client.request(
+            {"type": "query", "corr_id": 2, "subject": "program_exists", "record": H}
+        )
+        [session] = server.factory.sessions
+        client.transport.loseConnection()
+        await session.closed
+        self.assertEqual(server.factory.upload_budget.held, 0)

@@ -25,7 +25,7 @@ from typing import Any
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,8 +35,11 @@ from pie.server.auth import AuthError, Claims, validate_token
 from pie.server.messages import BadMessage
 from pie.server.uploads import (
     DEFAULT_MAX_PROGRAM_SIZE,
+    DEFAULT_UPLOAD_BYTES_IN_FLIGHT,
+    DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
     Upload,
     UploadAssembler,
+    UploadBudget,
     UploadError,
     check_program_hash,
 )
@@ -81,7 +84,8 @@ class PieServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> None:
         self.authenticated = not self.factory.auth_enabled
         self.claims: Claims | None = None
-        self.uploads = UploadAssembler(self.factory.max_program_size)
+        self.uploads = UploadAssembler(self.factory.max_program_size, self.factory.upload_budget)
+        self._upload_timer: IDelayedCall | None = None
         self.owned: set[str] = set()
         self._early: dict[str, list[tuple[str, str]]] = {}
         self._pending_launches = 0
@@ -106,6 +110,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         self.factory.sessions.discard(self)
         self._inbox.clear()
         self._backlog.clear()
+        self._arm_upload_timer(False)
         self.uploads.abandon()
         for instance_id in sorted(self.owned):
             self._terminate(instance_id, REASON_CONNECTION_CLOSED)
@@ -211,15 +216,43 @@ class PieServerProtocol(WebSocketServerProtocol):
                 corr_id, program_hash, chunk_index, total_chunks, chunk_data
             )
         except UploadError as e:
+            self._arm_upload_timer(False)
             self._respond(corr_id, False, str(e))
             self._abandoned(corr_id, [e.dropped, superseded], f"upload abandoned: {e}")
             return None
         self._abandoned(
             corr_id, [superseded], "upload abandoned: a new upload started on this connection"
         )
+        self._arm_upload_timer(program is None)
         if program is None:
             return None
         return self._request(corr_id, lambda: self.factory.runtime.add_program(program))
+
+    def _arm_upload_timer(self, waiting: bool) -> None:
+        """(Re)start the idle timer of the upload in flight, or stop it when none waits.
+
+        A client that starts an upload and stops sending would otherwise keep its partial
+        program (up to max_program_size, counted in upload_bytes_in_flight) for as long
+        as its connection lives.
+        """
+        if self._upload_timer is not None and self._upload_timer.active():
+            self._upload_timer.cancel()
+        self._upload_timer = None
+        if waiting:
+            self._upload_timer = self.factory.reactor.callLater(
+                self.factory.upload_idle_timeout_s, self._upload_idle
+            )
+
+    def _upload_idle(self) -> None:
+        self._upload_timer = None
+        upload = self.uploads.abandon()
+        if upload is not None and not self._closed:
+            self._respond(
+                upload.corr_id,
+                False,
+                f"upload abandoned: no chunk for {self.factory.upload_idle_timeout_s:g} s "
+                "(upload_idle_timeout_s)",
+            )
 
     def _abandoned(self, corr_id: int, uploads: list[Upload | None], reason: str) -> None:
         """Answer the other corr_ids whose uploads were dropped, once each."""
@@ -521,6 +554,8 @@ class PieServerFactory(WebSocketServerFactory):
         reactor: Any = None,
         max_instances_per_connection: int = DEFAULT_MAX_INSTANCES_PER_CONNECTION,
         max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
+        upload_bytes_in_flight: int = DEFAULT_UPLOAD_BYTES_IN_FLIGHT,
+        upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
     ) -> None:
         """auth_secret None disables authentication (every session starts authenticated)."""
         super().__init__(reactor=reactor)
@@ -531,6 +566,8 @@ class PieServerFactory(WebSocketServerFactory):
         self.max_outbound = max_outbound
         self.max_instances_per_connection = max_instances_per_connection
         self.max_instances_per_user = max_instances_per_user
+        self.upload_budget = UploadBudget(upload_bytes_in_flight)
+        self.upload_idle_timeout_s = upload_idle_timeout_s
         self.sessions: set[PieServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

@@ -19,6 +19,8 @@ from pie.interfaces import PieError
 
 CHUNK_SIZE_BYTES = 256 * 1024
 DEFAULT_MAX_PROGRAM_SIZE = 32 * 1024 * 1024
+DEFAULT_UPLOAD_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,6 +61,31 @@ class Upload:
     hasher: Any = field(default_factory=blake3.blake3)  # hashed chunk by chunk, as they come
 
 
+class UploadBudget:
+    """Bytes that unfinished uploads hold, daemon-wide, against `upload_bytes_in_flight`.
+
+    Each connection may hold one partial upload of up to max_program_size; without a
+    shared bound, many connections that start uploads and never finish them hold that
+    much memory each. A chunk that would pass the bound is refused (its upload dropped),
+    and an upload gives its bytes back when it completes or is dropped.
+    """
+
+    def __init__(self, limit: int = DEFAULT_UPLOAD_BYTES_IN_FLIGHT) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise UploadError(
+                f"unfinished uploads hold {self.held} bytes; {size} more would pass "
+                f"upload_bytes_in_flight = {self.limit}: try again later"
+            )
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
 class UploadAssembler:
     """Per-connection state: at most one upload in flight.
 
@@ -69,8 +96,13 @@ class UploadAssembler:
     client gets exactly one failure response.
     """
 
-    def __init__(self, max_program_size: int = DEFAULT_MAX_PROGRAM_SIZE) -> None:
+    def __init__(
+        self,
+        max_program_size: int = DEFAULT_MAX_PROGRAM_SIZE,
+        budget: UploadBudget | None = None,
+    ) -> None:
         self.max_program_size = max_program_size
+        self.budget = budget if budget is not None else UploadBudget()
         self.current: Upload | None = None
         self._abandoned: tuple[int, str] | None = None
 
@@ -83,6 +115,7 @@ class UploadAssembler:
         upload, self.current = self.current, None
         if upload is not None:
             self._abandoned = (upload.corr_id, upload.program_hash)
+            self.budget.release(upload.size)
         return upload
 
     def add_chunk(
@@ -101,6 +134,9 @@ class UploadAssembler:
     ) -> bytes | None:
         if chunk_index == 0:
             self._abandoned = None
+            if self.current is not None:  # superseded: the caller tells its sender
+                self.budget.release(self.current.size)
+                self.current = None
             self.current = self._begin(corr_id, program_hash, total_chunks)
         upload = self.current
         if upload is None:
@@ -123,12 +159,14 @@ class UploadAssembler:
             raise UploadError(f"chunk size {len(data)} exceeds limit {CHUNK_SIZE_BYTES}")
         if upload.size + len(data) > self.max_program_size:
             raise UploadError(f"program exceeds the size limit of {self.max_program_size} bytes")
+        self.budget.reserve(len(data))
         upload.chunks.append(data)
         upload.size += len(data)
         upload.hasher.update(data)
         if chunk_index < total_chunks - 1:
             return None
         self.current = None
+        self.budget.release(upload.size)
         actual = upload.hasher.hexdigest()
         if actual != upload.program_hash:
             raise UploadError(f"hash mismatch: expected {upload.program_hash}, got {actual}")

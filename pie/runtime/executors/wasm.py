@@ -72,8 +72,9 @@ COMPILED_CACHE_BYTES = 64 * 1024 * 1024
 whose code is over a quarter of it compiles in each instance instead."""
 CHECK_DEADLINE_MS = 60_000
 """Longest the compiler may run on one program (a check runs no program code)."""
-OUTPUT_WRITES_LIMIT = 1000
-"""Non-empty writes per instance logged; the rest are dropped (a print loop must not flood the log)."""
+DEFAULT_OUTPUT_BYTES = 256 * 1024
+"""Characters of stdout/stderr logged per instance (`inferlet_output_bytes`); the rest are
+dropped with one notice, so a print loop cannot flood the daemon's log."""
 
 _running = threading.local()
 """`.execution`: the instance whose wasm call runs on this thread; host imports and the
@@ -240,7 +241,7 @@ class WasmExecution(Execution):
         self._instance = None
         self._funcs: dict[str, Any] = {}
         self._label = ""
-        self._writes = 0
+        self._output_left = executor.output_bytes
 
     def begin(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -350,13 +351,20 @@ class WasmExecution(Execution):
             text = data.decode("utf-8", "replace").rstrip("\n")[:OUTPUT_LINE_LIMIT]
             if not text:
                 return
-            self._writes += 1
-            if self._writes <= OUTPUT_WRITES_LIMIT:
+            if self._output_left < 0:
+                return
+            self._output_left -= len(text)
+            if self._output_left >= 0:
                 log.info(
                     "[{label}] {stream}: {text}", label=self._prefix(), stream=stream, text=text
                 )
-            elif self._writes == OUTPUT_WRITES_LIMIT + 1:
-                log.info("[{label}] more output dropped", label=self._prefix())
+            else:
+                log.info(
+                    "[{label}] more output dropped (over {limit} characters, "
+                    "inferlet_output_bytes)",
+                    label=self._prefix(),
+                    limit=self.executor.output_bytes,
+                )
 
         return write
 
@@ -420,6 +428,7 @@ class WasmExecutor:
         max_paused: int = DEFAULT_MAX_PAUSED,
         program_limits: program.Limits = program.DEFAULT_LIMITS,
         reactor: Any = None,
+        output_bytes: int = DEFAULT_OUTPUT_BYTES,
     ) -> None:
         """`artifact` pins a compiled runtime file (no build); default: the cached build.
 
@@ -429,6 +438,7 @@ class WasmExecutor:
         self.artifact = artifact
         self.memory_limit = memory_limit
         self.deadline_ms = deadline_ms
+        self.output_bytes = output_bytes
         self.limits = program_limits
         self.scheduler = GuestScheduler(
             reactor, slice_ms, cpu_percent, cpu_window_s, cpu_policy, max_paused

@@ -10,7 +10,11 @@ from __future__ import annotations
 import glob
 import os
 
+import gguf
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -65,7 +69,7 @@ def write_tiny_model(folder: str, *, seed: int = 0, architecture: str = "llama",
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them too
         for name, p in model.named_parameters():
             if "norm" in name:  # Gemma applies (1 + w): centre its weights on 0
-                p.uniform_(-0.5, 0.5) if architecture == "gemma3_text" else p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if architecture.startswith("gemma") else p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
@@ -107,3 +111,87 @@ def model_path() -> str | None:
         return default_model_path()
     except Exception:
         return None
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's Q/K row interleaving for llama.cpp's RoPE."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+GGUF_PARTS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# Gemma 2: four norms per block, written by llama.cpp's converter as 1 + w
+GEMMA2_GGUF_PARTS = GGUF_PARTS | {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def write_gguf(path: str, source: LoadedModel, arch: str = "llama") -> None:
+    """The safetensors model `source` as llama.cpp's converter writes it for `arch`
+    ("llama" or "gemma2"): F32 norms/embeddings/attention, Q4_1 MLP."""
+    c, tok = source.config, source.tokenizer
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "gemma2":
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if vocab[t] in tok.special_ids else 1 for t in tokens])
+    writer.add_token_merges(["t h", "th e", "Ġ th"])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    parts = GEMMA2_GGUF_PARTS if arch == "gemma2" else GGUF_PARTS
+    for name, w in source.weights.items():
+        array = w.float().numpy()
+        if arch == "gemma2" and name.endswith("norm.weight"):
+            array = array + 1.0
+        if name in names:
+            writer.add_tensor(names[name], array)
+            continue
+        layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
+        target = f"blk.{layer}.{parts[part]}.weight"
+        if arch == "llama" and part == "self_attn.q_proj":
+            array = permute(array, c.num_attention_heads)
+        elif arch == "llama" and part == "self_attn.k_proj":
+            array = permute(array, c.num_key_value_heads)
+        if part.startswith("mlp."):
+            writer.add_tensor(target, quantize(array, Q.Q4_1), raw_dtype=Q.Q4_1)
+        else:
+            writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,6 +1,6 @@
 """Model families beyond Llama equal their transformers classes on tiny random weights (issue 11).
 
-Gemma 3 (sliding-window layers interleaved with global ones, q/k norms,
+Gemma 2 (Gemma 3's layout without q/k norms, with soft-capped attention and head logits, also from GGUF), Gemma 3 (sliding-window layers interleaved with global ones, q/k norms,
 sandwich norms, (1 + w) RMSNorm weights, scaled embeddings, GeGLU, separate
 local RoPE base, tied head), Qwen3 (q/k norms) and Mistral (sliding window on
 every layer), each saved by transformers as safetensors and loaded through
@@ -19,8 +19,10 @@ from twisted.trial.unittest import TestCase
 
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
+from pie.engine.hf_reference import hf_model
+from pie.engine.loaders import load_model
 from pie.interfaces import PieError
-from tests.model_fixtures import dense, hf_probs, tiny_model
+from tests.model_fixtures import dense, hf_probs, tiny_model, write_gguf
 
 PS = 16
 ATOL = 2e-5
@@ -160,8 +162,8 @@ class Gemma3(Family):
         local = full & (cols > rows - WINDOW)
         self.assertFalse((local == full).all())  # the window does hide something here
         mapping = {
-            "full_attention": torch.from_numpy(full)[None, None],
-            "sliding_attention": torch.from_numpy(local)[None, None],
+            "full_attention": self.reference_mask(full),
+            "sliding_attention": self.reference_mask(local),
         }
         with torch.no_grad():
             logits = self.ref(torch.tensor([toks]), attention_mask=mapping).logits[0]
@@ -181,12 +183,16 @@ class Gemma3(Family):
         grown_local = np.zeros((n + 1, n + 1), dtype=bool)
         grown_local[:n, :n], grown_local[n] = local, row_local
         mapping = {
-            "full_attention": torch.from_numpy(grown_full)[None, None],
-            "sliding_attention": torch.from_numpy(grown_local)[None, None],
+            "full_attention": self.reference_mask(grown_full),
+            "sliding_attention": self.reference_mask(grown_local),
         }
         with torch.no_grad():
             logits = self.ref(torch.tensor([toks + new]), attention_mask=mapping).logits[0]
         self.assertSameDistribution(out[0], torch.softmax(logits[-1], dim=-1))
+
+    def reference_mask(self, allowed: np.ndarray) -> torch.Tensor:
+        """A mask as transformers' sdpa attention takes it: bool, True = attend."""
+        return torch.from_numpy(allowed)[None, None]
 
     def test_mask_with_nothing_inside_the_window_is_refused_before_the_cache(self):
         toks = self.tokens(20)
@@ -293,3 +299,74 @@ class LongRope(TestCase):
             [out] = engine.run(Forward([item([0, 1], n, toks, positions, output_indices=[n - 1])]))
             diff = (dense(out[0], 300) - hf_probs(ref, toks, positions)[-1]).abs().max().item()
             self.assertLess(diff, ATOL, f"stride {stride}")
+
+
+GEMMA2 = dict(
+    architecture="gemma2",
+    num_hidden_layers=3,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    sliding_window=WINDOW,
+    query_pre_attn_scalar=24,
+    attn_logit_softcapping=2.0,  # small, so the cap bends the tiny model's scores
+    final_logit_softcapping=3.0,
+    tie_word_embeddings=True,
+)
+
+
+class Gemma2(Gemma3):
+    """Gemma 2: Gemma 3's sandwich norms and local/global layers, no q/k norms, and
+    logits soft-capped in attention and at the head. Its tests are Gemma 3's (windows,
+    BRLE masks, shuffled pages) plus the caps."""
+
+    overrides = GEMMA2
+
+    def reference_mask(self, allowed: np.ndarray) -> torch.Tensor:
+        """Gemma 2's reference runs eager attention, which adds the mask: 0 / -inf."""
+        return torch.zeros(allowed.shape).masked_fill(~torch.from_numpy(allowed), -torch.inf)[
+            None, None
+        ]
+
+    def test_config_from_transformers(self):
+        c = self.loaded.config
+        self.assertEqual(
+            (c.model_type, c.qk_norm, c.attn_logit_softcapping, c.final_logit_softcapping),
+            ("gemma2", False, 2.0, 3.0),
+        )
+        self.assertEqual([c.is_sliding(i) for i in range(3)], [True, False, True])
+
+    def test_softcap_changes_the_answer(self):
+        """The cap is not a no-op on this model: without it the distributions differ."""
+        toks = self.tokens(20)
+        [out] = self.engine.run(Forward([item([3, 4], 20, toks, range(20), output_indices=[19])]))
+        uncapped, _ = model(**{**GEMMA2, "attn_logit_softcapping": None})
+        engine = create_engine(
+            uncapped,
+            device="cpu",
+            dtype="float32",
+            num_pages=8,
+            page_size=PS,
+            dist_size=self.vocab,
+        )
+        [other] = engine.run(Forward([item([3, 4], 20, toks, range(20), output_indices=[19])]))
+        diff = (dense(out[0], self.vocab) - dense(other[0], self.vocab)).abs().max().item()
+        self.assertGreater(diff, 1e-3)
+
+    def test_gguf_as_llama_cpp_writes_it(self):
+        """Gemma 2 from a GGUF (norms stored as 1 + w, caps and window in the metadata,
+        query scale from head_dim as llama.cpp has it) equals transformers on its weights."""
+        source, _ = model(**{**GEMMA2, "query_pre_attn_scalar": 16})  # head_dim
+        path = self.mktemp() + ".gguf"
+        write_gguf(path, source, arch="gemma2")
+        loaded = load_model(path, dtype="float32")
+        c = loaded.config
+        self.assertEqual(
+            (c.model_type, c.sliding_window, c.attn_logit_softcapping, c.query_pre_attn_scalar),
+            ("gemma2", WINDOW, 2.0, 16),
+        )
+        self.assertEqual([c.is_sliding(i) for i in range(3)], [True, False, True])
+        engine = create_engine(
+            loaded, device="cpu", dtype="float32", num_pages=8, page_size=PS, dist_size=self.vocab
+        )
+        toks = self.tokens(20)
+        [out] = engine.run(Forward([item([6, 2], 20, toks, range(20), output_indices=[19])]))
+        self.assertSameDistribution(out[0], hf_probs(hf_model(loaded), toks)[-1])

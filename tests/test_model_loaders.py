@@ -6,11 +6,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import quantize
 from twisted.trial.unittest import TestCase
 
 from pie.engine.batch import Forward, ForwardItem
@@ -20,76 +17,10 @@ from pie.engine.loaders import load_model
 from pie.engine.quant import Int4Linear
 from pie.interfaces import IModelLoader, PieError
 from pie.service.servicetypes import model_loaders
-from tests.model_fixtures import dense, hf_probs, write_tiny_model
+from tests.model_fixtures import dense, hf_probs, write_gguf, write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()
 write_tiny_model(_FOLDER.name, tie_word_embeddings=True, seed=3)
-
-
-def permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """convert_hf_to_gguf's Q/K row interleaving for llama.cpp's RoPE."""
-    return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
-
-
-def write_gguf(path: str, source) -> None:
-    """The safetensors model `source` as a llama GGUF: F32 norms/embeddings/attention, Q4_1 MLP."""
-    c, tok = source.config, source.tokenizer
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    tokens = sorted(vocab, key=vocab.get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if vocab[t] in tok.special_ids else 1 for t in tokens])
-    writer.add_token_merges(["t h", "th e", "Ġ th"])
-    writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.add_chat_template(
-        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-    )
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-    }
-    parts = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    for name, w in source.weights.items():
-        array = w.float().numpy()
-        if name in names:
-            writer.add_tensor(names[name], array)
-            continue
-        layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
-        target = f"blk.{layer}.{parts[part]}.weight"
-        if part == "self_attn.q_proj":
-            array = permute(array, c.num_attention_heads)
-        elif part == "self_attn.k_proj":
-            array = permute(array, c.num_key_value_heads)
-        if part.startswith("mlp."):
-            writer.add_tensor(target, quantize(array, Q.Q4_1), raw_dtype=Q.Q4_1)
-        else:
-            writer.add_tensor(target, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 class Plugins(TestCase):

@@ -196,33 +196,73 @@ def _prefill_group(items: list[ItemLayout], page_size: int, device: torch.device
 
 
 def attend(
-    q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan, scale: float | None = None
+    q: torch.Tensor,
+    cache: KvCache,
+    layer: int,
+    plan: AttentionPlan,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [N, heads, dim] (RoPE applied) -> attention output [N, heads, dim].
 
     scale: of the scores, 1/sqrt(dim) unless the model says otherwise (Gemma).
+    softcap: Gemma 2's logit soft-capping, scores -> softcap * tanh(scores / softcap)
+    before the mask and the softmax; SDPA has no such step, so these models take the
+    explicit matmul-softmax-matmul path.
     """
     n, heads, dim = q.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if plan.decode_all:
-        return _decode(q, cache, layer, plan, scale)
+        return _decode(q, cache, layer, plan, scale, softcap)
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
-        out[plan.decode_rows] = _decode(q[plan.decode_rows], cache, layer, plan, scale)
+        out[plan.decode_rows] = _decode(q[plan.decode_rows], cache, layer, plan, scale, softcap)
     for group in plan.prefill:
         k, v = cache.gather_pages(layer, group.pages)  # [kv_heads, B, P*page_size, dim]
         k = k[:, :, : group.width].transpose(0, 1)
         v = v[:, :, : group.width].transpose(0, 1)
         qg = q[group.rows].transpose(1, 2)  # [B, heads, n_max, dim]
-        o = F.scaled_dot_product_attention(
-            qg, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
-        )
+        if softcap is None:
+            o = F.scaled_dot_product_attention(
+                qg, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True
+            )
+        else:
+            b, kv_heads, width, _ = k.shape
+            qk = qg.reshape(b, kv_heads, heads // kv_heads * qg.shape[2], dim)
+            bias = torch.zeros(group.mask.shape, dtype=torch.float32, device=q.device)
+            bias.masked_fill_(~group.mask, float("-inf"))
+            bias = bias.repeat(1, 1, heads // kv_heads, 1)  # rows follow qk's (head, query)
+            o = _softcapped(qk, k, v, bias, scale, softcap)
+            o = o.view(b, heads, qg.shape[2], dim)
         out[group.out_rows] = o.transpose(1, 2).reshape(-1, heads, dim)[group.pick]
     return out
 
 
+def _softcapped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with soft-capped scores: q [..., M, dim], k/v [..., T, dim], bias additive
+    (0 / -inf) broadcasting to the scores [..., M, T]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 def _decode(
-    q: torch.Tensor, cache: KvCache, layer: int, plan: AttentionPlan, scale: float
+    q: torch.Tensor,
+    cache: KvCache,
+    layer: int,
+    plan: AttentionPlan,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     b, heads, dim = q.shape
     if plan.single_first_page is not None:
@@ -233,6 +273,9 @@ def _decode(
         k, v = k[:, :, : plan.single_len], v[:, :, : plan.single_len]
     kv_heads = k.shape[0]
     qg = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, dim]
+    if softcap is not None:
+        out = _softcapped(qg, k, v, plan.decode_bias, scale, softcap)
+        return out.transpose(0, 1).reshape(b, heads, dim).to(q.dtype)
     if q.device.type == "cpu" and b * k.shape[2] <= SMALL_DECODE:
         # few slots: one SDPA call (kv heads as its batch, items as its heads) beats
         # matmul + softmax + matmul, whose fixed costs dominate (B=1, T=176: ~65 vs ~170 us)

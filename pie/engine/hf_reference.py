@@ -13,12 +13,14 @@ from pie.engine.loaders import LoadedModel
 
 
 def hf_model(loaded: LoadedModel, dtype: torch.dtype = torch.float32):
-    """The family's *ForCausalLM (sdpa attention, eval mode) holding `loaded`'s weights."""
+    """The family's *ForCausalLM (eval mode) holding `loaded`'s weights."""
     import transformers
 
     hf = loaded.config.to_hf() | {"pad_token_id": None}  # the padding row does not matter here
     model_class = getattr(transformers, HF_FAMILIES[loaded.config.model_type])
-    config = model_class.config_class(**hf, attn_implementation="sdpa")
+    # sdpa where transformers has it; Gemma 2's soft-capped attention is eager only
+    attention = "eager" if hf["model_type"] == "gemma2" else "sdpa"
+    config = model_class.config_class(**hf, attn_implementation=attention)
     with torch.device("meta"):
         model = model_class(config)
     state = {name: w.to(dtype) for name, w in loaded.weights.items()}

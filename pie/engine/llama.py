@@ -68,6 +68,7 @@ class LlamaConfig:
     layer_types: tuple[str, ...] | None = None  # "sliding_attention" | "full_attention" per layer
     rope_local_theta: float | None = None  # RoPE base of sliding layers (default rope_theta)
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     extra: dict = field(default_factory=dict, compare=False)
 
     def is_sliding(self, layer: int) -> bool:
@@ -79,7 +80,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, d: dict, name: str = "llama") -> LlamaConfig:
-        """From a Hugging Face config.json dict (Llama, Mistral, Qwen2/3, Gemma 3 text)."""
+        """From a Hugging Face config.json dict (Llama, Mistral, Qwen2/3, Gemma 2, Gemma 3 text)."""
         model_type = d.get("model_type", "llama")
         if model_type == "gemma3":  # the multimodal wrapper: its text half
             d = {**d["text_config"], "model_type": "gemma3_text"}
@@ -101,13 +102,14 @@ class LlamaConfig:
             if params.get("rope_type", "default") != "default":
                 rope_scaling = params
         sliding_window = layer_types = None
-        gemma = model_type == "gemma3_text"
+        gemma = model_type in GEMMA
         partial = (params or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise PieError(f"partial rotary embeddings ({partial}) are not supported")
         if gemma:
             sliding_window = d.get("sliding_window", 4096)
-            pattern = d.get("sliding_window_pattern", 6)
+            # Gemma 2 alternates local and global layers; Gemma 3 has one global in six
+            pattern = d.get("sliding_window_pattern", 2 if model_type == "gemma2" else 6)
             layer_types = tuple(
                 d.get("layer_types")
                 or [
@@ -115,8 +117,6 @@ class LlamaConfig:
                     for i in range(d["num_hidden_layers"])
                 ]
             )
-            if d.get("attn_logit_softcapping") is not None:
-                raise PieError("attention logit soft-capping is not supported")
         elif model_type in ("mistral", "phi3") and d.get("sliding_window") is not None:
             sliding_window = d["sliding_window"]
             layer_types = ("sliding_attention",) * d["num_hidden_layers"]
@@ -138,15 +138,16 @@ class LlamaConfig:
             name=name,
             model_type=model_type,
             hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),  # Gemma 2 soft-caps instead
             sandwich_norm=gemma,
             norm_offset=1.0 if gemma else 0.0,
             embed_scale=d["hidden_size"] ** 0.5 if gemma else None,
             query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256) if gemma else None,
             sliding_window=sliding_window,
             layer_types=layer_types,
-            rope_local_theta=(local_theta or 10000.0) if gemma else None,
+            rope_local_theta=(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             final_logit_softcapping=d.get("final_logit_softcapping"),
+            attn_logit_softcapping=d.get("attn_logit_softcapping") if gemma else None,
         )
 
     def to_hf(self) -> dict:
@@ -168,8 +169,20 @@ class LlamaConfig:
             d["rope_parameters"]["full_attention"]["rope_theta"] = self.rope_theta
             d.pop("rope_scaling")
             d.pop("rope_theta")
+            d.pop("attn_logit_softcapping")
             return d
-        for key in ("query_pre_attn_scalar", "layer_types", "final_logit_softcapping"):
+        if self.model_type == "gemma2":
+            d["hidden_activation"] = d.pop("hidden_act")
+            d["layer_types"] = list(self.layer_types)
+            if self.rope_scaling is None:
+                d.pop("rope_scaling")
+            return d
+        for key in (
+            "query_pre_attn_scalar",
+            "layer_types",
+            "final_logit_softcapping",
+            "attn_logit_softcapping",
+        ):
             d.pop(key)
         if self.sliding_window is None:
             d.pop("sliding_window")
@@ -187,9 +200,11 @@ HF_FAMILIES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
+GEMMA = ("gemma2", "gemma3_text")  # (1 + w) norms, sandwich norms, scaled embeddings, GeGLU
 FUSED = {"phi3"}  # checkpoints with qkv_proj and gate_up_proj
 
 
@@ -538,7 +553,7 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size :].view(n, hkv, hd)
             cache.write(index, plan.write_slots, k, v)
             layer_plan = local_plan if layer.sliding and local_plan is not None else plan
-            attn = attend(q, cache, index, layer_plan, self.scale)
+            attn = attend(q, cache, index, layer_plan, self.scale, c.attn_logit_softcapping)
             h = layer.o(attn.reshape(n, q_size))
             if layer.attn_out_norm is not None:
                 h = rms_norm(h, layer.attn_out_norm, eps)

@@ -25,10 +25,10 @@ from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import IModelLoader, PieError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 PERMUTED_QK = ("llama",)  # architectures whose converter interleaves Q/K rows
 QK_NAMES = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
-NORM_PLUS_ONE = ("gemma3",)  # converter wrote norm weights as 1 + w
+NORM_PLUS_ONE = ("gemma2", "gemma3")  # converter wrote norm weights as 1 + w
 GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: every 6th Gemma 3 layer is global
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for Gemma 3
 
@@ -45,7 +45,7 @@ LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
-# Gemma 3: four norms per block; its ffn_norm is the pre-MLP norm
+# Gemma 2 and 3: four norms per block; their ffn_norm is the pre-MLP norm
 GEMMA3_LAYER_NAMES = LAYER_NAMES | {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
@@ -62,7 +62,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The Hugging Face tensor name of a GGUF tensor (None: not a weight we use)."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
-    names = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
+    names = GEMMA3_LAYER_NAMES if arch in NORM_PLUS_ONE else LAYER_NAMES
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
         if parts[3] in ("weight", "bias"):
@@ -108,23 +108,28 @@ def config_from_metadata(
     layers = key("block_count")
     head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
     family: dict = {"model_type": arch, "qk_norm": arch == "qwen3"}
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
+        gemma2 = arch == "gemma2"
+        # llama.cpp: Gemma 2 alternates local and global layers, Gemma 3 has one global in six
+        pattern = 2 if gemma2 else GEMMA3_SLIDING_PATTERN
         family = dict(
-            model_type="gemma3_text",
+            model_type="gemma2" if gemma2 else "gemma3_text",
             hidden_act="gelu_pytorch_tanh",
-            qk_norm=True,
+            qk_norm=not gemma2,
             sandwich_norm=True,
             norm_offset=1.0,
             embed_scale=hidden**0.5,
-            # llama.cpp: 1/sqrt(hidden/heads) for the 62-layer 27B, 1/sqrt(head_dim) otherwise
-            query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+            # llama.cpp: 1/sqrt(hidden/heads) for the 27B models (46 layers in Gemma 2,
+            # 62 in Gemma 3), 1/sqrt(head_dim) otherwise
+            query_pre_attn_scalar=hidden // heads if layers in (46, 62) else head_dim,
             sliding_window=key("attention.sliding_window"),
             layer_types=tuple(
-                "sliding_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN else "full_attention"
+                "sliding_attention" if (i + 1) % pattern else "full_attention"
                 for i in range(layers)
             ),
-            rope_local_theta=GEMMA3_LOCAL_ROPE_BASE,
+            rope_local_theta=None if gemma2 else GEMMA3_LOCAL_ROPE_BASE,
             final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping"),
+            attn_logit_softcapping=meta.get(f"{arch}.attn_logit_softcapping"),
         )
     return LlamaConfig(
         vocab_size=vocab_size,

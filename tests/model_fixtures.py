@@ -139,9 +139,20 @@ GEMMA2_GGUF_PARTS = GGUF_PARTS | {
 }
 
 
-def write_gguf(path: str, source: LoadedModel, arch: str = "llama") -> None:
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Q4_K blocks for a [rows, cols] weight: random nibbles and 6-bit scales/mins, small
+    fp16 super-block scales (gguf has no Q4_K quantizer to make them from weights)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    scale = rng.uniform(0.001, 0.01, size=(blocks.shape[0], 2)).astype(np.float16)
+    blocks[:, 0:4] = scale.view(np.uint8)
+    return blocks.reshape(rows, cols // 256 * 144)
+
+
+def write_gguf(path: str, source: LoadedModel, arch: str = "llama", mlp: Q = Q.Q4_1) -> None:
     """The safetensors model `source` as llama.cpp's converter writes it for `arch`
-    ("llama" or "gemma2"): F32 norms/embeddings/attention, Q4_1 MLP."""
+    ("llama" or "gemma2"): F32 norms/embeddings/attention, the MLP in Q4_1 (quantized
+    from the weights) or Q4_K (random blocks in place of the weights)."""
     c, tok = source.config, source.tokenizer
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
@@ -187,7 +198,9 @@ def write_gguf(path: str, source: LoadedModel, arch: str = "llama") -> None:
             array = permute(array, c.num_attention_heads)
         elif arch == "llama" and part == "self_attn.k_proj":
             array = permute(array, c.num_key_value_heads)
-        if part.startswith("mlp."):
+        if part.startswith("mlp.") and mlp == Q.Q4_K:
+            writer.add_tensor(target, random_q4_k(*array.shape, seed=len(target)), raw_dtype=mlp)
+        elif part.startswith("mlp."):
             writer.add_tensor(target, quantize(array, Q.Q4_1), raw_dtype=Q.Q4_1)
         else:
             writer.add_tensor(target, array)

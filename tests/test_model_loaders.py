@@ -8,16 +8,18 @@ import tempfile
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
 from twisted.trial.unittest import TestCase
 
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
-from pie.engine.quant import Int4Linear
+from pie.engine.quant import Int4Linear, parse_q4_k
 from pie.interfaces import IModelLoader, PieError
 from pie.service.servicetypes import model_loaders
-from tests.model_fixtures import dense, hf_probs, write_gguf, write_tiny_model
+from tests.model_fixtures import dense, hf_probs, random_q4_k, write_gguf, write_tiny_model
 
 _FOLDER = tempfile.TemporaryDirectory()
 write_tiny_model(_FOLDER.name, tie_word_embeddings=True, seed=3)
@@ -72,6 +74,26 @@ class GGUFLoading(TestCase):
         x = torch.randn(5, dense_w.shape[1])
         got = Int4Linear(q4, torch.float32)(x)
         self.assertLess((got - x @ dense_w.T).abs().max().item(), 1e-4)
+
+    def test_q4_k_blocks_are_lossless_for_the_int4_kernel(self):
+        """Q4_K (Gemma 3 270M's format) becomes the same Q4_1 form, equal to gguf's own
+        dequantization to the last bit, and the int4 engine runs it."""
+        raw = random_q4_k(96, 512, seed=1)
+        ours = parse_q4_k(raw, 96, 512).dequantize()
+        self.assertTrue(np.array_equal(ours, dequantize(raw, Q.Q4_K).reshape(96, 512)))
+        folder = self.mktemp()
+        write_tiny_model(
+            folder, hidden_size=256, intermediate_size=256, tie_word_embeddings=True, seed=4
+        )  # rows of 256: K-quant super-blocks
+        path = self.mktemp() + ".gguf"
+        write_gguf(path, load_model(folder, dtype="float32"), mlp=Q.Q4_K)
+        loaded = load_model(path, dtype="float32")
+        name = "model.layers.0.mlp.up_proj.weight"
+        self.assertTrue(
+            np.array_equal(loaded.quantized[name].dequantize(), loaded.weights[name].numpy())
+        )
+        engine = create_engine(loaded, device="cpu", dtype="bfloat16", num_pages=4, dist_size=8)
+        self.assertTrue(engine.model.int4)
 
     def test_tokenizer_from_metadata(self):
         ours, theirs = self.loaded.tokenizer, self.source.tokenizer

@@ -1,4 +1,4 @@
-"""Linear layers: dense weights, or GGUF Q4_1 blocks run by torch's CPU int4 kernel.
+"""Linear layers: dense weights, or GGUF Q4_1/Q4_K blocks run by torch's CPU int4 kernel.
 
 Why int4: on a CPU a decode step is bound by the matmul kernels, and Q4_1
 maps *losslessly* onto `aten._weight_int4pack_mm_for_cpu`: Q4_1 stores
@@ -65,6 +65,34 @@ def parse_q4_1(raw: np.ndarray, out_features: int, in_features: int) -> Q4_1Weig
         q.reshape(out_features, in_features),
         d.reshape(out_features, groups),
         m.reshape(out_features, groups),
+    )
+
+
+Q4_K_BLOCK_BYTES = 144  # fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+
+
+def parse_q4_k(raw: np.ndarray, out_features: int, in_features: int) -> Q4_1Weight:
+    """GGUF Q4_K super-blocks as the same Q4_1 form, losslessly.
+
+    A Q4_K super-block of 256 weights holds eight sub-blocks of 32, each with a 6-bit
+    scale s and min m: w = (d*s)*q - (dmin*m). That is Q4_1 per group of 32 with
+    d' = d*s and m' = -dmin*m, so the int4 kernel runs Q4_K_M files (Gemma 3 270M's
+    weights) as it runs Q4_1. In a super-block, 32 bytes of nibbles hold sub-block 2i
+    in their low nibbles and 2i+1 in their high ones.
+    """
+    from gguf.quants import Q4_K
+
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, Q4_K_BLOCK_BYTES)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    scales, mins = Q4_K.get_scale_min(blocks[:, 4:16])
+    nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (nibbles & 0x0F).reshape(out_features, in_features)
+    groups = in_features // Q4_1_GROUP
+    return Q4_1Weight(
+        q,
+        (d * scales.astype(np.float32)).reshape(out_features, groups),
+        -(dmin * mins.astype(np.float32)).reshape(out_features, groups),
     )
 
 

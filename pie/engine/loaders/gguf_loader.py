@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
 
-Linear weights stored as Q4_1 are also kept in block form so that the CPU
-int4 kernel can use them losslessly (pie.engine.quant); every other type the
-`gguf` package knows (F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, ...) is
+Linear weights stored as Q4_1 or Q4_K are also kept in block form so that the
+CPU int4 kernel can use them losslessly (pie.engine.quant); every other type the
+`gguf` package knows (F16, BF16, Q4_0, Q5_0, Q8_0, Q5_K, Q6_K, ...) is
 dequantized by gguf.quants into dense copies. Q and K rows are un-permuted:
 convert_hf_to_gguf interleaves them for llama.cpp's pair-wise RoPE (Llama
 only), while our RoPE (like Hugging Face's) rotates halves. Gemma's RMSNorm
@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
-from pie.engine.quant import Q4_1Weight, parse_q4_1
+from pie.engine.quant import Q4_1Weight, parse_q4_1, parse_q4_k
 from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import IModelLoader, PieError
 
@@ -163,6 +163,9 @@ class GGUFLoader:
         from gguf import GGMLQuantizationType, GGUFReader
         from gguf.quants import dequantize
 
+        # tensor types the int4 kernel runs as they are (the rest become dense copies)
+        int4_forms = {GGMLQuantizationType.Q4_1: parse_q4_1, GGMLQuantizationType.Q4_K: parse_q4_k}
+
         try:
             reader = GGUFReader(path)
         except (ValueError, OSError) as e:
@@ -204,8 +207,9 @@ class GGUFLoader:
                 order = unpermute_order(array.shape[0], heads)
                 array = array[order]
             weights[name_hf] = torch.from_numpy(np.ascontiguousarray(array)).to(target)
-            if t.tensor_type == GGMLQuantizationType.Q4_1 and array.ndim == 2:
-                q = parse_q4_1(t.data, array.shape[0], array.shape[1])
+            parse = int4_forms.get(t.tensor_type)
+            if parse is not None and array.ndim == 2:
+                q = parse(t.data, array.shape[0], array.shape[1])
                 quantized[name_hf] = q if order is None else q.permute_rows(order)
         return LoadedModel(
             name=name,

@@ -29,7 +29,7 @@ from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
-from pie.runtime.kvstore import KeyValueStore
+from pie.runtime.kvstore import DEFAULT_USER_BYTES, DEFAULT_VALUE_BYTES, KeyValueStore
 from pie.runtime.messaging import (
     DEFAULT_INBOX_BYTES,
     DEFAULT_SUBSCRIPTION_BYTES,
@@ -65,12 +65,15 @@ class Runtime(service.Service):
         http_policy: HttpPolicy | None = None,
         inbox_bytes: int = DEFAULT_INBOX_BYTES,
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
+        store_value_bytes: int = DEFAULT_VALUE_BYTES,
+        store_user_bytes: int = DEFAULT_USER_BYTES,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
         `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
-        messages one instance's inbox / one subscription may hold (pie.runtime.messaging)."""
+        messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
+        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -79,7 +82,9 @@ class Runtime(service.Service):
         self.attacher = attacher
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
-        self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
+        self.kvstore = KeyValueStore(
+            os.path.join(home, "kvstore.sqlite3"), reactor, store_value_bytes, store_user_bytes
+        )
         self.inboxes = Inboxes(max_bytes=inbox_bytes)
         self.pubsub = PubSub(max_bytes=subscription_bytes)
         self.instances = Instances(

@@ -30,10 +30,10 @@ from twisted.logger import Logger
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
+from pie.namespaces import instance_user, scoped, visible
 from pie.runtime import chat_template
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
 from pie.runtime.instances import Instance
-from pie.runtime.namespaces import instance_user, scoped, visible
 from pie.runtime.witcheck import InvalidCall, check_call
 
 log = Logger()
@@ -283,7 +283,7 @@ class HostApi:
 
     # ------------------------------------------------------------------ key-value store
 
-    # Each user has a namespace of its own (pie.runtime.namespaces); "shared/" keys are shared.
+    # Each user has a namespace of its own (pie.namespaces); "shared/" keys are shared.
 
     def _store_get(self, instance: Instance, key: str):
         return self._runtime.kvstore.get(key, instance_user(instance))

@@ -3,7 +3,7 @@
 Pie keeps one process-wide map shared by every instance of every user; pie
 puts it in a SQLite file under PIE_HOME so that it survives a daemon restart
 (Pie's WIT calls it a "persistent store"; Pie's own map did not persist), and
-keeps each user's records apart (pie.runtime.namespaces: keys under
+keeps each user's records apart (pie.namespaces: keys under
 "shared/" are the one opt-in shared namespace). All SQLite work runs on one
 dedicated thread, so the reactor never waits on the disk and the operations
 of all instances are applied in the order they were issued (a set followed by
@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from pie.interfaces import PieError
-from pie.runtime.namespaces import SHARED, scoped, user_prefix, visible
+from pie.namespaces import SHARED, scoped, user_prefix, visible
 
 MAX_KEY_BYTES = 4096
 DEFAULT_VALUE_BYTES = 16 * 2**20
@@ -77,7 +77,7 @@ class KeyValueStore:
         return self._run(_get, _checked_key(user, key))
 
     def set(self, key: str, value: str, user: str | None = None):
-        key = _checked_key(user, key)
+        internal = _checked_key(user, key)
         if not isinstance(value, str):
             raise PieError(f"store value must be a string, not {type(value).__name__}")
         size = len(value.encode("utf-8"))
@@ -85,7 +85,7 @@ class KeyValueStore:
             raise PieError(
                 f"store value of {size} bytes exceeds {self.value_bytes} bytes (kv_store_value_bytes)"
             )
-        return self._run(self._set, key, value, user)
+        return self._run(self._set, internal, value, user, size + len(key.encode("utf-8")))
 
     def delete(self, key: str, user: str | None = None):
         return self._run(self._delete, _checked_key(user, key))
@@ -129,9 +129,9 @@ class KeyValueStore:
             self._usage[payer] = row.fetchone()[0]
         return self._usage[payer]
 
-    def _set(self, db: sqlite3.Connection, key: str, value: str, user: str | None) -> None:
+    def _set(self, db: sqlite3.Connection, key: str, value: str, user: str | None, size: int):
+        """Write a record of `size` bytes (the key as the user gave it, and the value)."""
         payer = user or ""
-        size = len(key.encode("utf-8")) + len(value.encode("utf-8"))
         old = db.execute("SELECT payer, size FROM records WHERE key = ?", (key,)).fetchone()
         used = self._used(db, payer) - (old[1] if old and old[0] == payer else 0)
         if user is not None and used + size > self.user_bytes:
@@ -155,7 +155,7 @@ class KeyValueStore:
 
 
 def _checked_key(user: str | None, key: str) -> str:
-    """The internal key behind a user's key (see pie.runtime.namespaces)."""
+    """The internal key behind a user's key (see pie.namespaces)."""
     if not isinstance(key, str):
         raise PieError(f"store key must be a string, not {type(key).__name__}")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -169,12 +169,10 @@ def _migrate(db: sqlite3.Connection) -> None:
         return
     db.execute("BEGIN IMMEDIATE")
     for key, value in db.execute("SELECT key, value FROM kv").fetchall():
-        internal = scoped(LEGACY_USER, key)
-        payer = "" if key.startswith(SHARED) else LEGACY_USER
-        size = len(internal.encode("utf-8")) + len(value.encode("utf-8"))
+        size = len(key.encode("utf-8")) + len(value.encode("utf-8"))
         db.execute(
             "INSERT OR IGNORE INTO records (key, value, payer, size) VALUES (?, ?, ?, ?)",
-            (internal, value, payer, size),
+            (scoped(LEGACY_USER, key), value, LEGACY_USER, size),
         )
     db.execute("DROP TABLE kv")
     db.execute("COMMIT")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pie.engine.batch import context_len
 from pie.interfaces import InstanceFault
+from pie.namespaces import shown
 
 HOLDS_TOKEN, HOLDS_DISTRIBUTION = 1, 2  # what an embed slot has been given
 
@@ -400,7 +401,7 @@ class Resources:
         old = self.exports.get(name)
         if old is not None and old.owner not in (None, instance):
             raise InstanceFault(
-                f"export_kv_pages: the name {name!r} is exported by another instance"
+                f"export_kv_pages: the name {shown(name)!r} is exported by another instance"
             )
         user = self._inst(instance).user
         self._check_export_quota(user, len(physical), old)
@@ -419,9 +420,11 @@ class Resources:
         """Remove an entry: only its owner may, or anyone for a persistent one (Pie's rule)."""
         entry = self.exports.get(name)
         if entry is None:
-            raise InstanceFault(f"unexport_kv_pages: no export named {name!r}")
+            raise InstanceFault(f"unexport_kv_pages: no export named {shown(name)!r}")
         if entry.owner not in (None, instance):
-            raise InstanceFault(f"unexport_kv_pages: {name!r} is exported by another instance")
+            raise InstanceFault(
+                f"unexport_kv_pages: {shown(name)!r} is exported by another instance"
+            )
         self._drop_export(name)
         return entry
 
@@ -433,10 +436,10 @@ class Resources:
         """The export an import_kv_pages(ids, name) would map, after checking the ids."""
         entry = self.exports.get(name)
         if entry is None:
-            raise InstanceFault(f"import_kv_pages: no export named {name!r}")
+            raise InstanceFault(f"import_kv_pages: no export named {shown(name)!r}")
         if len(ids) != entry.num_pages:
             raise InstanceFault(
-                f"import_kv_pages: {name!r} has {entry.num_pages} pages but {len(ids)} ids were given"
+                f"import_kv_pages: {shown(name)!r} has {entry.num_pages} pages but {len(ids)} ids were given"
             )
         self._check_new_page_ids(instance, ids, "import_kv_pages")
         self._check_cap(instance, len(ids), "import_kv_pages")
@@ -446,7 +449,7 @@ class Resources:
         """Map ids onto the exported physical pages (shared, refcount +1, no copy)."""
         entry = self.lookup_export(instance, ids, name)
         if entry.dormant:
-            raise InstanceFault(f"import_kv_pages: {name!r} is not recomputed yet")
+            raise InstanceFault(f"import_kv_pages: {shown(name)!r} is not recomputed yet")
         for page in entry.pages:
             self._refs[page] += 1
         self._inst(instance).pages.update(zip(ids, entry.pages, strict=True))

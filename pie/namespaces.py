@@ -41,6 +41,13 @@ def visible(user: str | None, internal: str) -> str | None:
     return internal[len(prefix) :] if internal.startswith(prefix) else None
 
 
+def shown(internal: str) -> str:
+    """The name as its user gave it, for error messages (the user's own scope stripped)."""
+    if internal.startswith("user:") and "/" in internal:
+        return internal.split("/", 1)[1]
+    return internal
+
+
 def instance_user(instance: object) -> str | None:
     """The user an instance runs for: its owner connection's `user`, None if it has none."""
     return getattr(getattr(instance, "owner", None), "user", None)

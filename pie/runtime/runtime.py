@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
@@ -310,11 +311,10 @@ class Runtime(service.Service):
 
 def _asker(instance: Instance | None) -> tuple[bool, str | None]:
     """(is admin, user) of an instance, from its owner (a client connection, see pie.server)."""
-    owner = getattr(instance, "owner", None)
-    user = getattr(owner, "user", None)
+    user = instance_user(instance)
     if user is None:  # no connection behind it: the daemon's own, or a test's
         return True, None
-    return bool(getattr(owner, "is_admin", False)), user
+    return bool(getattr(instance.owner, "is_admin", False)), user
 
 
 def _checked_arguments(arguments: list[str]) -> list[str]:

@@ -109,6 +109,32 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
     ),
+    # per-user KV quotas (issue 17): pages one user's instances map, pages its exports hold
+    Setting(
+        "kv_user_pages",
+        0,
+        int,
+        "Most KV pages one user's instances may map together; 0: seven eighths of num_pages.",
+    ),
+    Setting(
+        "kv_user_export_pages",
+        0,
+        int,
+        "Most KV pages one user's exports (persistent or not) may hold; 0: a quarter of num_pages.",
+    ),
+    # key-value store quotas (issue 17)
+    Setting(
+        "kv_store_user_bytes",
+        256 * 2**20,
+        int,
+        "Bytes of keys and values one user may keep in the key-value store.",
+    ),
+    Setting(
+        "kv_store_value_bytes",
+        16 * 2**20,
+        int,
+        "Bytes one key-value store value may hold.",
+    ),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
     Setting(
         "batching", "adaptive", str, "Forward batching policy: adaptive, k:N, t:MS, kort:N:MS."
@@ -287,12 +313,19 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "upload_bytes_in_flight",
         "upload_idle_timeout_s",
         "inferlet_output_bytes",
+        "kv_store_user_bytes",
+        "kv_store_value_bytes",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
-    if merged["kv_instance_pages"] < 0:
-        raise ConfigError(f"kv_instance_pages must be 0 or more, not {merged['kv_instance_pages']}")
-    merged["kv_instance_pages"] = merged["kv_instance_pages"] or merged["num_pages"] * 3 // 4
+    for key, share in (
+        ("kv_instance_pages", (3, 4)),
+        ("kv_user_pages", (7, 8)),
+        ("kv_user_export_pages", (1, 4)),
+    ):  # page caps: 0 means a share of the pool
+        if merged[key] < 0:
+            raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
+        merged[key] = merged[key] or max(1, merged["num_pages"] * share[0] // share[1])
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:

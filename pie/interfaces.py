@@ -129,8 +129,9 @@ class IModelService(Interface):
     def status() -> dict:
         """The model_status entry for this model."""
 
-    def create_queue(instance_id: str) -> int:
-        """A new queue id (unique in the process)."""
+    def create_queue(instance_id: str, user: str | None = None) -> int:
+        """A new queue id (unique in the process); user: the instance's token subject, whose
+        KV page cap and export quota its pages count against (None: nobody's)."""
 
     def set_priority(instance_id: str, queue_id: int, priority: str) -> None:
         """'low' | 'normal' | 'high'."""

@@ -152,6 +152,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             http_policy=HttpPolicy.from_settings(settings),
             inbox_bytes=settings["inbox_bytes"],
             subscription_bytes=settings["subscription_bytes"],
+            store_value_bytes=settings["kv_store_value_bytes"],
+            store_user_bytes=settings["kv_store_user_bytes"],
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)

@@ -124,7 +124,7 @@ class FakeModelService:
     def status(self) -> dict:
         return {"model_name": self.name, "kv_page_size": self.kv_page_size}
 
-    def create_queue(self, instance_id: str) -> int:
+    def create_queue(self, instance_id: str, user: str | None = None) -> int:
         return next(_queue_ids)
 
     def set_priority(self, instance_id: str, queue_id: int, priority: str) -> None:

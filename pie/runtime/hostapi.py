@@ -30,12 +30,16 @@ from twisted.logger import Logger
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
+from pie.namespaces import instance_user, scoped, visible
 from pie.runtime import chat_template
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
 from pie.runtime.instances import Instance
 from pie.runtime.witcheck import InvalidCall, check_call
 
 log = Logger()
+
+_EXPORT_NAME_ARG = {"export_kv_pages": 1, "import_kv_pages": 1, "unexport_kv_pages": 0}
+"""Model commands that name an export: the index of the name among their arguments."""
 
 
 # --------------------------------------------------------------------------- the binding
@@ -177,7 +181,7 @@ class HostApi:
 
     def _create_queue(self, instance: Instance, service_id: int) -> int:
         service = self._service(service_id)
-        queue = service.create_queue(instance.id)
+        queue = service.create_queue(instance.id, instance_user(instance))
         instance.queues[queue] = service
         return queue
 
@@ -190,9 +194,18 @@ class HostApi:
         return self._queue(instance, queue).kv_page_size
 
     def _get_all_exported_kv_pages(self, instance: Instance, queue: int) -> list[tuple[str, int]]:
-        return [(name, count) for name, count in self._queue(instance, queue).list_exports()]
+        """The exports the instance's user sees: its own and the shared ones, as it named them."""
+        user = instance_user(instance)
+        exports = self._queue(instance, queue).list_exports()
+        return [
+            (mine, count) for name, count in exports if (mine := visible(user, name)) is not None
+        ]
 
     def _model_command(self, name: str, instance: Instance, queue: int, *args):
+        where = _EXPORT_NAME_ARG.get(name)
+        if where is not None:  # export names live in the user's namespace, like store keys
+            args = list(args)
+            args[where] = scoped(instance_user(instance), args[where])
         return self._queue(instance, queue).submit(instance.id, queue, name, *args)
 
     # ------------------------------------------------------------------ tokenizer
@@ -270,20 +283,22 @@ class HostApi:
 
     # ------------------------------------------------------------------ key-value store
 
+    # Each user has a namespace of its own (pie.namespaces); "shared/" keys are shared.
+
     def _store_get(self, instance: Instance, key: str):
-        return self._runtime.kvstore.get(key)
+        return self._runtime.kvstore.get(key, instance_user(instance))
 
     def _store_set(self, instance: Instance, key: str, value: str):
-        return self._runtime.kvstore.set(key, value)
+        return self._runtime.kvstore.set(key, value, instance_user(instance))
 
     def _store_delete(self, instance: Instance, key: str):
-        return self._runtime.kvstore.delete(key)
+        return self._runtime.kvstore.delete(key, instance_user(instance))
 
     def _store_exists(self, instance: Instance, key: str):
-        return self._runtime.kvstore.exists(key)
+        return self._runtime.kvstore.exists(key, instance_user(instance))
 
     def _store_list_keys(self, instance: Instance):
-        return self._runtime.kvstore.list_keys()
+        return self._runtime.kvstore.list_keys(instance_user(instance))
 
     # ------------------------------------------------------------------ outgoing HTTP
 

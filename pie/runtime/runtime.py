@@ -25,11 +25,12 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
 from pie.runtime.instances import Instance, Instances
-from pie.runtime.kvstore import KeyValueStore
+from pie.runtime.kvstore import DEFAULT_USER_BYTES, DEFAULT_VALUE_BYTES, KeyValueStore
 from pie.runtime.messaging import (
     DEFAULT_INBOX_BYTES,
     DEFAULT_SUBSCRIPTION_BYTES,
@@ -65,12 +66,15 @@ class Runtime(service.Service):
         http_policy: HttpPolicy | None = None,
         inbox_bytes: int = DEFAULT_INBOX_BYTES,
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
+        store_value_bytes: int = DEFAULT_VALUE_BYTES,
+        store_user_bytes: int = DEFAULT_USER_BYTES,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
         `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
-        messages one instance's inbox / one subscription may hold (pie.runtime.messaging)."""
+        messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
+        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore)."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
@@ -79,7 +83,9 @@ class Runtime(service.Service):
         self.attacher = attacher
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
-        self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
+        self.kvstore = KeyValueStore(
+            os.path.join(home, "kvstore.sqlite3"), reactor, store_value_bytes, store_user_bytes
+        )
         self.inboxes = Inboxes(max_bytes=inbox_bytes)
         self.pubsub = PubSub(max_bytes=subscription_bytes)
         self.instances = Instances(
@@ -305,11 +311,10 @@ class Runtime(service.Service):
 
 def _asker(instance: Instance | None) -> tuple[bool, str | None]:
     """(is admin, user) of an instance, from its owner (a client connection, see pie.server)."""
-    owner = getattr(instance, "owner", None)
-    user = getattr(owner, "user", None)
+    user = instance_user(instance)
     if user is None:  # no connection behind it: the daemon's own, or a test's
         return True, None
-    return bool(getattr(owner, "is_admin", False)), user
+    return bool(getattr(instance.owner, "is_admin", False)), user
 
 
 def _checked_arguments(arguments: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS kv_exports (
     name TEXT NOT NULL,
     page_size INTEGER NOT NULL,
     recipe TEXT NOT NULL,
+    user TEXT,
     PRIMARY KEY (model, name)
 )
 """
@@ -47,18 +48,21 @@ class ExportStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(kv_exports)")}
+        if "user" not in columns:  # a store from before export quotas: nobody's
+            self._db.execute("ALTER TABLE kv_exports ADD COLUMN user TEXT")
 
-    def load(self) -> dict[str, Recipe]:
-        """Every stored export of this model and page size."""
+    def load(self) -> dict[str, tuple[Recipe, str | None]]:
+        """Every stored export of this model and page size: its recipe and its user."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, recipe FROM kv_exports WHERE model = ? AND page_size = ?",
+                "SELECT name, recipe, user FROM kv_exports WHERE model = ? AND page_size = ?",
                 (self._model, self._page_size),
             ).fetchall()
         recipes = {}
-        for name, text in rows:
+        for name, text, user in rows:
             try:
-                recipes[name] = Recipe.from_json(json.loads(text))
+                recipes[name] = (Recipe.from_json(json.loads(text)), user)
             except (ValueError, KeyError, TypeError) as e:
                 log.warn(
                     "skipping unreadable KV export {name!r} in {path}: {e}",
@@ -68,12 +72,13 @@ class ExportStore:
                 )
         return recipes
 
-    def save(self, name: str, recipe: Recipe) -> None:
+    def save(self, name: str, recipe: Recipe, user: str | None = None) -> None:
         text = json.dumps(recipe.to_json(), separators=(",", ":"))
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO kv_exports (model, name, page_size, recipe) VALUES (?, ?, ?, ?)",
-                (self._model, name, self._page_size, text),
+                "INSERT OR REPLACE INTO kv_exports (model, name, page_size, recipe, user) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self._model, name, self._page_size, text, user),
             )
 
     def remove(self, name: str) -> None:

@@ -168,6 +168,8 @@ class LocalModelService(Service):
             policy=s["batching"].replace(":", " "),
             max_batch_tokens=s["max_batch_tokens"] or None,
             instance_pages=s["kv_instance_pages"],
+            user_pages=s["kv_user_pages"],
+            export_pages=s["kv_user_export_pages"],
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service

@@ -156,8 +156,8 @@ class ModelPool:
             "workers": workers,
         }
 
-    def create_queue(self, instance_id: str) -> int:
-        return self._place(instance_id).service.create_queue(instance_id)
+    def create_queue(self, instance_id: str, user: str | None = None) -> int:
+        return self._place(instance_id).service.create_queue(instance_id, user)
 
     def set_priority(self, instance_id: str, queue_id: int, priority: str) -> None:
         self._member_of(instance_id).service.set_priority(instance_id, queue_id, priority)

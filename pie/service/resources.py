@@ -14,8 +14,11 @@ talks to the worker. It keeps
 - what every written KV slot holds (token, position, attention row) so that a
   persistent export can be written to disk as a *recipe* and recomputed with
   one forward pass after a daemon restart (see docs/model-service.md);
-- the per-instance page cap and the contention choice: when pages run out,
-  which instance to evict (the one most beyond its fair share, else newer ones).
+- the per-instance and per-user page caps, the per-user export quota, and the
+  contention choice: when pages run out, which instance to evict (the one most
+  beyond its fair share, else newer ones). An instance's user (its token
+  subject) is given at register(); instances without one (the daemon's own,
+  tests) count against no user's cap or quota.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pie.engine.batch import context_len
 from pie.interfaces import InstanceFault
+from pie.namespaces import shown
 
 HOLDS_TOKEN, HOLDS_DISTRIBUTION = 1, 2  # what an embed slot has been given
 
@@ -94,6 +98,7 @@ class Export:
     pages: list[int]  # physical pages, one reference each held by the export; [] while dormant
     num_pages: int
     recipe: Recipe | None = None  # persistent exports that can be rebuilt after a restart
+    user: str | None = None  # whose export quota it counts against (the exporter's user)
 
     @property
     def dormant(self) -> bool:
@@ -104,6 +109,7 @@ class Export:
 @dataclass
 class _Instance:
     order: int  # launch order on this model: larger is newer
+    user: str | None = None  # token subject of the instance's connection
     pages: dict[int, int] = field(default_factory=dict)  # virtual -> physical
     embeds: dict[int, int] = field(default_factory=dict)
 
@@ -117,10 +123,18 @@ class Resources:
     """Every instance's KV pages and embeds on one model, plus the export catalogue."""
 
     def __init__(
-        self, num_pages: int, num_embeds: int, page_size: int, instance_cap: int | None = None
+        self,
+        num_pages: int,
+        num_embeds: int,
+        page_size: int,
+        instance_cap: int | None = None,
+        user_cap: int | None = None,
+        export_cap: int | None = None,
     ) -> None:
         self.page_size = page_size
         self.instance_cap = instance_cap  # most KV pages one instance may map; None: the pool
+        self.user_cap = user_cap  # most KV pages one user's instances may map together
+        self.export_cap = export_cap  # most KV pages one user's exports may hold together
         self.pages = PhysicalPool(num_pages)
         self.embeds = PhysicalPool(num_embeds)
         self._refs = [0] * num_pages
@@ -140,10 +154,12 @@ class Resources:
 
     # ------------------------------------------------------------------ instances
 
-    def register(self, instance: str) -> None:
-        """Note an instance's launch order (first seen = oldest) for the contention policy."""
+    def register(self, instance: str, user: str | None = None) -> None:
+        """Note an instance's launch order (first seen = oldest) and its user."""
         if instance not in self._instances:
-            self._instances[instance] = _Instance(order=next(self._launch))
+            self._instances[instance] = _Instance(order=next(self._launch), user=user)
+        elif user is not None:
+            self._instances[instance].user = user
 
     def _inst(self, instance: str) -> _Instance:
         self.register(instance)
@@ -194,12 +210,34 @@ class Resources:
         self._check_cap(instance, len(ids), "allocate_kv_pages")
 
     def _check_cap(self, instance: str, count: int, what: str) -> None:
-        """InstanceFault if mapping `count` more pages would take the instance past its cap."""
-        held = len(self._inst(instance).pages)
+        """InstanceFault if mapping `count` more pages would pass the instance's or its user's cap."""
+        me = self._inst(instance)
+        held = len(me.pages)
         if self.instance_cap is not None and held + count > self.instance_cap:
             raise InstanceFault(
                 f"{what}: KV page cap reached: the instance maps {held} pages, "
                 f"{count} more would pass its cap of {self.instance_cap} (kv_instance_pages)"
+            )
+        if self.user_cap is None or me.user is None:
+            return
+        mine = sum(len(i.pages) for i in self._instances.values() if i.user == me.user)
+        if mine + count > self.user_cap:
+            raise InstanceFault(
+                f"{what}: KV page cap reached: user {me.user!r}'s instances map {mine} pages, "
+                f"{count} more would pass the user cap of {self.user_cap} (kv_user_pages)"
+            )
+
+    def _check_export_quota(self, user: str | None, count: int, replaced: Export | None) -> None:
+        """InstanceFault if `count` more exported pages would pass the user's export quota."""
+        if self.export_cap is None or user is None:
+            return
+        held = sum(e.num_pages for e in self.exports.values() if e.user == user)
+        if replaced is not None and replaced.user == user:
+            held -= replaced.num_pages
+        if held + count > self.export_cap:
+            raise InstanceFault(
+                f"export_kv_pages: export quota reached: user {user!r} exports {held} pages, "
+                f"{count} more would pass {self.export_cap} (kv_user_export_pages)"
             )
 
     def allocate_pages(self, instance: str, ids: list[int]) -> None:
@@ -363,14 +401,18 @@ class Resources:
         old = self.exports.get(name)
         if old is not None and old.owner not in (None, instance):
             raise InstanceFault(
-                f"export_kv_pages: the name {name!r} is exported by another instance"
+                f"export_kv_pages: the name {shown(name)!r} is exported by another instance"
             )
+        user = self._inst(instance).user
+        self._check_export_quota(user, len(physical), old)
         for page in physical:
             self._refs[page] += 1
         if old is not None:
             self._drop_export(name)
         recipe = self.recipe_for(physical) if persistent and with_recipe else None
-        entry = Export(name, None if persistent else instance, physical, len(physical), recipe)
+        entry = Export(
+            name, None if persistent else instance, physical, len(physical), recipe, user
+        )
         self.exports[name] = entry
         return entry
 
@@ -378,9 +420,11 @@ class Resources:
         """Remove an entry: only its owner may, or anyone for a persistent one (Pie's rule)."""
         entry = self.exports.get(name)
         if entry is None:
-            raise InstanceFault(f"unexport_kv_pages: no export named {name!r}")
+            raise InstanceFault(f"unexport_kv_pages: no export named {shown(name)!r}")
         if entry.owner not in (None, instance):
-            raise InstanceFault(f"unexport_kv_pages: {name!r} is exported by another instance")
+            raise InstanceFault(
+                f"unexport_kv_pages: {shown(name)!r} is exported by another instance"
+            )
         self._drop_export(name)
         return entry
 
@@ -392,10 +436,10 @@ class Resources:
         """The export an import_kv_pages(ids, name) would map, after checking the ids."""
         entry = self.exports.get(name)
         if entry is None:
-            raise InstanceFault(f"import_kv_pages: no export named {name!r}")
+            raise InstanceFault(f"import_kv_pages: no export named {shown(name)!r}")
         if len(ids) != entry.num_pages:
             raise InstanceFault(
-                f"import_kv_pages: {name!r} has {entry.num_pages} pages but {len(ids)} ids were given"
+                f"import_kv_pages: {shown(name)!r} has {entry.num_pages} pages but {len(ids)} ids were given"
             )
         self._check_new_page_ids(instance, ids, "import_kv_pages")
         self._check_cap(instance, len(ids), "import_kv_pages")
@@ -405,14 +449,14 @@ class Resources:
         """Map ids onto the exported physical pages (shared, refcount +1, no copy)."""
         entry = self.lookup_export(instance, ids, name)
         if entry.dormant:
-            raise InstanceFault(f"import_kv_pages: {name!r} is not recomputed yet")
+            raise InstanceFault(f"import_kv_pages: {shown(name)!r} is not recomputed yet")
         for page in entry.pages:
             self._refs[page] += 1
         self._inst(instance).pages.update(zip(ids, entry.pages, strict=True))
 
-    def restore(self, name: str, recipe: Recipe) -> None:
+    def restore(self, name: str, recipe: Recipe, user: str | None = None) -> None:
         """A persistent export read back from disk, dormant until its first import."""
-        self.exports[name] = Export(name, None, [], recipe.num_pages, recipe)
+        self.exports[name] = Export(name, None, [], recipe.num_pages, recipe, user)
 
     def revive(self, name: str, physical: list[int]) -> None:
         """Give a dormant export pages (taken from an importer's fresh allocation: +1 ref each)."""

@@ -98,7 +98,9 @@ class ModelService:
     run_blocking(fn, *args) -> Deferred runs store I/O off the reactor thread.
     max_batch_tokens caps the new tokens of one Forward job (a longer text item is split into
     chunks that run beside the other queues' items: chunked prefill, see the scheduler).
-    instance_pages caps the KV pages one instance may map (None: the whole pool).
+    instance_pages caps the KV pages one instance may map (None: the whole pool), user_pages
+    those one user's instances may map together, export_pages those one user's exports
+    (persistent or not) may hold together (None: no cap).
     Default: CPU_BATCH_TOKENS on a CPU worker, where a long prompt in one pass would stall
     every decode step for seconds, else DEVICE_BATCH_TOKENS.
     """
@@ -115,6 +117,8 @@ class ModelService:
         instance_terminator: Callable[[str, str], None] | None = None,
         run_blocking: Callable[..., Deferred] | None = None,
         instance_pages: int | None = None,
+        user_pages: int | None = None,
+        export_pages: int | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -129,7 +133,12 @@ class ModelService:
         self.tokenizer = worker.tokenizer
         self.instance_terminator = instance_terminator
         self.resources = Resources(
-            info.num_kv_pages, info.num_embeds, info.kv_page_size, instance_cap=instance_pages
+            info.num_kv_pages,
+            info.num_embeds,
+            info.kv_page_size,
+            instance_cap=instance_pages,
+            user_cap=user_pages,
+            export_cap=export_pages,
         )
         if max_batch_tokens is None:
             max_batch_tokens = CPU_BATCH_TOKENS if info.device == "cpu" else DEVICE_BATCH_TOKENS
@@ -159,8 +168,8 @@ class ModelService:
                 e=e,
             )
             return None
-        for name, recipe in recipes.items():
-            self.resources.restore(name, recipe)
+        for name, (recipe, user) in recipes.items():
+            self.resources.restore(name, recipe, user)
         return store
 
     # ------------------------------------------------------------------ IModelService
@@ -181,10 +190,10 @@ class ModelService:
             "device": self.info.device,
         }
 
-    def create_queue(self, instance_id: str) -> int:
+    def create_queue(self, instance_id: str, user: str | None = None) -> int:
         queue_id = next(_QUEUE_IDS)
         self.scheduler.add_queue(queue_id, instance_id)
-        self.resources.register(instance_id)
+        self.resources.register(instance_id, user)
         return queue_id
 
     def set_priority(self, instance_id: str, queue_id: int, priority: str) -> None:
@@ -314,7 +323,7 @@ class ModelService:
             inst, ids, name, persistent, with_recipe=self._store is not None
         )
         if entry.recipe is not None:
-            self._persist(self._store.save, name, entry.recipe)
+            self._persist(self._store.save, name, entry.recipe, entry.user)
             return
         if persistent and self._store is not None:
             log.warn(

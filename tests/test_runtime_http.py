@@ -15,8 +15,8 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from pie.interfaces import PieError
-from pie.runtime import http
-from pie.runtime.http import HTTP_REQUEST_ARGUMENT, parse_response
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, HttpLimits, parse_response
+from tests.rawhttp import connect
 from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
 
 PARKED = Deferred()  # a test sets a fresh one; fired when a /park request is inside handle()
@@ -140,21 +140,6 @@ class ServerInstanceTests(unittest.TestCase):
         self.assertEqual(reason, "HTTP client disconnected")
         self.assertIn(instance.id, self.model.destroyed)
 
-    async def test_limits(self):
-        self.patch(http, "MAX_CONCURRENT_REQUESTS", 1)
-        self.patch(http, "MAX_REQUEST_BODY", 10)
-        self.server_id, port = await self.serve()
-        transport, instance = await self.park(port)
-        response, text = await self.request(port, "/second")
-        self.assertEqual(response.code, 503)
-        self.assertIn("too many requests in flight", text)
-        self.assertEqual(self.runtime.debug_query("get_instance_count"), "0")  # as in Pie
-        self.runtime.signal(instance.id, "go on")
-        await instance.when_ended()
-        response, text = await self.request(port, "/big", b"POST", b"x" * 11)
-        self.assertEqual(response.code, 413)
-        transport.loseConnection()
-
     async def test_port_in_use_is_reported(self):
         taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             Factory.forProtocol(Protocol)
@@ -170,6 +155,83 @@ class ServerInstanceTests(unittest.TestCase):
             await self.runtime.launch_server("0" * 64, 0, [], self.owner)
         with self.assertRaises(PieError):
             await self.runtime.launch_server("0" * 64, 70000, [], self.owner)
+
+
+class LimitTests(unittest.TestCase):
+    """Per-server limits (HttpLimits, the inferlet_server_* settings) answer, never go silent."""
+
+    async def serve(self, **limits) -> int:
+        self.runtime = make_runtime(
+            self, services={"fake": FakeModelService()}, http_limits=HttpLimits(**limits)
+        )
+        digest = await self.runtime.add_program(self.runtime.executor.program(handler))
+        self.server_id = await self.runtime.launch_server(digest, 0, [], RecordingOwner())
+        return self.runtime.servers[self.server_id].port
+
+    async def raw(self, port: int, data: bytes) -> bytes:
+        client = await connect(port)
+        client.send(data)
+        return await client.response()
+
+    async def test_too_many_requests_at_once_is_429(self):
+        global PARKED
+        port = await self.serve(max_requests=1)
+        PARKED = Deferred()
+        parked = await connect(port)
+        parked.send(b"GET /park HTTP/1.1\r\nHost: x\r\n\r\n")
+        await PARKED
+        answer = await self.raw(port, b"GET /second HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 "), answer)
+        self.assertIn(b"too many requests in flight (limit 1)", answer)
+        self.assertIn(b"Retry-After: 1", answer)
+        [instance] = self.runtime.servers[self.server_id].in_flight
+        self.runtime.signal(instance.id, "go on")
+        await parked.seen(b"HTTP/1.1 201")
+        parked.transport.loseConnection()
+        answer = await self.raw(port, b"GET /third HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+
+    async def test_content_length_over_the_limit_is_413_before_any_body(self):
+        port = await self.serve(max_body=10)
+        client = await connect(port)
+        client.send(b"POST /big HTTP/1.1\r\nContent-Length: 11\r\n\r\n")  # no body sent
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"request body over 10 bytes", answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))  # no handler ran
+        answer = await self.raw(
+            port,
+            b"POST /fits HTTP/1.1\r\nContent-Length: 10\r\nConnection: close\r\n\r\n" + b"x" * 10,
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        self.assertIn(b'"body": "xxxxxxxxxx"', answer)
+
+    async def test_chunked_body_is_counted_as_it_arrives(self):
+        port = await self.serve(max_body=10)
+        client = await connect(port)
+        client.send(b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        client.send(b"6\r\nxxxxxx\r\n")
+        client.send(b"6\r\nxxxxxx\r\n")  # 12 bytes so far, and the body is not over yet
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))
+
+    async def test_slow_request_head_is_408(self):
+        port = await self.serve(header_timeout_ms=200)
+        client = await connect(port)
+        client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"request head not received within 200 ms", answer)
+
+    async def test_idle_request_body_is_408(self):
+        port = await self.serve(idle_timeout_ms=200)
+        client = await connect(port)
+        client.send(b"POST /idle HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"no data for 200 ms", answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))
 
 
 class ParseResponseTests(unittest.TestCase):

@@ -290,7 +290,6 @@ class HostApi:
     def _fetch(self, instance: Instance, url, method, headers, body, timeout_ms):
         return self._runtime.http.fetch(instance, url, method, headers, body, timeout_ms)
 
-
     # ------------------------------------------------------------------ streamed HTTP responses
 
     def _exchange(self, instance: Instance):

@@ -327,7 +327,7 @@ class Exchange:
         if normally:
             self.request.finish()
         else:
-            self.request.channel.transport.abortConnection()
+            self.request.channel.transport.loseConnection()  # what is written goes, not the end
 
     def _check_open(self) -> None:
         if not self.started:

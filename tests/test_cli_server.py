@@ -71,6 +71,10 @@ class ServeTests(unittest.TestCase):
         [served] = self.runtime.servers.values()
         self.assertEqual(served.arguments, ["--flag"])
         self.assertEqual(await get(url + "nowhere"), (404, b"no route /nowhere"))
+        self.assertEqual(
+            await get(url + "events?n=2"),
+            (200, b'data: {"event": 0}\n\ndata: {"event": 1}\n\ndata: [DONE]\n\n'),
+        )
         interrupted.callback(None)  # what Ctrl-C does
         self.assertEqual(await running, 0)
         self.assertIn("terminated:", err.getvalue())

@@ -18,15 +18,19 @@ from twisted.internet.task import deferLater
 
 class RawHttp(Protocol):
     def __init__(self) -> None:
-        self.received = b""
+        self._buffer = bytearray()  # appends are amortised O(1): tests receive megabytes
         self.closed: Deferred[None] = Deferred()
         self._waiting: list[tuple[bytes, Deferred]] = []
 
+    @property
+    def received(self) -> bytes:
+        return bytes(self._buffer)
+
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
+        self._buffer += data
         for entry in list(self._waiting):
             marker, d = entry
-            if marker in self.received:
+            if marker in self._buffer:
                 self._waiting.remove(entry)
                 d.callback(self.received)
 
@@ -41,7 +45,7 @@ class RawHttp(Protocol):
 
     def seen(self, marker: bytes) -> Deferred:
         """Fires with everything received once `marker` is among it."""
-        if marker in self.received:
+        if marker in self._buffer:
             d: Deferred = Deferred()
             d.callback(self.received)
             return d

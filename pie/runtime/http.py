@@ -287,12 +287,18 @@ class Exchange:
         self.instance = instance
         self.started = False
         self.finished = False
+        self.disconnected = False
         self._paused = False
         self._drained: Deferred | None = None
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, failure) -> None:
+        self.disconnected = True
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         if self.started:
             raise PieError("the response is already started")
+        self._check_connected()
         if not 100 <= status <= 599:
             raise PieError(f"response status must be 100..599, not {status}")
         self.started = True
@@ -334,6 +340,11 @@ class Exchange:
             raise PieError("http_response_start first")
         if self.finished:
             raise PieError("the response is finished")
+        self._check_connected()
+
+    def _check_connected(self) -> None:
+        if self.disconnected:
+            raise PieError("the HTTP client has disconnected")
 
     # IPushProducer (called by twisted.web for the socket)
 
@@ -408,9 +419,9 @@ class _LimitedChannel(HTTPChannel):
             super().allContentReceived()
 
     def requestDone(self, request) -> None:
-        super().requestDone(request)
-        if self.persistent and not self.rejected:
+        if self.persistent:  # first: the next request may already be buffered, and parsed now
             self._arm_head_timer()
+        super().requestDone(request)
 
     def timeoutConnection(self) -> None:
         if self._handlingRequest:

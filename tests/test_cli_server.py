@@ -10,11 +10,14 @@ import socket
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from pie import cli
+from pie.client import RequestFailed
 from pie.runtime.executors.dev import DevExecutor
 from tests.pieserver import LiveServer, spawn_module
 from tests.rawhttp import until
@@ -81,6 +84,27 @@ class ServeTests(unittest.TestCase):
         self.assertEqual(self.runtime.servers, {})
         with self.assertRaises(ConnectionRefusedError):
             await get(url)
+
+    async def test_a_port_in_use_is_refused(self):
+        server = await self.daemon()
+        taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        args = cli.parse_args(
+            [
+                "run",
+                "--server",
+                str(port),
+                HTTP_SERVER,
+                "--url",
+                f"ws://127.0.0.1:{server.port_number}",
+            ]
+        )
+        with self.assertRaises(RequestFailed) as refused:  # `pie run` prints it, status 2
+            await cli.run_program(args, reactor, io.StringIO(), io.StringIO(), Deferred())
+        self.assertIn(f"cannot serve on 127.0.0.1:{port}", str(refused.exception))
 
     def test_port_must_be_given_and_valid(self):
         for bad in ("0", "70000", "http"):

@@ -6,16 +6,21 @@ import json
 from io import BytesIO
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from pie.interfaces import PieError
-from pie.runtime.http import HTTP_REQUEST_ARGUMENT, HttpLimits, parse_response
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, HttpLimits, _LimitedSite, parse_response
 from tests.rawhttp import connect
 from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
 
@@ -232,6 +237,56 @@ class LimitTests(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
         self.assertIn(b"no data for 200 ms", answer)
         self.assertIsNone(await self.runtime.kvstore.get("last-path"))
+
+
+class _Parking(Resource):
+    """Answers nothing itself (handlers still running): the requests wait in `pending`."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+
+    def render(self, request):
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+class ChannelTimerTests(unittest.TestCase):
+    """The 408 timers on a Clock: never while a handler runs, pipelined requests included."""
+
+    def connect(self) -> tuple[Clock, StringTransport, object]:
+        clock = Clock()
+        limits = HttpLimits(header_timeout_ms=1000, idle_timeout_ms=2000)
+        self.resource = _Parking()
+        site = _LimitedSite(self.resource, limits, reactor=clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return clock, transport, channel
+
+    def test_a_pipelined_request_being_handled_is_not_timed_out(self):
+        clock, transport, channel = self.connect()
+        channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\nGET /park HTTP/1.1\r\n\r\n")
+        [first] = self.resource.pending  # the second waits in the channel's buffer
+        first.write(b"ok")
+        first.finish()  # the channel now parses /park, and hands it on
+        self.assertIn(b"200 OK", transport.value())
+        self.assertEqual(len(self.resource.pending), 2)
+        clock.advance(10)  # past both timeouts, while /park is being handled
+        self.assertNotIn(b"408", transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_head_that_never_ends_is_timed_out(self):
+        clock, transport, channel = self.connect()
+        channel.dataReceived(b"GET /a HTTP/1.1\r\n")
+        clock.advance(0.9)
+        channel.dataReceived(b"Host: x\r\n")  # trickling bytes do not help
+        clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+        self.assertTrue(transport.disconnecting)
 
 
 class ParseResponseTests(unittest.TestCase):

@@ -319,7 +319,9 @@ def _react(args: argparse.Namespace) -> int:
     status = [2]
 
     async def body(reactor: Any) -> None:
-        interrupted, finished = _on_stop(reactor)
+        # only a server is stopped on Ctrl-C; a plain run ends with its connection, as before
+        serving = args.command == "run" and args.server is not None
+        interrupted, finished = _on_stop(reactor) if serving else (None, Deferred())
         try:
             if args.command == "run":
                 status[0] = await run_program(args, reactor, sys.stdout, sys.stderr, interrupted)

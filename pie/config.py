@@ -211,6 +211,30 @@ SETTINGS: tuple[Setting, ...] = (
         "inferlet_http_concurrency", 4, int, "Fetches one inferlet instance may have in flight."
     ),
     Setting(
+        "inferlet_server_max_requests",
+        64,
+        int,
+        "Requests one server instance handles at once; more are answered 429.",
+    ),
+    Setting(
+        "inferlet_server_max_body",
+        16 * 1024 * 1024,
+        int,
+        "Largest request body a server instance accepts, in bytes; larger is answered 413.",
+    ),
+    Setting(
+        "inferlet_server_header_timeout_ms",
+        30_000,
+        int,
+        "Time a client of a server instance has to send a request's head, in ms; then 408.",
+    ),
+    Setting(
+        "inferlet_server_idle_timeout_ms",
+        60_000,
+        int,
+        "Silence allowed while a client sends a request to a server instance, in ms; then 408.",
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting(
@@ -306,6 +330,10 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_http_max_bytes",
         "inferlet_http_timeout_ms",
         "inferlet_http_concurrency",
+        "inferlet_server_max_requests",
+        "inferlet_server_max_body",
+        "inferlet_server_header_timeout_ms",
+        "inferlet_server_idle_timeout_ms",
         "max_instances_per_connection",
         "max_instances_per_user",
         "inbox_bytes",

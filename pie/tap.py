@@ -129,6 +129,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if runtime is None:
         from pie.runtime.executors import make_executor
         from pie.runtime.executors.program import Limits
+        from pie.runtime.http import HttpLimits
         from pie.runtime.outbound import HttpPolicy
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
@@ -150,6 +151,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
             http_policy=HttpPolicy.from_settings(settings),
+            http_limits=HttpLimits.from_settings(settings),
             inbox_bytes=settings["inbox_bytes"],
             subscription_bytes=settings["subscription_bytes"],
             store_value_bytes=settings["kv_store_value_bytes"],

@@ -603,6 +603,10 @@ class ServerAppTests(AppTestCase):
         code, headers = await self.http(port, "/headers")
         self.assertEqual((code, json.loads(headers)["x-test"]), (200, "yes"))
         self.assertEqual(await self.http(port, "/wait?ms=10"), (200, "waited 10 ms"))
+        self.assertEqual(
+            await self.http(port, "/events?n=2"),
+            (200, 'data: {"event": 0}\n\ndata: {"event": 1}\n\ndata: [DONE]\n\n'),
+        )
         self.assertEqual((await self.http(port, "/nope"))[0], 404)
 
     async def test_openai_compat_chat_completion(self):

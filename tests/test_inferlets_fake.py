@@ -183,6 +183,16 @@ class FakeAppTests(unittest.TestCase):
             "http_server", "--pie-http-request", json.dumps({"path": "/wait", "query": "ms=7"})
         )
         self.assertEqual(json.loads(inst.result)["body"], "waited 7 ms")
+        _, inst = self.run_app(
+            "http_server", "--pie-http-request", json.dumps({"path": "/events", "query": "n=2"})
+        )
+        self.assertEqual(inst.streamed["status"], 200)
+        self.assertEqual(inst.streamed["headers"], [("content-type", "text/event-stream")])
+        self.assertEqual(
+            inst.streamed["chunks"],
+            [b'data: {"event": 0}\n\n', b'data: {"event": 1}\n\n', b"data: [DONE]\n\n"],
+        )
+        self.assertTrue(inst.streamed["finished"])
         _, inst = self.run_app("debugger", "--policy", "k 2")
         self.assertIn("set_batching k 2", inst.world.debug_log)
         _, inst = self.run_app("helloworld")

@@ -67,6 +67,23 @@ class OptionsTests(unittest.TestCase):
             str(self.assertRaises(usage.UsageError, parse, "--config", "/nonexistent.toml")),
         )
 
+    def test_server_instance_limits(self):
+        """The inferlet_server_* settings become the runtime's HttpLimits; 0 is refused."""
+        from pie.runtime.http import HttpLimits
+
+        settings = parse(
+            "--inferlet-server-max-requests", "3", "--inferlet-server-idle-timeout-ms", "500"
+        )
+        self.assertEqual(
+            HttpLimits.from_settings(settings),
+            HttpLimits(
+                max_requests=3, max_body=16 * 2**20, header_timeout_ms=30_000, idle_timeout_ms=500
+            ),
+        )
+        for flag in ("--inferlet-server-max-body", "--inferlet-server-header-timeout-ms"):
+            error = self.assertRaises(usage.UsageError, parse, flag, "0")
+            self.assertIn("must be positive", str(error))
+
     def test_every_setting_is_documented(self):
         with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
             doc = f.read()

@@ -197,6 +197,7 @@ class FakeInstance:
         self.queues: dict[int, deque[tuple[str, tuple]]] = {}
         self.calls: list[tuple[str, tuple]] = []
         self.sent: list[str] = []
+        self.streamed: dict[str, Any] | None = None  # a streamed HTTP response, once started
         self.inbox: deque[str] = deque()
         self.receivers: deque[int] = deque()
         self.subscriptions: dict[int, tuple[str, deque[str], deque[int]]] = {}
@@ -634,6 +635,28 @@ class FakeInstance:
 
     def _store_list_keys(self, fut: int) -> list[str]:
         return sorted(self.world.store)
+
+    # ------------------------------------------------------------------ streamed HTTP responses
+    def _http_response_start(self, status: int, headers: list) -> None:
+        """Recorded in `streamed` ({status, headers, chunks, finished}) for the test to read."""
+        if self.streamed is not None:
+            raise FakeHostError("the response is already started")
+        self.streamed = {
+            "status": status,
+            "headers": list(headers),
+            "chunks": [],
+            "finished": False,
+        }
+
+    def _http_response_write(self, fut: int, data: bytes) -> None:
+        if self.streamed is None or self.streamed["finished"]:
+            raise FakeHostError("no open response")
+        self.streamed["chunks"].append(bytes(data))
+
+    def _http_response_finish(self) -> None:
+        if self.streamed is None or self.streamed["finished"]:
+            raise FakeHostError("no open response")
+        self.streamed["finished"] = True
 
     # ------------------------------------------------------------------ outgoing HTTP
     def _fetch(self, fut, url, method, headers, body, timeout_ms) -> tuple:

@@ -305,6 +305,23 @@ class HostApi:
     def _fetch(self, instance: Instance, url, method, headers, body, timeout_ms):
         return self._runtime.http.fetch(instance, url, method, headers, body, timeout_ms)
 
+    # ------------------------------------------------------------------ streamed HTTP responses
+
+    def _exchange(self, instance: Instance):
+        server = self._runtime.servers.get(instance.server_id) if instance.server_id else None
+        if server is None:
+            raise PieError("this instance is not handling an HTTP request")
+        return server.exchange(instance)
+
+    def _http_response_start(self, instance: Instance, status: int, headers) -> None:
+        self._exchange(instance).start(status, headers)
+
+    def _http_response_write(self, instance: Instance, data: bytes):
+        return self._exchange(instance).write(data)
+
+    def _http_response_finish(self, instance: Instance) -> None:
+        self._exchange(instance).finish()
+
 
 def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]:
     """The model_info rows: from the service's status() where it says, Pie's defaults elsewhere."""

@@ -28,7 +28,7 @@ from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRu
 from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
-from pie.runtime.http import ServerInstance
+from pie.runtime.http import HttpLimits, ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import DEFAULT_USER_BYTES, DEFAULT_VALUE_BYTES, KeyValueStore
 from pie.runtime.messaging import (
@@ -64,6 +64,7 @@ class Runtime(service.Service):
         max_chat_chars: int = DEFAULT_MAX_CHARS,
         attacher: Callable[..., Deferred] | None = None,
         http_policy: HttpPolicy | None = None,
+        http_limits: HttpLimits | None = None,
         inbox_bytes: int = DEFAULT_INBOX_BYTES,
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
         store_value_bytes: int = DEFAULT_VALUE_BYTES,
@@ -72,7 +73,8 @@ class Runtime(service.Service):
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
-        `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
+        `fetch` may reach (default: nothing). http_limits: what each server instance
+        accepts (pie.runtime.http.HttpLimits). inbox_bytes / subscription_bytes: unread
         messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
         store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore)."""
         if reactor is None:
@@ -94,6 +96,7 @@ class Runtime(service.Service):
         self.http = OutboundHttp(reactor, http_policy)
         self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
+        self.http_limits = http_limits or HttpLimits()
         self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)
@@ -263,7 +266,7 @@ class Runtime(service.Service):
 
     async def _launch_server(self, digest: str, port: int, arguments: list[str], owner) -> str:
         program = await self._runnable(digest)
-        server = ServerInstance(self, digest, program, arguments, owner, port)
+        server = ServerInstance(self, digest, program, arguments, owner, port, self.http_limits)
         await server.listen()
         self.servers[server.id] = server
         return server.id

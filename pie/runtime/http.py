@@ -156,6 +156,7 @@ class ServerInstance:
     # ------------------------------------------------------------------ one request
 
     def handle(self, request: Request):
+        self._runtime.metrics.http_request(request)
         if self.stopped:
             return _error(request, 503, "server instance stopped")
         if len(self.in_flight) >= MAX_CONCURRENT_REQUESTS:

@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.metrics import NO_METRICS, Metrics
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import ServerInstance
@@ -65,18 +66,21 @@ class Runtime(service.Service):
         http_policy: HttpPolicy | None = None,
         inbox_bytes: int = DEFAULT_INBOX_BYTES,
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
         `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
-        messages one instance's inbox / one subscription may hold (pie.runtime.messaging)."""
+        messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
+        metrics: the daemon's hooks (pie.metrics), handed to each model service added."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
         self.reactor = reactor
         self.executor = executor
         self.attacher = attacher
+        self.metrics = metrics
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(os.path.join(home, "kvstore.sqlite3"), reactor)
@@ -121,6 +125,7 @@ class Runtime(service.Service):
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
         model_service.instance_terminator = self.terminate
+        model_service.metrics = self.metrics.model(name)
         self._services[name] = model_service
 
     def model_status(self) -> list[dict]:

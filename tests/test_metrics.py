@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from pie.metrics import NO_METRICS, PrometheusMetrics
+from pie.metrics import NO_METRICS
 from pie.server.uploads import hash_program
 from pie.tap import Options, makeService
 from tests import rawclient
@@ -238,24 +238,3 @@ class MetricsDaemonTests(unittest.TestCase):
         runtime = next(s for s in top if type(s).__name__ == "Runtime")
         self.assertIs(runtime.metrics, NO_METRICS)
         self.assertIs(top.getServiceNamed("clients").factory.metrics, NO_METRICS)
-
-
-class RegistryTests(unittest.TestCase):
-    def test_each_daemon_has_its_own_registry(self):
-        """Two daemons in one process count apart (no global registry)."""
-        one, two = PrometheusMetrics(), PrometheusMetrics()
-        one.request("query", "ok")
-        one.request("query", "ok")
-        two.request("query", "ok")
-        self.assertEqual(
-            one.registry.get_sample_value(
-                "pie_requests_total", {"endpoint": "query", "status": "ok"}
-            ),
-            2,
-        )
-        self.assertEqual(
-            two.registry.get_sample_value(
-                "pie_requests_total", {"endpoint": "query", "status": "ok"}
-            ),
-            1,
-        )

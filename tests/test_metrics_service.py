@@ -8,6 +8,8 @@ latency have exact values, and prefill versus decode is counted per item.
 
 from __future__ import annotations
 
+from twisted.trial.unittest import TestCase
+
 from pie.engine.batch import Sampling, layout_of
 from pie.metrics import NO_MODEL_METRICS, PrometheusMetrics
 from tests.service_case import ServiceCase
@@ -122,3 +124,24 @@ class ServiceMetricsTests(ServiceCase):
         box = self.generate("a", q, [1, 2], 2)
         self.run_reactor()
         self.assertEqual(box, [self.greedy([1, 2], 2)])
+
+
+class RegistryTests(TestCase):
+    def test_each_daemon_has_its_own_registry(self):
+        """Two daemons in one process count apart (no global registry)."""
+        one, two = PrometheusMetrics(), PrometheusMetrics()
+        one.request("query", "ok")
+        one.request("query", "ok")
+        two.request("query", "ok")
+        self.assertEqual(
+            one.registry.get_sample_value(
+                "pie_requests_total", {"endpoint": "query", "status": "ok"}
+            ),
+            2,
+        )
+        self.assertEqual(
+            two.registry.get_sample_value(
+                "pie_requests_total", {"endpoint": "query", "status": "ok"}
+            ),
+            1,
+        )

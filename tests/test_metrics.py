@@ -219,7 +219,7 @@ class MetricsDaemonTests(unittest.TestCase):
             },
         )
 
-    async def test_other_paths_are_not_found(self):
+    async def test_other_paths_and_formats(self):
         await self.start(
             "--model", "none", "--executor", "dev", "--port", "tcp:0",
             "--metrics", "tcp:0:interface=127.0.0.1",
@@ -231,6 +231,15 @@ class MetricsDaemonTests(unittest.TestCase):
         families = await self.scrape()
         self.assertEqual(sample(families, "pie_instances_running"), 0)
         self.assertEqual(families["pie_kv_pages_free"].samples, [])  # no model, no samples
+        # a scraper asking for OpenMetrics gets it
+        response = await treq.get(
+            f"http://127.0.0.1:{port}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+            persistent=False,
+        )
+        content_type = response.headers.getRawHeaders("content-type")[0]
+        self.assertTrue(content_type.startswith("application/openmetrics-text"), content_type)
+        self.assertTrue((await response.text()).endswith("# EOF\n"))
 
     async def test_off_by_default(self):
         top = await self.start("--model", "none", "--executor", "dev", "--port", "tcp:0")

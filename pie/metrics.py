@@ -280,8 +280,10 @@ class MetricsPage(Resource):
                 request.write(text)
                 request.finish()
 
-        made.addCallback(send)
-        made.addErrback(lambda f: (request.processingFailed(f), None)[1])
+        def failed(failure: Failure) -> None:
+            request.processingFailed(failure)  # a 500, and the failure logged
+
+        made.addCallbacks(send, failed)
         return NOT_DONE_YET
 
 

@@ -1,4 +1,4 @@
-"""pie_requests_total as the client protocol and the server instances count it.
+"""pie_requests_total as the client protocol and the server instances count it; a failed scrape.
 
 A live WebSocket server (the runtime double behind it) and a real Runtime
 serving HTTP on loopback, each with a PrometheusMetrics of its own: every
@@ -13,11 +13,12 @@ import json
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from pie.metrics import PrometheusMetrics
+import pie.metrics
+from pie.metrics import MetricsService, PrometheusMetrics
 from pie.runtime.http import HTTP_REQUEST_ARGUMENT
 from tests.pieserver import LiveServer, token
 from tests.protocol_helpers import PROGRAM, upload
@@ -98,3 +99,25 @@ class HttpRequestTests(unittest.TestCase):
         client.transport.loseConnection()
         await instance.when_ended()
         self.assertEqual(counts(metrics), {("http", "200"): 1, ("http", "disconnected"): 1})
+
+
+class MetricsPageTests(unittest.TestCase):
+    async def test_a_failed_scrape_is_a_500(self):
+        """The text is made on a pool thread; if that fails the scraper gets a 500, logged."""
+        metrics = PrometheusMetrics()
+        runtime = make_runtime(self, metrics=metrics)
+
+        def broken(registry):
+            raise RuntimeError("encoder broke")
+
+        self.patch(pie.metrics, "choose_encoder", lambda accept: (broken, "text/plain"))
+        service = MetricsService(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), metrics, runtime, reactor
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (await service.whenListening()).getHost().port
+        response = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
+        self.assertEqual(response.code, 500)
+        await response.content()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -41,6 +41,13 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Endpoint to listen on for clients (a bare number N means tcp:N).",
     ),
+    Setting(
+        "metrics",
+        "",
+        str,
+        "Endpoint to serve Prometheus metrics on, at /metrics (e.g. tcp:9464:interface=127.0.0.1; "
+        "a bare number N means tcp:N). Empty: no metrics.",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
@@ -307,6 +314,8 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         merged["home"] = default_home()
     port = str(merged["port"])
     merged["port"] = f"tcp:{port}" if port.isdigit() else port
+    metrics = str(merged["metrics"])
+    merged["metrics"] = f"tcp:{metrics}" if metrics.isdigit() else metrics
     if merged["executor"] not in EXECUTORS:
         raise ConfigError(
             f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"

@@ -124,6 +124,10 @@ class IModelService(Interface):
         "callable(instance_id, reason) or None: how the service ends an instance it must evict; "
         "the runtime sets it when the service is added."
     )
+    metrics = Attribute(
+        "pie.metrics.ModelMetrics: the hooks the service reports its forward batches to; "
+        "the runtime sets it when the service is added (a service may ignore it)."
+    )
     tokenizer = Attribute("ITokenizer")
 
     def status() -> dict:

@@ -7,9 +7,10 @@ builds objects but starts no threads: those start in the services'
 startService.
 
 Children start in the order added and stop in the reverse: the model, the
-runtime, the client listener start in that order (the listener waits for the
-model), and shutdown goes listener -> runtime (ends the instances) -> model
-(closes the export store, then the worker).
+runtime, the metrics listener (with --metrics), the client listener start in
+that order (the client listener waits for the model), and shutdown goes
+listener -> metrics -> runtime (ends the instances) -> model (closes the
+export store, then the worker).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     (the wasm sandbox by default) and the model loaded by LocalModelService,
     whose readiness gates the listener so clients never meet a model-less daemon.
     """
+    from pie.metrics import NO_METRICS, MetricsService, PrometheusMetrics
     from pie.server.protocol import PieServerFactory
     from pie.server.service import ClientListenerService
 
@@ -125,6 +127,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         from twisted.internet import reactor
     settings = config.settings
     top = SequentialMultiService(settings["shutdown_timeout_s"], reactor)
+    metrics = PrometheusMetrics() if settings["metrics"] else NO_METRICS
     model = None
     if runtime is None:
         from pie.runtime.executors import make_executor
@@ -156,6 +159,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             subscription_bytes=settings["subscription_bytes"],
             store_value_bytes=settings["kv_store_value_bytes"],
             store_user_bytes=settings["kv_store_user_bytes"],
+            metrics=metrics,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
@@ -163,6 +167,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         model.setServiceParent(top)
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
+    if isinstance(metrics, PrometheusMetrics):
+        exporter = MetricsService(
+            serverFromString(reactor, settings["metrics"]), metrics, runtime, reactor
+        )
+        exporter.setName("metrics")
+        exporter.setServiceParent(top)
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),
@@ -174,6 +184,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_instances_per_user=settings["max_instances_per_user"],
         upload_bytes_in_flight=settings["upload_bytes_in_flight"],
         upload_idle_timeout_s=settings["upload_idle_timeout_s"],
+        metrics=metrics,
     )
     listener = ClientListenerService(
         serverFromString(reactor, settings["port"]),

@@ -197,6 +197,7 @@ class ServerInstance:
     # ------------------------------------------------------------------ one request
 
     def handle(self, request: Request):
+        self._runtime.metrics.http_request(request)
         if self.stopped:
             return _error(request, 503, "server instance stopped")
         if len(self.in_flight) >= self.limits.max_requests:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
 from pie.namespaces import instance_user
+from pie.metrics import NO_METRICS, Metrics
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import HttpLimits, ServerInstance
@@ -69,6 +70,7 @@ class Runtime(service.Service):
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
         store_value_bytes: int = DEFAULT_VALUE_BYTES,
         store_user_bytes: int = DEFAULT_USER_BYTES,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
@@ -76,13 +78,15 @@ class Runtime(service.Service):
         `fetch` may reach (default: nothing). http_limits: what each server instance
         accepts (pie.runtime.http.HttpLimits). inbox_bytes / subscription_bytes: unread
         messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
-        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore)."""
+        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore).
+        metrics: the daemon's hooks (pie.metrics), handed to each model service added."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
         self.reactor = reactor
         self.executor = executor
         self.attacher = attacher
+        self.metrics = metrics
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(
@@ -130,6 +134,7 @@ class Runtime(service.Service):
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
         model_service.instance_terminator = self.terminate
+        model_service.metrics = self.metrics.model(name)
         self._services[name] = model_service
 
     def model_status(self) -> list[dict]:

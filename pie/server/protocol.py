@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pie.interfaces import IInstanceOwner, IRuntime, PieError
+from pie.metrics import NO_METRICS, Metrics
 from pie.server import messages
 from pie.server.auth import AuthError, Claims, validate_token
 from pie.server.messages import BadMessage
@@ -54,6 +55,7 @@ DEFAULT_MAX_INSTANCES_PER_CONNECTION = 256
 DEFAULT_MAX_INSTANCES_PER_USER = 1024
 ANONYMOUS = "anonymous"  # the one user of a daemon without auth
 CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
+INVALID = "invalid"  # the metrics endpoint of a frame that is no client message
 
 
 @implementer(IPushProducer)
@@ -97,6 +99,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._reading_paused = False
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
+        self._endpoint = INVALID  # the type of the message being handled (metrics)
         self.closed: Deferred[None] = Deferred()
 
     def onOpen(self) -> None:
@@ -140,18 +143,16 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._drain()
 
     def _handle_frame(self, payload: bytes, is_binary: bool) -> Deferred | None:
+        self._endpoint = INVALID
         if not is_binary:
-            self._send(
-                messages.server_event(
-                    "text frames are not supported: send msgpack maps in binary frames"
-                )
-            )
+            self._refuse(None, "text frames are not supported: send msgpack maps in binary frames")
             return None
         try:
             kind, fields = messages.decode_client_message(payload)
         except BadMessage as e:
             self._refuse(e.corr_id, f"bad message: {e}")
             return None
+        self._endpoint = kind
         if not self.authenticated and kind != "authenticate":
             self._refuse(fields.get("corr_id"), f"Not authenticated ({kind} refused)")
             return None
@@ -317,10 +318,8 @@ class PieServerProtocol(WebSocketServerProtocol):
             canonical = instance_id
         if canonical in self.owned:
             return canonical
-        self._send(
-            messages.server_event(
-                f"{kind}: no running instance {instance_id[:80]!r} owned by this connection"
-            )
+        self._refuse(
+            None, f"{kind}: no running instance {instance_id[:80]!r} owned by this connection"
         )
         return None
 
@@ -328,7 +327,9 @@ class PieServerProtocol(WebSocketServerProtocol):
         try:
             action()
         except PieError as e:
-            self._send(messages.server_event(f"{kind} failed: {e}"))
+            self._refuse(None, f"{kind} failed: {e}")
+        else:
+            self.factory.metrics.request(kind, "ok")
 
     def _terminate(self, instance_id: str, reason: str) -> None:
         try:
@@ -451,11 +452,15 @@ class PieServerProtocol(WebSocketServerProtocol):
 
     def _refuse(self, corr_id: int | None, reason: str) -> None:
         if corr_id is None:
+            self.factory.metrics.request(self._endpoint, "error")
             self._send(messages.server_event(reason))
         else:
             self._respond(corr_id, False, reason)
 
     def _respond(self, corr_id: int, successful: bool, result: str) -> None:
+        """Answer a request; counted for the message being handled (they are handled in order,
+        each answered before the next is taken)."""
+        self.factory.metrics.request(self._endpoint, "ok" if successful else "error")
         self._send(messages.response(corr_id, successful, result))
 
     # ------------------------------------------------------------------ outbound, bounded
@@ -556,8 +561,10 @@ class PieServerFactory(WebSocketServerFactory):
         max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
         upload_bytes_in_flight: int = DEFAULT_UPLOAD_BYTES_IN_FLIGHT,
         upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
-        """auth_secret None disables authentication (every session starts authenticated)."""
+        """auth_secret None disables authentication (every session starts authenticated);
+        metrics: the daemon's hooks (pie.metrics), told of every request and its outcome."""
         super().__init__(reactor=reactor)
         self.runtime = runtime
         self.auth_secret = auth_secret
@@ -568,6 +575,7 @@ class PieServerFactory(WebSocketServerFactory):
         self.max_instances_per_user = max_instances_per_user
         self.upload_budget = UploadBudget(upload_bytes_in_flight)
         self.upload_idle_timeout_s = upload_idle_timeout_s
+        self.metrics = metrics
         self.sessions: set[PieServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

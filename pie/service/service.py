@@ -40,6 +40,7 @@ from pie.engine.batch import (
     layout_of,
 )
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
+from pie.metrics import ModelMetrics
 from pie.service.commands import (
     AllocateEmbeds,
     AllocatePages,
@@ -173,6 +174,15 @@ class ModelService:
         return store
 
     # ------------------------------------------------------------------ IModelService
+
+    @property
+    def metrics(self) -> ModelMetrics:
+        """What the scheduler reports to (pie.metrics; the runtime sets it when it adds us)."""
+        return self.scheduler.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: ModelMetrics) -> None:
+        self.scheduler.metrics = metrics
 
     def status(self) -> dict:
         return {

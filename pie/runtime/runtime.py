@@ -25,8 +25,8 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
-from pie.namespaces import instance_user
 from pie.metrics import NO_METRICS, Metrics
+from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
 from pie.runtime.http import HttpLimits, ServerInstance

@@ -427,8 +427,16 @@ class PieServerProtocol(WebSocketServerProtocol):
 
     # ------------------------------------------------------------------ outbound, bounded
 
+    def _writable(self) -> bool:
+        """False once the connection is closing: autobahn refuses (and raises on) any send.
+
+        A client's close frame puts the session in STATE_CLOSING well before onClose;
+        instances still sending in that window would each raise Disconnected.
+        """
+        return not (self._closed or self._dropping) and self.state == self.STATE_OPEN
+
     def _send(self, message: dict[str, Any]) -> None:
-        if self._closed or self._dropping:
+        if not self._writable():
             return
         payload = messages.encode(message)
         if len(payload) > self.factory.max_message_size:
@@ -446,7 +454,7 @@ class PieServerProtocol(WebSocketServerProtocol):
     def setWritePaused(self, paused: bool) -> None:
         """Called by the transport (through the gate) as its send buffer fills and drains."""
         self._write_paused = paused
-        while self._backlog and not self._write_paused and not self._closed:
+        while self._backlog and not self._write_paused and self._writable():
             payload = self._backlog.popleft()
             self._backlog_bytes -= len(payload)
             self.sendMessage(payload, isBinary=True)

@@ -46,6 +46,12 @@ SETTINGS: tuple[Setting, ...] = (
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
     ),
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
+    Setting(
+        "auth_failures_per_minute",
+        10,
+        int,
+        "Failed authenticate attempts one client address may make per minute; then refused.",
+    ),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
     Setting(
         "model",
@@ -265,6 +271,7 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "max_instances_per_user",
         "inbox_bytes",
         "subscription_bytes",
+        "auth_failures_per_minute",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")

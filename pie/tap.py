@@ -167,6 +167,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         reactor=reactor,
         max_instances_per_connection=settings["max_instances_per_connection"],
         max_instances_per_user=settings["max_instances_per_user"],
+        auth_failures_per_minute=settings["auth_failures_per_minute"],
     )
     listener = ClientListenerService(
         serverFromString(reactor, settings["port"]),

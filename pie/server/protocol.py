@@ -31,7 +31,13 @@ from zope.interface import implementer
 
 from pie.interfaces import IInstanceOwner, IRuntime, PieError
 from pie.server import messages
-from pie.server.auth import AuthError, Claims, validate_token
+from pie.server.auth import (
+    DEFAULT_AUTH_FAILURES_PER_MINUTE,
+    AuthError,
+    Claims,
+    FailureLimiter,
+    validate_token,
+)
 from pie.server.messages import BadMessage
 from pie.server.uploads import (
     DEFAULT_MAX_PROGRAM_SIZE,
@@ -159,9 +165,15 @@ class PieServerProtocol(WebSocketServerProtocol):
         if self.authenticated:
             self._respond(corr_id, True, "Already authenticated")
             return
+        address = self.transport.getPeer().host if self.transport is not None else "?"
+        refusal = self.factory.auth_failures.refusal(address)
+        if refusal is not None:
+            self._respond(corr_id, False, refusal)
+            return
         try:
             claims = validate_token(self.factory.auth_secret, token)
         except AuthError as e:
+            self.factory.auth_failures.failed(address)
             self._respond(corr_id, False, f"Invalid token: {e}")
             return
         self.authenticated, self.claims = True, claims
@@ -529,9 +541,19 @@ class PieServerFactory(WebSocketServerFactory):
         reactor: Any = None,
         max_instances_per_connection: int = DEFAULT_MAX_INSTANCES_PER_CONNECTION,
         max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
+        auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE,
+        clock: Any = None,
     ) -> None:
-        """auth_secret None disables authentication (every session starts authenticated)."""
+        """auth_secret None disables authentication (every session starts authenticated).
+
+        `clock` (default: the reactor) times the authentication failure window.
+        """
         super().__init__(reactor=reactor)
+        if clock is None:
+            clock = reactor
+            if clock is None:
+                from twisted.internet import reactor as clock
+        self.auth_failures = FailureLimiter(auth_failures_per_minute, clock)
         self.runtime = runtime
         self.auth_secret = auth_secret
         self.max_program_size = max_program_size

@@ -41,6 +41,24 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Endpoint to listen on for clients (a bare number N means tcp:N).",
     ),
+    Setting(
+        "listen_backlog",
+        1024,
+        int,
+        "Connections the kernel queues before the daemon accepts them (unless the endpoint says backlog=).",
+    ),
+    Setting(
+        "max_connections",
+        0,
+        int,
+        "Client connections open at once; more get HTTP 503 (0: the fd limit less a quarter, at most 16384).",
+    ),
+    Setting(
+        "max_connections_per_address",
+        0,
+        int,
+        "Client connections open at once from one address; more get HTTP 503 (0: half of max_connections).",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
@@ -272,9 +290,13 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inbox_bytes",
         "subscription_bytes",
         "auth_failures_per_minute",
+        "listen_backlog",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    for key in ("max_connections", "max_connections_per_address"):
+        if merged[key] < 0:
+            raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
     if merged["kv_instance_pages"] < 0:
         raise ConfigError(f"kv_instance_pages must be 0 or more, not {merged['kv_instance_pages']}")
     merged["kv_instance_pages"] = merged["kv_instance_pages"] or merged["num_pages"] * 3 // 4

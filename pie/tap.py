@@ -18,7 +18,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -117,6 +116,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     (the wasm sandbox by default) and the model loaded by LocalModelService,
     whose readiness gates the listener so clients never meet a model-less daemon.
     """
+    from pie.server.connections import connection_caps, listen_endpoint, raise_fd_limit
     from pie.server.protocol import PieServerFactory
     from pie.server.service import ClientListenerService
 
@@ -158,6 +158,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         model.setServiceParent(top)
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
+    max_connections, max_per_address = connection_caps(settings, raise_fd_limit())
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),
@@ -168,9 +169,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_instances_per_connection=settings["max_instances_per_connection"],
         max_instances_per_user=settings["max_instances_per_user"],
         auth_failures_per_minute=settings["auth_failures_per_minute"],
+        max_connections=max_connections,
+        max_connections_per_address=max_per_address,
     )
     listener = ClientListenerService(
-        serverFromString(reactor, settings["port"]),
+        listen_endpoint(reactor, settings["port"], settings["listen_backlog"]),
         factory,
         model.whenReady if model is not None else None,
     )

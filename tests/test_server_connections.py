@@ -7,16 +7,25 @@ protocol, so the instance's `send()` goes through the host API as in the daemon.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.runtime import Runtime
+from pie.server.connections import AUTO_MAX_CONNECTIONS, auto_max_connections, connection_caps
 from pie.server.uploads import hash_program
-from tests.pieserver import LiveServer
+from pie.tap import Options, makeService
+from tests import rawclient
+from tests.fakeruntime import FakeRuntime
+from tests.pieserver import ROOT, LiveServer
 from tests.protocol_helpers import launch, upload
 
 CHATTY = b"""
@@ -65,6 +74,77 @@ class LogCapture:
         return "\n".join(self.lines)
 
 
+class Collect(Protocol):
+    """Everything the server sends until it closes the connection."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
+
+async def refused_from(port: int, source: str) -> bytes:
+    """What the server answers a WebSocket handshake from `source` before it closes."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    return await (await connectProtocol(endpoint, Collect())).done
+
+
+async def connect_from(server: LiveServer, source: str) -> rawclient.RawClient:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number, bindAddress=(source, 0))
+    client = await connectProtocol(endpoint, rawclient.RawClient())
+    await client.opened
+    server.clients.append(client)
+    return client
+
+
+PING = {"type": "query", "corr_id": 7, "subject": "model_status", "record": ""}
+
+
+class ConnectionCapTests(unittest.TestCase):
+    async def test_per_address_cap_refuses_with_503_while_others_are_served(self):
+        server = await LiveServer(self, max_connections=10, max_connections_per_address=3).start()
+        mine = [await server.connect() for _ in range(3)]
+        for _ in range(2):  # past the cap: refused at once, with the reason, every time
+            answer = await refused_from(server.port_number, "127.0.0.1")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer)
+            self.assertIn(
+                b"too many connections from 127.0.0.1: 3 open (max_connections_per_address = 3)",
+                answer,
+            )
+        other = await connect_from(server, "127.0.0.2")  # another address is still served
+        self.assertTrue((await other.request(PING))["successful"])
+        for client in mine:  # and so are the connections already open
+            self.assertTrue((await client.request(PING))["successful"])
+        self.assertEqual(
+            dict(server.factory.connections.by_address), {"127.0.0.1": 3, "127.0.0.2": 1}
+        )
+
+        mine[0].transport.loseConnection()
+        await mine[0].closed
+        await when(lambda: server.factory.connections.by_address["127.0.0.1"] == 2)
+        again = await server.connect()  # a slot came free
+        self.assertTrue((await again.request(PING))["successful"])
+
+    async def test_listener_cap_counts_every_address(self):
+        server = await LiveServer(self, max_connections=2, max_connections_per_address=2).start()
+        await server.connect()
+        await connect_from(server, "127.0.0.2")
+        answer = await refused_from(server.port_number, "127.0.0.3")
+        self.assertIn(b"503", answer.split(b"\r\n")[0])
+        self.assertIn(b"too many connections: the server has 2 open (max_connections = 2)", answer)
+
+
 class ConnectionTests(unittest.TestCase):
     async def daemon(self, **limits):
         runtime = Runtime(os.path.abspath(self.mktemp()), {}, DevExecutor(), reactor=reactor)
@@ -109,3 +189,55 @@ class ConnectionTests(unittest.TestCase):
         await session.closed
         self.assertTrue(instance.ended)
         self.assertNotIn("Traceback", log.text())
+
+
+class DaemonSettingsTests(unittest.SynchronousTestCase):
+    def test_fd_limit_is_raised_to_the_hard_limit(self):
+        """In a child whose soft limit was lowered: raise_fd_limit lifts it back and says so."""
+        script = (
+            "import resource, sys\n"
+            "from twisted.logger import globalLogBeginner, textFileLogObserver\n"
+            "globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "from pie.server.connections import raise_fd_limit\n"
+            "print('RESULT', raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        returned, soft, hard = done.stdout.split("RESULT ")[1].split()
+        self.assertEqual((returned, soft), (hard, hard))
+        self.assertIn(f"file descriptor limit raised from 256 to {hard}", done.stdout)
+
+    def test_automatic_caps_leave_headroom(self):
+        self.assertEqual(auto_max_connections(1024), 768)
+        self.assertEqual(auto_max_connections(300), 44)  # at least 256 descriptors stay free
+        self.assertEqual(auto_max_connections(1 << 20), AUTO_MAX_CONNECTIONS)
+        auto = {"max_connections": 0, "max_connections_per_address": 0}
+        self.assertEqual(connection_caps(auto, 1024), (768, 384))
+        given = {"max_connections": 100, "max_connections_per_address": 500}
+        self.assertEqual(connection_caps(given, 1024), (100, 100))
+
+    def test_daemon_uses_the_settings(self):
+        """makeService: the caps reach the factory, the backlog the endpoint (unless it has one)."""
+        for port, backlog in (
+            ("tcp:9123:interface=127.0.0.1", 77),
+            ("tcp:9123:interface=127.0.0.1:backlog=5", 5),
+        ):
+            memory = MemoryReactor()
+            options = Options()
+            options.parseOptions(
+                ["--port", port, "--home", self.mktemp(), "--no-auth", "--listen-backlog", "77"]
+                + ["--max-connections", "40", "--max-connections-per-address", "8"]
+            )
+            makeService(options, reactor=memory, runtime=FakeRuntime()).privilegedStartService()
+            _, factory, listened_backlog, _ = memory.tcpServers[0]
+            self.assertEqual(listened_backlog, backlog)
+            counter = factory.connections
+            self.assertEqual((counter.max_connections, counter.max_per_address), (40, 8))

@@ -38,6 +38,7 @@ from pie.server.auth import (
     FailureLimiter,
     validate_token,
 )
+from pie.server.connections import AUTO_MAX_CONNECTIONS, ConnectionCounter
 from pie.server.messages import BadMessage
 from pie.server.uploads import (
     DEFAULT_MAX_PROGRAM_SIZE,
@@ -78,11 +79,38 @@ class _OutboundGate:
 
 @implementer(IInstanceOwner)
 class PieServerProtocol(WebSocketServerProtocol):
+    _admitted = False  # set in connectionMade: within the listener's connection caps
     # txaio's logger honours txaio's level (info): autobahn logs every frame at debug through it.
     log = txaio.make_logger()
     factory: PieServerFactory
 
     # ------------------------------------------------------------------ connection life
+
+    def connectionMade(self) -> None:
+        """Admit the connection under the listener's caps, or answer 503 and close it.
+
+        The refusal is plain HTTP before any WebSocket handshake, so every client
+        library shows its status and text; nothing of the session is set up.
+        """
+        self._address = self.transport.getPeer().host
+        refusal = self.factory.connections.admit(self._address)
+        self._admitted = refusal is None
+        if refusal is None:
+            super().connectionMade()
+            return
+        self.log.info("refused a connection: {refusal}", refusal=refusal)
+        body = refusal.encode()
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self._admitted:
+            return  # refused in connectionMade: autobahn never started
+        self.factory.connections.release(self._address)
+        super().connectionLost(reason)
 
     def onConnect(self, request: Any) -> None:
         self.authenticated = not self.factory.auth_enabled
@@ -543,6 +571,8 @@ class PieServerFactory(WebSocketServerFactory):
         max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
         auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE,
         clock: Any = None,
+        max_connections: int = AUTO_MAX_CONNECTIONS,
+        max_connections_per_address: int = AUTO_MAX_CONNECTIONS // 2,
     ) -> None:
         """auth_secret None disables authentication (every session starts authenticated).
 
@@ -554,6 +584,7 @@ class PieServerFactory(WebSocketServerFactory):
             if clock is None:
                 from twisted.internet import reactor as clock
         self.auth_failures = FailureLimiter(auth_failures_per_minute, clock)
+        self.connections = ConnectionCounter(max_connections, max_connections_per_address)
         self.runtime = runtime
         self.auth_secret = auth_secret
         self.max_program_size = max_program_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from socket import SO_RCVBUF, SO_SNDBUF, SOL_SOCKET
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -35,6 +36,17 @@ async def main(args):
     while True:
         send("tick " * 20)
         await sleep(1)
+"""
+
+
+STREAM = b"""
+from pie.inferlet import send
+
+async def main(args):
+    count, size = int(args[0]), int(args[1])
+    for i in range(count):
+        await send(f"{i:08d}" + "x" * (size - 8))
+    return "done"
 """
 
 
@@ -241,3 +253,56 @@ class DaemonSettingsTests(unittest.SynchronousTestCase):
             self.assertEqual(listened_backlog, backlog)
             counter = factory.connections
             self.assertEqual((counter.max_connections, counter.max_per_address), (40, 8))
+
+
+class BackpressureTests(unittest.TestCase):
+    async def test_awaited_send_waits_for_a_slow_reader_instead_of_losing_it(self):
+        """An instance sends twice max_outbound to a client that does not read: nothing lost.
+
+        Socket buffers are made small so that the daemon's own queue fills; the
+        instance then parks in `await send()` and the connection stays up. Once
+        the client reads, it gets every message, in order.
+        """
+        max_outbound, size = 512 * 1024, 16 * 1024
+        count = 2 * max_outbound // size
+        runtime = Runtime(os.path.abspath(self.mktemp()), {}, DevExecutor(), reactor=reactor)
+        runtime.startService()
+        self.addCleanup(lambda: runtime.stopService() if runtime.running else None)
+        server = await LiveServer(
+            self, runtime=runtime, max_outbound=max_outbound, max_message_size=1024 * 1024
+        ).start()
+        client = await server.connect()
+        session = next(iter(server.factory.sessions))
+        for sock, option in (
+            (client.transport.socket, SO_RCVBUF),
+            (session.transport.socket, SO_SNDBUF),
+        ):
+            sock.setsockopt(SOL_SOCKET, option, 16 * 1024)
+        self.assertTrue((await upload(client, STREAM))["successful"])
+        client.transport.pauseProducing()  # the client stops reading
+        client.send(
+            {
+                "type": "launch_instance",
+                "corr_id": 5,
+                "program_hash": hash_program(STREAM),
+                "arguments": [str(count), str(size)],
+            }
+        )
+        await when(lambda: session._drain_waiters)  # the instance waits in send()
+        queued = session._backlog_bytes
+        self.assertGreaterEqual(queued, server.factory.outbound_high_water)
+        self.assertLess(queued, max_outbound)
+        self.assertIn(session, server.factory.sessions)
+
+        client.transport.resumeProducing()
+        self.assertTrue((await client.next())["successful"])  # the launch response
+        numbers = []
+        while True:
+            event = await client.next()
+            self.assertEqual(event["type"], "instance_event", event)
+            if event["event"] != "message" or event["message"] == "done":
+                break
+            self.assertEqual(len(event["message"]), size)
+            numbers.append(int(event["message"][:8]))
+        self.assertEqual(numbers, list(range(count)))
+        self.assertEqual((await client.next())["event"], "terminated")

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pie.interfaces import IInstanceOwner, IRuntime, PieError
+from pie.interfaces import IBackpressure, IInstanceOwner, IRuntime, PieError
 from pie.server import messages
 from pie.server.auth import (
     DEFAULT_AUTH_FAILURES_PER_MINUTE,
@@ -52,6 +52,7 @@ REASON_USER_TERMINATED = "user terminated the program"
 REASON_CONNECTION_CLOSED = "socket terminated"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
+OUTBOUND_HIGH_WATER_DIVISOR = 4  # an awaited send() waits past max_outbound / 4 queued
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
 ADMIN_QUERIES = ("kv_exports", "kv_unexport")  # need role Admin where auth is on
 DEFAULT_MAX_INSTANCES_PER_CONNECTION = 256
@@ -77,7 +78,7 @@ class _OutboundGate:
         pass  # the connection is going away; onClose does the cleanup
 
 
-@implementer(IInstanceOwner)
+@implementer(IInstanceOwner, IBackpressure)
 class PieServerProtocol(WebSocketServerProtocol):
     _admitted = False  # set in connectionMade: within the listener's connection caps
     # txaio's logger honours txaio's level (info): autobahn logs every frame at debug through it.
@@ -127,6 +128,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._reading_paused = False
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
+        self._drain_waiters: list[Deferred[None]] = []
         self.closed: Deferred[None] = Deferred()
 
     def onOpen(self) -> None:
@@ -140,6 +142,8 @@ class PieServerProtocol(WebSocketServerProtocol):
         self.factory.sessions.discard(self)
         self._inbox.clear()
         self._backlog.clear()
+        self._backlog_bytes = 0
+        self._wake_senders()
         self.uploads.abandon()
         for instance_id in sorted(self.owned):
             self._terminate(instance_id, REASON_CONNECTION_CLOSED)
@@ -407,8 +411,29 @@ class PieServerProtocol(WebSocketServerProtocol):
             )
         return None
 
-    def instance_message(self, instance_id: str, message: str) -> None:
+    def instance_message(self, instance_id: str, message: str) -> bool:
+        """Queue the message; True when the backlog is past its high-water mark (IBackpressure)."""
         self._event(instance_id, "message", message)
+        return self._backed_up()
+
+    def _backed_up(self) -> bool:
+        return self._writable() and self._backlog_bytes >= self.factory.outbound_high_water
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires once the backlog is at or under half the high-water mark, or the session ends."""
+        if not self._backed_up():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def _wake_senders(self) -> None:
+        if self._drain_waiters and (
+            not self._writable() or self._backlog_bytes <= self.factory.outbound_high_water // 2
+        ):
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def instance_terminated(self, instance_id: str, reason: str) -> None:
         self._event(instance_id, "terminated", reason)
@@ -498,6 +523,7 @@ class PieServerProtocol(WebSocketServerProtocol):
             payload = self._backlog.popleft()
             self._backlog_bytes -= len(payload)
             self.sendMessage(payload, isBinary=True)
+        self._wake_senders()
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -520,6 +546,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._dropping = True
         self._backlog.clear()
         self._backlog_bytes = 0
+        self._wake_senders()
         self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
 
 
@@ -590,6 +617,7 @@ class PieServerFactory(WebSocketServerFactory):
         self.max_program_size = max_program_size
         self.max_message_size = max_message_size
         self.max_outbound = max_outbound
+        self.outbound_high_water = max(1, max_outbound // OUTBOUND_HIGH_WATER_DIVISOR)
         self.max_instances_per_connection = max_instances_per_connection
         self.max_instances_per_user = max_instances_per_user
         self.sessions: set[PieServerProtocol] = set()

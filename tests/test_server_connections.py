@@ -19,7 +19,9 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from pie.runtime.executors import build
 from pie.runtime.executors.dev import DevExecutor
+from pie.runtime.executors.wasm import WasmExecutor
 from pie.runtime.runtime import Runtime
 from pie.server.connections import AUTO_MAX_CONNECTIONS, auto_max_connections, connection_caps
 from pie.server.uploads import hash_program
@@ -256,6 +258,9 @@ class DaemonSettingsTests(unittest.SynchronousTestCase):
 
 
 class BackpressureTests(unittest.TestCase):
+    def make_executor(self):
+        return DevExecutor()
+
     async def test_awaited_send_waits_for_a_slow_reader_instead_of_losing_it(self):
         """An instance sends twice max_outbound to a client that does not read: nothing lost.
 
@@ -265,7 +270,7 @@ class BackpressureTests(unittest.TestCase):
         """
         max_outbound, size = 512 * 1024, 16 * 1024
         count = 2 * max_outbound // size
-        runtime = Runtime(os.path.abspath(self.mktemp()), {}, DevExecutor(), reactor=reactor)
+        runtime = Runtime(os.path.abspath(self.mktemp()), {}, self.make_executor(), reactor=reactor)
         runtime.startService()
         self.addCleanup(lambda: runtime.stopService() if runtime.running else None)
         server = await LiveServer(
@@ -306,3 +311,14 @@ class BackpressureTests(unittest.TestCase):
             numbers.append(int(event["message"][:8]))
         self.assertEqual(numbers, list(range(count)))
         self.assertEqual((await client.next())["event"], "terminated")
+
+
+class SandboxedBackpressureTests(BackpressureTests):
+    """The same through the wasm sandbox: the SDK's awaitable and the WIT's outbound-drained."""
+
+    @classmethod
+    def setUpClass(cls):
+        build.build()  # cached; outside the test's timeout when the guest sources changed
+
+    def make_executor(self):
+        return WasmExecutor()

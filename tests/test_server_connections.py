@@ -7,13 +7,20 @@ protocol, so the instance's `send()` goes through the host API as in the daemon.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from socket import SO_RCVBUF, SO_SNDBUF, SOL_SOCKET
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    UNIXClientEndpoint,
+    UNIXServerEndpoint,
+    connectProtocol,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
@@ -157,6 +164,24 @@ class ConnectionCapTests(unittest.TestCase):
         answer = await refused_from(server.port_number, "127.0.0.3")
         self.assertIn(b"503", answer.split(b"\r\n")[0])
         self.assertIn(b"too many connections: the server has 2 open (max_connections = 2)", answer)
+
+    async def test_unix_socket_clients_count_as_one_local_address(self):
+        factory = LiveServer(self, max_connections=4, max_connections_per_address=1).factory
+        folder = tempfile.mkdtemp(prefix="pie-")  # short: a socket path has at most 107 bytes
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "s")
+        port = await UNIXServerEndpoint(reactor, path).listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(UNIXClientEndpoint(reactor, path), rawclient.RawClient())
+        await client.opened
+        self.addCleanup(client.transport.loseConnection)
+        self.assertTrue((await client.request(PING))["successful"])
+        self.assertEqual(dict(factory.connections.by_address), {"local": 1})
+        refused = await (await connectProtocol(UNIXClientEndpoint(reactor, path), Collect())).done
+        self.assertIn(b"too many connections from local", refused)
+        client.transport.loseConnection()
+        await client.closed
+        await when(lambda: not factory.connections.by_address)
 
 
 class ConnectionTests(unittest.TestCase):

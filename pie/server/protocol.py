@@ -93,7 +93,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         The refusal is plain HTTP before any WebSocket handshake, so every client
         library shows its status and text; nothing of the session is set up.
         """
-        self._address = self.transport.getPeer().host
+        self._address = peer_host(self.transport)
         refusal = self.factory.connections.admit(self._address)
         self._admitted = refusal is None
         if refusal is None:
@@ -197,7 +197,7 @@ class PieServerProtocol(WebSocketServerProtocol):
         if self.authenticated:
             self._respond(corr_id, True, "Already authenticated")
             return
-        address = self.transport.getPeer().host if self.transport is not None else "?"
+        address = peer_host(self.transport)
         refusal = self.factory.auth_failures.refusal(address)
         if refusal is not None:
             self._respond(corr_id, False, refusal)
@@ -548,6 +548,11 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._backlog_bytes = 0
         self._wake_senders()
         self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
+
+
+def peer_host(transport: Any) -> str:
+    """The client's address for the per-address limits: its IP, or "local" on a UNIX socket."""
+    return str(getattr(transport.getPeer(), "host", None) or "local")
 
 
 def _admin_query(runtime: IRuntime, subject: str, record: str) -> str:

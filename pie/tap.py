@@ -159,6 +159,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
     max_connections, max_per_address = connection_caps(settings, raise_fd_limit())
+    _log.info(
+        "client connections: at most {total}, {per_address} per address",
+        total=max_connections,
+        per_address=max_per_address,
+    )
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),

@@ -48,11 +48,35 @@ SETTINGS: tuple[Setting, ...] = (
         "Endpoint to serve Prometheus metrics on, at /metrics (e.g. tcp:9464:interface=127.0.0.1; "
         "a bare number N means tcp:N). Empty: no metrics.",
     ),
+    Setting(
+        "listen_backlog",
+        1024,
+        int,
+        "Connections the kernel queues before the daemon accepts them (unless the endpoint says backlog=).",
+    ),
+    Setting(
+        "max_connections",
+        0,
+        int,
+        "Client connections open at once; more get HTTP 503 (0: the fd limit less a quarter, at most 16384).",
+    ),
+    Setting(
+        "max_connections_per_address",
+        0,
+        int,
+        "Client connections open at once from one address; more get HTTP 503 (0: half of max_connections).",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
     ),
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
+    Setting(
+        "auth_failures_per_minute",
+        10,
+        int,
+        "Failed authenticate attempts one client address may make per minute; then refused.",
+    ),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
     Setting(
         "model",
@@ -352,9 +376,14 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_output_bytes",
         "kv_store_user_bytes",
         "kv_store_value_bytes",
+        "auth_failures_per_minute",
+        "listen_backlog",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
+    for key in ("max_connections", "max_connections_per_address"):
+        if merged[key] < 0:
+            raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
     for key, share in (
         ("kv_instance_pages", (3, 4)),
         ("kv_user_pages", (7, 8)),

@@ -19,7 +19,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -120,6 +119,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     whose readiness gates the listener so clients never meet a model-less daemon.
     """
     from pie.metrics import NO_METRICS, MetricsService, PrometheusMetrics
+    from pie.server.connections import connection_caps, listen_endpoint, raise_fd_limit
     from pie.server.protocol import PieServerFactory
     from pie.server.service import ClientListenerService
 
@@ -173,6 +173,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         )
         exporter.setName("metrics")
         exporter.setServiceParent(top)
+    max_connections, max_per_address = connection_caps(settings, raise_fd_limit())
+    _log.info(
+        "client connections: at most {total}, {per_address} per address",
+        total=max_connections,
+        per_address=max_per_address,
+    )
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),
@@ -185,9 +191,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         upload_bytes_in_flight=settings["upload_bytes_in_flight"],
         upload_idle_timeout_s=settings["upload_idle_timeout_s"],
         metrics=metrics,
+        auth_failures_per_minute=settings["auth_failures_per_minute"],
+        max_connections=max_connections,
+        max_connections_per_address=max_per_address,
     )
     listener = ClientListenerService(
-        serverFromString(reactor, settings["port"]),
+        listen_endpoint(reactor, settings["port"], settings["listen_backlog"]),
         factory,
         model.whenReady if model is not None else None,
     )

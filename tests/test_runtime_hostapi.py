@@ -50,6 +50,7 @@ SAMPLE_ARGS = {
     "apply_chat_template": (0, '[{"role": "user", "content": "hi"}]', True, None, None, None),
     "get_vocabs": (0,),
     "send": ("m",),
+    "outbound_drained": (),
     "receive": (),
     "broadcast": ("t", "b"),
     "subscribe": ("t",),

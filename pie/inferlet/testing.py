@@ -584,8 +584,12 @@ class FakeInstance:
         return list(range(BYTE_OFFSET, 256 + BYTE_OFFSET)), bytes(range(256)), list(range(1, 257))
 
     # ------------------------------------------------------------------ messaging
-    def _send(self, message: str) -> None:
+    def _send(self, message: str) -> bool:
         self.sent.append(message)
+        return False  # the fake client reads at once: never backed up
+
+    def _outbound_drained(self, fut: int) -> None:
+        return None
 
     def _receive(self, fut: int) -> Any:
         if self.inbox:

@@ -192,7 +192,21 @@ HOST_CALLS: dict[str, HostCall] = {
             "end in them (one flat buffer: it crosses the sandbox boundary in milliseconds).",
         ),
         # ---- messaging and the key-value store
-        _c("send", "message: string", None, "sync", "To the owning client (instance_event)."),
+        _c(
+            "send",
+            "message: string",
+            "bool",
+            "sync",
+            "To the owning client (instance_event). True when the client's connection is "
+            "backed up (past its high-water mark): await outbound-drained before sending more.",
+        ),
+        _c(
+            "outbound_drained",
+            "",
+            None,
+            "async",
+            "Resolves once the owning client's connection is no longer backed up.",
+        ),
         _c("receive", "", "string", "async", "Next message from the client (signal_instance)."),
         _c("broadcast", "topic: string; message: string", None, "sync", "Publish to subscribers."),
         _c("subscribe", "topic: string", "u32", "sync", "Subscribe; returns a subscription id."),

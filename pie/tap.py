@@ -118,6 +118,8 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     (the wasm sandbox by default) and the model loaded by LocalModelService,
     whose readiness gates the listener so clients never meet a model-less daemon.
     """
+    from twisted.internet.endpoints import serverFromString
+
     from pie.metrics import NO_METRICS, MetricsService, PrometheusMetrics
     from pie.server.connections import connection_caps, listen_endpoint, raise_fd_limit
     from pie.server.protocol import PieServerFactory

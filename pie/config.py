@@ -56,7 +56,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
-    Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    Setting(
+        "num_pages",
+        0,
+        int,
+        "KV-cache pages to allocate (0: as many as the memory left after the weights allows).",
+    ),
+    Setting(
+        "kv_headroom_bytes",
+        2 << 30,
+        int,
+        "CPU, num_pages 0: memory left free after the KV pool (for activations and sandboxes).",
+    ),
+    Setting(
+        "kv_memory_fraction",
+        0.8,
+        float,
+        "CUDA, num_pages 0: share of the free device memory the KV pool takes.",
+    ),
+    Setting(
+        "max_kv_pages",
+        0,
+        int,
+        "num_pages 0: most KV pages the pool gets (0: 1024 on CPU, no cap on CUDA).",
+    ),
     # instance quotas (issue 17): launches refused past them
     Setting(
         "max_instances_per_connection",
@@ -107,7 +130,7 @@ SETTINGS: tuple[Setting, ...] = (
         "kv_instance_pages",
         0,
         int,
-        "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
+        "Most KV pages one instance may map (allocated or imported); 0: three quarters of the pool.",
     ),
     Setting("dist_size", 64, int, "Entries in each returned next-token distribution (top-k)."),
     Setting(
@@ -239,6 +262,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown setting {key!r} (known: {', '.join(SETTINGS_BY_KEY)})"
             )
+        if setting.kind is float and type(value) is int:
+            value = float(value)  # `kv_memory_fraction = 1` in TOML is an integer
         if (setting.kind is int and type(value) is not int) or not isinstance(value, setting.kind):
             raise ConfigError(f"{path}: {key} must be a {setting.kind.__name__}, got {value!r}")
         values[key] = value
@@ -263,7 +288,6 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         )
     for key in (
         "page_size",
-        "num_pages",
         "dist_size",
         "max_program_size",
         "max_message_size",
@@ -290,9 +314,13 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
-    if merged["kv_instance_pages"] < 0:
-        raise ConfigError(f"kv_instance_pages must be 0 or more, not {merged['kv_instance_pages']}")
-    merged["kv_instance_pages"] = merged["kv_instance_pages"] or merged["num_pages"] * 3 // 4
+    for key in ("num_pages", "kv_instance_pages", "kv_headroom_bytes", "max_kv_pages"):
+        if merged[key] < 0:
+            raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
+    if not 0 < merged["kv_memory_fraction"] <= 1:
+        raise ConfigError(
+            f"kv_memory_fraction must be in (0, 1], not {merged['kv_memory_fraction']}"
+        )
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:
@@ -309,6 +337,11 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged
+
+
+def kv_instance_cap(config: dict[str, Any], pool_pages: int) -> int:
+    """kv_instance_pages, or three quarters of the pool the worker got when it is 0."""
+    return config["kv_instance_pages"] or pool_pages * 3 // 4
 
 
 def auth_secret(config: dict[str, Any]) -> str | None:

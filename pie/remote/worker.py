@@ -126,9 +126,10 @@ class WorkerService(Service):
         info = self.worker.info
         print(
             f"pie worker: serving {info.model_name} (tp={self.options['tp']}, {info.device}) "
-            f"on ws://{address.host}:{address.port}; KV pool: {info.kv_sizing}",
+            f"on ws://{address.host}:{address.port}",
             flush=True,
         )
+        print(f"pie worker: KV pool: {info.kv_sizing}", flush=True)
         if self.options["attach"]:
             endpoint = self.options["advertise"] or f"ws://{address.host}:{address.port}"
             name = self.options["service-name"] or f"{socket.gethostname()}:{address.port}"

@@ -240,6 +240,8 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 EXECUTORS = ("wasm", "dev")
 CPU_POLICIES = ("throttle", "end")
+POOL_SHARES = {"kv_instance_pages": (3, 4)}
+"""Page caps whose 0 means a share (numerator, denominator) of the pool the worker got."""
 
 
 class ConfigError(usage.UsageError):
@@ -314,7 +316,7 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
-    for key in ("num_pages", "kv_instance_pages", "kv_headroom_bytes", "max_kv_pages"):
+    for key in ("num_pages", "kv_headroom_bytes", "max_kv_pages", *POOL_SHARES):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
     if not 0 < merged["kv_memory_fraction"] <= 1:
@@ -339,9 +341,13 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def kv_instance_cap(config: dict[str, Any], pool_pages: int) -> int:
-    """kv_instance_pages, or three quarters of the pool the worker got when it is 0."""
-    return config["kv_instance_pages"] or pool_pages * 3 // 4
+def kv_page_cap(config: dict[str, Any], key: str, pool_pages: int) -> int:
+    """The setting `key` (one of POOL_SHARES), or its share of the pool when it is 0.
+
+    Resolved once the worker has sized its pool (num_pages 0 is only known then).
+    """
+    numerator, denominator = POOL_SHARES[key]
+    return config[key] or max(1, pool_pages * numerator // denominator)
 
 
 def auth_secret(config: dict[str, Any]) -> str | None:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pie.config import kv_instance_cap
+from pie.config import kv_page_cap
 from pie.interfaces import IModelWorker, PieError
 from pie.service.registry import resolve_model
 from pie.service.service import ModelService
@@ -181,7 +181,7 @@ class LocalModelService(Service):
             state_dir=os.path.join(s["home"], "kv-exports"),
             policy=s["batching"].replace(":", " "),
             max_batch_tokens=s["max_batch_tokens"] or None,
-            instance_pages=kv_instance_cap(s, self.worker.info.num_kv_pages),
+            instance_pages=kv_page_cap(s, "kv_instance_pages", self.worker.info.num_kv_pages),
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service

@@ -87,7 +87,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
-    Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    Setting(
+        "num_pages",
+        0,
+        int,
+        "KV-cache pages to allocate (0: as many as the memory left after the weights allows).",
+    ),
+    Setting(
+        "kv_headroom_bytes",
+        2 << 30,
+        int,
+        "CPU, num_pages 0: memory left free after the KV pool (for activations and sandboxes).",
+    ),
+    Setting(
+        "kv_memory_fraction",
+        0.8,
+        float,
+        "CUDA, num_pages 0: share of the free device memory the KV pool takes.",
+    ),
+    Setting(
+        "max_kv_pages",
+        0,
+        int,
+        "num_pages 0: most KV pages the pool gets (0: 1024 on CPU, no cap on CUDA).",
+    ),
     # instance quotas (issue 17): launches refused past them
     Setting(
         "max_instances_per_connection",
@@ -138,20 +161,20 @@ SETTINGS: tuple[Setting, ...] = (
         "kv_instance_pages",
         0,
         int,
-        "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
+        "Most KV pages one instance may map (allocated or imported); 0: three quarters of the pool.",
     ),
     # per-user KV quotas (issue 17): pages one user's instances map, pages its exports hold
     Setting(
         "kv_user_pages",
         0,
         int,
-        "Most KV pages one user's instances may map together; 0: seven eighths of num_pages.",
+        "Most KV pages one user's instances may map together; 0: seven eighths of the pool.",
     ),
     Setting(
         "kv_user_export_pages",
         0,
         int,
-        "Most KV pages one user's exports (persistent or not) may hold; 0: a quarter of num_pages.",
+        "Most KV pages one user's exports (persistent or not) may hold; 0: a quarter of the pool.",
     ),
     # key-value store quotas (issue 17)
     Setting(
@@ -298,6 +321,12 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 EXECUTORS = ("wasm", "dev")
 CPU_POLICIES = ("throttle", "end")
+POOL_SHARES = {
+    "kv_instance_pages": (3, 4),
+    "kv_user_pages": (7, 8),
+    "kv_user_export_pages": (1, 4),
+}
+"""Page caps whose 0 means a share (numerator, denominator) of the pool the worker got."""
 
 
 class ConfigError(usage.UsageError):
@@ -320,6 +349,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown setting {key!r} (known: {', '.join(SETTINGS_BY_KEY)})"
             )
+        if setting.kind is float and type(value) is int:
+            value = float(value)  # `kv_memory_fraction = 1` in TOML is an integer
         if (setting.kind is int and type(value) is not int) or not isinstance(value, setting.kind):
             raise ConfigError(f"{path}: {key} must be a {setting.kind.__name__}, got {value!r}")
         values[key] = value
@@ -346,7 +377,6 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         )
     for key in (
         "page_size",
-        "num_pages",
         "dist_size",
         "max_program_size",
         "max_message_size",
@@ -384,14 +414,13 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     for key in ("max_connections", "max_connections_per_address"):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
-    for key, share in (
-        ("kv_instance_pages", (3, 4)),
-        ("kv_user_pages", (7, 8)),
-        ("kv_user_export_pages", (1, 4)),
-    ):  # page caps: 0 means a share of the pool
+    for key in ("num_pages", "kv_headroom_bytes", "max_kv_pages", *POOL_SHARES):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
-        merged[key] = merged[key] or max(1, merged["num_pages"] * share[0] // share[1])
+    if not 0 < merged["kv_memory_fraction"] <= 1:
+        raise ConfigError(
+            f"kv_memory_fraction must be in (0, 1], not {merged['kv_memory_fraction']}"
+        )
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:
@@ -408,6 +437,15 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged
+
+
+def kv_page_cap(config: dict[str, Any], key: str, pool_pages: int) -> int:
+    """The setting `key` (one of POOL_SHARES), or its share of the pool when it is 0.
+
+    Resolved once the worker has sized its pool (num_pages 0 is only known then).
+    """
+    numerator, denominator = POOL_SHARES[key]
+    return config[key] or max(1, pool_pages * numerator // denominator)
 
 
 def auth_secret(config: dict[str, Any]) -> str | None:

@@ -428,8 +428,19 @@ class ToolAppTests(AppTestCase):
 
 class ForkingAppTests(AppTestCase):
     async def test_beam_search(self):
-        run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "10")
-        self.assertTrue(run.messages[0].strip())
+        """The best beam scores at least the greedy continuation of its length; a beam of one
+        is greedy (its score is greedy's). Scores are summed log-probs in the fp32 worker."""
+        beams = []
+        for size in ("1", "3"):
+            argv = ("--beam-size", size, "--max-tokens", "10", "--compare-greedy")
+            beams.append(json.loads((await self.run_app("beam_search", *argv)).messages[0]))
+        one, three = beams
+        for beam in beams:
+            self.assertTrue(beam["text"].strip())
+            self.assertEqual(beam["tokens"], 10)
+            self.assertLess(beam["score"], 0)
+        self.assertLess(abs(one["score"] - one["greedy_score"]), 1e-4)
+        self.assertGreaterEqual(three["score"], three["greedy_score"] - 1e-4)
         self.assertPagesReturned()
 
     async def test_parallel_generation(self):
@@ -659,7 +670,8 @@ class SandboxAppTests(AppTestCase):
         )
         self.assertIn("Paris", run.line("0: "))
         run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "6")
-        self.assertTrue(run.messages[0].strip())
+        beam = json.loads(run.messages[0])
+        self.assertEqual((bool(beam["text"].strip()), beam["tokens"]), (True, 6))
         prompt = "Repeat this sentence: the quick brown fox jumps over the lazy dog."
         run = await self.run_app("speculative_decoding", "--max-tokens", "20", "--prompt", prompt)
         self.assertGreater(int(re.search(r"accepted=(\d+)", run.messages[1]).group(1)), 0)

@@ -80,9 +80,18 @@ class FakeAppTests(unittest.TestCase):
 
     def test_beam_search_of_width_one_is_greedy(self):
         world, inst = self.run_app(
-            "beam_search", "--prompt", "x", "--beam-size", "1", "--max-tokens", "6"
+            "beam_search",
+            "--prompt",
+            "x",
+            "--beam-size",
+            "1",
+            "--max-tokens",
+            "6",
+            "--compare-greedy",
         )
-        self.assertEqual(inst.sent[0], self.greedy_text(world, "x", 6))
+        beam = json.loads(inst.sent[0])
+        self.assertEqual(beam["text"], self.greedy_text(world, "x", 6))
+        self.assertLess(abs(beam["score"] - beam["greedy_score"]), 1e-9)
 
     def test_forking_apps(self):
         _, inst = self.run_app("tree_of_thought", "--branches", "2", "--max-tokens", "2")

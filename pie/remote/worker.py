@@ -47,7 +47,10 @@ class Options(usage.Options):
         ["device", None, "auto", None],
         ["dtype", None, "auto", None],
         ["page-size", None, 16, None, int],
-        ["num-pages", None, None, None, int],
+        ["num-pages", None, None, "KV pages (default: sized from memory, as the daemon's)", int],
+        ["kv-headroom-bytes", None, 2 << 30, "CPU: memory left free after the KV pool", int],
+        ["kv-memory-fraction", None, 0.8, "CUDA: share of free memory the KV pool takes", float],
+        ["max-kv-pages", None, 0, "most KV pages when sized from memory (0: 1024 on CPU)", int],
         ["num-embeds", None, 4096, None, int],
         ["dist-size", None, 64, None, int],
         ["tp", None, 1, "tensor-parallel ranks (processes) in this worker", int],
@@ -125,6 +128,7 @@ class WorkerService(Service):
             f"on ws://{address.host}:{address.port}",
             flush=True,
         )
+        print(f"pie worker: KV pool: {info.kv_sizing}", flush=True)
         if self.options["attach"]:
             endpoint = self.options["advertise"] or f"ws://{address.host}:{address.port}"
             name = self.options["service-name"] or f"{socket.gethostname()}:{address.port}"

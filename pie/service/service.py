@@ -190,6 +190,7 @@ class ModelService:
             "model_name": self.name,
             "kv_page_size": self.kv_page_size,
             "num_kv_pages": self.info.num_kv_pages,
+            "kv_sizing": self.info.kv_sizing,
             "num_embeddings": self.info.num_embeds,
             "num_distributions": self.info.num_embeds,  # distributions live in embed slots
             "free_kv_pages": self.resources.pages.available,

@@ -41,6 +41,13 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Endpoint to listen on for clients (a bare number N means tcp:N).",
     ),
+    Setting(
+        "openai",
+        "",
+        str,
+        "Endpoint serving the OpenAI API (e.g. tcp:8000:interface=127.0.0.1; a bare number N "
+        "means tcp:N); empty: off.",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
@@ -238,6 +245,8 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         merged["home"] = default_home()
     port = str(merged["port"])
     merged["port"] = f"tcp:{port}" if port.isdigit() else port
+    openai = str(merged["openai"])
+    merged["openai"] = f"tcp:{openai}" if openai.isdigit() else openai
     if merged["executor"] not in EXECUTORS:
         raise ConfigError(
             f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"

@@ -7,9 +7,10 @@ builds objects but starts no threads: those start in the services'
 startService.
 
 Children start in the order added and stop in the reverse: the model, the
-runtime, the client listener start in that order (the listener waits for the
-model), and shutdown goes listener -> runtime (ends the instances) -> model
-(closes the export store, then the worker).
+runtime, the client listener and, with --openai, the OpenAI endpoint start in
+that order (the listener and the endpoint wait for the model), and shutdown goes
+endpoint -> listener -> runtime (ends the instances) -> model (closes the
+export store, then the worker).
 """
 
 from __future__ import annotations
@@ -175,4 +176,16 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     )
     listener.setName("clients")
     listener.setServiceParent(top)
+    if settings["openai"]:
+        from pie.server.openai import OpenAIService
+
+        openai = OpenAIService(
+            runtime,
+            serverFromString(reactor, settings["openai"]),
+            reactor,
+            pieconfig.auth_secret(settings),
+            model.whenReady if model is not None else None,
+        )
+        openai.setName("openai")
+        openai.setServiceParent(top)
     return top

@@ -31,6 +31,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 import pie
+import pie.bundled
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
@@ -64,6 +65,9 @@ def shared_worker():
 
 
 def source(app: str) -> bytes:
+    """An example app's source; "openai" is the daemon's bundled OpenAI server inferlet."""
+    if app == "openai":
+        return pie.bundled.source("openai")
     with open(os.path.join(APPS, app + ".py"), "rb") as f:
         return f.read()
 
@@ -605,11 +609,13 @@ class ServerAppTests(AppTestCase):
         self.assertEqual(await self.http(port, "/wait?ms=10"), (200, "waited 10 ms"))
         self.assertEqual((await self.http(port, "/nope"))[0], 404)
 
-    async def test_openai_compat_chat_completion(self):
-        port = await self.serve("openai_compat")
+    async def test_openai_chat_completion(self):
+        port = await self.serve("openai")
         body = {
+            "model": self.service.name,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 12,
+            "temperature": 0,
         }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
@@ -690,8 +696,14 @@ class SandboxAppTests(AppTestCase):
     async def test_http_server(self):
         port = await self.serve("http_server")
         self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))
-        port = await self.serve("openai_compat")
-        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        port = await self.serve("openai")
+        body = {
+            "model": self.service.name,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stop": ["\n"],
+            "logprobs": True,
+        }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
 

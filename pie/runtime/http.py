@@ -23,15 +23,21 @@ services free what they held when they end.
 
 The owner of the server gets `instance_terminated(server_id, reason)` when it
 stops (terminate with the server id, a closed socket, runtime shutdown).
+
+A server the daemon launches itself (`--openai`) may listen on any endpoint
+(not only 127.0.0.1:<port>) and have a `gate`: a check of each request before
+any instance starts (the API key), whose refusal is answered as it is.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -45,6 +51,10 @@ HTTP_REQUEST_ARGUMENT = "--pie-http-request"
 
 MAX_REQUEST_BODY = 16 * 2**20
 MAX_CONCURRENT_REQUESTS = 64
+
+Refusal = tuple[int, dict[str, str], bytes]
+Gate = Callable[[Request], Refusal | None]
+"""Checks a request before its instance starts: None to let it through, else the answer."""
 
 
 def parse_response(value: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -103,6 +113,8 @@ class ServerInstance:
         arguments: list[str],
         owner: IInstanceOwner | None,
         port: int,
+        endpoint: IStreamServerEndpoint | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.program_hash = program_hash
@@ -114,6 +126,8 @@ class ServerInstance:
         self._runtime = runtime
         self._program = program
         self._listening = None
+        self._endpoint = endpoint
+        self._gate = gate
         self.closed: Deferred = Deferred()  # fires once the port is closed after stop()
 
     @property
@@ -121,8 +135,13 @@ class ServerInstance:
         """The bound port (differs from the requested one when that was 0)."""
         return self._listening.getHost().port if self._listening else self.requested_port
 
+    @property
+    def address(self):
+        """The bound address (an IAddress), None before listen()."""
+        return self._listening.getHost() if self._listening else None
+
     async def listen(self) -> None:
-        endpoint = TCP4ServerEndpoint(
+        endpoint = self._endpoint or TCP4ServerEndpoint(
             self._runtime.reactor, self.requested_port, backlog=100, interface="127.0.0.1"
         )
         site = Site(_RequestHandler(self))
@@ -130,7 +149,8 @@ class ServerInstance:
         try:
             self._listening = await endpoint.listen(site)
         except Exception as e:
-            raise PieError(f"cannot serve on 127.0.0.1:{self.requested_port}: {e}") from None
+            where = endpoint if self._endpoint else f"127.0.0.1:{self.requested_port}"
+            raise PieError(f"cannot serve on {where}: {e}") from None
 
     def stop(self, reason: str) -> Deferred:
         """Stop listening, end the requests in flight, tell the owner; `closed` fires when done."""
@@ -158,6 +178,13 @@ class ServerInstance:
     def handle(self, request: Request):
         if self.stopped:
             return _error(request, 503, "server instance stopped")
+        refusal = self._gate(request) if self._gate is not None else None
+        if refusal is not None:
+            status, headers, body = refusal
+            request.setResponseCode(status)
+            for name, value in headers.items():
+                request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+            return body
         if len(self.in_flight) >= MAX_CONCURRENT_REQUESTS:
             return _error(
                 request, 503, f"too many requests in flight (limit {MAX_CONCURRENT_REQUESTS})"

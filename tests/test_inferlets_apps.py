@@ -37,7 +37,7 @@ from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.httpfixtures import ToolServer, make_png
-from tests.model_fixtures import model_path
+from tests.model_fixtures import model_path, shared_worker
 from tests.pieserver import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -45,23 +45,6 @@ pytestmark = pytest.mark.slow
 
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
-
-_worker = None
-
-
-def shared_worker():
-    """The SmolLM2 worker of this module (loaded on first use, then reused).
-
-    float32, not the CPU's `auto` choice: these tests check what the apps do with the text a
-    model writes, and greedy text in bf16 differs between CPUs with and without AVX512-BF16
-    (low-precision numerics are tested by tolerance in test_model_smollm2).
-    """
-    global _worker
-    if _worker is None:
-        from pie.service.local import load_worker
-
-        _worker = load_worker(model_path(), dtype="float32")
-    return _worker
 
 
 def source(app: str) -> bytes:

@@ -35,10 +35,11 @@ import json
 import uuid
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -126,6 +127,7 @@ class ServerInstance:
         self._runtime = runtime
         self._program = program
         self._listening = None
+        self._connections: _Connections | None = None
         self._endpoint = endpoint
         self._gate = gate
         self.closed: Deferred = Deferred()  # fires once the port is closed after stop()
@@ -146,8 +148,9 @@ class ServerInstance:
         )
         site = Site(_RequestHandler(self))
         site.displayTracebacks = False
+        self._connections = _Connections(site)
         try:
-            self._listening = await endpoint.listen(site)
+            self._listening = await endpoint.listen(self._connections)
         except Exception as e:
             where = endpoint if self._endpoint else f"127.0.0.1:{self.requested_port}"
             raise PieError(f"cannot serve on {where}: {e}") from None
@@ -160,6 +163,8 @@ class ServerInstance:
         for instance in list(self.in_flight):
             self._runtime.terminate(instance.id, reason)
         d = maybeDeferred(self._listening.stopListening) if self._listening else succeed(None)
+        if self._connections is not None:  # and the kept-alive connections too
+            d.addCallback(lambda _: self._connections.close_all())
         d.addBoth(self._closed)
         if self.owner is not None:
             try:
@@ -239,6 +244,31 @@ class ServerInstance:
         )
         request.write(_error(request, 500, f"instance {instance.id}: {reason}"))
         request.finish()
+
+
+class _Connections(WrappingFactory):
+    """The site's open connections, so that a stopped server closes its kept-alive ones."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        self._lost: dict = {}
+
+    def registerProtocol(self, protocol) -> None:
+        super().registerProtocol(protocol)
+        self._lost[protocol] = Deferred()
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        lost = self._lost.pop(protocol, None)
+        if lost is not None:
+            lost.callback(None)
+
+    def close_all(self) -> Deferred:
+        """Close every connection; fires once all are gone."""
+        waiting = list(self._lost.values())
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        return gatherResults(waiting)
 
 
 class _RequestHandler(Resource):

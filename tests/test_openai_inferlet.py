@@ -187,6 +187,17 @@ class CompletionDeltaTests(unittest.TestCase):
         self.assertEqual(deltas, ["a", "é"])  # never "\ufffd"
         self.assertEqual((finish, count), ("stop", 4))
 
+    def test_nothing_that_may_start_a_stop_text_is_handed_out(self):
+        async def main(args):
+            ctx = get_auto_model().create_context()
+            ctx.fill("x")
+            picks = iter([ord(c) + 3 for c in "abZZq"])
+            completion = Completion(ctx, lambda ids, probs: next(picks), 10, ["abZZ"], chunk=1)
+            deltas = [d.text async for d in completion.deltas()]
+            return json.dumps([deltas, completion.finish_reason, completion.completion_tokens])
+
+        self.assertEqual(json.loads(FakeWorld().run(main)), [[], "stop", 4])
+
     def test_log_of_zero_is_openais_floor(self):
         from pie.inferlet.completion import UNDERFLOW_LOGPROB, _log
 

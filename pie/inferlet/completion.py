@@ -101,7 +101,7 @@ class Completion:
                 del entries[len(tokens) :]
             if self.finish_reason is None:  # hold back a split character and a stop's start
                 ready = text.rstrip(REPLACEMENT)
-                ready = ready[: len(ready) - hold]
+                ready = ready[: max(0, len(ready) - hold)]
                 text = ready if len(ready) > sent_text else text[:sent_text]
             self.completion_tokens = len(tokens)
             if len(text) > sent_text or len(entries) > sent_entries:

@@ -689,6 +689,10 @@ class SandboxAppTests(AppTestCase):
         }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
+        answer = json.loads(text)  # the sandbox's clock is the wall clock, and stdlib works there
+        self.assertLess(abs(answer["created"] - time.time()), 60)
+        entries = answer["choices"][0]["logprobs"]["content"]
+        self.assertEqual(len(entries), answer["usage"]["completion_tokens"])
 
     async def test_bare_abi_fetch_and_code_actions(self):
         run = await self.run_app("helloworld_plain")

@@ -70,6 +70,10 @@ class ChatTests(unittest.TestCase):
             },
         )
         self.assertEqual(world.live_pages, 0)
+        calls = [name for name, _ in world.instances[0].calls]
+        self.assertEqual(
+            (calls.count("generate"), calls.count("forward_text")), (1, 0)
+        )  # fast path
 
     def test_a_stop_text_across_tokens_ends_the_reply_before_it(self):
         model, want, _ = self.reference(12)

@@ -30,6 +30,7 @@ from pie.runtime.runtime import Runtime
 from pie.server.auth import issue_token
 from pie.server.uploads import hash_program
 from tests.model_fixtures import model_path, shared_worker
+from tests.pied import Daemon
 from tests.pieserver import ROOT, SECRET
 
 pytestmark = pytest.mark.slow
@@ -192,3 +193,20 @@ class OpenAIEndpointTests(unittest.TestCase):
         self.assertEqual(self.endpoint.launches, 2)
         models = await self.call("list", "models")
         self.assertEqual(models.data[0].id, self.model)
+
+
+class ServeFlagTests(unittest.TestCase):
+    """`pie serve --openai` in a child process (no model, no auth): the flag reaches the daemon."""
+
+    timeout = 240
+
+    async def test_pie_serve_openai_flag(self):
+        daemon = await Daemon(self).start("--openai", LOOPBACK)
+        found = await daemon.child.when_output(rb"pie openai listening on \S*\(.*port=(\d+)")
+        url = f"http://127.0.0.1:{int(found.group(1))}/v1"
+
+        def models():
+            with openai.OpenAI(base_url=url, api_key="anything", max_retries=0) as client:
+                return client.models.list()
+
+        self.assertEqual((await deferToThread(models)).data, [])  # --model none: none served

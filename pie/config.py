@@ -66,6 +66,13 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "Client connections open at once from one address; more get HTTP 503 (0: half of max_connections).",
     ),
+    Setting(
+        "openai",
+        "",
+        str,
+        "Endpoint serving the OpenAI API (e.g. tcp:8000:interface=127.0.0.1; a bare number N "
+        "means tcp:N); empty: off.",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
@@ -371,6 +378,8 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     merged["port"] = f"tcp:{port}" if port.isdigit() else port
     metrics = str(merged["metrics"])
     merged["metrics"] = f"tcp:{metrics}" if metrics.isdigit() else metrics
+    openai = str(merged["openai"])
+    merged["openai"] = f"tcp:{openai}" if openai.isdigit() else openai
     if merged["executor"] not in EXECUTORS:
         raise ConfigError(
             f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"

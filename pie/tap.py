@@ -7,9 +7,10 @@ builds objects but starts no threads: those start in the services'
 startService.
 
 Children start in the order added and stop in the reverse: the model, the
-runtime, the metrics listener (with --metrics), the client listener start in
-that order (the client listener waits for the model), and shutdown goes
-listener -> metrics -> runtime (ends the instances) -> model (closes the
+runtime, the metrics listener (with --metrics), the client listener and, with
+--openai, the OpenAI endpoint start in that order (the listener and the endpoint
+wait for the model), and shutdown goes endpoint -> listener -> metrics -> runtime
+(ends the instances) -> model (closes the
 export store, then the worker).
 """
 
@@ -204,4 +205,16 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     )
     listener.setName("clients")
     listener.setServiceParent(top)
+    if settings["openai"]:
+        from pie.server.openai import OpenAIService
+
+        openai = OpenAIService(
+            runtime,
+            serverFromString(reactor, settings["openai"]),
+            reactor,
+            pieconfig.auth_secret(settings),
+            model.whenReady if model is not None else None,
+        )
+        openai.setName("openai")
+        openai.setServiceParent(top)
     return top

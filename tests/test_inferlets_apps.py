@@ -31,12 +31,13 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 import pie
+import pie.bundled
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.httpfixtures import ToolServer, make_png
-from tests.model_fixtures import model_path
+from tests.model_fixtures import model_path, shared_worker
 from tests.pieserver import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -45,25 +46,11 @@ pytestmark = pytest.mark.slow
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
 
-_worker = None
-
-
-def shared_worker():
-    """The SmolLM2 worker of this module (loaded on first use, then reused).
-
-    float32, not the CPU's `auto` choice: these tests check what the apps do with the text a
-    model writes, and greedy text in bf16 differs between CPUs with and without AVX512-BF16
-    (low-precision numerics are tested by tolerance in test_model_smollm2).
-    """
-    global _worker
-    if _worker is None:
-        from pie.service.local import load_worker
-
-        _worker = load_worker(model_path(), dtype="float32")
-    return _worker
-
 
 def source(app: str) -> bytes:
+    """An example app's source; "openai" is the daemon's bundled OpenAI server inferlet."""
+    if app == "openai":
+        return pie.bundled.source("openai")
     with open(os.path.join(APPS, app + ".py"), "rb") as f:
         return f.read()
 
@@ -620,11 +607,13 @@ class ServerAppTests(AppTestCase):
         )
         self.assertEqual((await self.http(port, "/nope"))[0], 404)
 
-    async def test_openai_compat_chat_completion(self):
-        port = await self.serve("openai_compat")
+    async def test_openai_chat_completion(self):
+        port = await self.serve("openai")
         body = {
+            "model": self.service.name,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 12,
+            "temperature": 0,
         }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
@@ -706,10 +695,20 @@ class SandboxAppTests(AppTestCase):
     async def test_http_server(self):
         port = await self.serve("http_server")
         self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))
-        port = await self.serve("openai_compat")
-        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        port = await self.serve("openai")
+        body = {
+            "model": self.service.name,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stop": ["\n"],
+            "logprobs": True,
+        }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
+        answer = json.loads(text)  # the sandbox's clock is the wall clock, and stdlib works there
+        self.assertLess(abs(answer["created"] - time.time()), 60)
+        entries = answer["choices"][0]["logprobs"]["content"]
+        self.assertEqual(len(entries), answer["usage"]["completion_tokens"])
 
     async def test_bare_abi_fetch_and_code_actions(self):
         run = await self.run_app("helloworld_plain")

@@ -39,20 +39,26 @@ time to send the request head and silence while sending a request (408).
 
 The owner of the server gets `instance_terminated(server_id, reason)` when it
 stops (terminate with the server id, a closed socket, runtime shutdown).
+
+A server the daemon launches itself (`--openai`) may listen on any endpoint
+(not only 127.0.0.1:<port>) and have a `gate`: a check of each request before
+any instance starts (the API key), whose refusal is answered as it is.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
@@ -83,6 +89,11 @@ class HttpLimits:
             header_timeout_ms=settings["inferlet_server_header_timeout_ms"],
             idle_timeout_ms=settings["inferlet_server_idle_timeout_ms"],
         )
+
+
+Refusal = tuple[int, dict[str, str], bytes]
+Gate = Callable[[Request], Refusal | None]
+"""Checks a request before its instance starts: None to let it through, else the answer."""
 
 
 def parse_response(value: str | None) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -142,6 +153,8 @@ class ServerInstance:
         owner: IInstanceOwner | None,
         port: int,
         limits: HttpLimits | None = None,
+        endpoint: IStreamServerEndpoint | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.program_hash = program_hash
@@ -155,6 +168,9 @@ class ServerInstance:
         self._runtime = runtime
         self._program = program
         self._listening = None
+        self._connections: _Connections | None = None
+        self._endpoint = endpoint
+        self._gate = gate
         self.closed: Deferred = Deferred()  # fires once the port is closed after stop()
 
     @property
@@ -162,16 +178,23 @@ class ServerInstance:
         """The bound port (differs from the requested one when that was 0)."""
         return self._listening.getHost().port if self._listening else self.requested_port
 
+    @property
+    def address(self):
+        """The bound address (an IAddress), None before listen()."""
+        return self._listening.getHost() if self._listening else None
+
     async def listen(self) -> None:
-        endpoint = TCP4ServerEndpoint(
+        endpoint = self._endpoint or TCP4ServerEndpoint(
             self._runtime.reactor, self.requested_port, backlog=100, interface="127.0.0.1"
         )
         site = _LimitedSite(_RequestHandler(self), self.limits, reactor=self._runtime.reactor)
         site.displayTracebacks = False
+        self._connections = _Connections(site)
         try:
-            self._listening = await endpoint.listen(site)
+            self._listening = await endpoint.listen(self._connections)
         except Exception as e:
-            raise PieError(f"cannot serve on 127.0.0.1:{self.requested_port}: {e}") from None
+            where = endpoint if self._endpoint else f"127.0.0.1:{self.requested_port}"
+            raise PieError(f"cannot serve on {where}: {e}") from None
 
     def stop(self, reason: str) -> Deferred:
         """Stop listening, end the requests in flight, tell the owner; `closed` fires when done."""
@@ -181,6 +204,8 @@ class ServerInstance:
         for instance in list(self.in_flight):
             self._runtime.terminate(instance.id, reason)
         d = maybeDeferred(self._listening.stopListening) if self._listening else succeed(None)
+        if self._connections is not None:  # and the kept-alive connections too
+            d.addCallback(lambda _: self._connections.close_all())
         d.addBoth(self._closed)
         if self.owner is not None:
             try:
@@ -200,6 +225,13 @@ class ServerInstance:
         self._runtime.metrics.http_request(request)
         if self.stopped:
             return _error(request, 503, "server instance stopped")
+        refusal = self._gate(request) if self._gate is not None else None
+        if refusal is not None:
+            status, headers, body = refusal
+            request.setResponseCode(status)
+            for name, value in headers.items():
+                request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+            return body
         if len(self.in_flight) >= self.limits.max_requests:
             request.setHeader(b"retry-after", b"1")
             return _error(
@@ -360,6 +392,31 @@ class Exchange:
 
     def stopProducing(self) -> None:
         self._paused = True  # the client is gone; notifyFinish ends the instance
+
+
+class _Connections(WrappingFactory):
+    """The site's open connections, so that a stopped server closes its kept-alive ones."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        self._lost: dict = {}
+
+    def registerProtocol(self, protocol) -> None:
+        super().registerProtocol(protocol)
+        self._lost[protocol] = Deferred()
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        lost = self._lost.pop(protocol, None)
+        if lost is not None:
+            lost.callback(None)
+
+    def close_all(self) -> Deferred:
+        """Close every connection; fires once all are gone."""
+        waiting = list(self._lost.values())
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        return gatherResults(waiting)
 
 
 class _RequestHandler(Resource):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
@@ -29,7 +30,7 @@ from pie.metrics import NO_METRICS, Metrics
 from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
-from pie.runtime.http import HttpLimits, ServerInstance
+from pie.runtime.http import Gate, HttpLimits, ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import DEFAULT_USER_BYTES, DEFAULT_VALUE_BYTES, KeyValueStore
 from pie.runtime.messaging import (
@@ -259,19 +260,33 @@ class Runtime(service.Service):
     # ------------------------------------------------------------------ server instances
 
     def launch_server(
-        self, program_hash: str, port: int, arguments: list[str], owner: IInstanceOwner
+        self,
+        program_hash: str,
+        port: int,
+        arguments: list[str],
+        owner: IInstanceOwner,
+        endpoint: IStreamServerEndpoint | None = None,
+        gate: Gate | None = None,
     ):
+        """A server instance on 127.0.0.1:port, or on `endpoint` with `gate` (pie.runtime.http:
+        what the daemon's own servers use); Deferred firing with its id."""
         try:
             arguments = _checked_arguments(arguments)
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise PieError(f"port must be an integer 0..65535, not {port!r}")
         except PieError as e:
             return fail(e)
-        return ensureDeferred(self._launch_server(program_hash, port, arguments, owner))
+        return ensureDeferred(
+            self._launch_server(program_hash, port, arguments, owner, endpoint, gate)
+        )
 
-    async def _launch_server(self, digest: str, port: int, arguments: list[str], owner) -> str:
+    async def _launch_server(
+        self, digest: str, port: int, arguments: list[str], owner, endpoint, gate
+    ) -> str:
         program = await self._runnable(digest)
-        server = ServerInstance(self, digest, program, arguments, owner, port, self.http_limits)
+        server = ServerInstance(
+            self, digest, program, arguments, owner, port, self.http_limits, endpoint, gate
+        )
         await server.listen()
         self.servers[server.id] = server
         return server.id

@@ -1,7 +1,8 @@
 """Every example inferlet on the fake model (pie.inferlet.testing): fast, no weights needed.
 
-The apps run under the real guest driver against the host double, which
-checks pages, masks and queue order. Where the fake model's outputs can be
+The apps run under the real guest driver on pie's host (FakeWorld: the real
+runtime and model service over a fake worker), which checks pages, masks and
+queue order. Where the fake model's outputs can be
 predicted (greedy continuations, scores), they are compared exactly; this is
 where the decoding apps are checked to reproduce plain greedy decoding, which
 bfloat16 on the real model cannot promise across differently shaped passes.
@@ -331,3 +332,26 @@ class FakeHostTableTests(unittest.TestCase):
         self.assertIn("attended KV slot 0 was never written", racing.error)
         want = reference_distribution(world.model, tokens + [40])[0]
         self.assertEqual(eval(world.run(main(True))), want)
+
+    def test_a_freed_page_forgets_what_it_held(self):
+        """A page reused by the host reads as never written, not as its last owner's tokens."""
+
+        async def writer(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            await _abi.call_async(
+                "forward_text", queue.id, 4, pages, [40] * 4, [*range(4)], [], [3]
+            )
+
+        async def stale_reader(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            await _abi.call_async("forward_text", queue.id, 4, pages, [41], [3], [], [0])
+
+        world = FakeWorld()
+        world.run(writer)
+        self.assertEqual((world.live_pages, world.pages), (0, {}))
+        reader = world.finish(stale_reader)
+        self.assertIn("attended KV slot 0 was never written", reader.error)

@@ -1,7 +1,8 @@
-"""pie.inferlet.Context and friends, run by the real guest driver against a host double.
+"""pie.inferlet.Context and friends, run by the real guest driver on pie's host over a fake model.
 
-The double (pie.inferlet.testing) keeps real page bookkeeping, checks masks
-and never runs a queue's commands before something on that queue is awaited,
+FakeWorld (pie.inferlet.testing) is the real runtime and model service on a
+fake worker: real page bookkeeping, masks checked, and it never sends a
+queue's commands before something on that queue is awaited,
 so wrong sharing, masks, positions or missing synchronisation show up here
 as errors or wrong tokens. References are computed straight from the fake
 model's definition.

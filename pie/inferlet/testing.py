@@ -349,6 +349,11 @@ class FakeWorld:
         self.service = HeldQueues(
             ModelService(self.worker, reactor=self.reactor, service_id=0, run_blocking=_run_inline)
         )
+        pool = self.service.resources.pages
+        release = pool.release
+        pool.release = lambda page: (self.worker.pages.pop(page, None), release(page))[1]
+        # a freed page forgets what it held, as a fresh one: a page the host reused while
+        # something still read it shows up as never written
         self.runtime = Runtime(
             "/nonexistent", {self.model.name: self.service}, _Executor(), reactor=self.reactor
         )

@@ -541,6 +541,24 @@ class EmbeddingPathTests(unittest.TestCase):
         self.assertEqual(ids, reference_distribution(world.model, [40, 41, 42])[0])
         self.assertEqual(world.live_pages, 0)
 
+    def test_mask_kv_page_hides_slots_from_the_embedding_path(self):
+        async def main(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            slots = model.embeds.acquire(queue, 5)
+            queue.embed_text(slots[:3], [40, 41, 42], [0, 1, 2])
+            queue.forward(3, pages, slots[:3], [])
+            queue.mask_kv_page(pages[0], [True, False, True])
+            queue.embed_text(slots[3:4], [43], [3])
+            queue.forward(4, pages, slots[3:4], slots[4:])
+            (dist,) = await queue.get_next_token_distribution(slots[4:])
+            return repr(dist.ids)
+
+        world, ids = run(main)
+        want = world.model.distribution([(40, 0), (42, 2), (43, 3)], 3)[0]
+        self.assertEqual(eval(ids), want)
+
 
 class RuntimeTests(unittest.TestCase):
     def test_messaging_subscription_delivers_every_message(self):

@@ -133,7 +133,8 @@ class FakeWorker:
     """Executes pie.engine.batch jobs on a FakeModel, as pie.engine.engine does on weights.
 
     `pages` holds what each physical KV page's slots hold ((token, position)
-    or None: never written); `embeds` what each embed slot holds.
+    or None: never written), `valid` which slots the embedding path attends
+    (written, or set by mask_kv_page), `embeds` what each embed slot holds.
     """
 
     def __init__(self, model: FakeModel, num_pages: int = 4096, num_embeds: int = 1024) -> None:
@@ -151,6 +152,7 @@ class FakeWorker:
             dtype="fake",
         )
         self.pages: dict[int, list[tuple[int, int] | None]] = {}
+        self.valid: dict[int, list[bool]] = {}
         self.embeds: dict[int, Any] = {}
 
     def execute(self, job: object) -> Deferred:
@@ -172,12 +174,14 @@ class FakeWorker:
         if isinstance(job, GetDistributions):
             return [self.embeds[slot] for slot in job.slots]
         if isinstance(job, CopyKv):
-            src, dst = self._page(job.src), self._page(job.dst)
-            dst[job.dst_offset : job.dst_offset + job.size] = src[
-                job.src_offset : job.src_offset + job.size
-            ]
+            for table in (self._page, self._valid):
+                src, dst = table(job.src), table(job.dst)
+                dst[job.dst_offset : job.dst_offset + job.size] = src[
+                    job.src_offset : job.src_offset + job.size
+                ]
             return None
         if isinstance(job, MaskKv):
+            self._valid(job.page)[: len(job.mask)] = job.mask
             return None
         if isinstance(job, Query):
             if job.text == "ping":
@@ -185,8 +189,16 @@ class FakeWorker:
             raise PieError(f"unknown worker query {job.text!r} (known: ping)")
         raise TypeError(f"unknown job {job!r}")
 
+    def forget(self, page: int) -> None:
+        """The page was freed: it holds nothing now."""
+        self.pages.pop(page, None)
+        self.valid.pop(page, None)
+
     def _page(self, page: int) -> list:
         return self.pages.setdefault(page, [None] * self.model.page_size)
+
+    def _valid(self, page: int) -> list[bool]:
+        return self.valid.setdefault(page, [False] * self.model.page_size)
 
     def _item(self, item: ForwardItem) -> list:
         ps = self.model.page_size
@@ -197,19 +209,28 @@ class FakeWorker:
             new = list(zip(item.tokens, item.positions, strict=True))
         start = total - len(new)
         for i, value in enumerate(new):
-            self._page(item.pages[(start + i) // ps])[(start + i) % ps] = value
+            page, offset = item.pages[(start + i) // ps], (start + i) % ps
+            self._page(page)[offset], self._valid(page)[offset] = value, True
+
+        def read(index: int) -> tuple[tuple[int, int] | None, bool]:
+            page, offset = item.pages[index // ps], index % ps
+            return self._page(page)[offset], self._valid(page)[offset]
 
         def dist(row: int) -> tuple[list[int], list[float]]:
-            width = start + row + 1
-            masked = Brle.from_buffer(item.masks[row]).to_list() if item.masks else [False] * width
+            position = new[row][1]
+            if item.masks:
+                seen = [not hidden for hidden in Brle.from_buffer(item.masks[row]).to_list()]
+            elif item.input_embeds:  # the engine's rule: valid slots not after the row's position
+                seen = [ok and (v is None or v[1] <= position) for v, ok in map(read, range(total))]
+            else:
+                seen = [True] * (start + row + 1)
             attended = []
-            for index, hidden in enumerate(masked):
-                if not hidden:
-                    slot = self._page(item.pages[index // ps])[index % ps]
-                    if slot is None:
-                        raise PieError(f"attended KV slot {index} was never written")
-                    attended.append(slot)
-            return self.model.distribution(attended, new[row][1])
+            for index in (i for i, shown in enumerate(seen) if shown):
+                value = read(index)[0]
+                if value is None:
+                    raise PieError(f"attended KV slot {index} was never written")
+                attended.append(value)
+            return self.model.distribution(attended, position)
 
         rows = range(len(new) - len(item.output_embeds), len(new))
         for slot, row in zip(item.output_embeds, rows, strict=True):
@@ -351,7 +372,7 @@ class FakeWorld:
         )
         pool = self.service.resources.pages
         release = pool.release
-        pool.release = lambda page: (self.worker.pages.pop(page, None), release(page))[1]
+        pool.release = lambda page: (self.worker.forget(page), release(page))[1]
         # a freed page forgets what it held, as a fresh one: a page the host reused while
         # something still read it shows up as never written
         self.runtime = Runtime(

@@ -372,9 +372,14 @@ class FakeWorld:
         )
         pool = self.service.resources.pages
         release = pool.release
-        pool.release = lambda page: (self.worker.forget(page), release(page))[1]
-        # a freed page forgets what it held, as a fresh one: a page the host reused while
-        # something still read it shows up as never written
+
+        def freed(page: int) -> None:
+            """A freed page forgets what it held: one the host reused while something still
+            read it shows up as never written."""
+            self.worker.forget(page)
+            release(page)
+
+        pool.release = freed
         self.runtime = Runtime(
             "/nonexistent", {self.model.name: self.service}, _Executor(), reactor=self.reactor
         )

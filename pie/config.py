@@ -41,11 +41,49 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Endpoint to listen on for clients (a bare number N means tcp:N).",
     ),
+    Setting(
+        "metrics",
+        "",
+        str,
+        "Endpoint to serve Prometheus metrics on, at /metrics (e.g. tcp:9464:interface=127.0.0.1; "
+        "a bare number N means tcp:N). Empty: no metrics.",
+    ),
+    Setting(
+        "listen_backlog",
+        1024,
+        int,
+        "Connections the kernel queues before the daemon accepts them (unless the endpoint says backlog=).",
+    ),
+    Setting(
+        "max_connections",
+        0,
+        int,
+        "Client connections open at once; more get HTTP 503 (0: the fd limit less a quarter, at most 16384).",
+    ),
+    Setting(
+        "max_connections_per_address",
+        0,
+        int,
+        "Client connections open at once from one address; more get HTTP 503 (0: half of max_connections).",
+    ),
+    Setting(
+        "openai",
+        "",
+        str,
+        "Endpoint serving the OpenAI API (e.g. tcp:8000:interface=127.0.0.1; a bare number N "
+        "means tcp:N); empty: off.",
+    ),
     Setting("auth", True, bool, "Require a JWT before any request (--no-auth disables)."),
     Setting(
         "auth_secret", "", str, "HS256 secret for tokens (default: read/create HOME/auth_secret)."
     ),
     Setting("auth_secret_file", "", str, "File holding the HS256 secret."),
+    Setting(
+        "auth_failures_per_minute",
+        10,
+        int,
+        "Failed authenticate attempts one client address may make per minute; then refused.",
+    ),
     Setting("home", "", str, "Pie home: models, programs, secret ($PIE_HOME, ~/.cache/pie)."),
     Setting(
         "model",
@@ -56,7 +94,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
-    Setting("num_pages", 1024, int, "KV-cache pages to allocate."),
+    Setting(
+        "num_pages",
+        0,
+        int,
+        "KV-cache pages to allocate (0: as many as the memory left after the weights allows).",
+    ),
+    Setting(
+        "kv_headroom_bytes",
+        2 << 30,
+        int,
+        "CPU, num_pages 0: memory left free after the KV pool (for activations and sandboxes).",
+    ),
+    Setting(
+        "kv_memory_fraction",
+        0.8,
+        float,
+        "CUDA, num_pages 0: share of the free device memory the KV pool takes.",
+    ),
+    Setting(
+        "max_kv_pages",
+        0,
+        int,
+        "num_pages 0: most KV pages the pool gets (0: 1024 on CPU, no cap on CUDA).",
+    ),
     # instance quotas (issue 17): launches refused past them
     Setting(
         "max_instances_per_connection",
@@ -107,20 +168,20 @@ SETTINGS: tuple[Setting, ...] = (
         "kv_instance_pages",
         0,
         int,
-        "Most KV pages one instance may map (allocated or imported); 0: three quarters of num_pages.",
+        "Most KV pages one instance may map (allocated or imported); 0: three quarters of the pool.",
     ),
     # per-user KV quotas (issue 17): pages one user's instances map, pages its exports hold
     Setting(
         "kv_user_pages",
         0,
         int,
-        "Most KV pages one user's instances may map together; 0: seven eighths of num_pages.",
+        "Most KV pages one user's instances may map together; 0: seven eighths of the pool.",
     ),
     Setting(
         "kv_user_export_pages",
         0,
         int,
-        "Most KV pages one user's exports (persistent or not) may hold; 0: a quarter of num_pages.",
+        "Most KV pages one user's exports (persistent or not) may hold; 0: a quarter of the pool.",
     ),
     # key-value store quotas (issue 17)
     Setting(
@@ -211,6 +272,30 @@ SETTINGS: tuple[Setting, ...] = (
         "inferlet_http_concurrency", 4, int, "Fetches one inferlet instance may have in flight."
     ),
     Setting(
+        "inferlet_server_max_requests",
+        64,
+        int,
+        "Requests one server instance handles at once; more are answered 429.",
+    ),
+    Setting(
+        "inferlet_server_max_body",
+        16 * 1024 * 1024,
+        int,
+        "Largest request body a server instance accepts, in bytes; larger is answered 413.",
+    ),
+    Setting(
+        "inferlet_server_header_timeout_ms",
+        30_000,
+        int,
+        "Time a client of a server instance has to send a request's head, in ms; then 408.",
+    ),
+    Setting(
+        "inferlet_server_idle_timeout_ms",
+        60_000,
+        int,
+        "Silence allowed while a client sends a request to a server instance, in ms; then 408.",
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting(
@@ -243,6 +328,12 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 EXECUTORS = ("wasm", "dev")
 CPU_POLICIES = ("throttle", "end")
+POOL_SHARES = {
+    "kv_instance_pages": (3, 4),
+    "kv_user_pages": (7, 8),
+    "kv_user_export_pages": (1, 4),
+}
+"""Page caps whose 0 means a share (numerator, denominator) of the pool the worker got."""
 
 
 class ConfigError(usage.UsageError):
@@ -265,6 +356,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"{path}: unknown setting {key!r} (known: {', '.join(SETTINGS_BY_KEY)})"
             )
+        if setting.kind is float and type(value) is int:
+            value = float(value)  # `kv_memory_fraction = 1` in TOML is an integer
         if (setting.kind is int and type(value) is not int) or not isinstance(value, setting.kind):
             raise ConfigError(f"{path}: {key} must be a {setting.kind.__name__}, got {value!r}")
         values[key] = value
@@ -283,13 +376,16 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         merged["home"] = default_home()
     port = str(merged["port"])
     merged["port"] = f"tcp:{port}" if port.isdigit() else port
+    metrics = str(merged["metrics"])
+    merged["metrics"] = f"tcp:{metrics}" if metrics.isdigit() else metrics
+    openai = str(merged["openai"])
+    merged["openai"] = f"tcp:{openai}" if openai.isdigit() else openai
     if merged["executor"] not in EXECUTORS:
         raise ConfigError(
             f"executor must be one of {', '.join(EXECUTORS)}, not {merged['executor']!r}"
         )
     for key in (
         "page_size",
-        "num_pages",
         "dist_size",
         "max_program_size",
         "max_message_size",
@@ -306,6 +402,10 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_http_max_bytes",
         "inferlet_http_timeout_ms",
         "inferlet_http_concurrency",
+        "inferlet_server_max_requests",
+        "inferlet_server_max_body",
+        "inferlet_server_header_timeout_ms",
+        "inferlet_server_idle_timeout_ms",
         "max_instances_per_connection",
         "max_instances_per_user",
         "inbox_bytes",
@@ -315,17 +415,21 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
         "inferlet_output_bytes",
         "kv_store_user_bytes",
         "kv_store_value_bytes",
+        "auth_failures_per_minute",
+        "listen_backlog",
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
-    for key, share in (
-        ("kv_instance_pages", (3, 4)),
-        ("kv_user_pages", (7, 8)),
-        ("kv_user_export_pages", (1, 4)),
-    ):  # page caps: 0 means a share of the pool
+    for key in ("max_connections", "max_connections_per_address"):
+        if merged[key] < 0:
+            raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
+    for key in ("num_pages", "kv_headroom_bytes", "max_kv_pages", *POOL_SHARES):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
-        merged[key] = merged[key] or max(1, merged["num_pages"] * share[0] // share[1])
+    if not 0 < merged["kv_memory_fraction"] <= 1:
+        raise ConfigError(
+            f"kv_memory_fraction must be in (0, 1], not {merged['kv_memory_fraction']}"
+        )
     if merged["inferlet_cpu_percent"] > 100:
         raise ConfigError("inferlet_cpu_percent is a share of one core: at most 100")
     if merged["inferlet_cpu_policy"] not in CPU_POLICIES:
@@ -342,6 +446,15 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     if merged["max_message_size"] < 300 * 1024:
         raise ConfigError("max_message_size must be at least 307200 (a 256 KiB upload chunk)")
     return merged
+
+
+def kv_page_cap(config: dict[str, Any], key: str, pool_pages: int) -> int:
+    """The setting `key` (one of POOL_SHARES), or its share of the pool when it is 0.
+
+    Resolved once the worker has sized its pool (num_pages 0 is only known then).
+    """
+    numerator, denominator = POOL_SHARES[key]
+    return config[key] or max(1, pool_pages * numerator // denominator)
 
 
 def auth_secret(config: dict[str, Any]) -> str | None:

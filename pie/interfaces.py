@@ -31,11 +31,25 @@ class InstanceFault(PieError):
 class IInstanceOwner(Interface):
     """Receives the events of instances it launched (one per client connection)."""
 
-    def instance_message(instance_id: str, message: str) -> None:
-        """The instance called send(message)."""
+    def instance_message(instance_id: str, message: str) -> bool | None:
+        """The instance called send(message).
+
+        An owner that also provides IBackpressure returns True when its outbound
+        buffer is past its high-water mark (the message is queued all the same).
+        """
 
     def instance_terminated(instance_id: str, reason: str) -> None:
         """The instance ended; called exactly once per instance, last."""
+
+
+class IBackpressure(Interface):
+    """An instance owner that can tell a sending instance to wait for its client."""
+
+    def when_drained() -> object:
+        """Deferred firing once the outbound buffer is back under its low-water mark.
+
+        Fires at once when it is not backed up, and when the connection goes away.
+        """
 
 
 class IRuntime(Interface):
@@ -123,6 +137,10 @@ class IModelService(Interface):
     instance_terminator = Attribute(
         "callable(instance_id, reason) or None: how the service ends an instance it must evict; "
         "the runtime sets it when the service is added."
+    )
+    metrics = Attribute(
+        "pie.metrics.ModelMetrics: the hooks the service reports its forward batches to; "
+        "the runtime sets it when the service is added (a service may ignore it)."
     )
     tokenizer = Attribute("ITokenizer")
 

@@ -7,9 +7,11 @@ builds objects but starts no threads: those start in the services'
 startService.
 
 Children start in the order added and stop in the reverse: the model, the
-runtime, the client listener start in that order (the listener waits for the
-model), and shutdown goes listener -> runtime (ends the instances) -> model
-(closes the export store, then the worker).
+runtime, the metrics listener (with --metrics), the client listener and, with
+--openai, the OpenAI endpoint start in that order (the listener and the endpoint
+wait for the model), and shutdown goes endpoint -> listener -> metrics -> runtime
+(ends the instances) -> model (closes the
+export store, then the worker).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -118,6 +119,10 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     (the wasm sandbox by default) and the model loaded by LocalModelService,
     whose readiness gates the listener so clients never meet a model-less daemon.
     """
+    from twisted.internet.endpoints import serverFromString
+
+    from pie.metrics import NO_METRICS, MetricsService, PrometheusMetrics
+    from pie.server.connections import connection_caps, listen_endpoint, raise_fd_limit
     from pie.server.protocol import PieServerFactory
     from pie.server.service import ClientListenerService
 
@@ -125,10 +130,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         from twisted.internet import reactor
     settings = config.settings
     top = SequentialMultiService(settings["shutdown_timeout_s"], reactor)
+    metrics = PrometheusMetrics() if settings["metrics"] else NO_METRICS
     model = None
     if runtime is None:
         from pie.runtime.executors import make_executor
         from pie.runtime.executors.program import Limits
+        from pie.runtime.http import HttpLimits
         from pie.runtime.outbound import HttpPolicy
         from pie.runtime.runtime import Runtime
         from pie.service.local import LocalModelService
@@ -150,10 +157,12 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
             http_policy=HttpPolicy.from_settings(settings),
+            http_limits=HttpLimits.from_settings(settings),
             inbox_bytes=settings["inbox_bytes"],
             subscription_bytes=settings["subscription_bytes"],
             store_value_bytes=settings["kv_store_value_bytes"],
             store_user_bytes=settings["kv_store_user_bytes"],
+            metrics=metrics,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
@@ -161,6 +170,18 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         model.setServiceParent(top)
     if IService.providedBy(runtime):
         runtime.setServiceParent(top)
+    if isinstance(metrics, PrometheusMetrics):
+        exporter = MetricsService(
+            serverFromString(reactor, settings["metrics"]), metrics, runtime, reactor
+        )
+        exporter.setName("metrics")
+        exporter.setServiceParent(top)
+    max_connections, max_per_address = connection_caps(settings, raise_fd_limit())
+    _log.info(
+        "client connections: at most {total}, {per_address} per address",
+        total=max_connections,
+        per_address=max_per_address,
+    )
     factory = PieServerFactory(
         runtime,
         auth_secret=pieconfig.auth_secret(settings),
@@ -172,12 +193,28 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         max_instances_per_user=settings["max_instances_per_user"],
         upload_bytes_in_flight=settings["upload_bytes_in_flight"],
         upload_idle_timeout_s=settings["upload_idle_timeout_s"],
+        metrics=metrics,
+        auth_failures_per_minute=settings["auth_failures_per_minute"],
+        max_connections=max_connections,
+        max_connections_per_address=max_per_address,
     )
     listener = ClientListenerService(
-        serverFromString(reactor, settings["port"]),
+        listen_endpoint(reactor, settings["port"], settings["listen_backlog"]),
         factory,
         model.whenReady if model is not None else None,
     )
     listener.setName("clients")
     listener.setServiceParent(top)
+    if settings["openai"]:
+        from pie.server.openai import OpenAIService
+
+        openai = OpenAIService(
+            runtime,
+            serverFromString(reactor, settings["openai"]),
+            reactor,
+            pieconfig.auth_secret(settings),
+            model.whenReady if model is not None else None,
+        )
+        openai.setName("openai")
+        openai.setServiceParent(top)
     return top

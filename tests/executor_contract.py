@@ -37,7 +37,7 @@ class HostDouble:
             self.sent.append(args[0])
             if self.on_send is not None:
                 self.on_send(args[0])
-            return None
+            return False  # the WIT result: not backed up
         if mode == "command":
             self.commands.append((name, tuple(args)))
             return None

@@ -11,8 +11,9 @@ import os
 import textwrap
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
-from twisted.web.client import Agent, readBody
+from twisted.internet.defer import Deferred, DeferredQueue, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, ResponseDone, readBody
 
 from pie.interfaces import PieError
 from pie.runtime.instances import NORMAL_FINISH
@@ -101,14 +102,37 @@ SLEEPER = source(
     """
 )
 
+
+class _Collect(Protocol):
+    """A streamed body: each piece into `chunks` as it arrives, `done` at a complete end."""
+
+    def __init__(self, chunks: DeferredQueue, done: Deferred) -> None:
+        self.chunks, self.done = chunks, done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.put(data)
+
+    def connectionLost(self, reason) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
 HTTP_SERVER = source(
     """
-    from pie.inferlet import store_set
+    from pie.inferlet import receive, store_set
     from pie.inferlet.server import http_main
 
     async def handle(request):
         if request.path == "/boom":
             raise KeyError("boom")
+        if request.path == "/stream":
+            resp = await request.start_response(201, {"content-type": "text/event-stream"})
+            await resp.write("data: é1\\n\\n")
+            await resp.write(b"data: " + (await receive()).encode() + b"\\n\\n")
+            await resp.finish()
+            return None
         await store_set("seen", request.path)
         return {"status": 202, "body": {"path": request.path, "args": request.arguments}}
 
@@ -278,3 +302,20 @@ class InferletSourceTests:
         body = (await readBody(response)).decode()
         self.assertEqual(response.code, 500)
         self.assertIn("KeyError: 'boom'", body)
+
+    async def test_http_server_program_streams(self):
+        """Chunks cross the executor's boundary as they are written (str and bytes)."""
+        digest = await self.runtime.add_program(HTTP_SERVER)
+        server_id = await self.runtime.launch_server(digest, 0, [], self.owner)
+        port = self.runtime.servers[server_id].port
+        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}/stream".encode())
+        self.assertEqual(response.code, 201)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        chunks: DeferredQueue = DeferredQueue()
+        done: Deferred = Deferred()
+        response.deliverBody(_Collect(chunks, done))
+        self.assertEqual(await chunks.get(), "data: é1\n\n".encode())
+        [instance] = self.runtime.servers[server_id].in_flight  # parked in receive()
+        self.runtime.signal(instance.id, "second")
+        self.assertEqual(await chunks.get(), b"data: second\n\n")
+        await done

@@ -208,3 +208,21 @@ def write_gguf(path: str, source: LoadedModel, arch: str = "llama", mlp: Q = Q.Q
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+_worker: list = []
+
+
+def shared_worker():
+    """SmolLM2 in float32, loaded on first use and shared by the test modules of a run.
+
+    float32, not the CPU's `auto` choice: the app and endpoint tests check what
+    is done with the text a model writes, and greedy text in bf16 differs between
+    CPUs with and without AVX512-BF16 (low-precision numerics are tested by
+    tolerance in test_model_smollm2).
+    """
+    if not _worker:
+        from pie.service.local import load_worker
+
+        _worker.append(load_worker(model_path(), dtype="float32"))
+    return _worker[0]

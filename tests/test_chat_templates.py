@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -361,6 +362,31 @@ class CompiledCacheTests(unittest.TestCase):
         for _ in range(2):
             self.assertRaisesRegex(ChatTemplateError, "syntax error", compiled, "{% endfor %}")
         self.assertEqual(chat_template._compile.cache_info().misses, 1)
+
+
+class OneRendererTests(unittest.TestCase):
+    """Chat templates render in exactly one place (issue 10, point 7): this module."""
+
+    def test_only_chat_template_imports_jinja2_and_the_tokenizer_carries_text_only(self):
+        from pie.engine.tokenizer import Tokenizer
+
+        package = Path(chat_template.__file__).resolve().parents[1]
+        importers = sorted(
+            str(path.relative_to(package.parent))
+            for path in package.rglob("*.py")
+            if re.search(r"^\s*(import|from) jinja2", path.read_text("utf-8"), re.MULTILINE)
+        )
+        self.assertEqual(importers, ["pie/runtime/chat_template.py"])
+        self.assertFalse(hasattr(Tokenizer, "apply_chat_template"))
+
+    def test_render_for_uses_the_tokenizers_template_and_tokens(self):
+        class Tok:
+            chat_template = "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"
+            bos_token, eos_token = "<s>", "</s>"
+
+        self.assertEqual(
+            chat_template.render_for(Tok(), [{"role": "user", "content": "hi"}]), "<s>hi</s>"
+        )
 
 
 class SdkTests(unittest.TestCase):

@@ -47,7 +47,7 @@ class ReactorHost:
     def call(self, name: str, args: tuple):
         if name == "send":
             self.sent.append(args[0])
-            return None
+            return False  # not backed up
         if name == "time_ms":
             return int(time.monotonic() * 1000)
         if name == "sleep":

@@ -31,12 +31,13 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 import pie
+import pie.bundled
 from pie.runtime.executors.dev import DevExecutor
 from pie.runtime.outbound import HttpPolicy, parse_patterns
 from pie.runtime.runtime import Runtime
 from pie.server.uploads import CHUNK_SIZE_BYTES, hash_program
 from tests.httpfixtures import ToolServer, make_png
-from tests.model_fixtures import model_path
+from tests.model_fixtures import model_path, shared_worker
 from tests.pieserver import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -45,25 +46,11 @@ pytestmark = pytest.mark.slow
 APPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inferlets")
 NORMAL = "instance normally finished"
 
-_worker = None
-
-
-def shared_worker():
-    """The SmolLM2 worker of this module (loaded on first use, then reused).
-
-    float32, not the CPU's `auto` choice: these tests check what the apps do with the text a
-    model writes, and greedy text in bf16 differs between CPUs with and without AVX512-BF16
-    (low-precision numerics are tested by tolerance in test_model_smollm2).
-    """
-    global _worker
-    if _worker is None:
-        from pie.service.local import load_worker
-
-        _worker = load_worker(model_path(), dtype="float32")
-    return _worker
-
 
 def source(app: str) -> bytes:
+    """An example app's source; "openai" is the daemon's bundled OpenAI server inferlet."""
+    if app == "openai":
+        return pie.bundled.source("openai")
     with open(os.path.join(APPS, app + ".py"), "rb") as f:
         return f.read()
 
@@ -428,8 +415,19 @@ class ToolAppTests(AppTestCase):
 
 class ForkingAppTests(AppTestCase):
     async def test_beam_search(self):
-        run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "10")
-        self.assertTrue(run.messages[0].strip())
+        """The best beam scores at least the greedy continuation of its length; a beam of one
+        is greedy (its score is greedy's). Scores are summed log-probs in the fp32 worker."""
+        beams = []
+        for size in ("1", "3"):
+            argv = ("--beam-size", size, "--max-tokens", "10", "--compare-greedy")
+            beams.append(json.loads((await self.run_app("beam_search", *argv)).messages[0]))
+        one, three = beams
+        for beam in beams:
+            self.assertTrue(beam["text"].strip())
+            self.assertEqual(beam["tokens"], 10)
+            self.assertLess(beam["score"], 0)
+        self.assertLess(abs(one["score"] - one["greedy_score"]), 1e-4)
+        self.assertGreaterEqual(three["score"], three["greedy_score"] - 1e-4)
         self.assertPagesReturned()
 
     async def test_parallel_generation(self):
@@ -603,13 +601,19 @@ class ServerAppTests(AppTestCase):
         code, headers = await self.http(port, "/headers")
         self.assertEqual((code, json.loads(headers)["x-test"]), (200, "yes"))
         self.assertEqual(await self.http(port, "/wait?ms=10"), (200, "waited 10 ms"))
+        self.assertEqual(
+            await self.http(port, "/events?n=2"),
+            (200, 'data: {"event": 0}\n\ndata: {"event": 1}\n\ndata: [DONE]\n\n'),
+        )
         self.assertEqual((await self.http(port, "/nope"))[0], 404)
 
-    async def test_openai_compat_chat_completion(self):
-        port = await self.serve("openai_compat")
+    async def test_openai_chat_completion(self):
+        port = await self.serve("openai")
         body = {
+            "model": self.service.name,
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 12,
+            "temperature": 0,
         }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
@@ -655,7 +659,8 @@ class SandboxAppTests(AppTestCase):
         )
         self.assertIn("Paris", run.line("0: "))
         run = await self.run_app("beam_search", "--beam-size", "2", "--max-tokens", "6")
-        self.assertTrue(run.messages[0].strip())
+        beam = json.loads(run.messages[0])
+        self.assertEqual((bool(beam["text"].strip()), beam["tokens"]), (True, 6))
         prompt = "Repeat this sentence: the quick brown fox jumps over the lazy dog."
         run = await self.run_app("speculative_decoding", "--max-tokens", "20", "--prompt", prompt)
         self.assertGreater(int(re.search(r"accepted=(\d+)", run.messages[1]).group(1)), 0)
@@ -690,10 +695,20 @@ class SandboxAppTests(AppTestCase):
     async def test_http_server(self):
         port = await self.serve("http_server")
         self.assertEqual(await self.http(port, "/echo", b"ping"), (200, "ping"))
-        port = await self.serve("openai_compat")
-        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        port = await self.serve("openai")
+        body = {
+            "model": self.service.name,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stop": ["\n"],
+            "logprobs": True,
+        }
         code, text = await self.http(port, "/v1/chat/completions", json.dumps(body).encode())
         self.assertEqual(code, 200, text)
+        answer = json.loads(text)  # the sandbox's clock is the wall clock, and stdlib works there
+        self.assertLess(abs(answer["created"] - time.time()), 60)
+        entries = answer["choices"][0]["logprobs"]["content"]
+        self.assertEqual(len(entries), answer["usage"]["completion_tokens"])
 
     async def test_bare_abi_fetch_and_code_actions(self):
         run = await self.run_app("helloworld_plain")

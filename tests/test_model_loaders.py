@@ -18,6 +18,7 @@ from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
 from pie.engine.quant import Int4Linear, parse_q4_k
 from pie.interfaces import IModelLoader, PieError
+from pie.runtime.chat_template import render_for
 from pie.service.servicetypes import model_loaders
 from tests.model_fixtures import dense, hf_probs, random_q4_k, write_gguf, write_tiny_model
 
@@ -102,7 +103,7 @@ class GGUFLoading(TestCase):
         self.assertEqual(ours.detokenize(ours.tokenize(text)), text)
         self.assertIn(theirs.tokenize("<|im_end|>")[0], ours.eos_token_ids)
         self.assertEqual(
-            ours.apply_chat_template([{"role": "user", "content": "hi"}]),
+            render_for(ours, [{"role": "user", "content": "hi"}], add_generation_prompt=True),
             "<|im_start|>hi<|im_end|>",
         )
 

@@ -158,6 +158,19 @@ class ModelCache(TestCase):
         self.assertIn("no models", out.getvalue())
         self.assertEqual(model_cli.main(["remove", "ghost"], out=io.StringIO()), 1)
 
+    def test_cli_add_of_an_unknown_name_lists_the_known_ones(self):
+        """`pie model add nope` fails (exit 1) naming every catalogue entry, fetching nothing."""
+        self.patch(registry, "CATALOG", REAL_CATALOG)
+        self.patch(os, "environ", dict(os.environ, PIE_HOME=self.home))
+        err = io.StringIO()
+        self.patch(model_cli.sys, "stderr", err)
+        self.assertEqual(model_cli.main(["add", "llama-9000"], out=io.StringIO()), 1)
+        self.assertEqual(
+            err.getvalue(),
+            "error: unknown model 'llama-9000' (known: smollm2-135m-instruct, gemma3-270m)\n",
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.home, "models", "llama-9000")))
+
     def test_list_shows_details_of_a_folder_model(self):
         from tests.model_fixtures import write_tiny_model
 

@@ -12,6 +12,7 @@ from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
 from pie.interfaces import PieError
+from pie.runtime.chat_template import render_for
 from pie.service.registry import default_model_path
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ class SmolLM2(TestCase):
     def setUp(self):
         self.loaded = smollm2()
         self.tok = self.loaded.tokenizer
-        self.prompt = self.tok.tokenize(self.tok.apply_chat_template(FRANCE))
+        self.prompt = self.tok.tokenize(render_for(self.tok, FRANCE, add_generation_prompt=True))
 
     def test_logits_match_hugging_face(self):
         """Prefill on shuffled pages, then decode steps: top-64 ids and probabilities equal HF's."""
@@ -175,7 +176,7 @@ class SmolLM2Tokenizer(TestCase):
         self.tok = smollm2().tokenizer
 
     def test_chat_prompt_ids(self):
-        text = self.tok.apply_chat_template(FRANCE)
+        text = render_for(self.tok, FRANCE, add_generation_prompt=True)
         self.assertTrue(
             text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
         )

@@ -139,7 +139,7 @@ class ReleaseFreedMemoryTests(TestCase):
     def test_glibc_heap_is_trimmed_after_a_load(self):
         import platform
 
-        from pie.engine.worker import release_freed_memory
+        from pie.engine.memory import release_freed_memory
 
         if platform.libc_ver()[0] != "glibc":
             raise SkipTest("malloc_trim is glibc's")

@@ -50,6 +50,7 @@ SAMPLE_ARGS = {
     "apply_chat_template": (0, '[{"role": "user", "content": "hi"}]', True, None, None, None),
     "get_vocabs": (0,),
     "send": ("m",),
+    "outbound_drained": (),
     "receive": (),
     "broadcast": ("t", "b"),
     "subscribe": ("t",),
@@ -61,7 +62,13 @@ SAMPLE_ARGS = {
     "store_exists": ("k",),
     "store_list_keys": (),
     "fetch": ("http://example.com/", "GET", [("accept", "*/*")], b"", 0),
+    "http_response_start": (200, [("content-type", "text/plain")]),
+    "http_response_write": (b"chunk",),
+    "http_response_finish": (),
 }
+NOT_A_REQUEST = "this instance is not handling an HTTP request"
+"""What the http_response_* calls answer outside a server instance (tests/test_runtime_http.py
+covers them inside one)."""
 
 
 class EveryRowTests(unittest.TestCase):
@@ -86,6 +93,12 @@ class EveryRowTests(unittest.TestCase):
                 )
                 if name == "receive":
                     self.runtime.signal(host.instance_id, "from the user")
+                if name.startswith("http_response_"):
+                    try:
+                        host.call(name, call_args)
+                    except PieError as refused:
+                        results[name] = str(refused)
+                    continue
                 value = host.call(name, call_args)
                 mode = HOST_CALLS[name].mode
                 if mode == "async":
@@ -103,6 +116,8 @@ class EveryRowTests(unittest.TestCase):
         self.assertEqual(results["get_instance_id"], instance_id)
         self.assertEqual(results["get_arguments"], ["--x", "1"])
         self.assertEqual(results["debug_query"], "pong")
+        for name in ("http_response_start", "http_response_write", "http_response_finish"):
+            self.assertEqual(results[name], NOT_A_REQUEST)
         self.assertIsInstance(results["time_ms"], int)
         self.assertEqual(results["get_all_models"], ["fake-model"])
         self.assertEqual(results["get_model"], 0)

@@ -6,17 +6,22 @@ import json
 from io import BytesIO
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from pie.interfaces import PieError
-from pie.runtime import http
-from pie.runtime.http import HTTP_REQUEST_ARGUMENT, parse_response
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, HttpLimits, _LimitedSite, parse_response
+from tests.rawhttp import connect
 from tests.runtime_doubles import FakeModelService, RecordingOwner, make_runtime
 
 PARKED = Deferred()  # a test sets a fresh one; fired when a /park request is inside handle()
@@ -140,21 +145,6 @@ class ServerInstanceTests(unittest.TestCase):
         self.assertEqual(reason, "HTTP client disconnected")
         self.assertIn(instance.id, self.model.destroyed)
 
-    async def test_limits(self):
-        self.patch(http, "MAX_CONCURRENT_REQUESTS", 1)
-        self.patch(http, "MAX_REQUEST_BODY", 10)
-        self.server_id, port = await self.serve()
-        transport, instance = await self.park(port)
-        response, text = await self.request(port, "/second")
-        self.assertEqual(response.code, 503)
-        self.assertIn("too many requests in flight", text)
-        self.assertEqual(self.runtime.debug_query("get_instance_count"), "0")  # as in Pie
-        self.runtime.signal(instance.id, "go on")
-        await instance.when_ended()
-        response, text = await self.request(port, "/big", b"POST", b"x" * 11)
-        self.assertEqual(response.code, 413)
-        transport.loseConnection()
-
     async def test_port_in_use_is_reported(self):
         taken = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             Factory.forProtocol(Protocol)
@@ -170,6 +160,133 @@ class ServerInstanceTests(unittest.TestCase):
             await self.runtime.launch_server("0" * 64, 0, [], self.owner)
         with self.assertRaises(PieError):
             await self.runtime.launch_server("0" * 64, 70000, [], self.owner)
+
+
+class LimitTests(unittest.TestCase):
+    """Per-server limits (HttpLimits, the inferlet_server_* settings) answer, never go silent."""
+
+    async def serve(self, **limits) -> int:
+        self.runtime = make_runtime(
+            self, services={"fake": FakeModelService()}, http_limits=HttpLimits(**limits)
+        )
+        digest = await self.runtime.add_program(self.runtime.executor.program(handler))
+        self.server_id = await self.runtime.launch_server(digest, 0, [], RecordingOwner())
+        return self.runtime.servers[self.server_id].port
+
+    async def raw(self, port: int, data: bytes) -> bytes:
+        client = await connect(port)
+        client.send(data)
+        return await client.response()
+
+    async def test_too_many_requests_at_once_is_429(self):
+        global PARKED
+        port = await self.serve(max_requests=1)
+        PARKED = Deferred()
+        parked = await connect(port)
+        parked.send(b"GET /park HTTP/1.1\r\nHost: x\r\n\r\n")
+        await PARKED
+        answer = await self.raw(port, b"GET /second HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 "), answer)
+        self.assertIn(b"too many requests in flight (limit 1)", answer)
+        self.assertIn(b"Retry-After: 1", answer)
+        [instance] = self.runtime.servers[self.server_id].in_flight
+        self.runtime.signal(instance.id, "go on")
+        await parked.seen(b"HTTP/1.1 201")
+        parked.transport.loseConnection()
+        answer = await self.raw(port, b"GET /third HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+
+    async def test_content_length_over_the_limit_is_413_before_any_body(self):
+        port = await self.serve(max_body=10)
+        client = await connect(port)
+        client.send(b"POST /big HTTP/1.1\r\nContent-Length: 11\r\n\r\n")  # no body sent
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"request body over 10 bytes", answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))  # no handler ran
+        answer = await self.raw(
+            port,
+            b"POST /fits HTTP/1.1\r\nContent-Length: 10\r\nConnection: close\r\n\r\n" + b"x" * 10,
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        self.assertIn(b'"body": "xxxxxxxxxx"', answer)
+
+    async def test_chunked_body_is_counted_as_it_arrives(self):
+        port = await self.serve(max_body=10)
+        client = await connect(port)
+        client.send(b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        client.send(b"6\r\nxxxxxx\r\n")
+        client.send(b"6\r\nxxxxxx\r\n")  # 12 bytes so far, and the body is not over yet
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))
+
+    async def test_slow_request_head_is_408(self):
+        port = await self.serve(header_timeout_ms=200)
+        client = await connect(port)
+        client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"request head not received within 200 ms", answer)
+
+    async def test_idle_request_body_is_408(self):
+        port = await self.serve(idle_timeout_ms=200)
+        client = await connect(port)
+        client.send(b"POST /idle HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+        answer = await client.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b"no data for 200 ms", answer)
+        self.assertIsNone(await self.runtime.kvstore.get("last-path"))
+
+
+class _Parking(Resource):
+    """Answers nothing itself (handlers still running): the requests wait in `pending`."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+
+    def render(self, request):
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
+class ChannelTimerTests(unittest.TestCase):
+    """The 408 timers on a Clock: never while a handler runs, pipelined requests included."""
+
+    def connect(self) -> tuple[Clock, StringTransport, object]:
+        clock = Clock()
+        limits = HttpLimits(header_timeout_ms=1000, idle_timeout_ms=2000)
+        self.resource = _Parking()
+        site = _LimitedSite(self.resource, limits, reactor=clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return clock, transport, channel
+
+    def test_a_pipelined_request_being_handled_is_not_timed_out(self):
+        clock, transport, channel = self.connect()
+        channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\nGET /park HTTP/1.1\r\n\r\n")
+        [first] = self.resource.pending  # the second waits in the channel's buffer
+        first.write(b"ok")
+        first.finish()  # the channel now parses /park, and hands it on
+        self.assertIn(b"200 OK", transport.value())
+        self.assertEqual(len(self.resource.pending), 2)
+        clock.advance(10)  # past both timeouts, while /park is being handled
+        self.assertNotIn(b"408", transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_head_that_never_ends_is_timed_out(self):
+        clock, transport, channel = self.connect()
+        channel.dataReceived(b"GET /a HTTP/1.1\r\n")
+        clock.advance(0.9)
+        channel.dataReceived(b"Host: x\r\n")  # trickling bytes do not help
+        clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+        self.assertTrue(transport.disconnecting)
 
 
 class ParseResponseTests(unittest.TestCase):

@@ -10,6 +10,8 @@ model's definition.
 
 from __future__ import annotations
 
+import json
+
 import jinja2.sandbox
 from twisted.trial import unittest
 
@@ -351,10 +353,12 @@ class BeamTests(unittest.TestCase):
         async def main(args):
             ctx = get_auto_model().create_context()
             ctx.fill("beam")
-            return await ctx.generate_with_beam(3, Length(4))
+            beam = await ctx.beam_search(3, Length(4))
+            return json.dumps([beam.text, beam.tokens, beam.score])
 
-        world, text = run(main)
+        world, answer = run(main)
         model = world.model
+        text, tokens, beam_score = json.loads(answer)
 
         def score(tokens):
             seq, total = model.tokenize("beam"), 0.0
@@ -365,7 +369,9 @@ class BeamTests(unittest.TestCase):
             return total
 
         greedy = greedy_reference(model, model.tokenize("beam"), 4)
-        self.assertGreaterEqual(score(model.tokenize(text)), score(greedy) - 1e-9)
+        self.assertEqual(model.tokenize(text), tokens)
+        self.assertAlmostEqual(beam_score, score(tokens), places=5)
+        self.assertGreaterEqual(beam_score, score(greedy) - 1e-9)
 
 
 class ExportTests(unittest.TestCase):

@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
+from twisted.web.server import Site
 
 from pie import config as pieconfig
 from pie.server.protocol import PieServerFactory
@@ -67,6 +68,23 @@ class OptionsTests(unittest.TestCase):
             str(self.assertRaises(usage.UsageError, parse, "--config", "/nonexistent.toml")),
         )
 
+    def test_server_instance_limits(self):
+        """The inferlet_server_* settings become the runtime's HttpLimits; 0 is refused."""
+        from pie.runtime.http import HttpLimits
+
+        settings = parse(
+            "--inferlet-server-max-requests", "3", "--inferlet-server-idle-timeout-ms", "500"
+        )
+        self.assertEqual(
+            HttpLimits.from_settings(settings),
+            HttpLimits(
+                max_requests=3, max_body=16 * 2**20, header_timeout_ms=30_000, idle_timeout_ms=500
+            ),
+        )
+        for flag in ("--inferlet-server-max-body", "--inferlet-server-header-timeout-ms"):
+            error = self.assertRaises(usage.UsageError, parse, flag, "0")
+            self.assertIn("must be positive", str(error))
+
     def test_every_setting_is_documented(self):
         with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
             doc = f.read()
@@ -96,6 +114,24 @@ class ServiceTests(unittest.TestCase):
         with open(os.path.join(home, "auth_secret")) as f:
             self.assertEqual(f.read().strip(), factory.auth_secret)
         self.assertEqual(factory.maxMessagePayloadSize, 1024 * 1024)
+
+    def test_metrics_listen_on_their_own_endpoint(self):
+        """--metrics (or TOML metrics) adds a listener before the client one; a bare number is
+        tcp:N; without it there is none."""
+        self.assertEqual(parse("--home", "/h")["metrics"], "")
+        self.assertEqual(parse("--home", "/h", "--metrics", "9464")["metrics"], "tcp:9464")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('metrics = "tcp:9464:interface=127.0.0.1"\n')
+        memory = MemoryReactor()
+        options = Options()
+        options.parseOptions(["--config", path, "--home", self.mktemp(), "--port", "tcp:9123"])
+        top = makeService(options, reactor=memory, runtime=FakeRuntime())
+        self.assertEqual([s.name for s in top], ["metrics", "clients"])
+        top.privilegedStartService()
+        (port, site, _, interface), (client_port, *_) = memory.tcpServers
+        self.assertEqual((port, interface, client_port), (9464, "127.0.0.1", 9123))
+        self.assertIsInstance(site, Site)
 
 
 class DaemonTests(unittest.TestCase):

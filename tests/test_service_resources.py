@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from pie.config import ConfigError, resolve
+from pie.config import ConfigError, kv_page_cap, resolve
 from pie.engine.batch import Forward
 from pie.service.service import CONTENTION_REASON
 from tests.service_case import ServiceCase
@@ -339,9 +339,10 @@ class FairShareTests(ServiceCase):
 
 class InstancePagesSettingTests(TestCase):
     def test_the_default_is_three_quarters_of_the_pool_and_negative_is_refused(self):
-        self.assertEqual(resolve({"num_pages": 1024}, {})["kv_instance_pages"], 768)
+        self.assertEqual(kv_page_cap(resolve({}, {}), "kv_instance_pages", 1024), 768)
+        self.assertEqual(kv_page_cap(resolve({}, {}), "kv_instance_pages", 1), 1)
         self.assertEqual(
-            resolve({"num_pages": 64, "kv_instance_pages": 10}, {})["kv_instance_pages"], 10
+            kv_page_cap(resolve({"kv_instance_pages": 10}, {}), "kv_instance_pages", 64), 10
         )
         with self.assertRaises(ConfigError):
             resolve({"kv_instance_pages": -1}, {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
-from pie.config import ConfigError, resolve
+from pie.config import ConfigError, kv_page_cap, resolve
 from tests.service_case import ServiceCase
 from tests.service_doubles import FakeWorker
 
@@ -97,9 +97,12 @@ class ExportQuotaTests(UserCase):
 
 class UserQuotaSettingTests(TestCase):
     def test_defaults_are_shares_of_the_pool_and_negatives_are_refused(self):
-        settings = resolve({"num_pages": 1024}, {})
-        self.assertEqual((settings["kv_user_pages"], settings["kv_user_export_pages"]), (896, 256))
-        self.assertEqual(resolve({"kv_user_pages": 10}, {})["kv_user_pages"], 10)
+        settings = resolve({}, {})
+        caps = [
+            kv_page_cap(settings, key, 1024) for key in ("kv_user_pages", "kv_user_export_pages")
+        ]
+        self.assertEqual(caps, [896, 256])
+        self.assertEqual(kv_page_cap(resolve({"kv_user_pages": 10}, {}), "kv_user_pages", 1024), 10)
         self.assertEqual(settings["kv_store_user_bytes"], 256 * 2**20)
         self.assertEqual(settings["kv_store_value_bytes"], 16 * 2**20)
         for key in ("kv_user_pages", "kv_user_export_pages"):

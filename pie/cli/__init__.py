@@ -2,6 +2,7 @@
 
     pie serve [DAEMON OPTIONS]            run the daemon in the foreground (twistd pie)
     pie run PROGRAM [-- ARGS...]          upload if missing, launch, stream events, exit with the outcome
+    pie run --server PORT PROGRAM [-- ARGS...]   serve a server inferlet on 127.0.0.1:PORT until Ctrl-C
     pie token [--role Admin]              print a JWT signed with the daemon's secret
     pie query SUBJECT [RECORD]            program_exists HASH | model_status
     pie model ... / pie worker ... / pie sandbox ...   model registry, remote worker, sandbox build
@@ -18,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from twisted.internet.defer import Deferred
 
 from pie import config as pieconfig
 
@@ -88,8 +91,19 @@ async def _session(args: argparse.Namespace, reactor: Any) -> Any:
     return client
 
 
-async def run_program(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO) -> int:
-    """`pie run`: messages go to `out`, progress and the end reason to `err`."""
+async def run_program(
+    args: argparse.Namespace,
+    reactor: Any,
+    out: TextIO,
+    err: TextIO,
+    interrupted: Deferred | None = None,
+) -> int:
+    """`pie run`: messages go to `out`, progress and the end reason to `err`.
+
+    With --server, the program is launched as a server instance on PORT, its URL
+    goes to `out`, and it runs until `interrupted` fires (Ctrl-C): then it is
+    terminated and the command waits for the daemon to say it stopped (status 0).
+    """
     from pie.server.uploads import hash_program
 
     try:
@@ -102,13 +116,25 @@ async def run_program(args: argparse.Namespace, reactor: Any, out: TextIO, err: 
         if not await client.program_exists(program_hash):
             await client.upload_program(program)
             print(f"uploaded {args.program} ({program_hash})", file=err)
-        instance = await client.launch_instance(program_hash, args.arguments)
-        print(f"instance {instance.instance_id}", file=err)
+        if args.server is None:
+            instance = await client.launch_instance(program_hash, args.arguments)
+            print(f"instance {instance.instance_id}", file=err)
+        else:
+            instance = await client.launch_server_instance(
+                program_hash, args.server, args.arguments
+            )
+            print(f"http://127.0.0.1:{args.server}/", file=out, flush=True)
+            print(f"server instance {instance.instance_id}; Ctrl-C stops it", file=err, flush=True)
+            stopping: list[bool] = []
+            if interrupted is not None:
+                interrupted.addCallback(lambda _: stopping.append(True) or instance.terminate())
         async for event, message in instance:
             if event == "message":
                 print(message, file=out, flush=True)
             elif event == "terminated":
                 print(f"terminated: {message}", file=err)
+                if args.server is not None and stopping:
+                    return 0
                 return 0 if message == NORMAL_FINISH else 1
         return 1
     finally:
@@ -195,11 +221,24 @@ def _secret_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="pie home holding auth_secret [$PIE_HOME or ~/.cache/pie]")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pie", description="Programmable LLM inference engine.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="run the daemon (options: pie serve --help)", add_help=False)
     run = commands.add_parser("run", help="run a program and stream its output")
+    run.add_argument(
+        "--server",
+        type=_port,
+        metavar="PORT",
+        help="launch PROGRAM as a server inferlet on 127.0.0.1:PORT; print its URL, "
+        "serve until Ctrl-C",
+    )
     run.add_argument("program", help="inferlet source (.py) or archive")
     run.add_argument("arguments", nargs="*", help="arguments for the program (after --)")
     _connection_options(run)
@@ -249,22 +288,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+STOP_WAIT_S = 10
+"""After Ctrl-C, the longest `pie run --server` waits for the daemon to stop the server."""
+
+
+def _on_stop(reactor: Any) -> tuple[Deferred, Deferred]:
+    """(interrupted, finished): interrupted fires when the reactor is asked to stop (Ctrl-C,
+    SIGTERM) before the command has finished; the stop then waits for `finished` (at most
+    STOP_WAIT_S), so what the interruption starts (terminating a server) gets done."""
+    interrupted: Deferred = Deferred()
+    finished: Deferred = Deferred()
+
+    def stopping() -> Deferred | None:
+        if finished.called:
+            return None
+        interrupted.callback(None)
+        cap = reactor.callLater(STOP_WAIT_S, lambda: finished.called or finished.callback(None))
+        finished.addBoth(lambda r: cap.cancel() if cap.active() else None)
+        return finished
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopping)
+    return interrupted, finished
+
+
 def _react(args: argparse.Namespace) -> int:
     from twisted.internet import task
-    from twisted.internet.defer import Deferred
 
     from pie.client import ConnectionClosed, RequestFailed
 
     status = [2]
 
     async def body(reactor: Any) -> None:
+        # only a server is stopped on Ctrl-C; a plain run ends with its connection, as before
+        serving = args.command == "run" and args.server is not None
+        interrupted, finished = _on_stop(reactor) if serving else (None, Deferred())
         try:
             if args.command == "run":
-                status[0] = await run_program(args, reactor, sys.stdout, sys.stderr)
+                status[0] = await run_program(args, reactor, sys.stdout, sys.stderr, interrupted)
             else:
                 status[0] = await query_command(args, reactor, sys.stdout)
         except (CliError, RequestFailed, ConnectionClosed) as e:
             print(f"pie {args.command}: {e}", file=sys.stderr)
+        finally:
+            finished.callback(None)
 
     try:
         task.react(lambda reactor: Deferred.fromCoroutine(body(reactor)))

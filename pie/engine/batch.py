@@ -49,6 +49,7 @@ class WorkerInfo:
     max_positions: int
     device: str
     dtype: str
+    kv_sizing: str = ""  # how num_kv_pages was chosen (pie.engine.memory.KvSizing.reason)
 
 
 @dataclass

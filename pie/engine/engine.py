@@ -35,13 +35,19 @@ from pie.engine.batch import (
 )
 from pie.engine.llama import LlamaModel
 from pie.engine.loaders import LoadedModel, resolve_device, resolve_dtype
+from pie.engine.memory import (
+    KvPolicy,
+    KvSizing,
+    cpu_available,
+    cuda_available,
+    explicit,
+    size_kv_pool,
+)
 from pie.engine.sampling import sample
 from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import PieError
 
 MAX_POSITION = 1 << 24  # fp32 holds every integer position up to here exactly
-CPU_KV_BUDGET = 512 << 20
-CUDA_KV_FRACTION = 0.5
 
 
 def decode_brle(runs: list[int], length: int) -> np.ndarray:
@@ -101,18 +107,24 @@ class Engine:
         *,
         name: str,
         page_size: int = 16,
-        num_pages: int | None = None,
+        num_pages: int | KvSizing | None = None,
+        kv_policy: KvPolicy | None = None,
         num_embeds: int = 4096,
         dist_size: int = 64,
     ):
+        """num_pages: a count, a sizing already decided (TP ranks agree on one), or None
+        to size the pool from memory under kv_policy (pie.engine.memory)."""
         if page_size < 1 or num_embeds < 1 or dist_size < 1:
             raise PieError("page_size, num_embeds and dist_size must be positive")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         config = model.config
-        if num_pages is None:
-            num_pages = default_num_pages(model, page_size)
+        if isinstance(num_pages, KvSizing):
+            self.kv_sizing = num_pages
+        else:
+            self.kv_sizing = kv_pool_size(model, page_size, num_pages, kv_policy or KvPolicy())
+        num_pages = self.kv_sizing.pages
         self.cache = model.new_kv_cache(num_pages, page_size)
         self.page_size = page_size
         self.dist_size = min(dist_size, config.vocab_size)
@@ -131,6 +143,7 @@ class Engine:
             kv_page_size=page_size,
             dist_size=self.dist_size,
             num_kv_pages=num_pages,
+            kv_sizing=self.kv_sizing.reason,
             num_embeds=num_embeds,
             vocab_size=config.vocab_size,
             max_positions=config.max_position_embeddings,
@@ -379,17 +392,23 @@ class Engine:
         raise PieError(f"unknown worker query {job.text!r} (known: ping, stats)")
 
 
-def default_num_pages(model: LlamaModel, page_size: int) -> int:
-    """KV pages that fit the budget: 512 MiB on CPU, half the free memory on CUDA."""
+def kv_page_bytes(model: LlamaModel, page_size: int) -> int:
+    """Bytes of one KV page: K and V of every layer for page_size slots."""
     c = model.config
     element = torch.empty(0, dtype=model.dtype).element_size()
-    per_page = 2 * c.num_hidden_layers * page_size * c.num_key_value_heads * c.head_dim * element
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-        budget = int(free * CUDA_KV_FRACTION)
-    else:
-        budget = CPU_KV_BUDGET
-    return max(64, min(65536, budget // per_page))
+    return 2 * c.num_hidden_layers * page_size * c.num_key_value_heads * c.head_dim * element
+
+
+def kv_pool_size(
+    model: LlamaModel, page_size: int, num_pages: int | None, policy: KvPolicy
+) -> KvSizing:
+    """num_pages when given; else what the memory left after the weights allows (pie.engine.memory)."""
+    page_bytes = kv_page_bytes(model, page_size)
+    if num_pages is not None:
+        return explicit(num_pages, page_bytes)
+    on_cuda = model.device.type == "cuda"
+    available = cuda_available(model.device) if on_cuda else cpu_available()
+    return size_kv_pool(page_bytes, model.device.type, available, policy)
 
 
 def create_engine(
@@ -399,6 +418,7 @@ def create_engine(
     dtype: str | torch.dtype = "auto",
     page_size: int = 16,
     num_pages: int | None = None,
+    kv_policy: KvPolicy | None = None,
     num_embeds: int = 4096,
     dist_size: int = 64,
     use_int4: bool | None = None,
@@ -420,6 +440,7 @@ def create_engine(
         name=name or loaded.name,
         page_size=page_size,
         num_pages=num_pages,
+        kv_policy=kv_policy,
         num_embeds=num_embeds,
         dist_size=dist_size,
     )

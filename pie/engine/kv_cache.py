@@ -15,23 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pie.engine.memory import cpu_available, human
 from pie.interfaces import PieError
-
-
-def _available_memory() -> int:
-    """MemAvailable from /proc/meminfo (Linux); unlimited where unknown.
-
-    A CPU allocation beyond it would be granted lazily by the kernel and the
-    process killed later, when the pages are touched.
-    """
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 class KvCache:
@@ -54,8 +39,9 @@ class KvCache:
         shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
         size = 2 * int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
         problem = None
-        if torch.device(device).type == "cpu" and size > _available_memory():
-            problem = "more than the memory available"
+        if torch.device(device).type == "cpu" and size > (room := cpu_available()).bytes:
+            # a CPU allocation beyond it is granted lazily and the process killed when touched
+            problem = f"more than the {human(room.bytes)} available ({room.source})"
         else:
             try:
                 self.k = torch.zeros(shape, device=device, dtype=dtype)

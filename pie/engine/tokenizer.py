@@ -1,4 +1,7 @@
-"""The model's tokenizer: from GGUF metadata or a tokenizer.json, plus its chat template.
+"""The model's tokenizer: from GGUF metadata or a tokenizer.json, plus its chat template's text.
+
+The template is only carried here; pie.runtime.chat_template, the one
+renderer, renders it (`render_for(tokenizer, messages)`).
 
 Encoding is delegated to the `tokenizers` library. For GGUF SentencePiece
 vocabularies (`tokenizer.ggml.model = llama`: Llama 2, Gemma) we build a BPE
@@ -15,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from zope.interface import implementer
@@ -112,7 +113,6 @@ class Tokenizer:
             if i is not None and i in special_ids and i not in ends:
                 ends.append(i)
         self.eos_token_ids = ends
-        self._template = None
         self.bos_token_id = bos_token_id  # what a prompt should start with, if anything
 
     # ------------------------------------------------------------------ ITokenizer
@@ -137,28 +137,6 @@ class Tokenizer:
     def vocabs(self) -> tuple[list[int], list[bytes]]:
         ids = [i for i, b in enumerate(self._bytes) if b is not None and i not in self.special_ids]
         return ids, [self._bytes[i] for i in ids]
-
-    # ------------------------------------------------------------------ chat template
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the model's own jinja2 chat template (as transformers does)."""
-        if not self.chat_template:
-            raise PieError("this model has no chat template")
-        if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-            def raise_exception(message: str) -> None:
-                raise PieError(f"chat template: {message}")
-
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
 
     # ------------------------------------------------------------------ construction
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from pie.engine import batch
 from pie.engine.llama import LlamaConfig, LlamaModel
+from pie.engine.memory import KvSizing
 from pie.interfaces import PieError
 
 PR_SET_PDEATHSIG = 1
@@ -119,6 +120,17 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+
+
+def agree_kv_sizing(sizing: KvSizing, device: torch.device) -> KvSizing:
+    """The smallest pool any rank sized from its own memory: every rank must hold the same pages."""
+    pages = torch.tensor([sizing.pages], dtype=torch.int64, device=device)
+    dist.all_reduce(pages, op=dist.ReduceOp.MIN)
+    agreed = int(pages.item())
+    if agreed == sizing.pages:
+        return sizing
+    world = dist.get_world_size()
+    return KvSizing(agreed, sizing.page_bytes, f"{agreed} pages, the least of {world} TP ranks")
 
 
 def _object_device(engine: object) -> torch.device | None:

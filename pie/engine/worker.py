@@ -10,8 +10,6 @@ only itself; the thread goes on.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import queue
 import threading
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from typing import Any
 
 from pie.engine.engine import Engine, create_engine
 from pie.engine.loaders import load_model, resolve_device, resolve_dtype
+from pie.engine.memory import release_freed_memory
 
 Done = Callable[[Any, BaseException | None], None]
 """done(result, None) on success, done(None, error) on failure; called through `deliver`."""
@@ -78,7 +77,8 @@ def build_engine(
     dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else
         float32), "float32", "bfloat16" or "float16".
     options (keywords of pie.engine.engine.create_engine): page_size (16),
-        num_pages (default: what fits the KV budget), num_embeds (4096),
+        num_pages (default: sized from memory by kv_policy, see
+        pie.engine.memory), kv_policy, num_embeds (4096),
         dist_size (64), use_int4, name.
 
     This blocks while the weights load (seconds).
@@ -119,21 +119,3 @@ def build_on_own_thread(build: Callable[[], Engine]) -> Engine:
     if not ok:
         raise value
     return value
-
-
-def release_freed_memory() -> bool:
-    """Give the heap's freed pages back to the OS (glibc malloc_trim); False where unavailable.
-
-    Why: loading dequantizes and converts the weights through temporaries of
-    several hundred MB; glibc keeps them in its arenas after they are freed,
-    so without this the daemon stays ~350 MB above weights + KV pool for its
-    whole life (SmolLM2-135M on CPU: 1304 -> 948 MiB, see docs/limits.md).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    if trim is None:
-        return False
-    trim(0)
-    return True

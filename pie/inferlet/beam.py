@@ -4,12 +4,15 @@ Every beam is a Context; each step decodes all beams concurrently (one batch
 on the engine), expands each with its `beam_size` most likely next tokens
 (from the top-k distribution), keeps the `beam_size` best candidates by summed
 log-probability, each on its own fork, and stops at the best-ranked beam that
-meets the stop condition. The caller's context then adopts that beam.
+meets the stop condition. The caller's context then adopts that beam, and the
+caller gets its text, tokens and score (summed natural log-probability of the
+tokens, from the full-softmax probabilities of the top-k distributions).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pie.inferlet.instance import gather
@@ -19,7 +22,16 @@ if TYPE_CHECKING:
     from pie.inferlet.context import Context
 
 
-async def beam_search(ctx: Context, beam_size: int, stop: StopLike) -> str:
+@dataclass(frozen=True)
+class Beam:
+    """The beam a search adopted."""
+
+    text: str
+    tokens: list[int]
+    score: float  # sum of log p(token | the text before it) over `tokens`
+
+
+async def beam_search(ctx: Context, beam_size: int, stop: StopLike) -> Beam:
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
     if beam_size > ctx.model.dist_size:
@@ -46,11 +58,11 @@ async def beam_search(ctx: Context, beam_size: int, stop: StopLike) -> str:
             for beam, _, _ in beams:
                 beam.close()
             beams = next_beams
-            for beam, tokens, _ in beams:
+            for beam, tokens, score in beams:
                 if should_stop(stop, tokens):
                     ctx._become(beam)
                     ctx._record_generated(tokens)
-                    return ctx.tokenizer.detokenize(tokens)
+                    return Beam(ctx.tokenizer.detokenize(tokens), tokens, score)
     finally:
         for beam, _, _ in beams:
             beam.close()

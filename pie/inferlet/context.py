@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pie.inferlet import fastpath
 from pie.inferlet.brle import Brle
@@ -54,6 +54,9 @@ from pie.inferlet.sampling import (
     sample_with,
     should_stop,
 )
+
+if TYPE_CHECKING:
+    from pie.inferlet.beam import Beam
 
 EXPORT_META_PREFIX = "pie.kv/"
 """KV-store key prefix under which save() records an export's tokens and masks."""
@@ -560,6 +563,11 @@ class Context:
         """Beam search: keep the `beam_size` best sequences by summed log-prob,
         each candidate on its own fork; stop at the best-ranked beam that meets
         `stop` and adopt it. Candidates come from the top-k distribution."""
+        return (await self.beam_search(beam_size, stop)).text
+
+    async def beam_search(self, beam_size: int, stop: StopLike) -> Beam:
+        """generate_with_beam, answering the adopted beam's text, tokens and score
+        (summed log-probability) as a pie.inferlet.beam.Beam."""
         from pie.inferlet.beam import beam_search
 
         return await beam_search(self, beam_size, stop)

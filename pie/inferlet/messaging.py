@@ -1,7 +1,10 @@
 """Messages with the client and between instances, and the persistent key-value store.
 
 - `send(text)` reaches the owning client as an instance event; it is how an
-  inferlet's output gets out.
+  inferlet's output gets out. `await send(text)` also waits while the client
+  reads more slowly than the inferlet sends (backpressure); a send that is not
+  awaited is delivered all the same, but a client that falls too far behind is
+  disconnected (max_outbound).
 - `receive()` waits for the next message the client signalled (FIFO).
 - `broadcast(topic, text)` / `subscribe(topic)`: pub/sub between instances. A
   Subscription is an async iterator of *every* message published after it was
@@ -14,8 +17,26 @@ from __future__ import annotations
 from pie.inferlet import _abi
 
 
-def send(message: str) -> None:
-    _abi.call("send", str(message))
+class Sent:
+    """What send() returns: awaiting it waits while the client's connection is backed up.
+
+    The message is on its way either way; only a program that awaits lets the
+    daemon slow it down to its client's pace. Not awaiting costs nothing: the
+    host future is made only when awaited, and only if the connection was full.
+    """
+
+    __slots__ = ("backed_up",)
+
+    def __init__(self, backed_up: bool) -> None:
+        self.backed_up = backed_up
+
+    def __await__(self):
+        if self.backed_up:
+            yield from _abi.call_async("outbound_drained").__await__()
+
+
+def send(message: str) -> Sent:
+    return Sent(bool(_abi.call("send", str(message))))
 
 
 async def receive() -> str:

@@ -11,6 +11,18 @@ module turns a friendlier handler into that `main`:
         return {"status": 200, "body": "hi"}   # or a str body, or a Response dict
 
     main = http_main(handle)
+
+A handler may stream instead of returning: start the response, write chunks
+as they are ready (each is sent at once, chunked; `text/event-stream` works),
+finish it (or let the handler return, which finishes it):
+
+    async def handle(request):
+        resp = await request.start_response(200, {"content-type": "text/event-stream"})
+        for token in tokens:
+            await resp.write(f"data: {token}\\n\\n")   # waits while the client is slow
+        await resp.finish()
+
+A client that disconnects ends the instance (its KV pages return to the pool).
 """
 
 from __future__ import annotations
@@ -19,6 +31,8 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pie.inferlet._abi import call, call_async
 
 HTTP_REQUEST_ARGUMENT = "--pie-http-request"
 
@@ -35,6 +49,38 @@ class Request:
     def json(self) -> Any:
         """The body parsed as JSON (ValueError if it is not)."""
         return json.loads(self.body)
+
+    async def start_response(
+        self, status: int = 200, headers: dict[str, str] | None = None
+    ) -> StreamedResponse:
+        """Send the status and headers now; the body follows through the returned writer.
+
+        Once started, what the handler returns is ignored.
+        """
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"status must be an integer 100..599, not {status!r}")
+        pairs = [(str(k), str(v)) for k, v in (headers or {}).items()]
+        call("http_response_start", status, pairs)
+        return StreamedResponse()
+
+
+class StreamedResponse:
+    """The body of a started response (Request.start_response)."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    async def write(self, data: str | bytes) -> None:
+        """Send a chunk (str is UTF-8); returns once the client's socket can take more."""
+        if self.finished:
+            raise RuntimeError("the response is finished")
+        await call_async("http_response_write", data.encode() if isinstance(data, str) else data)
+
+    async def finish(self) -> None:
+        """End the response (the client sees the body complete)."""
+        if not self.finished:
+            self.finished = True
+            call("http_response_finish")
 
 
 def parse_request(args: list[str]) -> Request | None:
@@ -71,7 +117,8 @@ def http_main(handler: Handler) -> Callable[[list[str]], Awaitable[str]]:
 
     The handler returns a str (the body, status 200), a dict with any of
     status/headers/body, or the text of response(). An exception becomes a
-    500 with its message (the runtime logs it).
+    500 with its message (the runtime logs it). A handler that streamed
+    (request.start_response) returns nothing; its response is finished for it.
     """
 
     async def main(args: list[str]) -> str:
@@ -81,6 +128,8 @@ def http_main(handler: Handler) -> Callable[[list[str]], Awaitable[str]]:
                 "this inferlet is an HTTP server: start it with launch_server_instance", status=400
             )
         result = await handler(request)
+        if result is None:
+            return response("the handler returned no response", status=500)
         if isinstance(result, str):
             try:
                 parsed = json.loads(result)

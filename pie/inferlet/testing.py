@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from pie.engine.batch import (
@@ -51,6 +52,7 @@ from pie.inferlet.sampling import TopP
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IModelWorker, PieError
 from pie.runtime.executors.dev import DevExecution
 from pie.runtime.hostcalls import HOST_CALLS
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, Exchange
 from pie.runtime.instances import NORMAL_FINISH, Instance
 from pie.runtime.kvstore import KeyValueStore
 from pie.runtime.runtime import Runtime
@@ -324,6 +326,59 @@ class _Web:
         return succeed(("", status, list(got), bytes(content)))
 
 
+class _Request:
+    """The HTTP request a `--pie-http-request` instance answers, for pie.runtime.http.Exchange:
+    what a streamed response sends is kept instead of going to a socket."""
+
+    def __init__(self) -> None:
+        self.code = 200
+        self.responseHeaders = Headers()
+        self.chunks: list[bytes] = []
+        self.finished = False
+        self.channel = self.transport = self  # end(normally=False) "drops the connection"
+
+    def notifyFinish(self) -> Deferred:
+        return Deferred()  # the client never goes away
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        """The fake client reads at once: the producer is never paused."""
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(bytes(data))
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.channel = None
+
+
+class _Requests:
+    """Stands in runtime.servers for the instances given a request as `--pie-http-request`
+    (a server instance's per-request instances): their HTTP exchanges."""
+
+    id = "fakeworld-http-requests"
+
+    def __init__(self) -> None:
+        self.exchanges: dict[str, Exchange] = {}
+
+    def exchange(self, instance: Instance) -> Exchange:
+        return self.exchanges[instance.id]
+
+    def stop(self, reason: str) -> Deferred:
+        return succeed(None)
+
+
 class _Execution(DevExecution):
     """The dev executor's execution of a given main (no program source to load)."""
 
@@ -391,17 +446,25 @@ class FakeWorld:
         body): what `fetch` reaches. Any other URL is refused, as by a daemon whose
         inferlet_http_allow does not list it."""
         self.runtime.http = _Web(self.web)
+        self.requests = _Requests()
+        self.runtime.servers[self.requests.id] = self.requests
         self.instances: list[FakeInstance] = []
 
     # ------------------------------------------------------------------ running
     def spawn(
         self, main: Callable[[list[str]], Coroutine], args: list[str] | None = None
     ) -> FakeInstance:
-        """Launch an inferlet; it starts at the next run_until_idle."""
+        """Launch an inferlet; it starts at the next run_until_idle. With arguments
+        [`--pie-http-request`, request JSON] it answers that request as a server instance's
+        per-request instance does (and may stream its response: FakeInstance.streamed)."""
+        args = list(args or [])
         instance = FakeInstance(self, main)
+        answers = args[:1] == [HTTP_REQUEST_ARGUMENT]
         instance.instance = self.runtime.start_instance(
-            "fake", instance, list(args or []), instance
+            "fake", instance, args, instance, self.requests.id if answers else None
         )
+        if answers:
+            self.requests.exchanges[instance.id] = Exchange(_Request(), instance.instance)
         self.instances.append(instance)
         return instance
 
@@ -488,6 +551,21 @@ class FakeInstance:
         return self.instance.return_value
 
     @property
+    def streamed(self) -> dict[str, Any] | None:
+        """The streamed HTTP response (status, headers, chunks, finished), once started."""
+        exchange = self.world.requests.exchanges.get(self.instance.id)
+        if exchange is None or not exchange.started:
+            return None
+        request = exchange.request
+        headers = request.responseHeaders.getAllRawHeaders()
+        return {
+            "status": request.code,
+            "headers": [(k.decode().lower(), v.decode()) for k, vs in headers for v in vs],
+            "chunks": list(request.chunks),
+            "finished": request.finished,
+        }
+
+    @property
     def kv_at_end(self) -> dict[int, int]:
         """The instance's page table (virtual -> physical) as it was when it ended."""
         return self.world.service.page_tables.get(self.instance.id, {})
@@ -511,6 +589,9 @@ class FakeInstance:
         if reason == NORMAL_FINISH and self.result is not None:
             self.sent.pop()  # the runtime sends the return value last; it is `result` here
         self.reason = reason
+        exchange = self.world.requests.exchanges.get(instance_id)
+        if exchange is not None and exchange.started:  # as the server instance ends it
+            exchange.end(normally=reason == NORMAL_FINISH)
 
 
 def _run_inline(fn: Callable, *args: Any) -> Deferred:

@@ -21,8 +21,9 @@ def rank_engine(options: Any, path: str) -> Any:
     import torch
 
     from pie.engine import tp
-    from pie.engine.engine import Engine, create_engine
+    from pie.engine.engine import Engine, create_engine, kv_pool_size
     from pie.engine.loaders import load_model, resolve_device, resolve_dtype
+    from pie.engine.memory import KvPolicy
     from pie.service.servicetypes import model_loaders
 
     device = resolve_device(options["device"])
@@ -30,19 +31,36 @@ def rank_engine(options: Any, path: str) -> Any:
         device = torch.device("cuda", options["tp-rank"])
     dtype = resolve_dtype(options["dtype"], device)
     loaded = load_model(path, dtype=dtype, loaders=list(model_loaders().values()))
+    policy = KvPolicy(
+        headroom_bytes=options["kv-headroom-bytes"],
+        cuda_fraction=options["kv-memory-fraction"],
+        max_pages=options["max-kv-pages"],
+    )
     sizes = dict(
         page_size=options["page-size"],
-        num_pages=options["num-pages"],
         num_embeds=options["num-embeds"],
         dist_size=options["dist-size"],
     )
     if options["tp"] == 1:
         return create_engine(
-            loaded, device=str(device), dtype=dtype, name=options["model-name"], **sizes
+            loaded,
+            device=str(device),
+            dtype=dtype,
+            name=options["model-name"],
+            num_pages=options["num-pages"],
+            kv_policy=policy,
+            **sizes,
         )
     tp.init_group(options["tp-rank"], options["tp"], options["tp-init"], device)
     model = tp.sharded_model(loaded.config, loaded.weights, device=device, dtype=dtype)
-    return Engine(model, loaded.tokenizer, name=options["model-name"] or loaded.name, **sizes)
+    sizing = kv_pool_size(model, options["page-size"], options["num-pages"], policy)
+    return Engine(
+        model,
+        loaded.tokenizer,
+        name=options["model-name"] or loaded.name,
+        num_pages=tp.agree_kv_sizing(sizing, device),
+        **sizes,
+    )
 
 
 def leader(engine: Any) -> Any:

@@ -80,11 +80,32 @@ def worker_token(home: str, *, create: bool = False) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip().encode()
-    except OSError:
+    if not os.path.exists(path):
         return b""
+    return read_token_file(path)
+
+
+def read_token_file(path: str) -> bytes:
+    """A worker token file's secret: UTF-8 text, surrounding whitespace stripped.
+
+    A file that cannot be read, is not UTF-8 or holds only whitespace raises
+    PieError naming the file (the token is text: `pie worker` writes it in hex).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PieError(f"cannot read the worker token file {path}: {e.strerror}") from None
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise PieError(
+            f"the worker token file {path} is not UTF-8 text (byte {e.start}); "
+            "write the token as text, e.g. the hex that `pie worker` creates"
+        ) from None
+    if not token:
+        raise PieError(f"the worker token file {path} is empty")
+    return token.encode()
 
 
 _ENDPOINT = re.compile(r"^(?:(?:ws|tcp)://)?(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d+)/?$")

@@ -25,7 +25,7 @@ from pie import config as pieconfig
 from pie.interfaces import PieError
 from pie.remote import tp_launch
 from pie.remote.server import WorkerServerFactory
-from pie.remote.wire import WORKER_TOKEN_ENV, WORKER_TOKEN_FILE, worker_token
+from pie.remote.wire import WORKER_TOKEN_ENV, WORKER_TOKEN_FILE, read_token_file, worker_token
 from pie.service.registry import resolve_model
 
 
@@ -47,7 +47,10 @@ class Options(usage.Options):
         ["device", None, "auto", None],
         ["dtype", None, "auto", None],
         ["page-size", None, 16, None, int],
-        ["num-pages", None, None, None, int],
+        ["num-pages", None, None, "KV pages (default: sized from memory, as the daemon's)", int],
+        ["kv-headroom-bytes", None, 2 << 30, "CPU: memory left free after the KV pool", int],
+        ["kv-memory-fraction", None, 0.8, "CUDA: share of free memory the KV pool takes", float],
+        ["max-kv-pages", None, 0, "most KV pages when sized from memory (0: 1024 on CPU)", int],
         ["num-embeds", None, 4096, None, int],
         ["dist-size", None, 64, None, int],
         ["tp", None, 1, "tensor-parallel ranks (processes) in this worker", int],
@@ -78,8 +81,7 @@ class Options(usage.Options):
 def read_secret(options: Options) -> bytes:
     """The worker's shared secret: --token-file, else $PIE_WORKER_TOKEN or HOME/worker_token."""
     if options["token-file"]:
-        with open(options["token-file"], encoding="utf-8") as f:
-            return f.read().strip().encode()
+        return read_token_file(options["token-file"])
     secret = worker_token(options["home"], create=True)
     if not os.environ.get(WORKER_TOKEN_ENV):
         where = os.path.join(options["home"], WORKER_TOKEN_FILE)
@@ -101,12 +103,12 @@ class WorkerService(Service):
     def startService(self) -> None:
         """Load (blocking: the worker has nothing else to do yet), then listen."""
         super().startService()
+        o = self.options
+        secret = read_secret(o)  # before torch and the model: a bad token file fails at once
         from pie.engine.worker import build_on_own_thread
         from pie.service.local import LocalWorker
 
-        o = self.options
         path = resolve_model(o["model"], o["home"])
-        secret = read_secret(o)
         if o["tp"] > 1:
             self.followers = tp_launch.start_followers(self.argv, o)
             engine = tp_launch.rank_engine(o, path)
@@ -126,6 +128,7 @@ class WorkerService(Service):
             f"on ws://{address.host}:{address.port}",
             flush=True,
         )
+        print(f"pie worker: KV pool: {info.kv_sizing}", flush=True)
         if self.options["attach"]:
             endpoint = self.options["advertise"] or f"ws://{address.host}:{address.port}"
             name = self.options["service-name"] or f"{socket.gethostname()}:{address.port}"

@@ -254,6 +254,17 @@ def render(
     return "".join(parts)
 
 
+def render_for(tokenizer: Any, messages: list[dict], **options: Any) -> str:
+    """render() with an ITokenizer's own template and bos/eos tokens (tests, benches, tools)."""
+    return render(
+        tokenizer.chat_template,
+        messages,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        **options,
+    )
+
+
 def _decoded(name: str, text: str | None) -> Any:
     if text is None:
         return None

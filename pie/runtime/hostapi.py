@@ -25,11 +25,12 @@ import itertools
 import time
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 import pie
-from pie.interfaces import IModelService, InstanceFault, PieError
+from pie.interfaces import IBackpressure, IModelService, InstanceFault, PieError
 from pie.namespaces import instance_user, scoped, visible
 from pie.runtime import chat_template
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
@@ -260,13 +261,22 @@ class HostApi:
 
     # ------------------------------------------------------------------ messaging
 
-    def _send(self, instance: Instance, message: str) -> None:
+    def _send(self, instance: Instance, message: str) -> bool:
+        """Deliver; True when the owner is backed up (IBackpressure) and the guest should wait."""
         if instance.owner is None:
-            return
+            return False
         try:
-            instance.owner.instance_message(instance.id, message)
+            backed_up = instance.owner.instance_message(instance.id, message)
         except Exception:  # the owner's trouble (a broken connection) is not the program's
             log.failure("delivering a message of {id} failed", id=instance.id)
+            return False
+        return bool(backed_up) and IBackpressure.providedBy(instance.owner)
+
+    def _outbound_drained(self, instance: Instance) -> Deferred:
+        owner = instance.owner
+        if owner is None or not IBackpressure.providedBy(owner):
+            return succeed(None)
+        return owner.when_drained()
 
     def _receive(self, instance: Instance):
         return self._runtime.inboxes.pull(instance.id)
@@ -306,6 +316,23 @@ class HostApi:
 
     def _fetch(self, instance: Instance, url, method, headers, body, timeout_ms):
         return self._runtime.http.fetch(instance, url, method, headers, body, timeout_ms)
+
+    # ------------------------------------------------------------------ streamed HTTP responses
+
+    def _exchange(self, instance: Instance):
+        server = self._runtime.servers.get(instance.server_id) if instance.server_id else None
+        if server is None:
+            raise PieError("this instance is not handling an HTTP request")
+        return server.exchange(instance)
+
+    def _http_response_start(self, instance: Instance, status: int, headers) -> None:
+        self._exchange(instance).start(status, headers)
+
+    def _http_response_write(self, instance: Instance, data: bytes):
+        return self._exchange(instance).write(data)
+
+    def _http_response_finish(self, instance: Instance) -> None:
+        self._exchange(instance).finish()
 
 
 def model_info(service: IModelService, vocab_size: int) -> list[tuple[str, str]]:

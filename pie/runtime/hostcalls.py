@@ -192,7 +192,21 @@ HOST_CALLS: dict[str, HostCall] = {
             "end in them (one flat buffer: it crosses the sandbox boundary in milliseconds).",
         ),
         # ---- messaging and the key-value store
-        _c("send", "message: string", None, "sync", "To the owning client (instance_event)."),
+        _c(
+            "send",
+            "message: string",
+            "bool",
+            "sync",
+            "To the owning client (instance_event). True when the client's connection is "
+            "backed up (past its high-water mark): await outbound-drained before sending more.",
+        ),
+        _c(
+            "outbound_drained",
+            "",
+            None,
+            "async",
+            "Resolves once the owning client's connection is no longer backed up.",
+        ),
         _c("receive", "", "string", "async", "Next message from the client (signal_instance)."),
         _c("broadcast", "topic: string; message: string", None, "sync", "Publish to subscribers."),
         _c("subscribe", "topic: string", "u32", "sync", "Subscribe; returns a subscription id."),
@@ -209,6 +223,30 @@ HOST_CALLS: dict[str, HostCall] = {
         _c("store_delete", "key: string", None, "async", "Delete."),
         _c("store_exists", "key: string", "bool", "async", "Membership."),
         _c("store_list_keys", "", "list<string>", "async", "All keys."),
+        # ---- streamed responses of server instances (pie.runtime.http.Exchange)
+        _c(
+            "http_response_start",
+            "status: u32; headers: list<tuple<string, string>>",
+            None,
+            "sync",
+            "Send the status and headers of this request's response now (server instances "
+            "only); the body follows in http_response_write calls and the return value is ignored.",
+        ),
+        _c(
+            "http_response_write",
+            "data: list<u8>",
+            None,
+            "async",
+            "Send a chunk of the started response (flushed at once); resolves when the "
+            "client's socket can take more (backpressure).",
+        ),
+        _c(
+            "http_response_finish",
+            "",
+            None,
+            "sync",
+            "End the started response (else it ends when the instance does).",
+        ),
         # ---- outgoing HTTP (pie.runtime.outbound: the daemon's inferlet_http_allow policy)
         _c(
             "fetch",

@@ -21,14 +21,16 @@ from collections.abc import Callable, Iterable
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IRuntime, PieError
+from pie.metrics import NO_METRICS, Metrics
 from pie.namespaces import instance_user
 from pie.runtime.chat_template import DEFAULT_MAX_CHARS
 from pie.runtime.hostapi import HostApi
-from pie.runtime.http import ServerInstance
+from pie.runtime.http import Gate, HttpLimits, ServerInstance
 from pie.runtime.instances import Instance, Instances
 from pie.runtime.kvstore import DEFAULT_USER_BYTES, DEFAULT_VALUE_BYTES, KeyValueStore
 from pie.runtime.messaging import (
@@ -64,23 +66,28 @@ class Runtime(service.Service):
         max_chat_chars: int = DEFAULT_MAX_CHARS,
         attacher: Callable[..., Deferred] | None = None,
         http_policy: HttpPolicy | None = None,
+        http_limits: HttpLimits | None = None,
         inbox_bytes: int = DEFAULT_INBOX_BYTES,
         subscription_bytes: int = DEFAULT_SUBSCRIPTION_BYTES,
         store_value_bytes: int = DEFAULT_VALUE_BYTES,
         store_user_bytes: int = DEFAULT_USER_BYTES,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         """attacher(runtime, endpoint, service_type, service_name) -> Deferred of the success
         text: how `attach_remote_service` finds a service type (the daemon passes
         pie.service.servicetypes.attach_remote_service). http_policy: what the inferlets'
-        `fetch` may reach (default: nothing). inbox_bytes / subscription_bytes: unread
+        `fetch` may reach (default: nothing). http_limits: what each server instance
+        accepts (pie.runtime.http.HttpLimits). inbox_bytes / subscription_bytes: unread
         messages one instance's inbox / one subscription may hold (pie.runtime.messaging).
-        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore)."""
+        store_value_bytes / store_user_bytes: the key-value store's quotas (pie.runtime.kvstore).
+        metrics: the daemon's hooks (pie.metrics), handed to each model service added."""
         if reactor is None:
             from twisted.internet import reactor
         self.home = home
         self.reactor = reactor
         self.executor = executor
         self.attacher = attacher
+        self.metrics = metrics
         self._services: dict[str, IModelService] = {}
         self.programs = ProgramStore(os.path.join(home, "programs"), reactor, max_program_size)
         self.kvstore = KeyValueStore(
@@ -94,6 +101,7 @@ class Runtime(service.Service):
         self.http = OutboundHttp(reactor, http_policy)
         self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
+        self.http_limits = http_limits or HttpLimits()
         self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)
@@ -127,6 +135,7 @@ class Runtime(service.Service):
         if name in self._services:
             raise PieError(f"a model service named {name!r} is already attached")
         model_service.instance_terminator = self.terminate
+        model_service.metrics = self.metrics.model(name)
         self._services[name] = model_service
 
     def model_status(self) -> list[dict]:
@@ -251,19 +260,33 @@ class Runtime(service.Service):
     # ------------------------------------------------------------------ server instances
 
     def launch_server(
-        self, program_hash: str, port: int, arguments: list[str], owner: IInstanceOwner
+        self,
+        program_hash: str,
+        port: int,
+        arguments: list[str],
+        owner: IInstanceOwner,
+        endpoint: IStreamServerEndpoint | None = None,
+        gate: Gate | None = None,
     ):
+        """A server instance on 127.0.0.1:port, or on `endpoint` with `gate` (pie.runtime.http:
+        what the daemon's own servers use); Deferred firing with its id."""
         try:
             arguments = _checked_arguments(arguments)
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise PieError(f"port must be an integer 0..65535, not {port!r}")
         except PieError as e:
             return fail(e)
-        return ensureDeferred(self._launch_server(program_hash, port, arguments, owner))
+        return ensureDeferred(
+            self._launch_server(program_hash, port, arguments, owner, endpoint, gate)
+        )
 
-    async def _launch_server(self, digest: str, port: int, arguments: list[str], owner) -> str:
+    async def _launch_server(
+        self, digest: str, port: int, arguments: list[str], owner, endpoint, gate
+    ) -> str:
         program = await self._runnable(digest)
-        server = ServerInstance(self, digest, program, arguments, owner, port)
+        server = ServerInstance(
+            self, digest, program, arguments, owner, port, self.http_limits, endpoint, gate
+        )
         await server.listen()
         self.servers[server.id] = server
         return server.id

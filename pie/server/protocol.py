@@ -29,9 +29,17 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pie.interfaces import IInstanceOwner, IRuntime, PieError
+from pie.interfaces import IBackpressure, IInstanceOwner, IRuntime, PieError
+from pie.metrics import NO_METRICS, Metrics
 from pie.server import messages
-from pie.server.auth import AuthError, Claims, validate_token
+from pie.server.auth import (
+    DEFAULT_AUTH_FAILURES_PER_MINUTE,
+    AuthError,
+    Claims,
+    FailureLimiter,
+    validate_token,
+)
+from pie.server.connections import AUTO_MAX_CONNECTIONS, ConnectionCounter
 from pie.server.messages import BadMessage
 from pie.server.uploads import (
     DEFAULT_MAX_PROGRAM_SIZE,
@@ -48,12 +56,14 @@ REASON_USER_TERMINATED = "user terminated the program"
 REASON_CONNECTION_CLOSED = "socket terminated"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024  # a 256 KiB chunk plus msgpack overhead fits easily
 DEFAULT_MAX_OUTBOUND = 16 * 1024 * 1024
+OUTBOUND_HIGH_WATER_DIVISOR = 4  # an awaited send() waits past max_outbound / 4 queued
 INBOX_HIGH_WATER = 64  # stop reading a client with this many requests waiting
 ADMIN_QUERIES = ("kv_exports", "kv_unexport")  # need role Admin where auth is on
 DEFAULT_MAX_INSTANCES_PER_CONNECTION = 256
 DEFAULT_MAX_INSTANCES_PER_USER = 1024
 ANONYMOUS = "anonymous"  # the one user of a daemon without auth
 CLOSE_SHUTDOWN = 1000  # autobahn only lets applications send 1000 or 3000-4999
+INVALID = "invalid"  # the metrics endpoint of a frame that is no client message
 
 
 @implementer(IPushProducer)
@@ -73,13 +83,40 @@ class _OutboundGate:
         pass  # the connection is going away; onClose does the cleanup
 
 
-@implementer(IInstanceOwner)
+@implementer(IInstanceOwner, IBackpressure)
 class PieServerProtocol(WebSocketServerProtocol):
+    _admitted = False  # set in connectionMade: within the listener's connection caps
     # txaio's logger honours txaio's level (info): autobahn logs every frame at debug through it.
     log = txaio.make_logger()
     factory: PieServerFactory
 
     # ------------------------------------------------------------------ connection life
+
+    def connectionMade(self) -> None:
+        """Admit the connection under the listener's caps, or answer 503 and close it.
+
+        The refusal is plain HTTP before any WebSocket handshake, so every client
+        library shows its status and text; nothing of the session is set up.
+        """
+        self._address = peer_host(self.transport)
+        refusal = self.factory.connections.admit(self._address)
+        self._admitted = refusal is None
+        if refusal is None:
+            super().connectionMade()
+            return
+        self.log.info("refused a connection: {refusal}", refusal=refusal)
+        body = refusal.encode()
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self._admitted:
+            return  # refused in connectionMade: autobahn never started
+        self.factory.connections.release(self._address)
+        super().connectionLost(reason)
 
     def onConnect(self, request: Any) -> None:
         self.authenticated = not self.factory.auth_enabled
@@ -97,6 +134,8 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._reading_paused = False
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
+        self._endpoint = INVALID  # the type of the message being handled (metrics)
+        self._drain_waiters: list[Deferred[None]] = []
         self.closed: Deferred[None] = Deferred()
 
     def onOpen(self) -> None:
@@ -111,6 +150,8 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._inbox.clear()
         self._backlog.clear()
         self._arm_upload_timer(False)
+        self._backlog_bytes = 0
+        self._wake_senders()
         self.uploads.abandon()
         for instance_id in sorted(self.owned):
             self._terminate(instance_id, REASON_CONNECTION_CLOSED)
@@ -140,18 +181,16 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._drain()
 
     def _handle_frame(self, payload: bytes, is_binary: bool) -> Deferred | None:
+        self._endpoint = INVALID
         if not is_binary:
-            self._send(
-                messages.server_event(
-                    "text frames are not supported: send msgpack maps in binary frames"
-                )
-            )
+            self._refuse(None, "text frames are not supported: send msgpack maps in binary frames")
             return None
         try:
             kind, fields = messages.decode_client_message(payload)
         except BadMessage as e:
             self._refuse(e.corr_id, f"bad message: {e}")
             return None
+        self._endpoint = kind
         if not self.authenticated and kind != "authenticate":
             self._refuse(fields.get("corr_id"), f"Not authenticated ({kind} refused)")
             return None
@@ -164,9 +203,15 @@ class PieServerProtocol(WebSocketServerProtocol):
         if self.authenticated:
             self._respond(corr_id, True, "Already authenticated")
             return
+        address = peer_host(self.transport)
+        refusal = self.factory.auth_failures.refusal(address)
+        if refusal is not None:
+            self._respond(corr_id, False, refusal)
+            return
         try:
             claims = validate_token(self.factory.auth_secret, token)
         except AuthError as e:
+            self.factory.auth_failures.failed(address)
             self._respond(corr_id, False, f"Invalid token: {e}")
             return
         self.authenticated, self.claims = True, claims
@@ -317,10 +362,8 @@ class PieServerProtocol(WebSocketServerProtocol):
             canonical = instance_id
         if canonical in self.owned:
             return canonical
-        self._send(
-            messages.server_event(
-                f"{kind}: no running instance {instance_id[:80]!r} owned by this connection"
-            )
+        self._refuse(
+            None, f"{kind}: no running instance {instance_id[:80]!r} owned by this connection"
         )
         return None
 
@@ -328,7 +371,9 @@ class PieServerProtocol(WebSocketServerProtocol):
         try:
             action()
         except PieError as e:
-            self._send(messages.server_event(f"{kind} failed: {e}"))
+            self._refuse(None, f"{kind} failed: {e}")
+        else:
+            self.factory.metrics.request(kind, "ok")
 
     def _terminate(self, instance_id: str, reason: str) -> None:
         try:
@@ -400,8 +445,29 @@ class PieServerProtocol(WebSocketServerProtocol):
             )
         return None
 
-    def instance_message(self, instance_id: str, message: str) -> None:
+    def instance_message(self, instance_id: str, message: str) -> bool:
+        """Queue the message; True when the backlog is past its high-water mark (IBackpressure)."""
         self._event(instance_id, "message", message)
+        return self._backed_up()
+
+    def _backed_up(self) -> bool:
+        return self._writable() and self._backlog_bytes >= self.factory.outbound_high_water
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires once the backlog is at or under half the high-water mark, or the session ends."""
+        if not self._backed_up():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def _wake_senders(self) -> None:
+        if self._drain_waiters and (
+            not self._writable() or self._backlog_bytes <= self.factory.outbound_high_water // 2
+        ):
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def instance_terminated(self, instance_id: str, reason: str) -> None:
         self._event(instance_id, "terminated", reason)
@@ -451,17 +517,29 @@ class PieServerProtocol(WebSocketServerProtocol):
 
     def _refuse(self, corr_id: int | None, reason: str) -> None:
         if corr_id is None:
+            self.factory.metrics.request(self._endpoint, "error")
             self._send(messages.server_event(reason))
         else:
             self._respond(corr_id, False, reason)
 
     def _respond(self, corr_id: int, successful: bool, result: str) -> None:
+        """Answer a request; counted for the message being handled (they are handled in order,
+        each answered before the next is taken)."""
+        self.factory.metrics.request(self._endpoint, "ok" if successful else "error")
         self._send(messages.response(corr_id, successful, result))
 
     # ------------------------------------------------------------------ outbound, bounded
 
+    def _writable(self) -> bool:
+        """False once the connection is closing: autobahn refuses (and raises on) any send.
+
+        A client's close frame puts the session in STATE_CLOSING well before onClose;
+        instances still sending in that window would each raise Disconnected.
+        """
+        return not (self._closed or self._dropping) and self.state == self.STATE_OPEN
+
     def _send(self, message: dict[str, Any]) -> None:
-        if self._closed or self._dropping:
+        if not self._writable():
             return
         payload = messages.encode(message)
         if len(payload) > self.factory.max_message_size:
@@ -479,10 +557,11 @@ class PieServerProtocol(WebSocketServerProtocol):
     def setWritePaused(self, paused: bool) -> None:
         """Called by the transport (through the gate) as its send buffer fills and drains."""
         self._write_paused = paused
-        while self._backlog and not self._write_paused and not self._closed:
+        while self._backlog and not self._write_paused and self._writable():
             payload = self._backlog.popleft()
             self._backlog_bytes -= len(payload)
             self.sendMessage(payload, isBinary=True)
+        self._wake_senders()
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -505,7 +584,13 @@ class PieServerProtocol(WebSocketServerProtocol):
         self._dropping = True
         self._backlog.clear()
         self._backlog_bytes = 0
+        self._wake_senders()
         self.dropConnection(abort=True)  # a close frame would wait behind what it does not read
+
+
+def peer_host(transport: Any) -> str:
+    """The client's address for the per-address limits: its IP, or "local" on a UNIX socket."""
+    return str(getattr(transport.getPeer(), "host", None) or "local")
 
 
 def _admin_query(runtime: IRuntime, subject: str, record: str) -> str:
@@ -556,18 +641,35 @@ class PieServerFactory(WebSocketServerFactory):
         max_instances_per_user: int = DEFAULT_MAX_INSTANCES_PER_USER,
         upload_bytes_in_flight: int = DEFAULT_UPLOAD_BYTES_IN_FLIGHT,
         upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+        metrics: Metrics = NO_METRICS,
+        auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE,
+        clock: Any = None,
+        max_connections: int = AUTO_MAX_CONNECTIONS,
+        max_connections_per_address: int = AUTO_MAX_CONNECTIONS // 2,
     ) -> None:
-        """auth_secret None disables authentication (every session starts authenticated)."""
+        """auth_secret None disables authentication (every session starts authenticated);
+        metrics: the daemon's hooks (pie.metrics), told of every request and its outcome.
+
+        `clock` (default: the reactor) times the authentication failure window.
+        """
         super().__init__(reactor=reactor)
+        if clock is None:
+            clock = reactor
+            if clock is None:
+                from twisted.internet import reactor as clock
+        self.auth_failures = FailureLimiter(auth_failures_per_minute, clock)
+        self.connections = ConnectionCounter(max_connections, max_connections_per_address)
         self.runtime = runtime
         self.auth_secret = auth_secret
         self.max_program_size = max_program_size
         self.max_message_size = max_message_size
         self.max_outbound = max_outbound
+        self.outbound_high_water = max(1, max_outbound // OUTBOUND_HIGH_WATER_DIVISOR)
         self.max_instances_per_connection = max_instances_per_connection
         self.max_instances_per_user = max_instances_per_user
         self.upload_budget = UploadBudget(upload_bytes_in_flight)
         self.upload_idle_timeout_s = upload_idle_timeout_s
+        self.metrics = metrics
         self.sessions: set[PieServerProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message_size,

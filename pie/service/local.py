@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pie.config import kv_page_cap
 from pie.interfaces import IModelWorker, PieError
 from pie.service.registry import resolve_model
 from pie.service.service import ModelService
@@ -94,6 +95,17 @@ def start_worker(loaded: Any, *, reactor: Any = None, **options: Any) -> LocalWo
     return LocalWorker(create_engine(loaded, **options), reactor=reactor)
 
 
+def kv_policy(settings: dict[str, Any]) -> Any:
+    """The pie.engine.memory.KvPolicy of the daemon's settings (imported on the loading thread)."""
+    from pie.engine.memory import KvPolicy
+
+    return KvPolicy(
+        headroom_bytes=settings["kv_headroom_bytes"],
+        cuda_fraction=settings["kv_memory_fraction"],
+        max_pages=settings["max_kv_pages"],
+    )
+
+
 class LocalModelService(Service):
     """Loads one model into a LocalWorker and adds its ModelService to the runtime.
 
@@ -156,20 +168,22 @@ class LocalModelService(Service):
                 device=s["device"],
                 dtype=s["dtype"],
                 page_size=s["page_size"],
-                num_pages=s["num_pages"],
+                num_pages=s["num_pages"] or None,
+                kv_policy=kv_policy(s),
                 dist_size=s["dist_size"],
                 reactor=self.reactor,
             ),
         )
+        log.info("KV pool: {how}", how=self.worker.info.kv_sizing)
         service = ModelService(
             self.worker,
             reactor=self.reactor,
             state_dir=os.path.join(s["home"], "kv-exports"),
             policy=s["batching"].replace(":", " "),
             max_batch_tokens=s["max_batch_tokens"] or None,
-            instance_pages=s["kv_instance_pages"],
-            user_pages=s["kv_user_pages"],
-            export_pages=s["kv_user_export_pages"],
+            instance_pages=kv_page_cap(s, "kv_instance_pages", self.worker.info.num_kv_pages),
+            user_pages=kv_page_cap(s, "kv_user_pages", self.worker.info.num_kv_pages),
+            export_pages=kv_page_cap(s, "kv_user_export_pages", self.worker.info.num_kv_pages),
         )
         self.runtime.add_model_service(service.name, service)
         self.model_service = service

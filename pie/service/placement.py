@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 import pie
 from pie.interfaces import IModelService, InstanceFault, PieError
+from pie.metrics import NO_MODEL_METRICS, ModelMetrics
 from pie.remote.client import RemoteWorker, connect_worker
 from pie.remote.wire import WORKER_TOKEN_ENV, WORKER_TOKEN_FILE, worker_token
 from pie.service.service import ModelService
@@ -57,7 +58,19 @@ class ModelPool:
         self._info = first.worker.info
         self.members: dict[str, Member] = {}
         self._placement: dict[str, Member] = {}
+        self._metrics: ModelMetrics = NO_MODEL_METRICS
         self.add(first)
+
+    @property
+    def metrics(self) -> ModelMetrics:
+        """The model's metrics hooks (the runtime sets them), shared by every member's service."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: ModelMetrics) -> None:
+        self._metrics = metrics
+        for member in self.members.values():
+            member.service.metrics = metrics
 
     # ------------------------------------------------------------------ membership
 
@@ -77,6 +90,7 @@ class ModelPool:
         if member.name in self.members:
             raise PieError(f"a model worker named {member.name!r} is already attached")
         self.members[member.name] = member
+        member.service.metrics = self._metrics
         member.worker.on_lost(lambda worker, reason: self._lost(member, reason))
 
     def detach(self, name: str) -> Deferred:
@@ -152,6 +166,7 @@ class ModelPool:
             "num_distributions": total("num_distributions"),
             "free_kv_pages": total("free_kv_pages"),
             "free_embeddings": total("free_embeddings"),
+            "pending_commands": total("pending_commands"),
             "device": "remote",
             "workers": workers,
         }

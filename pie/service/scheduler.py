@@ -57,6 +57,7 @@ from pie.engine.batch import (
     layout_of,
 )
 from pie.interfaces import InstanceFault, PieError
+from pie.metrics import NO_MODEL_METRICS, ModelMetrics
 from pie.runtime.hostcalls import PRIORITIES
 from pie.service.resources import Resources
 
@@ -301,11 +302,13 @@ class Scheduler:
         self._to_fire: list[tuple[Deferred, object]] = []
         self._pumping = False
         self.stats = {"forward_jobs": 0, "forward_items": 0, "other_jobs": 0, "max_batch": 0}
+        self.metrics: ModelMetrics = NO_MODEL_METRICS  # the runtime sets the daemon's (pie.metrics)
 
     # ------------------------------------------------------------------ queues
 
     def add_queue(self, queue_id: int, instance: str) -> None:
         self._queues[queue_id] = _Queue(queue_id, instance)
+        self.metrics.queue_added(instance, self._reactor.seconds())
 
     def queue_instance(self, queue_id: int) -> str | None:
         q = self._queues.get(queue_id)
@@ -353,6 +356,7 @@ class Scheduler:
         self._cancel(instance, self._faults.pop(instance, "the instance ended"))
         for queue_id in [i for i, q in self._queues.items() if q.instance == instance]:
             self._queues.pop(queue_id).dead = True
+        self.metrics.instance_dropped(instance)
         self._flush()
 
     def _cancel(self, instance: str, reason: str) -> None:
@@ -691,6 +695,7 @@ class Scheduler:
             self.stats["forward_jobs"] += 1
             self.stats["forward_items"] += len(entries)
             self.stats["max_batch"] = max(self.stats["max_batch"], len(entries))
+            self.metrics.forward_sent(job)
         else:
             self.stats["other_jobs"] += 1
         done = Deferred()
@@ -700,12 +705,15 @@ class Scheduler:
         result = maybeDeferred(self._execute, job)
         result.addCallback(self._answer, job, entries)
         result.addErrback(self._job_failed, entries)
-        result.addBoth(self._completed, done, queues, is_forward)
+        result.addBoth(self._completed, done, queues, is_forward, self._reactor.seconds())
 
     def _answer(self, result: object, job: object, entries: list[_Entry]) -> None:
         answers = _split(job, result, entries)
+        now, forward = self._reactor.seconds(), isinstance(job, Forward)
         for entry, answer in zip(entries, answers, strict=True):
             entry.queue.holding -= entry.command.holds_queue
+            if forward:
+                self.metrics.item_answered(entry.queue.instance, entry.prepared, now)
             try:
                 value = self._finish(entry.command, answer)
             except Exception as e:  # noqa: BLE001
@@ -734,11 +742,14 @@ class Scheduler:
             else:
                 self._fail(entry.queue, command, reason)
 
-    def _completed(self, _: object, done: Deferred, queues: list[_Queue], is_forward: bool) -> None:
+    def _completed(
+        self, _: object, done: Deferred, queues: list[_Queue], is_forward: bool, sent: float
+    ) -> None:
         for q in queues:
             q.outstanding.remove(done)
         if is_forward:
             self._forwards_in_flight -= 1
+            self.metrics.forward_done(self._reactor.seconds() - sent)
         done.callback(None)
         self._schedule_pump()
         self._flush()

@@ -40,6 +40,7 @@ from pie.engine.batch import (
     layout_of,
 )
 from pie.interfaces import IModelService, IModelWorker, InstanceFault, PieError
+from pie.metrics import ModelMetrics
 from pie.service.commands import (
     AllocateEmbeds,
     AllocatePages,
@@ -174,12 +175,22 @@ class ModelService:
 
     # ------------------------------------------------------------------ IModelService
 
+    @property
+    def metrics(self) -> ModelMetrics:
+        """What the scheduler reports to (pie.metrics; the runtime sets it when it adds us)."""
+        return self.scheduler.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: ModelMetrics) -> None:
+        self.scheduler.metrics = metrics
+
     def status(self) -> dict:
         return {
             "version": pie.__version__,
             "model_name": self.name,
             "kv_page_size": self.kv_page_size,
             "num_kv_pages": self.info.num_kv_pages,
+            "kv_sizing": self.info.kv_sizing,
             "num_embeddings": self.info.num_embeds,
             "num_distributions": self.info.num_embeds,  # distributions live in embed slots
             "free_kv_pages": self.resources.pages.available,

@@ -447,7 +447,6 @@ class FakeWorld:
         inferlet_http_allow does not list it."""
         self.runtime.http = _Web(self.web)
         self.requests = _Requests()
-        self.runtime.servers[self.requests.id] = self.requests
         self.instances: list[FakeInstance] = []
 
     # ------------------------------------------------------------------ running
@@ -464,6 +463,7 @@ class FakeWorld:
             "fake", instance, args, instance, self.requests.id if answers else None
         )
         if answers:
+            self.runtime.servers.setdefault(self.requests.id, self.requests)
             self.requests.exchanges[instance.id] = Exchange(_Request(), instance.instance)
         self.instances.append(instance)
         return instance

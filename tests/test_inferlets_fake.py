@@ -1,7 +1,8 @@
 """Every example inferlet on the fake model (pie.inferlet.testing): fast, no weights needed.
 
-The apps run under the real guest driver against the host double, which
-checks pages, masks and queue order. Where the fake model's outputs can be
+The apps run under the real guest driver on pie's host (FakeWorld: the real
+runtime and model service over a fake worker), which checks pages, masks and
+queue order. Where the fake model's outputs can be
 predicted (greedy continuations, scores), they are compared exactly; this is
 where the decoding apps are checked to reproduce plain greedy decoding, which
 bfloat16 on the real model cannot promise across differently shaped passes.
@@ -15,8 +16,10 @@ import os
 
 from twisted.trial import unittest
 
-from pie.inferlet.testing import COMMANDS, FakeInstance, FakeModel, FakeWorld, greedy_reference
-from pie.runtime.hostcalls import HOST_CALLS
+from pie.inferlet import _abi, get_auto_model, testing
+from pie.inferlet.testing import FakeModel, FakeWorld, greedy_reference, reference_distribution
+from pie.runtime.hostapi import HostApi
+from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS
 from pie.runtime.sandbox.loader import load_main
 from tests.httpfixtures import make_png
 
@@ -183,14 +186,18 @@ class FakeAppTests(unittest.TestCase):
             "http_server", "--pie-http-request", json.dumps({"path": "/events", "query": "n=2"})
         )
         self.assertEqual(inst.streamed["status"], 200)
-        self.assertEqual(inst.streamed["headers"], [("content-type", "text/event-stream")])
+        self.assertEqual(
+            inst.streamed["headers"],
+            [("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+        )
         self.assertEqual(
             inst.streamed["chunks"],
             [b'data: {"event": 0}\n\n', b'data: {"event": 1}\n\n', b"data: [DONE]\n\n"],
         )
         self.assertTrue(inst.streamed["finished"])
-        _, inst = self.run_app("debugger", "--policy", "k 2")
-        self.assertIn("set_batching k 2", inst.world.debug_log)
+        world, inst = self.run_app("debugger", "--policy", "k 2")
+        self.assertEqual(inst.sent[1], "after: k 2")
+        self.assertEqual(world.service.get_batching(), "k 2")
         _, inst = self.run_app("helloworld")
         self.assertIn(inst.id, inst.sent[0])
         for name in ("bench_spawn_time", "bench_host_call"):
@@ -286,9 +293,74 @@ class FakeAppTests(unittest.TestCase):
 
 
 class FakeHostTableTests(unittest.TestCase):
-    """The host double answers exactly the host-call table, in the table's modes."""
+    """FakeWorld is the real host: every host call is served by pie's HostApi, none here."""
 
-    def test_its_calls_are_the_host_calls(self):
-        handled = {n[1:] for n in vars(FakeInstance) if n.startswith("_") and n[1:] in HOST_CALLS}
-        self.assertEqual(handled, set(HOST_CALLS))
-        self.assertEqual(COMMANDS, {n for n, c in HOST_CALLS.items() if c.mode == "command"})
+    def test_every_host_call_goes_through_the_real_host_api(self):
+        world = FakeWorld()
+        self.assertIs(type(world.runtime.hostapi), HostApi)
+        served = []
+        real_call = world.runtime.hostapi.call
+        world.runtime.hostapi.call = lambda inst, name, args: (
+            served.append(name) or real_call(inst, name, args)
+        )
+        inst = world.finish(app("prefix_caching"), ["--max-tokens", "3"])
+        inst.outcome()
+        self.assertEqual(served, [name for name, _ in inst.calls])
+        self.assertGreater(len(set(served)), 10)
+
+    def test_the_host_api_serves_the_whole_table_and_testing_serves_none(self):
+        handlers = {n[1:] for n in vars(HostApi) if n.startswith("_") and n[1:] in HOST_CALLS}
+        self.assertEqual(handlers | MODEL_COMMANDS, set(HOST_CALLS))
+        for value in vars(testing).values():
+            if isinstance(value, type) and value.__module__ == testing.__name__:
+                mine = {n[1:] for n in vars(value) if n.startswith("_")} & set(HOST_CALLS)
+                self.assertEqual(mine, set(), value.__name__)
+
+    def test_a_queue_reading_pages_another_queue_has_not_written_fails(self):
+        """Held queues: qa's prefill reaches the model only when qa is awaited."""
+
+        tokens = FakeModel().tokenize("abcdef")
+
+        def main(wait: bool):
+            async def main(args):
+                model = get_auto_model()
+                qa, qb = model.create_queue(), model.create_queue()
+                pages = model.kv_pages.acquire(qb, 2)
+                await qb.synchronize()
+                _abi.call("forward_text_no_output", qa.id, 2, pages, tokens, [*range(6)], [])
+                if wait:
+                    await qa.synchronize()
+                dists = await _abi.call_async("forward_text", qb.id, 3, pages, [40], [6], [], [0])
+                return repr(dists[0][0])
+
+            return main
+
+        world = FakeWorld()
+        racing = world.finish(main(False))
+        self.assertEqual(racing.status, "failed")
+        self.assertIn("attended KV slot 0 was never written", racing.error)
+        want = reference_distribution(world.model, tokens + [40])[0]
+        self.assertEqual(eval(world.run(main(True))), want)
+
+    def test_a_freed_page_forgets_what_it_held(self):
+        """A page reused by the host reads as never written, not as its last owner's tokens."""
+
+        async def writer(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            await _abi.call_async(
+                "forward_text", queue.id, 4, pages, [40] * 4, [*range(4)], [], [3]
+            )
+
+        async def stale_reader(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            await _abi.call_async("forward_text", queue.id, 4, pages, [41], [3], [], [0])
+
+        world = FakeWorld()
+        world.run(writer)
+        self.assertEqual((world.live_pages, world.pages), (0, {}))
+        reader = world.finish(stale_reader)
+        self.assertIn("attended KV slot 0 was never written", reader.error)

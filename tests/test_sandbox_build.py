@@ -44,6 +44,7 @@ class CacheKeyTests(TestCase):
         relative = {str(p.relative_to(build.REPO_PIE)) for p in build.guest_files()}
         self.assertIn("inferlet/_abi.py", relative)
         self.assertIn("runtime/sandbox/app.py", relative)
+        self.assertNotIn("inferlet/testing.py", relative)  # FakeWorld: pie's host, not guest code
         self.assertFalse(
             any(p.startswith(("runtime/executors", "server", "model")) for p in relative)
         )

@@ -1,7 +1,8 @@
-"""pie.inferlet.Context and friends, run by the real guest driver against a host double.
+"""pie.inferlet.Context and friends, run by the real guest driver on pie's host over a fake model.
 
-The double (pie.inferlet.testing) keeps real page bookkeeping, checks masks
-and never runs a queue's commands before something on that queue is awaited,
+FakeWorld (pie.inferlet.testing) is the real runtime and model service on a
+fake worker: real page bookkeeping, masks checked, and it never sends a
+queue's commands before something on that queue is awaited,
 so wrong sharing, masks, positions or missing synchronisation show up here
 as errors or wrong tokens. References are computed straight from the fake
 model's definition.
@@ -225,7 +226,8 @@ class ForkTests(unittest.TestCase):
         kv = world.instances[0].kv_at_end
         self.assertEqual(parent[:2], child[:2])  # 9 committed -> 2 full pages shared
         self.assertNotEqual(kv[parent[2]], kv[child[2]])  # partial page private
-        self.assertEqual(world.instances[0].calls.count(("allocate_kv_pages", (1, [0, 1, 2]))), 1)
+        allocs = [a[1] for n, a in world.instances[0].calls if n == "allocate_kv_pages"]
+        self.assertEqual(allocs.count([0, 1, 2]), 1)
 
 
 class MaskTests(unittest.TestCase):
@@ -417,8 +419,7 @@ class ExportTests(unittest.TestCase):
             return await ctx.generate(Greedy(), Length(3))
 
         world.run(saver)
-        for page in world.exports.pop("p"):  # as after a restart: the record without pages
-            world.unref(page)
+        self.assertTrue(world.service.remove_export("p"))  # the record stays, its pages go
         model = world.model
         self.assertEqual(
             world.run(opener),
@@ -545,6 +546,24 @@ class EmbeddingPathTests(unittest.TestCase):
         self.assertEqual(slots, [0, 1, 2, 3])
         self.assertEqual(ids, reference_distribution(world.model, [40, 41, 42])[0])
         self.assertEqual(world.live_pages, 0)
+
+    def test_mask_kv_page_hides_slots_from_the_embedding_path(self):
+        async def main(args):
+            model = get_auto_model()
+            queue = model.create_queue()
+            pages = model.kv_pages.acquire(queue, 1)
+            slots = model.embeds.acquire(queue, 5)
+            queue.embed_text(slots[:3], [40, 41, 42], [0, 1, 2])
+            queue.forward(3, pages, slots[:3], [])
+            queue.mask_kv_page(pages[0], [True, False, True])
+            queue.embed_text(slots[3:4], [43], [3])
+            queue.forward(4, pages, slots[3:4], slots[4:])
+            (dist,) = await queue.get_next_token_distribution(slots[4:])
+            return repr(dist.ids)
+
+        world, ids = run(main)
+        want = world.model.distribution([(40, 0), (42, 2), (43, 3)], 3)[0]
+        self.assertEqual(eval(ids), want)
 
 
 class RuntimeTests(unittest.TestCase):

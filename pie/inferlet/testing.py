@@ -1,38 +1,62 @@
-"""A host double for unit-testing inferlets and the SDK without a model or a server.
+"""The real host over a fake model, for unit-testing inferlets and the SDK without weights.
 
-FakeWorld implements every host call of pie.runtime.hostcalls over a tiny,
-deterministic fake model, and runs inferlets with the real guest driver
-(pie.inferlet._abi.run), so SDK code runs exactly as it does under the dev
-executor. It keeps real page bookkeeping (virtual -> physical ids, reference
-counts, exports) and checks what a worker would check (BRLE lengths, written
-KV slots, page ranges), so mistakes in page handling show up as errors or
-wrong outputs.
+FakeWorld is pie's own host — the runtime (pie.runtime.runtime.Runtime), its
+host-call table (pie.runtime.hostapi.HostApi), the model service
+(pie.service.service.ModelService) with its resources and scheduler — with
+only the model worker replaced by FakeWorker, which executes the plain-data
+jobs of pie.engine.batch on a tiny deterministic model. Inferlets run with the
+real guest driver through the dev executor's Execution, so SDK code runs as
+it does under `--executor dev`, every argument is checked as a daemon checks
+it, and a host call added to the table is served here with no change. The
+reactor is a virtual clock (`sleep` and `time_ms` use it), so everything runs
+synchronously inside `world.run(main)`.
 
 The fake model: byte-level tokens (id = byte + 3; 0 = <|endoftext|>,
 1 = <|im_start|>, 2 = <|im_end|>), the SmolLM2 chat template (rendered by the
-host's own renderer, pie.runtime.chat_template, as a real host does), and a "forward
-pass" whose top-k list is a hash of every (token, position) the row attends
-to plus the row's own position: the same context always gives the same
-distribution and any wrong mask, position or KV slot changes it.
+host, as for a real model), and a "forward pass" whose top-k list is a hash
+of every (token, position) the row attends to plus the row's own position:
+the same context always gives the same distribution and any wrong mask,
+position or KV slot changes it; attending to a slot nothing wrote fails.
 
-Queues are adversarial on purpose: a queue's commands run only when something
-on *that* queue is awaited (or at the end), never because another queue made
-progress. Code that reads pages another queue has not finished writing reads
-an unwritten slot and fails.
+Queues are adversarial on purpose: a queue's fire-and-forget commands reach
+the model service only when something on *that* queue is awaited (or when
+nothing else can move), never because another queue made progress. Code that
+reads pages another queue has not finished writing reads an unwritten slot
+and fails.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import math
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pie.inferlet import _abi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from pie.engine.batch import (
+    CopyKv,
+    EmbedText,
+    Forward,
+    ForwardItem,
+    GetDistributions,
+    MaskKv,
+    Query,
+    WorkerInfo,
+    context_len,
+)
+from pie.inferlet.brle import Brle
 from pie.inferlet.sampling import TopP
-from pie.runtime import chat_template
+from pie.interfaces import IInferletExecutor, IInstanceOwner, IModelService, IModelWorker, PieError
+from pie.runtime.executors.dev import DevExecution
+from pie.runtime.hostcalls import HOST_CALLS
+from pie.runtime.http import HTTP_REQUEST_ARGUMENT, Exchange
+from pie.runtime.instances import NORMAL_FINISH, Instance
+from pie.runtime.kvstore import KeyValueStore
+from pie.runtime.runtime import Runtime
+from pie.service.service import ModelService
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -44,16 +68,16 @@ SMOLLM2_TEMPLATE = (
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
 BYTE_OFFSET = 3
 ALPHABET = [ord(c) + BYTE_OFFSET for c in "etaoinshrdlucmfw ypvbgk"]
-
-
-class FakeHostError(Exception):
-    """What a real host would reject (terminating the instance)."""
+VOCAB_SIZE = 256 + BYTE_OFFSET
 
 
 class FakeModel:
+    """The fake model's definition, and its tokenizer (pie.interfaces.ITokenizer)."""
+
     name = "fake-model"
     bos_token = ""
     eos_token = "<|im_end|>"
+    eos_token_ids = [SPECIALS["<|im_end|>"]]
 
     def __init__(
         self,
@@ -84,9 +108,15 @@ class FakeModel:
         return out
 
     def detokenize(self, ids: list[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < VOCAB_SIZE]
+        if bad:
+            raise PieError(f"unknown token ids {bad[:5]}")
         names = {v: k.encode() for k, v in SPECIALS.items()}
         data = b"".join(names[i] if i in names else bytes([i - BYTE_OFFSET]) for i in ids)
         return data.decode("utf-8", "replace")
+
+    def vocabs(self) -> tuple[list[int], list[bytes]]:
+        return list(range(BYTE_OFFSET, VOCAB_SIZE)), [bytes([b]) for b in range(256)]
 
     def distribution(
         self, attended: list[tuple[int, int]], position: int
@@ -100,38 +130,342 @@ class FakeModel:
         return ids, weights
 
 
+@implementer(IModelWorker)
+class FakeWorker:
+    """Executes pie.engine.batch jobs on a FakeModel, as pie.engine.engine does on weights.
+
+    `pages` holds what each physical KV page's slots hold ((token, position)
+    or None: never written), `valid` which slots the embedding path attends
+    (written, or set by mask_kv_page), `embeds` what each embed slot holds.
+    """
+
+    def __init__(self, model: FakeModel, num_pages: int = 4096, num_embeds: int = 1024) -> None:
+        self.model = model
+        self.tokenizer = model
+        self.info = WorkerInfo(
+            model_name=model.name,
+            kv_page_size=model.page_size,
+            dist_size=model.dist_size,
+            num_kv_pages=num_pages,
+            num_embeds=num_embeds,
+            vocab_size=VOCAB_SIZE,
+            max_positions=1 << 24,
+            device="cpu",
+            dtype="fake",
+        )
+        self.pages: dict[int, list[tuple[int, int] | None]] = {}
+        self.valid: dict[int, list[bool]] = {}
+        self.embeds: dict[int, Any] = {}
+
+    def execute(self, job: object) -> Deferred:
+        try:
+            return succeed(self.run(job))
+        except Exception as error:  # noqa: BLE001 - fails the job, as the engine thread does
+            return fail(error)
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+    def run(self, job: object) -> object:
+        if isinstance(job, Forward):
+            return [self._item(item) for item in job.items]
+        if isinstance(job, EmbedText):
+            for slot, token, position in zip(job.slots, job.tokens, job.positions, strict=True):
+                self.embeds[slot] = (token, position)
+            return None
+        if isinstance(job, GetDistributions):
+            return [self.embeds[slot] for slot in job.slots]
+        if isinstance(job, CopyKv):
+            for table in (self._page, self._valid):
+                src, dst = table(job.src), table(job.dst)
+                dst[job.dst_offset : job.dst_offset + job.size] = src[
+                    job.src_offset : job.src_offset + job.size
+                ]
+            return None
+        if isinstance(job, MaskKv):
+            self._valid(job.page)[: len(job.mask)] = job.mask
+            return None
+        if isinstance(job, Query):
+            if job.text == "ping":
+                return "pong"
+            raise PieError(f"unknown worker query {job.text!r} (known: ping)")
+        raise TypeError(f"unknown job {job!r}")
+
+    def forget(self, page: int) -> None:
+        """The page was freed: it holds nothing now."""
+        self.pages.pop(page, None)
+        self.valid.pop(page, None)
+
+    def _page(self, page: int) -> list:
+        return self.pages.setdefault(page, [None] * self.model.page_size)
+
+    def _valid(self, page: int) -> list[bool]:
+        return self.valid.setdefault(page, [False] * self.model.page_size)
+
+    def _item(self, item: ForwardItem) -> list:
+        ps = self.model.page_size
+        total = context_len(ps, len(item.pages), item.last_page_len)
+        if item.input_embeds:
+            new = [self.embeds[slot] for slot in item.input_embeds]
+        else:
+            new = list(zip(item.tokens, item.positions, strict=True))
+        start = total - len(new)
+        for i, value in enumerate(new):
+            page, offset = item.pages[(start + i) // ps], (start + i) % ps
+            self._page(page)[offset], self._valid(page)[offset] = value, True
+
+        def read(index: int) -> tuple[tuple[int, int] | None, bool]:
+            page, offset = item.pages[index // ps], index % ps
+            return self._page(page)[offset], self._valid(page)[offset]
+
+        def dist(row: int) -> tuple[list[int], list[float]]:
+            position = new[row][1]
+            if item.masks:
+                seen = [not hidden for hidden in Brle.from_buffer(item.masks[row]).to_list()]
+            elif item.input_embeds:  # the engine's rule: valid slots not after the row's position
+                seen = [ok and (v is None or v[1] <= position) for v, ok in map(read, range(total))]
+            else:
+                seen = [True] * (start + row + 1)
+            attended = []
+            for index in (i for i, shown in enumerate(seen) if shown):
+                value = read(index)[0]
+                if value is None:
+                    raise PieError(f"attended KV slot {index} was never written")
+                attended.append(value)
+            return self.model.distribution(attended, position)
+
+        rows = range(len(new) - len(item.output_embeds), len(new))
+        for slot, row in zip(item.output_embeds, rows, strict=True):
+            self.embeds[slot] = dist(row)
+        if item.sampling is None:
+            return [dist(row) for row in item.output_indices]
+        s = item.sampling
+        out = []
+        for row in item.output_indices:  # seeded by (seed, position), as pie.engine.sampling
+            ids, probs = dist(row)
+            cut = s.top_k or len(ids)
+            seed = None if s.seed is None else hash((s.seed, new[row][1]))
+            out.append(TopP(s.top_p, s.temperature, seed).sample(ids[:cut], probs[:cut]))
+        return out
+
+
+@implementer(IModelService)
+class HeldQueues:
+    """The model service, with each queue's commands held until that queue is awaited.
+
+    Everything else is the service's own (attributes are read and set on it).
+    """
+
+    def __init__(self, service: ModelService) -> None:
+        vars(self).update(service=service, held={}, page_tables={})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.service, name, value)
+
+    def submit(self, instance_id: str, queue_id: int, op: str, *args) -> Deferred:
+        if HOST_CALLS[op].mode == "command":
+            d: Deferred = Deferred()
+            self.held.setdefault(queue_id, []).append((instance_id, op, args, d))
+            return d
+        self.release(queue_id)
+        return self.service.submit(instance_id, queue_id, op, *args)
+
+    def release(self, queue_id: int) -> bool:
+        """Submit what the queue holds, in order; False if it held nothing."""
+        held = self.held.pop(queue_id, [])
+        for instance_id, op, args, d in held:
+            self.service.submit(instance_id, queue_id, op, *args).chainDeferred(d)
+        return bool(held)
+
+    def release_all(self) -> bool:
+        return any([self.release(queue_id) for queue_id in list(self.held)])
+
+    def destroy_instance(self, instance_id: str) -> None:
+        """As the real service: what the ended instance still queued is dropped, not run."""
+        for queue_id, held in list(self.held.items()):
+            if held[0][0] == instance_id:
+                del self.held[queue_id]
+        self.page_tables[instance_id] = self.service.resources.pages_of(instance_id)
+        self.service.destroy_instance(instance_id)
+
+
+class _Reactor(Clock):
+    """Virtual time; work sent to "threads" (the key-value store's) runs inline."""
+
+    def callFromThread(self, f: Callable, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def getThreadPool(self) -> _InlinePool:
+        return _InlinePool()
+
+
+class _InlinePool:
+    def callInThreadWithCallback(self, on_result: Callable, f: Callable, *args, **kwargs) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:  # noqa: BLE001 - handed to the caller, as a thread pool does
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class _Web:
+    """What `fetch` reaches: the handlers in FakeWorld.web (in place of pie.runtime.outbound)."""
+
+    def __init__(self, handlers: dict) -> None:
+        self._handlers = handlers
+
+    def fetch(self, instance, url, method, headers, body, timeout_ms) -> Deferred:
+        handler = self._handlers.get(url) or self._handlers.get(url.split("?", 1)[0])
+        if handler is None:
+            return succeed((f"URL {url} is not allowed by inferlet_http_allow", 0, [], b""))
+        status, got, content = handler(url, method, bytes(body))
+        return succeed(("", status, list(got), bytes(content)))
+
+
+class _Request:
+    """The HTTP request a `--pie-http-request` instance answers, for pie.runtime.http.Exchange:
+    what a streamed response sends is kept instead of going to a socket."""
+
+    def __init__(self) -> None:
+        self.code = 200
+        self.responseHeaders = Headers()
+        self.chunks: list[bytes] = []
+        self.finished = False
+        self.channel = self.transport = self  # end(normally=False) "drops the connection"
+
+    def notifyFinish(self) -> Deferred:
+        return Deferred()  # the client never goes away
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        """The fake client reads at once: the producer is never paused."""
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(bytes(data))
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.channel = None
+
+
+class _Requests:
+    """Stands in runtime.servers for the instances given a request as `--pie-http-request`
+    (a server instance's per-request instances): their HTTP exchanges."""
+
+    id = "fakeworld-http-requests"
+
+    def __init__(self) -> None:
+        self.exchanges: dict[str, Exchange] = {}
+
+    def exchange(self, instance: Instance) -> Exchange:
+        return self.exchanges[instance.id]
+
+    def stop(self, reason: str) -> Deferred:
+        return succeed(None)
+
+
+class _Execution(DevExecution):
+    """The dev executor's execution of a given main (no program source to load)."""
+
+    def __init__(self, main: Callable, arguments: list[str], host: Any) -> None:
+        super().__init__({}, arguments, host)
+        self._main = main
+
+    def _load(self) -> Callable:
+        return self._main
+
+
+class _Recorder:
+    """The instance's real host binding, noting each call in FakeInstance.calls."""
+
+    def __init__(self, host: Any, calls: list) -> None:
+        self._host = host
+        self._calls = calls
+
+    def call(self, name: str, args: tuple) -> Any:
+        self._calls.append((name, args))
+        return self._host.call(name, args)
+
+
+@implementer(IInferletExecutor)
+class _Executor:
+    name = "fake"
+
+    def check(self, program: object) -> object:
+        return program
+
+    def run(self, program: FakeInstance, arguments: list[str], host: Any) -> _Execution:
+        execution = _Execution(program.main, arguments, _Recorder(host, program.calls))
+        execution.start()
+        return execution
+
+
 class FakeWorld:
-    """The host side: model resources, the KV store, pub/sub, a virtual clock."""
+    """pie's runtime and model service on a FakeWorker and a virtual clock."""
 
     def __init__(self, model: FakeModel | None = None) -> None:
         self.model = model or FakeModel()
-        self.pages: dict[int, list[tuple[int, int] | None]] = {}  # physical page -> slots
-        self.page_refs: dict[int, int] = {}
-        self.page_valid: dict[int, list[bool]] = {}
-        self._phys_ids = itertools.count()
-        self.exports: dict[str, list[int]] = {}
-        self.store: dict[str, str] = {}
-        self.subscribers: dict[str, list[tuple[FakeInstance, int]]] = {}
-        self.instances: list[FakeInstance] = []
-        self.now_ms = 0
-        self._sleepers: list[tuple[int, int, FakeInstance, int]] = []
-        self._sleep_seq = itertools.count()
-        self.ready: deque[tuple[FakeInstance, int, Any]] = deque()
-        self.debug_log: list[str] = []
-        self._queue_ids = itertools.count(1)
+        self.reactor = _Reactor()
+        self.worker = FakeWorker(self.model)
+        self.service = HeldQueues(
+            ModelService(self.worker, reactor=self.reactor, service_id=0, run_blocking=_run_inline)
+        )
+        pool = self.service.resources.pages
+        release = pool.release
+
+        def freed(page: int) -> None:
+            """A freed page forgets what it held: one the host reused while something still
+            read it shows up as never written."""
+            self.worker.forget(page)
+            release(page)
+
+        pool.release = freed
+        self.runtime = Runtime(
+            "/nonexistent", {self.model.name: self.service}, _Executor(), reactor=self.reactor
+        )
+        self.runtime.hostapi.clock = self.reactor.seconds
+        self.runtime.kvstore = KeyValueStore(":memory:", self.reactor)
+        self.runtime.kvstore.start(pool=_InlinePool())
         self.web: dict[str, Callable[[str, str, bytes], tuple[int, list, bytes]]] = {}
         """URL (with or without its query) -> handler(url, method, body) -> (status, headers,
         body): what `fetch` reaches. Any other URL is refused, as by a daemon whose
         inferlet_http_allow does not list it."""
+        self.runtime.http = _Web(self.web)
+        self.requests = _Requests()
+        self.instances: list[FakeInstance] = []
 
     # ------------------------------------------------------------------ running
     def spawn(
         self, main: Callable[[list[str]], Coroutine], args: list[str] | None = None
     ) -> FakeInstance:
-        instance = FakeInstance(self, list(args or []))
+        """Launch an inferlet; it starts at the next run_until_idle. With arguments
+        [`--pie-http-request`, request JSON] it answers that request as a server instance's
+        per-request instance does (and may stream its response: FakeInstance.streamed)."""
+        args = list(args or [])
+        instance = FakeInstance(self, main)
+        answers = args[:1] == [HTTP_REQUEST_ARGUMENT]
+        instance.instance = self.runtime.start_instance(
+            "fake", instance, args, instance, self.requests.id if answers else None
+        )
+        if answers:
+            self.runtime.servers.setdefault(self.requests.id, self.requests)
+            self.requests.exchanges[instance.id] = Exchange(_Request(), instance.instance)
         self.instances.append(instance)
-        instance.driver, step = _abi.run(main, instance.args, instance)
-        instance.on_step(step)
         return instance
 
     def finish(
@@ -147,85 +481,98 @@ class FakeWorld:
         return self.finish(main, args).outcome()
 
     def run_until_idle(self) -> None:
-        """Deliver results (and advance the virtual clock) until nothing can move."""
+        """Run what is due, advance the virtual clock to the next timer, and release the
+        held queues once nothing else can move; until nothing can."""
         while True:
-            if self.ready:
-                instance, fut, value = self.ready.popleft()
-                if instance.status == "parked":
-                    instance.on_step(instance.driver.resume(fut, value))
-            elif self._sleepers:
-                wake, _, instance, fut = heapq.heappop(self._sleepers)
-                self.now_ms = max(self.now_ms, wake)
-                self.ready.append((instance, fut, None))
-            else:
-                break
-        for instance in self.instances:
-            instance.drain_all()
+            calls = self.reactor.getDelayedCalls()
+            if calls:
+                due = min(call.getTime() for call in calls)
+                self.reactor.advance(max(0.0, due - self.reactor.seconds()))
+            elif not self.service.release_all():
+                return
 
-    # ------------------------------------------------------------------ physical pages
-    def new_page(self) -> int:
-        phys = next(self._phys_ids)
-        self.pages[phys] = [None] * self.model.page_size
-        self.page_refs[phys] = 0
-        return phys
-
-    def ref(self, phys: int) -> None:
-        self.page_refs[phys] += 1
-
-    def unref(self, phys: int) -> None:
-        self.page_refs[phys] -= 1
-        if self.page_refs[phys] == 0:
-            del self.page_refs[phys], self.pages[phys]
-            self.page_valid.pop(phys, None)
+    # ------------------------------------------------------------------ what there is to see
+    @property
+    def now_ms(self) -> int:
+        return int(self.reactor.seconds() * 1000)
 
     @property
     def live_pages(self) -> int:
-        return len(self.pages)
+        """Physical KV pages in use (by instances or exports)."""
+        pool = self.service.resources.pages
+        return pool.capacity - pool.available
+
+    @property
+    def pages(self) -> dict[int, list[tuple[int, int] | None]]:
+        """Physical page -> what its slots hold ((token, position), None if never written)."""
+        return self.worker.pages
+
+    @property
+    def exports(self) -> dict[str, list[int]]:
+        """Export name -> its physical pages."""
+        return {name: list(e.pages) for name, e in self.service.resources.exports.items()}
+
+    @property
+    def store(self) -> dict[str, str]:
+        """The key-value store's records."""
+        store = self.runtime.kvstore
+        return {key: _value(store.get(key)) for key in _value(store.list_keys())}
 
 
+@implementer(IInstanceOwner)
 class FakeInstance:
-    """One inferlet instance: the guest binding (call / call_async) and its state."""
+    """One launched inferlet, as its owner (a client connection) sees it, plus its host calls."""
 
-    def __init__(self, world: FakeWorld, args: list[str]) -> None:
+    def __init__(self, world: FakeWorld, main: Callable) -> None:
         self.world = world
-        self.model = world.model
-        self.args = args
-        self.id = f"00000000-0000-4000-8000-{len(world.instances):012d}"
-        self.kv: dict[int, int] = {}  # virtual page -> physical page
-        self.kv_at_end: dict[int, int] = {}  # self.kv as it was when the instance ended
-        self.embeds: dict[int, Any] = {}
-        self.queues: dict[int, deque[tuple[str, tuple]]] = {}
+        self.main = main
+        self.instance: Instance | None = None
         self.calls: list[tuple[str, tuple]] = []
         self.sent: list[str] = []
-        self.streamed: dict[str, Any] | None = None  # a streamed HTTP response, once started
-        self.inbox: deque[str] = deque()
-        self.receivers: deque[int] = deque()
-        self.subscriptions: dict[int, tuple[str, deque[str], deque[int]]] = {}
-        self._sub_ids = itertools.count()
-        self._futs = itertools.count(1)
-        self.status = "starting"
-        self.result: Any = None
-        self.error: str | None = None
-        self.driver: Any = None
+        self.reason: str | None = None
 
-    # ------------------------------------------------------------------ lifecycle
-    def on_step(self, step: tuple) -> None:
-        self.status = step[0]
-        if step[0] == "done":
-            self.result = step[1]
-        elif step[0] == "failed":
-            self.error = step[1]
-        if step[0] != "parked":
-            self.destroy()
+    @property
+    def id(self) -> str:
+        return self.instance.id
 
-    def destroy(self) -> None:
-        """What the model service does when an instance ends: run what is queued,
-        then drop every page reference the instance holds (exports keep theirs)."""
-        self.drain_all()
-        self.kv_at_end = dict(self.kv)
-        for vid in list(self.kv):
-            self.world.unref(self.kv.pop(vid))
-        self.embeds.clear()
+    @property
+    def status(self) -> str:
+        """'parked' while it runs, then 'done' or 'failed'."""
+        if self.reason is None:
+            return "parked"
+        return "done" if self.reason == NORMAL_FINISH else "failed"
+
+    @property
+    def error(self) -> str | None:
+        return self.reason if self.status == "failed" else None
+
+    @property
+    def result(self) -> str | None:
+        return self.instance.return_value
+
+    @property
+    def streamed(self) -> dict[str, Any] | None:
+        """The streamed HTTP response (status, headers, chunks, finished), once started."""
+        exchange = self.world.requests.exchanges.get(self.instance.id)
+        if exchange is None or not exchange.started:
+            return None
+        request = exchange.request
+        headers = request.responseHeaders.getAllRawHeaders()
+        return {
+            "status": request.code,
+            "headers": [(k.decode().lower(), v.decode()) for k, vs in headers for v in vs],
+            "chunks": list(request.chunks),
+            "finished": request.finished,
+        }
+
+    @property
+    def kv_at_end(self) -> dict[int, int]:
+        """The instance's page table (virtual -> physical) as it was when it ended."""
+        return self.world.service.page_tables.get(self.instance.id, {})
+
+    def signal(self, message: str) -> None:
+        """The client sends the instance a message (receive())."""
+        self.world.runtime.signal(self.instance.id, message)
 
     def outcome(self) -> Any:
         if self.status == "failed":
@@ -234,472 +581,33 @@ class FakeInstance:
             raise AssertionError(f"inferlet did not finish (status {self.status})")
         return self.result
 
-    def signal(self, message: str) -> None:
-        """The client sends the instance a message (receive())."""
-        if self.receivers:
-            self.world.ready.append((self, self.receivers.popleft(), message))
-        else:
-            self.inbox.append(message)
-
-    def drain_all(self) -> None:
-        for queue in list(self.queues):
-            self._drain(queue)
-
-    @property
-    def virtual_pages(self) -> set[int]:
-        return set(self.kv)
-
-    # ------------------------------------------------------------------ binding protocol
-    def call(self, name: str, args: tuple) -> Any:
-        self.calls.append((name, args))
-        handler = getattr(self, "_" + name)
-        if name in COMMANDS:
-            queue = args[0]
-            if queue not in self.queues:
-                raise FakeHostError(f"unknown queue {queue}")
-            self.queues[queue].append((name, args[1:]))
-            return None
-        return handler(*args)
-
-    def call_async(self, name: str, args: tuple) -> int:
-        self.calls.append((name, args))
-        fut = next(self._futs)
-        value = getattr(self, "_" + name)(fut, *args)
-        if value is not _PENDING:
-            self.world.ready.append((self, fut, value))
-        return fut
-
-    def _drain(self, queue: int) -> None:
-        commands = self.queues.get(queue)
-        while commands:
-            name, args = commands.popleft()
-            getattr(self, "_" + name)(*args)
-
-    # ------------------------------------------------------------------ runtime
-    def _get_version(self) -> str:
-        return "fake"
-
-    def _get_instance_id(self) -> str:
-        return self.id
-
-    def _get_arguments(self) -> list[str]:
-        return list(self.args)
-
-    def _set_return(self, value: str) -> None:
-        self.result = value
-
-    def _debug_query(self, query: str) -> str:
-        self.world.debug_log.append(query)
-        return "pong" if query == "ping" else f"Unknown query: {query}"
-
-    def _time_ms(self) -> int:
-        return self.world.now_ms
-
-    def _sleep(self, fut: int, ms: int) -> Any:
-        heapq.heappush(
-            self.world._sleepers, (self.world.now_ms + ms, next(self.world._sleep_seq), self, fut)
-        )
-        return _PENDING
-
-    # ------------------------------------------------------------------ models and queues
-    def _get_all_models(self) -> list[str]:
-        return [self.model.name]
-
-    def _get_model(self, name: str) -> int | None:
-        return 0 if name == self.model.name else None
-
-    def _model_info(self, service: int) -> list[tuple[str, str]]:
-        return [
-            ("name", self.model.name),
-            ("description", "a fake model"),
-            ("version", "1"),
-            ("license", "none"),
-            ("traits", "input_text,tokenize,output_text"),
-            ("chat_template", self.model.chat_template),
-            ("eos_token_ids", "2"),
-            ("bos_token", self.model.bos_token),
-            (
-                "bos_token_id",
-                "" if self.model.bos_token_id is None else str(self.model.bos_token_id),
-            ),
-            ("kv_page_size", str(self.model.page_size)),
-            ("dist_size", str(self.model.dist_size)),
-            ("vocab_size", "259"),
-        ]
-
-    def _create_queue(self, service: int) -> int:
-        queue = next(self.world._queue_ids)
-        self.queues[queue] = deque()
-        return queue
-
-    def _set_priority(self, queue: int, priority: str) -> None:
-        if priority not in ("low", "normal", "high"):
-            raise FakeHostError(f"bad priority {priority}")
-
-    def _synchronize(self, fut: int, queue: int) -> bool:
-        self._drain(queue)
-        return True
-
-    def _queue_debug_query(self, fut: int, queue: int, query: str) -> str:
-        self._drain(queue)
-        self.world.debug_log.append(query)
-        return "pong" if query == "ping" else f"ok: {query}"
-
-    def _get_kv_page_size(self, queue: int) -> int:
-        return self.model.page_size
-
-    def _get_all_exported_kv_pages(self, queue: int) -> list[tuple[str, int]]:
-        return [(name, len(pages)) for name, pages in self.world.exports.items()]
-
-    # ------------------------------------------------------------------ pages (commands)
-    def _allocate_kv_pages(self, ids: list[int]) -> None:
-        for vid in ids:
-            if vid in self.kv:
-                raise FakeHostError(f"remap not allowed: kv page {vid}")
-            phys = self.world.new_page()
-            self.world.ref(phys)
-            self.kv[vid] = phys
-
-    def _deallocate_kv_pages(self, ids: list[int]) -> None:
-        for vid in ids:
-            phys = self.kv.pop(vid, None)
-            if phys is not None:
-                self.world.unref(phys)
-
-    def _allocate_embeds(self, ids: list[int]) -> None:
-        for vid in ids:
-            self.embeds[vid] = None
-
-    def _deallocate_embeds(self, ids: list[int]) -> None:
-        for vid in ids:
-            self.embeds.pop(vid, None)
-
-    def _copy_kv_page(
-        self, src: int, dst: int, src_offset: int, dst_offset: int, size: int
-    ) -> None:
-        ps = self.model.page_size
-        if src_offset + size > ps or dst_offset + size > ps:
-            raise FakeHostError("copy_kv_page out of range")
-        source = self.world.pages[self._phys(src)]
-        target = self.world.pages[self._phys(dst)]
-        target[dst_offset : dst_offset + size] = source[src_offset : src_offset + size]
-
-    def _mask_kv_page(self, page: int, mask: list[bool]) -> None:
-        self.world.page_valid[self._phys(page)] = list(mask)
-
-    def _export_kv_pages(self, ids: list[int], name: str, persistent: bool) -> None:
-        phys = [self._phys(v) for v in ids]
-        old = self.world.exports.pop(name, None)
-        for p in phys:
-            self.world.ref(p)
-        for p in old or []:
-            self.world.unref(p)
-        self.world.exports[name] = phys
-
-    def _unexport_kv_pages(self, name: str) -> None:
-        if name not in self.world.exports:
-            raise FakeHostError(f"no export named {name!r}")
-        for p in self.world.exports.pop(name):
-            self.world.unref(p)
-
-    def _import_kv_pages(self, ids: list[int], name: str) -> None:
-        pages = self.world.exports.get(name)
-        if pages is None:
-            raise FakeHostError(f"no export named {name!r}")
-        if len(ids) != len(pages):
-            raise FakeHostError(f"import of {len(pages)} pages into {len(ids)} ids")
-        for vid, phys in zip(ids, pages, strict=True):
-            if vid in self.kv:
-                raise FakeHostError(f"remap not allowed: kv page {vid}")
-            self.world.ref(phys)
-            self.kv[vid] = phys
-
-    def _phys(self, vid: int) -> int:
-        try:
-            return self.kv[vid]
-        except KeyError:
-            raise FakeHostError(f"kv page {vid} is not allocated") from None
-
-    # ------------------------------------------------------------------ forward passes
-    def _forward_text(
-        self,
-        fut: int,
-        queue: int,
-        last_page_len: int,
-        pages: list[int],
-        tokens: list[int],
-        positions: list[int],
-        masks: list[list[int]],
-        output_indices: list[int],
-    ) -> Any:
-        self._drain(queue)
-        return self._run_forward(last_page_len, pages, tokens, positions, masks, output_indices)
-
-    def _forward_text_no_output(
-        self,
-        last_page_len: int,
-        pages: list[int],
-        tokens: list[int],
-        positions: list[int],
-        masks: list[list[int]],
-    ) -> None:
-        self._run_forward(last_page_len, pages, tokens, positions, masks, [])
-
-    def _run_forward(
-        self,
-        last_page_len: int,
-        pages: list[int],
-        tokens: list[int],
-        positions: list[int],
-        masks: list[list[int]],
-        output_indices: list[int],
-    ) -> list[tuple[list[int], list[float]]]:
-        ps = self.model.page_size
-        n = len(tokens)
-        if not pages or not 1 <= last_page_len <= ps:
-            raise FakeHostError(f"bad last_page_len {last_page_len} for {len(pages)} pages")
-        total = ps * (len(pages) - 1) + last_page_len
-        if n == 0 or n > total or len(positions) != n:
-            raise FakeHostError(f"{n} tokens, {len(positions)} positions, context {total}")
-        if masks and len(masks) != n:
-            raise FakeHostError(f"{len(masks)} masks for {n} tokens")
-        slots = [self.world.pages[self._phys(v)] for v in pages]
-        for i, (token, position) in enumerate(zip(tokens, positions, strict=True)):
-            index = total - n + i
-            slots[index // ps][index % ps] = (token, position)
-        out = []
-        for o in output_indices:
-            if not 0 <= o < n:
-                raise FakeHostError(f"output index {o} out of range")
-            width = total - n + o + 1
-            visible = _brle_visible(masks[o], width) if masks else [True] * width
-            attended = []
-            for index, seen in enumerate(visible):
-                if seen:
-                    slot = slots[index // ps][index % ps]
-                    if slot is None:
-                        raise FakeHostError(f"attended KV slot {index} was never written")
-                    attended.append(slot)
-            out.append(self.model.distribution(attended, positions[o]))
-        if masks:
-            for i in range(n):  # every row's mask must be well formed, not just outputs
-                _brle_visible(masks[i], total - n + i + 1)
-        return out
-
-    def _embed_text(self, embeds: list[int], tokens: list[int], positions: list[int]) -> None:
-        if not len(embeds) == len(tokens) == len(positions):
-            raise FakeHostError("embed_text lists differ in length")
-        for vid, token, position in zip(embeds, tokens, positions, strict=True):
-            if vid not in self.embeds:
-                raise FakeHostError(f"embed {vid} is not allocated")
-            self.embeds[vid] = (token, position)
-
-    def _forward(
-        self,
-        last_page_len: int,
-        pages: list[int],
-        input_embeds: list[int],
-        output_embeds: list[int],
-    ) -> None:
-        inputs = [self.embeds[v] for v in input_embeds]
-        tokens = [t for t, _ in inputs]
-        positions = [p for _, p in inputs]
-        first = len(inputs) - len(output_embeds)
-        dists = self._run_forward(
-            last_page_len, pages, tokens, positions, [], list(range(first, len(inputs)))
-        )
-        for vid, dist in zip(output_embeds, dists, strict=True):
-            self.embeds[vid] = dist
-
-    def _generate(
-        self,
-        fut: int,
-        queue: int,
-        last_page_len: int,
-        pages: list[int],
-        tokens: list[int],
-        positions: list[int],
-        spare_pages: list[int],
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int | None,
-        max_tokens: int,
-        stop_tokens: list[int],
-    ) -> list[int]:
-        """The engine's fast path on the fake model: forward, sample, repeat (causal)."""
-        self._drain(queue)
-        ps = self.model.page_size
-        every = list(pages) + list(spare_pages)
-        total = ps * (len(pages) - 1) + last_page_len
-        if total + max_tokens - 1 > ps * len(every):
-            raise FakeHostError(f"generate: {len(every)} pages are too few for {max_tokens} tokens")
-        sampler = TopP(top_p, temperature, seed)
-        out: list[int] = []
-        while True:
-            used = -(-total // ps)
-            ((ids, probs),) = self._run_forward(
-                total - ps * (used - 1), every[:used], tokens, positions, [], [len(tokens) - 1]
-            )
-            cut = top_k or len(ids)
-            token = sampler.sample(ids[:cut], probs[:cut])
-            out.append(token)
-            if token in stop_tokens or len(out) == max_tokens:
-                return out
-            tokens, positions, total = [token], [positions[-1] + 1], total + 1
-
-    def _get_next_token_distribution(self, fut: int, queue: int, embeds: list[int]) -> Any:
-        self._drain(queue)
-        return [self.embeds[v] for v in embeds]
-
-    # ------------------------------------------------------------------ tokenizer
-    def _tokenize(self, service: int, text: str) -> list[int]:
-        return self.model.tokenize(text)
-
-    def _detokenize(self, service: int, tokens: list[int]) -> str:
-        return self.model.detokenize(tokens)
-
-    def _apply_chat_template(
-        self,
-        service: int,
-        messages: str,
-        add_generation_prompt: bool,
-        tools: str | None,
-        documents: str | None,
-        variables: str | None,
-    ) -> tuple[bool, str]:
-        return chat_template.render_json(
-            self.model.chat_template,
-            messages,
-            add_generation_prompt,
-            tools,
-            documents,
-            variables,
-            bos_token=self.model.bos_token,
-            eos_token=self.model.eos_token,
-        )
-
-    def _get_vocabs(self, service: int) -> tuple[list[int], bytes, list[int]]:
-        """The byte tokens: ids, their bytes concatenated, end offsets (as the host sends them)."""
-        return list(range(BYTE_OFFSET, 256 + BYTE_OFFSET)), bytes(range(256)), list(range(1, 257))
-
-    # ------------------------------------------------------------------ messaging
-    def _send(self, message: str) -> bool:
+    # ------------------------------------------------------------------ IInstanceOwner
+    def instance_message(self, instance_id: str, message: str) -> None:
         self.sent.append(message)
-        return False  # the fake client reads at once: never backed up
 
-    def _outbound_drained(self, fut: int) -> None:
-        return None
-
-    def _receive(self, fut: int) -> Any:
-        if self.inbox:
-            return self.inbox.popleft()
-        self.receivers.append(fut)
-        return _PENDING
-
-    def _broadcast(self, topic: str, message: str) -> None:
-        for instance, sub in self.world.subscribers.get(topic, []):
-            _topic, backlog, waiters = instance.subscriptions[sub]
-            if waiters:
-                self.world.ready.append((instance, waiters.popleft(), message))
-            else:
-                backlog.append(message)
-
-    def _subscribe(self, topic: str) -> int:
-        sub = next(self._sub_ids)
-        self.subscriptions[sub] = (topic, deque(), deque())
-        self.world.subscribers.setdefault(topic, []).append((self, sub))
-        return sub
-
-    def _subscription_next(self, fut: int, sub: int) -> Any:
-        if sub not in self.subscriptions:
-            raise FakeHostError(f"unknown subscription {sub}")
-        _topic, backlog, waiters = self.subscriptions[sub]
-        if backlog:
-            return backlog.popleft()
-        waiters.append(fut)
-        return _PENDING
-
-    def _unsubscribe(self, sub: int) -> None:
-        topic, _, _ = self.subscriptions.pop(sub)
-        self.world.subscribers[topic].remove((self, sub))
-
-    # ------------------------------------------------------------------ key-value store
-    def _store_get(self, fut: int, key: str) -> str | None:
-        return self.world.store.get(key)
-
-    def _store_set(self, fut: int, key: str, value: str) -> None:
-        self.world.store[key] = value
-
-    def _store_delete(self, fut: int, key: str) -> None:
-        self.world.store.pop(key, None)
-
-    def _store_exists(self, fut: int, key: str) -> bool:
-        return key in self.world.store
-
-    def _store_list_keys(self, fut: int) -> list[str]:
-        return sorted(self.world.store)
-
-    # ------------------------------------------------------------------ streamed HTTP responses
-    def _http_response_start(self, status: int, headers: list) -> None:
-        """Recorded in `streamed` ({status, headers, chunks, finished}) for the test to read."""
-        if self.streamed is not None:
-            raise FakeHostError("the response is already started")
-        self.streamed = {
-            "status": status,
-            "headers": list(headers),
-            "chunks": [],
-            "finished": False,
-        }
-
-    def _http_response_write(self, fut: int, data: bytes) -> None:
-        if self.streamed is None or self.streamed["finished"]:
-            raise FakeHostError("no open response")
-        self.streamed["chunks"].append(bytes(data))
-
-    def _http_response_finish(self) -> None:
-        if self.streamed is None or self.streamed["finished"]:
-            raise FakeHostError("no open response")
-        self.streamed["finished"] = True
-
-    # ------------------------------------------------------------------ outgoing HTTP
-    def _fetch(self, fut, url, method, headers, body, timeout_ms) -> tuple:
-        web = self.world.web
-        handler = web.get(url) or web.get(url.split("?", 1)[0])
-        if handler is None:
-            return (f"URL {url} is not allowed by inferlet_http_allow", 0, [], b"")
-        status, got, content = handler(url, method, bytes(body))
-        return ("", status, list(got), bytes(content))
+    def instance_terminated(self, instance_id: str, reason: str) -> None:
+        if reason == NORMAL_FINISH and self.result is not None:
+            self.sent.pop()  # the runtime sends the return value last; it is `result` here
+        self.reason = reason
+        exchange = self.world.requests.exchanges.get(instance_id)
+        if exchange is not None and exchange.started:  # as the server instance ends it
+            exchange.end(normally=reason == NORMAL_FINISH)
 
 
-_PENDING = object()
-
-COMMANDS = frozenset(
-    {
-        "allocate_kv_pages",
-        "deallocate_kv_pages",
-        "allocate_embeds",
-        "deallocate_embeds",
-        "copy_kv_page",
-        "mask_kv_page",
-        "export_kv_pages",
-        "unexport_kv_pages",
-        "import_kv_pages",
-        "forward_text_no_output",
-        "embed_text",
-        "forward",
-    }
-)
+def _run_inline(fn: Callable, *args: Any) -> Deferred:
+    try:
+        return succeed(fn(*args))
+    except Exception:  # noqa: BLE001 - the caller's errback
+        return fail()
 
 
-def _brle_visible(runs: list[int], width: int) -> list[bool]:
-    """Decode a wire BRLE (first run attended) into per-slot visibility."""
-    if sum(runs) != width or any(r < 0 for r in runs):
-        raise FakeHostError(f"BRLE {runs} does not cover {width} slots")
-    out: list[bool] = []
-    for i, run in enumerate(runs):
-        out.extend([i % 2 == 0] * run)
-    return out
+def _value(d: Deferred) -> Any:
+    """The result of a Deferred that has fired (the inline store's)."""
+    out: list = []
+    d.addBoth(out.append)
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
 
 
 def reference_distribution(
@@ -720,7 +628,3 @@ def greedy_reference(model: FakeModel, tokens: list[int], steps: int) -> list[in
         out.append(best)
         seq.append(best)
     return out
-
-
-def log_prob(prob: float) -> float:
-    return math.log(max(prob, 1e-30))

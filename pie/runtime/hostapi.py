@@ -79,6 +79,8 @@ class HostApi:
         self._handlers: dict[str, Callable] = {}
         self._vocab_sizes: dict[int, int] = {}  # service id -> number of regular tokens
         self._vocabs: dict[int, tuple[list[int], bytes, list[int]]] = {}  # by service id
+        self.clock: Callable[[], float] = time.monotonic
+        """Seconds that time_ms reads: monotonic (pie.inferlet.testing puts its virtual clock here)."""
         for name in HOST_CALLS:
             if name in MODEL_COMMANDS:
                 self._handlers[name] = functools.partial(self._model_command, name)
@@ -157,7 +159,7 @@ class HostApi:
         return self._runtime.debug_query(query, instance)
 
     def _time_ms(self, instance: Instance) -> int:
-        return int(time.monotonic() * 1000)
+        return int(self.clock() * 1000)
 
     def _sleep(self, instance: Instance, ms: int):
         return instance.add_timer(deferLater(self._runtime.reactor, ms / 1000.0, lambda: None))

@@ -58,9 +58,12 @@ class KeyValueStore:
         self._db: sqlite3.Connection | None = None
         self._usage: dict[str, int] = {}  # payer -> bytes (thread side, filled on first use)
 
-    def start(self) -> None:
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="pie-kvstore")
-        self._pool.start()
+    def start(self, pool=None) -> None:
+        """Open for work on its own thread, or on `pool` (pie.inferlet.testing's inline one)."""
+        if pool is None:
+            pool = ThreadPool(minthreads=1, maxthreads=1, name="pie-kvstore")
+            pool.start()
+        self._pool = pool
 
     def stop(self):
         """Deferred fired once the database is closed and the thread has ended."""

@@ -170,6 +170,11 @@ class Resources:
         inst = self._instances.get(instance)
         return (len(inst.pages), len(inst.embeds)) if inst else (0, 0)
 
+    def pages_of(self, instance: str) -> dict[int, int]:
+        """An instance's page table, virtual -> physical (a copy)."""
+        inst = self._instances.get(instance)
+        return dict(inst.pages) if inst else {}
+
     def release_instance(self, instance: str) -> None:
         """Free everything the instance maps and drop the non-persistent exports it owns."""
         inst = self._instances.pop(instance, None)

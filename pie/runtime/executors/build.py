@@ -44,6 +44,8 @@ GUEST_DIRS = ("inferlet", "runtime/sandbox")
 """Packages under pie/ bundled into the guest (pure Python, no host imports)."""
 GUEST_MODULES = ("runtime/hostcalls.py", "runtime/witcheck.py")
 """Single modules under pie/ bundled too: the guest checks host-call arguments with them."""
+HOST_ONLY = ("inferlet/testing.py",)
+"""Modules of the guest packages left out: FakeWorld runs pie's host, it is no guest code."""
 APP_MODULE = "pie.runtime.sandbox.app"
 ARTIFACT = "runtime.cwasm"
 KEEP_BUILDS = 3
@@ -74,7 +76,8 @@ def guest_files() -> list[Path]:
     for sub in GUEST_DIRS:
         files += sorted((REPO_PIE / sub).rglob("*.py"))
     files += [REPO_PIE / module for module in GUEST_MODULES]
-    return [f for f in files if "__pycache__" not in f.parts]
+    host_only = {REPO_PIE / module for module in HOST_ONLY}
+    return [f for f in files if "__pycache__" not in f.parts and f not in host_only]
 
 
 def cache_key() -> str:

@@ -10,6 +10,7 @@ for your own programs only (`--executor dev`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -33,11 +34,15 @@ class DevExecution(Execution):
 
     def _enter_start(self) -> Step:
         try:
-            main = load_main(self._files, tag=f"<inferlet {id(self):x}>/")
+            main = self._load()
             self._driver, step = _abi.run(main, self._arguments, self)
         except Exception as error:  # the program's own fault, as in the sandbox
             return ("failed", format_failure(error))
         return step
+
+    def _load(self) -> Callable:
+        """The program's main (pie.inferlet.testing runs a given one instead)."""
+        return load_main(self._files, tag=f"<inferlet {id(self):x}>/")
 
     def _enter_resume(self, fut: int, name: str, value: Any) -> Step:
         return self._driver.resume(fut, value)

@@ -164,6 +164,11 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             store_user_bytes=settings["kv_store_user_bytes"],
             metrics=metrics,
         )
+        _log.info(
+            "server instance connections: at most {total}, {per_address} per address",
+            total=runtime.http_limits.max_connections,
+            per_address=runtime.http_limits.max_connections_per_address,
+        )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
     if model is not None:

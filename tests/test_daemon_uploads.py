@@ -51,6 +51,12 @@ def inflating_zip(source_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def reset_peak(pid: int) -> None:
+    """Start VmHWM afresh at the current RSS (Linux: clear_refs 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 def status_kib(pid: int, field: str) -> int:
     """A `VmRSS:`-style line of /proc/PID/status, in KiB."""
     with open(f"/proc/{pid}/status") as f:
@@ -70,12 +76,13 @@ class HeavyUploadDaemonTests(unittest.TestCase):
 
         The upload then succeeds and the program runs, or it fails with `refusal`.
         """
-        daemon = await Daemon(self).start(*flags)
+        daemon = self.daemon = await Daemon(self).start(*flags)
         neighbour = await daemon.connect()
         uploader = await daemon.connect()
         pid = daemon.process.pid
         self.assertTrue((await neighbour.request(PING))["successful"])  # both sessions are up
-        rss_before, peak_before = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
+        reset_peak(pid)
+        rss_before = status_kib(pid, "VmRSS")
 
         started = time.monotonic()
         checked = ensureDeferred(upload(uploader, program))
@@ -99,7 +106,7 @@ class HeavyUploadDaemonTests(unittest.TestCase):
             "pings": len(round_trips),
             "max_ping_s": max(round_trips),
             "rss_mib": rss_before / 1024,
-            "peak_growth_mib": max(0, peak_after - max(peak_before, rss_before)) / 1024,
+            "peak_growth_mib": (peak_after - rss_before) / 1024,
             "rss_after_mib": status_kib(pid, "VmRSS") / 1024,
         }
         print(f"\n{len(program)} bytes uploaded: {figures}")
@@ -126,3 +133,12 @@ class HeavyUploadDaemonTests(unittest.TestCase):
         archive = inflating_zip(2**20)
         self.assertLess(len(archive), 4096)
         self.assertPeakWithinTheMemoryLimit(await self.check_while_pinged(archive))
+
+        bomb = inflating_zip(64 * 2**20)  # refused from the sizes it declares: nothing inflates
+        pid = self.daemon.process.pid
+        reset_peak(pid)
+        rss_before = status_kib(pid, "VmRSS")
+        reply = await upload(await self.daemon.connect(), bomb)
+        self.assertEqual(reply["result"], "the program's sources exceed 4194304 bytes")
+        grown_mib = (status_kib(pid, "VmHWM") - rss_before) / 1024
+        self.assertLess(grown_mib, 16, "the bomb was inflated")

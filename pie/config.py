@@ -296,6 +296,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Silence allowed while a client sends a request to a server instance, in ms; then 408.",
     ),
     Setting(
+        "inferlet_server_max_connections",
+        0,
+        int,
+        "Connections open at once to all server instances together; more get 503 (0: half the descriptors the client listener leaves, at most 16384).",
+    ),
+    Setting(
+        "inferlet_server_max_connections_per_address",
+        0,
+        int,
+        "Connections open at once to all server instances from one address; more get 503 (0: inferlet_server_max_connections).",
+    ),
+    Setting(
         "max_program_size", 32 * 1024 * 1024, int, "Largest program upload accepted, in bytes."
     ),
     Setting(
@@ -420,7 +432,12 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     ):
         if merged[key] < 1:
             raise ConfigError(f"{key} must be positive, not {merged[key]}")
-    for key in ("max_connections", "max_connections_per_address"):
+    for key in (
+        "max_connections",
+        "max_connections_per_address",
+        "inferlet_server_max_connections",
+        "inferlet_server_max_connections_per_address",
+    ):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
     for key in ("num_pages", "kv_headroom_bytes", "max_kv_pages", *POOL_SHARES):

@@ -129,6 +129,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
     if reactor is None:
         from twisted.internet import reactor
     settings = config.settings
+    fd_limit = raise_fd_limit()  # first: the connection caps are sized from it
     top = SequentialMultiService(settings["shutdown_timeout_s"], reactor)
     metrics = PrometheusMetrics() if settings["metrics"] else NO_METRICS
     model = None
@@ -157,12 +158,17 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
             max_chat_chars=settings["max_chat_chars"],
             attacher=attach_remote_service,
             http_policy=HttpPolicy.from_settings(settings),
-            http_limits=HttpLimits.from_settings(settings),
+            http_limits=HttpLimits.from_settings(settings, fd_limit),
             inbox_bytes=settings["inbox_bytes"],
             subscription_bytes=settings["subscription_bytes"],
             store_value_bytes=settings["kv_store_value_bytes"],
             store_user_bytes=settings["kv_store_user_bytes"],
             metrics=metrics,
+        )
+        _log.info(
+            "server instance connections: at most {total}, {per_address} per address",
+            total=runtime.http_limits.max_connections,
+            per_address=runtime.http_limits.max_connections_per_address,
         )
         if settings["model"] != "none":
             model = LocalModelService(runtime, settings, reactor)
@@ -176,7 +182,7 @@ def makeService(config: Options, reactor: Any = None, runtime: Any = None) -> Mu
         )
         exporter.setName("metrics")
         exporter.setServiceParent(top)
-    max_connections, max_per_address = connection_caps(settings, raise_fd_limit())
+    max_connections, max_per_address = connection_caps(settings, fd_limit)
     _log.info(
         "client connections: at most {total}, {per_address} per address",
         total=max_connections,

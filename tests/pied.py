@@ -14,7 +14,7 @@ from typing import Any
 
 from pie.runtime.executors import build
 from tests import rawclient
-from tests.pieserver import spawn_module
+from tests.pieserver import SECRET, spawn_module
 from tests.wasm_artifact import pinned_artifact
 
 
@@ -26,15 +26,18 @@ class Daemon:
         self.process: Any = None
         self.port = 0
 
-    async def start(self, *flags: str) -> Daemon:
-        """Serve on HOME with these extra flags; returns once it listens."""
+    async def start(self, *flags: str, auth: bool = False) -> Daemon:
+        """Serve on HOME with these extra flags; returns once it listens.
+
+        auth: require tokens signed with tests.pieserver.SECRET (else --no-auth).
+        """
         artifact = pinned_artifact()
         link = build.artifact_path(Path(self.home)).parent
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(artifact.parent, link)
         self.child, self.process = spawn_module(
-            "pie.cli", "serve", "--no-auth", "--home", self.home, "--model", "none",
+            "pie.cli", "serve", *(("--auth-secret", SECRET) if auth else ("--no-auth",)), "--home", self.home, "--model", "none",
             "--port", "tcp:0:interface=127.0.0.1", *flags,
         )  # fmt: skip
         self.testcase.addCleanup(self.kill)

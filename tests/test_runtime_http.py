@@ -260,7 +260,7 @@ class ChannelTimerTests(unittest.TestCase):
         clock = Clock()
         limits = HttpLimits(header_timeout_ms=1000, idle_timeout_ms=2000)
         self.resource = _Parking()
-        site = _LimitedSite(self.resource, limits, reactor=clock)
+        site = _LimitedSite(self.resource, limits, limits.connection_counter(), reactor=clock)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -287,6 +287,38 @@ class ChannelTimerTests(unittest.TestCase):
         clock.advance(0.2)
         self.assertIn(b"HTTP/1.1 408 ", transport.value())
         self.assertTrue(transport.disconnecting)
+
+
+class ConnectionCapTests(unittest.TestCase):
+    """Connections to all server instances together are capped, in total and per address."""
+
+    def test_over_a_cap_is_answered_503_and_closed_until_one_is_gone(self):
+        limits = HttpLimits(max_connections=2, max_connections_per_address=1)
+        counter = limits.connection_counter()
+        sites = [_LimitedSite(_Parking(), limits, counter, reactor=Clock()) for _ in range(2)]
+
+        def connect(site, host: str) -> tuple[StringTransport, object]:
+            channel = site.buildProtocol(IPv4Address("TCP", host, 1))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1))
+            channel.makeConnection(transport)
+            return transport, channel
+
+        first, first_channel = connect(sites[0], "127.0.0.1")
+        again, _ = connect(sites[1], "127.0.0.1")  # another server, the same address
+        self.assertTrue(again.value().startswith(b"HTTP/1.1 503 "), again.value())
+        self.assertIn(b"too many connections from 127.0.0.1: 1 open", again.value())
+        self.assertTrue(again.disconnecting)
+        other, _ = connect(sites[1], "127.0.0.2")
+        self.assertEqual(other.value(), b"")
+        third, _ = connect(sites[0], "127.0.0.3")
+        self.assertIn(b"too many connections: the server has 2 open", third.value())
+        first_channel.connectionLost(None)  # one admitted is gone: its place is free
+        self.assertFalse(first.disconnecting)
+        later, _ = connect(sites[0], "127.0.0.3")
+        self.assertEqual(later.value(), b"")
+        self.assertEqual(
+            (counter.total, dict(counter.by_address)), (2, {"127.0.0.2": 1, "127.0.0.3": 1})
+        )
 
 
 class ParseResponseTests(unittest.TestCase):

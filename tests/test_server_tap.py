@@ -76,11 +76,28 @@ class OptionsTests(unittest.TestCase):
             "--inferlet-server-max-requests", "3", "--inferlet-server-idle-timeout-ms", "500"
         )
         self.assertEqual(
-            HttpLimits.from_settings(settings),
+            HttpLimits.from_settings(settings, 20_000),
             HttpLimits(
-                max_requests=3, max_body=16 * 2**20, header_timeout_ms=30_000, idle_timeout_ms=500
+                max_requests=3,
+                max_body=16 * 2**20,
+                header_timeout_ms=30_000,
+                idle_timeout_ms=500,
+                max_connections=2_500,  # half of the quarter the client listener leaves
+                max_connections_per_address=2_500,
             ),
         )
+        caps = parse(
+            "--inferlet-server-max-connections", "40",
+            "--inferlet-server-max-connections-per-address", "50",
+        )  # fmt: skip
+        limits = HttpLimits.from_settings(caps, 1024)
+        self.assertEqual((limits.max_connections, limits.max_connections_per_address), (40, 40))
+        limits = HttpLimits.from_settings(settings, 1024)  # 256 left by the listener, half here
+        self.assertEqual((limits.max_connections, limits.max_connections_per_address), (128, 128))
+        error = self.assertRaises(
+            usage.UsageError, parse, "--inferlet-server-max-connections", "-1"
+        )
+        self.assertIn("0 (automatic) or more", str(error))
         for flag in ("--inferlet-server-max-body", "--inferlet-server-header-timeout-ms"):
             error = self.assertRaises(usage.UsageError, parse, flag, "0")
             self.assertIn("must be positive", str(error))

@@ -36,6 +36,10 @@ Per-server limits (HttpLimits, from the inferlet_server_* settings): requests
 at once (429), body size (413: Content-Length is checked before any body is
 read, a chunked body is counted as it arrives and never kept past the limit),
 time to send the request head and silence while sending a request (408).
+Connections open at once, to all server instances together and from one
+client address (503 and closed at once, before anything is read): a slowloris
+holds descriptors only until the head timeout, and never more than the cap,
+which is set below what the client listener leaves free (pie.server.connections).
 
 The owner of the server gets `instance_terminated(server_id, reason)` when it
 stops (terminate with the server id, a closed socket, runtime shutdown).
@@ -67,6 +71,7 @@ from zope.interface import implementer
 
 from pie.interfaces import IInstanceOwner, PieError
 from pie.runtime.instances import NORMAL_FINISH, Instance
+from pie.server.connections import AUTO_MAX_CONNECTIONS, ConnectionCounter, server_instance_caps
 
 HTTP_REQUEST_ARGUMENT = "--pie-http-request"
 """First argument of a per-request instance; the second is the request JSON."""
@@ -80,15 +85,25 @@ class HttpLimits:
     max_body: int = 16 * 2**20  # request body bytes; more get 413
     header_timeout_ms: int = 30_000  # to send the request head (line and headers); then 408
     idle_timeout_ms: int = 60_000  # silence while a request is being sent; then 408
+    max_connections: int = AUTO_MAX_CONNECTIONS  # open at once, all servers together; then 503
+    max_connections_per_address: int = AUTO_MAX_CONNECTIONS  # the same, from one address
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> HttpLimits:
+    def from_settings(cls, settings: dict[str, Any], fd_limit: int) -> HttpLimits:
+        """The limits the settings give, automatic connection caps sized for `fd_limit`."""
+        max_connections, per_address = server_instance_caps(settings, fd_limit)
         return cls(
             max_requests=settings["inferlet_server_max_requests"],
             max_body=settings["inferlet_server_max_body"],
             header_timeout_ms=settings["inferlet_server_header_timeout_ms"],
             idle_timeout_ms=settings["inferlet_server_idle_timeout_ms"],
+            max_connections=max_connections,
+            max_connections_per_address=per_address,
         )
+
+    def connection_counter(self) -> ConnectionCounter:
+        """A counter for the connections of every server instance sharing these limits."""
+        return ConnectionCounter(self.max_connections, self.max_connections_per_address)
 
 
 Refusal = tuple[int, dict[str, str], bytes]
@@ -187,7 +202,12 @@ class ServerInstance:
         endpoint = self._endpoint or TCP4ServerEndpoint(
             self._runtime.reactor, self.requested_port, backlog=100, interface="127.0.0.1"
         )
-        site = _LimitedSite(_RequestHandler(self), self.limits, reactor=self._runtime.reactor)
+        site = _LimitedSite(
+            _RequestHandler(self),
+            self.limits,
+            self._runtime.http_connections,
+            reactor=self._runtime.reactor,
+        )
         site.displayTracebacks = False
         self._connections = _Connections(site)
         try:
@@ -458,11 +478,20 @@ class _LimitedChannel(HTTPChannel):
     """
 
     limits: HttpLimits
+    connections: ConnectionCounter
     rejected = False
     _head_timer = None
+    _address = ""
+    _admitted = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._address = getattr(self.transport.getPeer(), "host", "local")
+        refusal = self.connections.admit(self._address)
+        if refusal is not None:
+            self.reject(503, refusal)
+            return
+        self._admitted = True
         self._arm_head_timer()
 
     def allHeadersReceived(self) -> None:
@@ -489,6 +518,9 @@ class _LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._cancel_head_timer()
+        if self._admitted:
+            self._admitted = False
+            self.connections.release(self._address)
         super().connectionLost(reason)
 
     def reject(self, status: int, text: str) -> None:
@@ -525,13 +557,17 @@ class _LimitedChannel(HTTPChannel):
 class _LimitedSite(Site):
     requestFactory = _LimitedRequest
 
-    def __init__(self, resource: Resource, limits: HttpLimits, reactor) -> None:
+    def __init__(
+        self, resource: Resource, limits: HttpLimits, connections: ConnectionCounter, reactor
+    ) -> None:
         super().__init__(resource, timeout=limits.idle_timeout_ms / 1000, reactor=reactor)
         self.limits = limits
+        self.connections = connections
 
     def protocol(self) -> _LimitedChannel:  # HTTPFactory calls self.protocol() for a channel
         channel = _LimitedChannel()
         channel.limits = self.limits
+        channel.connections = self.connections
         return channel
 
 

@@ -102,6 +102,7 @@ class Runtime(service.Service):
         self.hostapi = HostApi(self, max_chat_chars=max_chat_chars)
         self.servers: dict[str, ServerInstance] = {}
         self.http_limits = http_limits or HttpLimits()
+        self.http_connections = self.http_limits.connection_counter()  # all servers together
         self._prepared: OrderedDict[str, object] = OrderedDict()  # hash -> executor.check()
         for name, model_service in model_services.items():
             self.add_model_service(name, model_service)

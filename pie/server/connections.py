@@ -69,6 +69,32 @@ def connection_caps(settings: dict[str, Any], fd_limit: int) -> tuple[int, int]:
     return total, min(per_address, total)
 
 
+def auto_server_instance_connections(fd_limit: int) -> int:
+    """The automatic cap on HTTP server instances' connections: half the client listener's headroom.
+
+    The client listener may use all but max(MIN_HEADROOM, fd_limit // 4)
+    descriptors; the server instances together take at most half of what it
+    leaves, so a slowloris against them cannot starve the client listener,
+    and the other half stays for files, workers and logs.
+    """
+    headroom = max(MIN_HEADROOM, fd_limit // 4)
+    return max(1, min(AUTO_MAX_CONNECTIONS, headroom // 2))
+
+
+def server_instance_caps(settings: dict[str, Any], fd_limit: int) -> tuple[int, int]:
+    """(total, per address) for all HTTP server instances together, 0 meaning automatic.
+
+    Automatic: auto_server_instance_connections(fd_limit), and the whole of it
+    per address (server instances listen on 127.0.0.1, so their clients are
+    usually one local proxy).
+    """
+    total = settings["inferlet_server_max_connections"] or auto_server_instance_connections(
+        fd_limit
+    )
+    per_address = settings["inferlet_server_max_connections_per_address"] or total
+    return total, min(per_address, total)
+
+
 def listen_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServerEndpoint:
     """The server endpoint of `description`, with `backlog` unless the string names its own."""
     kind = description.split(":", 1)[0]

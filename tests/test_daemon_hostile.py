@@ -54,7 +54,8 @@ class HostileProgramDaemonTests(unittest.TestCase):
 
     async def start_hog(self, daemon: Daemon):
         hog_client = await daemon.connect()
-        self.assertTrue((await upload(hog_client, HOG))["successful"])
+        reply = await upload(hog_client, HOG)
+        self.assertTrue(reply["successful"], reply)
         hog = await launch(hog_client, hash_program(HOG))
         return hog_client, hog
 

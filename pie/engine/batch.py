@@ -49,6 +49,8 @@ class WorkerInfo:
     max_positions: int
     device: str
     dtype: str
+    # the path the weights run (dtype, weight_kernel, head, dense_dtype, threads: strings)
+    compute: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -1,21 +1,25 @@
 """Accuracy of the default CPU path (dtype auto) against the float32 reference.
 
-The default path rounds: bf16 activations, int4 weight-only kernels for few
-rows (decode), an int4 LM head, dense bf16 for many rows (prefill). Greedy text
-in low precision drifts with any rounding and differs between CPUs, so this
-compares next-token distributions position by position over a fixed corpus
-(tests/fixtures/accuracy_corpus: the repo's docs, code and a chat, 2,100
-positions), teacher-forced, by tolerance only: top-1 agreement and the KL
-divergence from the reference, on any CPU (AVX2 or AVX512).
+The default path rounds: each int4 kernel's input and output are bf16 (the
+model is fp32 otherwise), the LM head is int4 with its top 64 logits rescored
+exactly, and on CPUs with native bf16 the many-row GEMMs run in bf16. Greedy
+text in low precision drifts with any rounding and differs between CPUs, so
+this compares next-token distributions position by position over a fixed
+corpus (tests/fixtures/accuracy_corpus: the repo's docs, code and a chat, 2,100
+positions), teacher-forced, by tolerance only, on any CPU (AVX2 or AVX512).
 
-Bounds (SmolLM2-135M Q4_1, measured on AMD EPYC with AVX512-BF16, both paths:
-top-1 agreement 0.98-0.99, mean KL ~0.01, p99 KL ~0.1 nats) are set with margin.
+Bounds: top-1 agreement >= 97% overall and >= 99% where fp32's top token leads
+the next by 0.1 or more (near-ties flip under any rounding: all-bf16 agrees on
+96.9%), mean KL(fp32 || ours) < 0.02 nats, p99 KL < 0.1, the log-prob of
+fp32's top token within 0.5. Measured on AMD EPYC (AVX512-BF16), SmolLM2-135M
+Q4_1: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import Engine, create_engine
 from pie.engine.loaders import load_model
+from pie.engine.quant import Int4OrDenseLinear
 from pie.interfaces import PieError
 from pie.service.registry import default_model_path
 
@@ -31,6 +36,7 @@ pytestmark = pytest.mark.slow
 
 PS = 16
 TOKENS_PER_TEXT = 420
+CLEAR_LEAD = 0.1  # fp32's top token leads the next by this much probability
 CORPUS = os.path.join(os.path.dirname(__file__), "fixtures", "accuracy_corpus")
 _CACHE: dict = {}
 
@@ -94,8 +100,13 @@ def corpus_logprobs(engine: Engine, texts: list[list[int]], step: int) -> torch.
 def compare(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
     kl = (reference.exp() * (reference - got)).sum(dim=-1).clamp_min(0)
     top = reference.argmax(dim=-1, keepdim=True)
+    agree = got.argmax(dim=-1) == top[:, 0]
+    first, second = reference.exp().topk(2, dim=-1).values.unbind(-1)
+    clear = first - second >= CLEAR_LEAD
     return {
-        "agree": (got.argmax(dim=-1) == top[:, 0]).float().mean().item(),
+        "agree": agree.float().mean().item(),
+        "agree_where_clear": agree[clear].float().mean().item(),
+        "clear": clear.float().mean().item(),
         "mean_kl": kl.mean().item(),
         "p99_kl": kl.quantile(0.99).item(),
         "max_top_logprob_err": (reference.gather(1, top) - got.gather(1, top)).abs().max().item(),
@@ -109,23 +120,28 @@ class DefaultPathAccuracyTests(TestCase):
         self.loaded, self.texts, self.reference = corpus_and_reference()
         self.assertGreaterEqual(self.reference.shape[0], 2000)
 
-    def check(self, step: int) -> dict[str, float]:
+    def check(self, few_row_kernels: bool) -> dict[str, float]:
         engine = create_engine(
             self.loaded, device="cpu", dtype="auto", num_pages=len(self.texts) * 32
         )
-        got = corpus_logprobs(engine, self.texts, step)
+        rows = 10**9 if few_row_kernels else 0
+        with mock.patch.object(Int4OrDenseLinear, "MAX_INT4_ROWS", rows):
+            got = corpus_logprobs(engine, self.texts, 105)
         stats = compare(self.reference, got)
-        message = f"{engine.model.path_description()}, {step} rows/text/forward: {stats}"
+        message = f"{engine.model.path_description()}, few-row kernels {few_row_kernels}: {stats}"
         print(message)
-        self.assertGreaterEqual(stats["agree"], 0.99, message)
-        self.assertLess(stats["mean_kl"], 0.03, message)
-        self.assertLess(stats["p99_kl"], 0.25, message)
+        self.assertGreaterEqual(stats["agree"], 0.97, message)
+        self.assertGreaterEqual(stats["agree_where_clear"], 0.99, message)
+        self.assertGreater(stats["clear"], 0.5, message)
+        self.assertLess(stats["mean_kl"], 0.02, message)
+        self.assertLess(stats["p99_kl"], 0.1, message)
+        self.assertLess(stats["max_top_logprob_err"], 0.5, message)
         return stats
 
-    def test_decode_sized_forwards(self):
-        """Two tokens per text, five texts: 10 rows, the int4 kernels (and int4 head) run."""
-        self.check(step=2)
+    def test_decode_kernels(self):
+        """The int4 kernels and the rescored int4 head (what decode runs), on every row."""
+        self.check(few_row_kernels=True)
 
-    def test_prefill_sized_forwards(self):
-        """105 tokens per text: the dense bf16 weights run (and the dense head)."""
-        self.check(step=105)
+    def test_prefill_gemms(self):
+        """The dense GEMMs (bf16 or fp32 by CPU) and dense head that prefill runs."""
+        self.check(few_row_kernels=False)

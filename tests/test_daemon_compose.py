@@ -12,8 +12,10 @@ import json
 
 import pytest
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from pie.engine.cpu_path import usable_cores
 from pie.server.uploads import hash_program
 from pie.service.local import LocalModelService
 from pie.tap import Options, makeService
@@ -63,6 +65,10 @@ class ComposedDaemonTests(unittest.TestCase):
     async def test_builds_and_serves_a_real_model(self):
         model_dir = self.mktemp()
         write_tiny_model(model_dir)
+        logged: list[str] = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         port = await self.start(
             "--model",
             model_dir,
@@ -89,6 +95,14 @@ class ComposedDaemonTests(unittest.TestCase):
         self.assertTrue(status["successful"], status)
         [model] = json.loads(status["result"])
         self.assertEqual((model["kv_page_size"], model["num_kv_pages"]), (16, 32))
+        # the compute path dtype auto chose (no Q4_1 weights here: dense), reported and logged
+        compute = model["compute"]
+        self.assertEqual(compute["weight_kernel"], "dense")
+        self.assertEqual(compute["threads"], str(usable_cores()))
+        self.assertIn(compute["dtype"], ("float32", "bfloat16"))
+        [line] = [m for m in logged if "compute path" in m]
+        self.assertIn(f"{compute['dtype']} activations, dense weight kernel", line)
+        self.assertIn(f"{usable_cores()} torch threads", line)
         [local] = [s for s in self.top if isinstance(s, LocalModelService)]
         self.assertEqual(local.model_service.scheduler.max_batch_tokens, 64)
 

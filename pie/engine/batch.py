@@ -50,6 +50,8 @@ class WorkerInfo:
     device: str
     dtype: str
     kv_sizing: str = ""  # how num_kv_pages was chosen (pie.engine.memory.KvSizing.reason)
+    # the path the weights run (dtype, weight_kernel, head, dense_dtype, threads: strings)
+    compute: dict = field(default_factory=dict)
 
 
 @dataclass

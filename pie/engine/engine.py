@@ -33,8 +33,9 @@ from pie.engine.batch import (
     check_sampling,
     context_len,
 )
+from pie.engine.cpu_path import usable_cores
 from pie.engine.llama import LlamaModel
-from pie.engine.loaders import LoadedModel, resolve_device, resolve_dtype
+from pie.engine.loaders import LoadedModel, auto_cpu_path, resolve_device, resolve_dtype
 from pie.engine.memory import (
     KvPolicy,
     KvSizing,
@@ -149,6 +150,7 @@ class Engine:
             max_positions=config.max_position_embeddings,
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
+            compute={**model.path_description(), "threads": str(torch.get_num_threads())},
         )
         self._handlers = {
             Forward: self.forward,
@@ -426,13 +428,22 @@ def create_engine(
 ) -> Engine:
     """Place a loaded model on a device and give it a KV cache (see pie.engine.worker.build_engine)."""
     dev = resolve_device(device)
+    quantized = bool(loaded.quantized)
+    dense_dtype = None
+    if dtype == "auto" and dev.type == "cpu":
+        path = auto_cpu_path(quantized)
+        dense_dtype = path.dense_dtype
+        use_int4 = path.weight_kernel == "int4" if use_int4 is None else use_int4
+    if dev.type == "cpu":
+        torch.set_num_threads(usable_cores())
     model = LlamaModel(
         loaded.config,
         loaded.weights,
         device=dev,
-        dtype=resolve_dtype(dtype, dev),
+        dtype=resolve_dtype(dtype, dev, quantized),
         quantized=loaded.quantized,
         use_int4=use_int4,
+        dense_dtype=dense_dtype,
     )
     return Engine(
         model,

@@ -34,6 +34,7 @@ from pie.engine.quant import (
     Int4OrDenseLinear,
     Q4_1Weight,
     int4_supported,
+    quantized_head,
 )
 from pie.interfaces import PieError
 
@@ -381,10 +382,13 @@ class LlamaModel:
         dtype: torch.dtype = torch.float32,
         quantized: dict[str, Q4_1Weight] | None = None,
         use_int4: bool | None = None,
+        dense_dtype: torch.dtype | None = None,
     ):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
+        # the dense copies that int4 layers use for many rows (pie.engine.cpu_path)
+        self.dense_dtype = dense_dtype or dtype
         quantized = quantized or {}
         if use_int4 is None:
             use_int4 = bool(quantized) and int4_supported(self.device, dtype)
@@ -393,8 +397,8 @@ class LlamaModel:
         if missing:
             raise PieError(f"model weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-        def tensor(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+        def tensor(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=as_dtype).contiguous()
 
         def linear(*names: str) -> Linear:
             biases = [n.removesuffix(".weight") + ".bias" for n in names]
@@ -402,11 +406,12 @@ class LlamaModel:
             if any(present) and not all(present):
                 raise PieError(f"biases of {names} are only partly present")
             bias = torch.cat([tensor(b) for b in biases]) if all(present) else None
-            dense = DenseLinear(torch.cat([tensor(n) for n in names]), bias)
             if self.int4 and all(n in quantized for n in names):
-                q4 = Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), dtype)
+                d = self.dense_dtype
+                dense = DenseLinear(torch.cat([tensor(n, d) for n in names]), bias)
+                q4 = Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), torch.bfloat16)
                 return Int4OrDenseLinear(q4, dense)
-            return dense
+            return DenseLinear(torch.cat([tensor(n) for n in names]), bias)
 
         def norm(name: str) -> torch.Tensor:
             return (weights[name].float() + config.norm_offset).to(self.device, dtype).contiguous()
@@ -423,10 +428,17 @@ class LlamaModel:
         )
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.norm = norm("model.norm.weight")
-        if "lm_head.weight" in weights:
-            self.lm_head = tensor("lm_head.weight")
-        else:
-            self.lm_head = self.embed  # tied head
+        head_name = "lm_head.weight" if "lm_head.weight" in weights else None
+        self.lm_head = tensor(head_name) if head_name else self.embed  # else tied
+        self.head: Linear = DenseLinear(self.lm_head)
+        if self.int4:
+            # The head reads more bytes than any layer (vocab x hidden): quantize it for
+            # decode too, from the file's Q4_1 blocks or by rounding the float weight to
+            # Q4_1, its top logits rescored; the embedding lookup keeps the exact weight.
+            dense_head = self.lm_head
+            if self.dense_dtype != dtype:
+                dense_head = tensor(head_name or "model.embed_tokens.weight", self.dense_dtype)
+            self.head = quantized_head(self.lm_head, quantized.get(head_name or ""), dense_head)
         self.layers: list[LlamaLayer] = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -474,6 +486,15 @@ class LlamaModel:
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
+
+    def path_description(self) -> dict[str, str]:
+        """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weight_kernel": "int4" if self.int4 else "dense",
+            "head": "int4" if isinstance(self.head, Int4OrDenseLinear) else "dense",
+            "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
+        }
 
     def expected_weight_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -567,7 +588,7 @@ class LlamaModel:
         if output_rows.numel() == 0:
             return x.new_empty(0, c.vocab_size)
         x = rms_norm(x[output_rows], self.norm, eps)
-        logits = F.linear(x, self.lm_head)
+        logits = self.head(x)
         if c.final_logit_softcapping:
             cap = c.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

@@ -74,8 +74,8 @@ def build_engine(
     path: a GGUF file or a Hugging Face folder (config.json + *.safetensors +
         tokenizer.json); any format one of `loaders` recognises (default: pie's own).
     device: "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1", ...
-    dtype: "auto" (bfloat16 on CUDA and on CPUs with native bf16, else
-        float32), "float32", "bfloat16" or "float16".
+    dtype: "auto" (bfloat16 on CUDA; on CPU see pie.engine.cpu_path),
+        "float32", "bfloat16" or "float16".
     options (keywords of pie.engine.engine.create_engine): page_size (16),
         num_pages (default: sized from memory by kv_policy, see
         pie.engine.memory), kv_policy, num_embeds (4096),
@@ -86,7 +86,10 @@ def build_engine(
     dev = resolve_device(device)
 
     def build() -> Engine:
-        loaded = load_model(path, dtype=resolve_dtype(dtype, dev), loaders=loaders)
+        # auto on CPU: load float32, create_engine picks the dtype (pie.engine.cpu_path)
+        cpu_auto = dtype == "auto" and dev.type == "cpu"
+        load_dtype = "float32" if cpu_auto else resolve_dtype(dtype, dev)
+        loaded = load_model(path, dtype=load_dtype, loaders=loaders)
         return create_engine(loaded, device=str(dev), dtype=dtype, **options)
 
     return build_on_own_thread(build)

@@ -77,6 +77,9 @@ def _settle(d: Deferred, job: object, result: object, error: BaseException | Non
         d.errback(Failure(PieError(f"model worker failed on {type(job).__name__}: {error}")))
 
 
+COMPUTE_KEYS = ("dtype", "weight_kernel", "head", "dense_dtype", "threads")
+
+
 def load_worker(path: str, *, reactor: Any = None, **options: Any) -> LocalWorker:
     """Load the model at `path` (any installed loader plugin) and serve it on a thread.
 
@@ -188,6 +191,12 @@ class LocalModelService(Service):
         self.runtime.add_model_service(service.name, service)
         self.model_service = service
         log.info("serving model {name}: {status}", name=service.name, status=service.status())
+        log.info(
+            "model {name} compute path: {dtype} activations, {weight_kernel} weight kernel, "
+            "{head} LM head, many-row GEMMs in {dense_dtype}, {threads} torch threads",
+            name=service.name,
+            **(dict.fromkeys(COMPUTE_KEYS, "?") | self.worker.info.compute),
+        )
 
     async def _stop(self) -> None:
         if self.model_service is not None:

@@ -199,6 +199,7 @@ class ModelService:
             "batching": self.scheduler.policy.describe(),
             "pending_commands": self.scheduler.pending(),
             "device": self.info.device,
+            "compute": dict(self.info.compute),
         }
 
     def create_queue(self, instance_id: str, user: str | None = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pie.engine.cpu_path import CpuPath, choose_cpu_path, cpu_flags, int4_bf16_works
 from pie.engine.llama import LlamaConfig
 from pie.engine.quant import Q4_1Weight
 from pie.engine.tokenizer import Tokenizer
@@ -59,26 +60,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16 matmuls, else float32."""
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device, quantized: bool = False
+) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA; on CPU what pie.engine.cpu_path chooses: bfloat16 where
+    the int4 kernel runs `quantized` weights or the CPU has native bf16, else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        caps = torch.backends.cpu.get_cpu_capability()
-        return torch.bfloat16 if _cpu_has_bf16() or "AMX" in caps else torch.float32
+        return auto_cpu_path(quantized).dtype
     if dtype not in DTYPES:
         raise PieError(f"bad dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any("avx512_bf16" in line for line in f if line.startswith("flags"))
-    except OSError:
-        return False
+def auto_cpu_path(quantized: bool) -> CpuPath:
+    """The CPU path `dtype auto` takes on this machine for a model with or without Q4_1 weights."""
+    return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works())
 
 
 def model_name_for(path: str) -> str:

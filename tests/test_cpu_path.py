@@ -1,0 +1,130 @@
+"""`dtype auto` on CPU: the path chosen from (faked) CPU flags, the head, threads, reporting."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import torch
+from twisted.trial.unittest import TestCase
+
+from pie.engine import cpu_path
+from pie.engine.cpu_path import CpuPath, choose_cpu_path
+from pie.engine.engine import create_engine
+from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight
+from tests.model_fixtures import tiny_model
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+AMX = AVX512 | {"amx_tile", "amx_bf16"}
+
+
+class ChoiceTests(TestCase):
+    def test_quantized_weights_run_int4_in_an_fp32_model_on_every_x86_cpu(self):
+        for flags in (AVX2, AVX512, AVX512_BF16, AMX):
+            path = choose_cpu_path(flags, quantized=True, int4_bf16_works=True)
+            self.assertEqual((path.dtype, path.weight_kernel), (torch.float32, "int4"))
+
+    def test_many_row_gemms_in_bf16_only_where_the_cpu_has_it(self):
+        for flags, dense in (
+            (AVX2, torch.float32),
+            (AVX512, torch.float32),
+            (AVX512_BF16, torch.bfloat16),
+            (AMX, torch.bfloat16),
+        ):
+            self.assertEqual(choose_cpu_path(flags, True, True).dense_dtype, dense)
+
+    def test_without_the_kernel_or_quantized_weights_dense_in_the_native_dtype(self):
+        self.assertEqual(choose_cpu_path(AVX2, True, False), CpuPath(*[torch.float32] * 2, "dense"))
+        self.assertEqual(
+            choose_cpu_path(AVX2, False, True), CpuPath(torch.float32, torch.float32, "dense")
+        )
+        self.assertEqual(
+            choose_cpu_path(AVX512_BF16, False, False),
+            CpuPath(torch.bfloat16, torch.bfloat16, "dense"),
+        )
+
+    def test_the_kernel_probe_passes_on_this_machine(self):
+        """The real probe (x86 CI machines have AVX2 at least)."""
+        self.assertTrue(cpu_path.int4_bf16_works())
+
+    def test_threads_follow_the_affinity_mask(self):
+        with mock.patch.object(os, "sched_getaffinity", return_value={0, 3, 5}):
+            self.assertEqual(cpu_path.usable_cores(), 3)
+
+
+class EngineTests(TestCase):
+    """create_engine(dtype auto) on a tiny Q4_1 model, with the CPU's flags faked."""
+
+    def setUp(self):
+        self.loaded, _ = tiny_model(
+            self.mktemp(),
+            hidden_size=64,
+            intermediate_size=128,
+            vocab_size=320,
+            tie_word_embeddings=True,
+        )
+        # as from a GGUF file: Q4_1 blocks, and the dense weights their dequantization
+        weights = self.loaded.weights
+        for name in [n for n in weights if n.endswith("proj.weight")]:
+            self.loaded.quantized[name] = Q4_1Weight.from_dense(weights[name].numpy())
+            weights[name] = torch.from_numpy(self.loaded.quantized[name].dequantize())
+
+    def engine(self, flags: frozenset[str]):
+        with mock.patch.object(cpu_path, "cpu_flags", return_value=flags):
+            with mock.patch("pie.engine.loaders.cpu_flags", return_value=flags):
+                return create_engine(self.loaded, device="cpu", dtype="auto", num_pages=8)
+
+    def test_avx2_runs_int4_and_fp32_prefill_gemms(self):
+        engine = self.engine(AVX2)
+        self.assertEqual(
+            engine.info.compute,
+            {
+                "dtype": "float32",
+                "weight_kernel": "int4",
+                "head": "int4",
+                "dense_dtype": "float32",
+                "threads": str(cpu_path.usable_cores()),
+            },
+        )
+        self.assertIs(engine.model.head.dense.weight, engine.model.embed)
+        self.assertEqual(engine.model.embed.dtype, torch.float32)
+        self.assertEqual(engine.model.layers[0].qkv.dense.weight.dtype, torch.float32)
+
+    def test_native_bf16_keeps_bf16_dense_copies(self):
+        engine = self.engine(AVX512_BF16)
+        self.assertEqual(engine.info.compute["dense_dtype"], "bfloat16")
+        self.assertEqual(engine.model.head.dense.weight.dtype, torch.bfloat16)
+        self.assertEqual(engine.model.layers[0].qkv.dense.weight.dtype, torch.bfloat16)
+        x = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 1, 64)
+        self.assertEqual(engine.model.layers[0].qkv(x).dtype, torch.float32)
+
+    def test_int4_head_rescores_its_top_logits_and_the_embedding_is_exact(self):
+        engine = self.engine(AVX2)
+        head = engine.model.head
+        self.assertIsInstance(head, Int4OrDenseLinear)
+        x = torch.randn(3, self.loaded.config.hidden_size)
+        want = x @ self.loaded.weights["model.embed_tokens.weight"].T
+        got = head(x)
+        self.assertLess((got - want).norm() / want.norm(), 0.1)  # int4: close
+        top = want.topk(8, dim=-1).indices  # inside the rescored 64
+        torch.testing.assert_close(got.gather(1, top), want.gather(1, top))  # top: exact
+        self.assertTrue(torch.equal(want.argmax(-1), got.argmax(-1)))
+        tokens = torch.tensor([1, 5, 7])
+        self.assertTrue(
+            torch.equal(
+                engine.model.embed_tokens(tokens),
+                self.loaded.weights["model.embed_tokens.weight"][tokens],
+            )
+        )
+
+    def test_many_rows_on_avx2_agree_with_few_rows(self):
+        """The fp32 dense GEMM (many rows) and the int4 kernel (few) give close outputs."""
+        engine = self.engine(AVX2)
+        layer = engine.model.layers[0].gate_up
+        x = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 2, 64)
+        many = layer(x)
+        few = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+        self.assertEqual(few.dtype, torch.float32)
+        self.assertLess((many - few).abs().max().item(), 0.05 * many.abs().max().item() + 0.02)

@@ -185,9 +185,9 @@ async def run(reactor, opts) -> None:
     from pie.service.registry import default_model_path
     from pie.service.service import ModelService
 
-    torch.set_num_threads(opts.threads)
     model = opts.model or default_model_path()
     worker = load_worker(model, device="cpu", num_pages=512)
+    torch.set_num_threads(opts.threads)  # after the load: the engine sets the affinity count
     service = ModelService(worker, reactor=reactor)
     llama = LlamaCpp(model, opts.threads)
     print(f"model {model}")

@@ -101,6 +101,9 @@ class CharTokenizer:
     def vocabs(self) -> tuple[list[int], list[bytes]]:
         return list(range(128)), [bytes([i]) for i in range(128)]
 
+    def token_table(self) -> tuple[list[bytes | None], frozenset[int]]:
+        return [self.eos_token.encode()] + [bytes([i]) for i in range(1, 128)], frozenset({0})
+
 
 _queue_ids = itertools.count(1)
 

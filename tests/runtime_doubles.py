@@ -144,7 +144,7 @@ class FakeModelService:
         elif op == "forward_text":
             return succeed([([1, 2], [0.75, 0.25]) for _ in args[-1]])
         elif op == "generate":  # token 1 until a stop token or max_tokens
-            max_tokens, stop_tokens = args[-2], args[-1]
+            max_tokens, stop_tokens = args[-3], args[-2]
             return succeed([1] if 1 in stop_tokens else [1] * max_tokens)
         elif op == "synchronize":
             return succeed(True)

@@ -1,6 +1,9 @@
 """Token sampling on the device, for the generation fast path (no guest round trip per token).
 
-Greedy rows take one batched argmax. Other rows are sampled one by one:
+A row whose Sampling carries a grammar mask (`allowed`, a packed bitmask)
+first has every other token's logit set to -inf, over the full vocabulary, so
+greedy, temperature, top-k and top-p all draw only allowed tokens. Greedy
+rows then take one batched argmax. Other rows are sampled one by one:
 temperature, then top-k, then top-p (nucleus) filtering, then a draw. A row
 with a seed draws from a generator seeded by (seed, position), so a sequence
 is reproducible while every step still gets fresh randomness.
@@ -20,6 +23,12 @@ def sample(
     generator: torch.Generator,
 ) -> list[int]:
     """One token id per row of logits [R, vocab]."""
+    masked = [row for row, s in enumerate(params) if s.allowed is not None]
+    if masked:
+        logits = logits.clone()
+        for row in masked:
+            keep = unpack_mask(params[row].allowed, logits.shape[-1], logits.device)
+            logits[row].masked_fill_(~keep, float("-inf"))
     chosen = logits.max(dim=-1).indices  # (faster than argmax on CPU bf16)
     for row, (s, position) in enumerate(zip(params, positions, strict=True)):
         if s.temperature <= 0:
@@ -40,3 +49,17 @@ def sample(
             gen.manual_seed(hash((s.seed, position)) & 0x7FFF_FFFF_FFFF_FFFF)
         chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return chosen.tolist()
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def unpack_mask(mask: bytes, vocab: int, device: torch.device) -> torch.Tensor:
+    """A packed bitmask (bit i of byte i // 8 = token i) as a bool tensor [vocab];
+    tokens past the mask's end are not allowed."""
+    packed = torch.frombuffer(bytearray(mask), dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> _BITS).bitwise_and_(1).flatten().bool()
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    n = min(vocab, bits.shape[0])
+    keep[:n] = bits[:n]
+    return keep.to(device)

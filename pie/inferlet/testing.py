@@ -525,8 +525,11 @@ class FakeInstance:
         seed: int | None,
         max_tokens: int,
         stop_tokens: list[int],
+        grammar: int | None = None,
     ) -> list[int]:
         """The engine's fast path on the fake model: forward, sample, repeat (causal)."""
+        if grammar is not None:
+            raise FakeHostError("grammar matchers need the real host (pie.runtime.grammar)")
         self._drain(queue)
         ps = self.model.page_size
         every = list(pages) + list(spare_pages)

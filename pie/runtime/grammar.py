@@ -150,6 +150,7 @@ class Matcher:
         self.vocab_size = vocab_size
         self._width = mask_bytes(vocab_size)
         self._mask: bytes | None = None  # the current step's, until the state changes
+        self._consumed = 0  # tokens consumed and not rolled back
 
     def allowed(self) -> bytes:
         """The packed bitmask of the tokens that may come next (see the module docstring)."""
@@ -170,6 +171,7 @@ class Matcher:
             self._mask = None
             if not self._inner.consume_token(token):
                 raise PieError(f"grammar matcher failed: {self._inner.get_error()}")
+            self._consumed += 1
         return True
 
     def is_accepting(self) -> bool:
@@ -183,9 +185,12 @@ class Matcher:
 
     def rollback(self, count: int) -> None:
         """Undo the last `count` consumed tokens (a rejected speculative path)."""
+        if count > self._consumed:
+            raise GrammarError(f"cannot roll back {count} tokens: {self._consumed} were consumed")
         self._mask = None
+        self._consumed -= count
         if not self._inner.rollback(count):
-            raise PieError(f"cannot roll back {count} tokens: {self._inner.get_error()}")
+            raise GrammarError(f"cannot roll back {count} tokens: {self._inner.get_error()}")
 
     def error(self) -> str:
         """The matcher's error, '' if none."""

@@ -158,7 +158,7 @@ class GrammarGenerationTests(unittest.TestCase):
     async def test_fifty_samples_at_temperature_one_validate(self):
         prompt = "Describe a person and their pet as JSON."
         texts = await self.run_program(
-            "sample", "json_schema", json.dumps(SCHEMA), prompt, "50", "96"
+            "sample", "json_schema", json.dumps(SCHEMA), prompt, "50", "64"
         )
         self.assertEqual(len(texts), 50)
         for text in texts:

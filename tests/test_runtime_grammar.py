@@ -81,6 +81,12 @@ class GrammarTests(TestCase):
         self.assertTrue(m.consume([eos]))
         self.assertTrue(m.is_stopped())
 
+    def test_json_is_laid_out_as_json_dumps_writes_it(self):
+        m = self.vocab.matcher("json_schema", json.dumps(SCHEMA))
+        self.assertFalse(drive(m, self.tok, '{\n"name"'))
+        m = self.vocab.matcher("json", "")
+        self.assertTrue(drive(m, self.tok, '{"a": [1, 2]}'))
+
     def test_json_schema_rejects_an_extra_property(self):
         m = self.vocab.matcher("json_schema", json.dumps(SCHEMA))
         self.assertFalse(drive(m, self.tok, '{"nick": 1}'))

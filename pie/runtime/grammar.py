@@ -36,6 +36,11 @@ MAX_MATCHERS = 256
 
 ANY_JSON_OBJECT = {"type": "object"}
 
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""JSON is written as json.dumps writes it: llguidance's default lets whitespace run freely
+between tokens, and a sampled model can fill its whole budget with newlines. A schema's own
+"x-guidance" options override these."""
+
 
 class GrammarError(PieError):
     """A grammar the library refused; the text is the library's message."""
@@ -53,9 +58,9 @@ def compile_grammar(kind: str, source: str) -> str:
             schema = json.loads(source)
         except ValueError as e:
             raise GrammarError(f"the JSON Schema is not JSON: {e}") from None
-        grammar = _library(llguidance.LLMatcher.grammar_from_json_schema, schema)
+        grammar = _library(llguidance.LLMatcher.grammar_from_json_schema, schema, JSON_LAYOUT)
     elif kind == "json":
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, JSON_LAYOUT)
     elif kind == "regex":
         grammar = llguidance.LLMatcher.grammar_from_regex(source)
     elif kind == "lark":

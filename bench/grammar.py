@@ -5,7 +5,7 @@
 B streams each run one `generate` call through the real ModelService and the
 SmolLM2 worker thread (greedy, the same prompt per stream but its own pages),
 once without a grammar and once under a JSON Schema whose strings and array
-keep the grammar open for all --tokens steps, so both runs decode the same
+keep the grammar open for all --tokens steps (at least 40 items), so both runs decode the same
 number of steps. A constrained step includes everything the feature adds: the
 host computes each stream's mask (pie.runtime.grammar, llguidance) when the
 step is dispatched, the mask travels in the Forward job as bytes, the engine
@@ -24,7 +24,8 @@ import time
 import torch
 from twisted.internet import defer, task
 
-from pie.engine.batch import layout_of
+from pie.engine.batch import Sampling, layout_of
+from pie.engine.sampling import sample
 from pie.runtime.grammar import Vocabulary
 from pie.service.local import load_worker
 from pie.service.registry import default_model_path
@@ -33,7 +34,7 @@ from pie.service.service import ModelService
 SCHEMA = {
     "type": "object",
     "properties": {
-        "notes": {"type": "array", "items": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"}, "minItems": 40},
         "kind": {"enum": ["cat", "dog"]},
     },
     "required": ["notes", "kind"],
@@ -83,6 +84,34 @@ async def run(service: ModelService, vocab: Vocabulary | None, batch: int, token
     return seconds / steps
 
 
+def added_cost(vocab: Vocabulary, tokenizer, batch: int, repeats: int = 50) -> tuple[float, float]:
+    """(host mask ms, engine masking ms) per step for `batch` rows, measured in isolation
+    (steady figures on a shared machine, where whole-step timings are noisy)."""
+    prefix = tokenizer.tokenize('{"notes": ["a cat", "a do')
+    matchers = [vocab.matcher("json_schema", json.dumps(SCHEMA)) for _ in range(batch)]
+    for m in matchers:
+        assert m.consume(prefix)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        for m in matchers:
+            m._mask = None  # (recompute, as after each consumed token)
+            m.allowed()
+    host = (time.perf_counter() - began) / repeats
+    logits = torch.randn(batch, vocab.size)
+    masked = [Sampling(allowed=m.allowed()) for m in matchers]
+    plain = [Sampling() for _ in matchers]
+    gen = torch.Generator()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        sample(logits, masked, [0] * batch, gen)
+    with_mask = (time.perf_counter() - began) / repeats
+    began = time.perf_counter()
+    for _ in range(repeats):
+        sample(logits, plain, [0] * batch, gen)
+    without = (time.perf_counter() - began) / repeats
+    return host * 1000, (with_mask - without) * 1000
+
+
 async def main(reactor, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -108,6 +137,8 @@ async def main(reactor, argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()}")  # fmt: skip
     print(f"unconstrained: {p * 1000:.1f} ms/step   constrained: {c * 1000:.1f} ms/step")
     print(f"ratio constrained/unconstrained: {c / p:.3f}")
+    host, engine = added_cost(vocab, service.tokenizer, args.batch)
+    print(f"added per step, in isolation: host masks {host:.2f} ms, engine masking {engine:.2f} ms")
     await service.close()
 
 

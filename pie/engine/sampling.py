@@ -11,6 +11,7 @@ is reproducible while every step still gets fresh randomness.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pie.engine.batch import Sampling
@@ -23,12 +24,12 @@ def sample(
     generator: torch.Generator,
 ) -> list[int]:
     """One token id per row of logits [R, vocab]."""
-    masked = [row for row, s in enumerate(params) if s.allowed is not None]
-    if masked:
-        logits = logits.clone()
-        for row in masked:
-            keep = unpack_mask(params[row].allowed, logits.shape[-1], logits.device)
-            logits[row].masked_fill_(~keep, float("-inf"))
+    if any(s.allowed is not None for s in params):
+        keep = np.ones(tuple(logits.shape), dtype=bool)
+        for row, s in enumerate(params):
+            if s.allowed is not None:
+                keep[row] = unpack_bits(s.allowed, logits.shape[-1])
+        logits = logits.masked_fill(~torch.from_numpy(keep).to(logits.device), float("-inf"))
     chosen = logits.max(dim=-1).indices  # (faster than argmax on CPU bf16)
     for row, (s, position) in enumerate(zip(params, positions, strict=True)):
         if s.temperature <= 0:
@@ -51,15 +52,11 @@ def sample(
     return chosen.tolist()
 
 
-_BITS = torch.arange(8, dtype=torch.uint8)
-
-
-def unpack_mask(mask: bytes, vocab: int, device: torch.device) -> torch.Tensor:
-    """A packed bitmask (bit i of byte i // 8 = token i) as a bool tensor [vocab];
-    tokens past the mask's end are not allowed."""
-    packed = torch.frombuffer(bytearray(mask), dtype=torch.uint8)
-    bits = (packed.unsqueeze(-1) >> _BITS).bitwise_and_(1).flatten().bool()
-    keep = torch.zeros(vocab, dtype=torch.bool)
-    n = min(vocab, bits.shape[0])
-    keep[:n] = bits[:n]
-    return keep.to(device)
+def unpack_bits(mask: bytes, vocab: int) -> np.ndarray:
+    """A packed bitmask (bit i % 8 of byte i // 8 = token i) as a bool array [vocab];
+    tokens past the mask's end are not allowed. (numpy: torch's uint8 shifts took ~1000x
+    longer on CPU, and one masked_fill for the whole batch avoids per-row thread syncs.)"""
+    bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:vocab]
+    keep = np.zeros(vocab, dtype=bool)
+    keep[: bits.shape[0]] = bits
+    return keep

@@ -550,6 +550,18 @@ class FakeInstance:
                 return out
             tokens, positions, total = [token], [positions[-1] + 1], total + 1
 
+    # ------------------------------------------------------------------ grammars
+    # The fake model has no grammar engine: creating a matcher answers as a malformed
+    # grammar would (GrammarError in the SDK), so no matcher id ever exists here.
+    def _grammar_create(self, service: int, kind: str, source: str) -> tuple[int, str]:
+        return 0, "grammar matchers need the real host (pie.runtime.grammar)"
+
+    def _no_matcher(self, matcher: int, *_: Any) -> Any:
+        raise FakeHostError(f"unknown grammar matcher {matcher}")
+
+    _grammar_allowed = _grammar_consume = _grammar_is_accepting = _no_matcher
+    _grammar_is_stopped = _grammar_rollback = _grammar_drop = _no_matcher
+
     def _get_next_token_distribution(self, fut: int, queue: int, embeds: list[int]) -> Any:
         self._drain(queue)
         return [self.embeds[v] for v in embeds]

@@ -108,6 +108,10 @@ class ITokenizer(Interface):
     def vocabs() -> tuple[list[int], list[bytes]]:
         """Every regular token id and its bytes."""
 
+    def token_table() -> tuple[list[bytes | None], frozenset[int]]:
+        """Every id's bytes (a special token's text; None for an unused id) and the
+        special ids: what a grammar matcher needs (pie.runtime.grammar)."""
+
     chat_template = Attribute("The model's jinja2 chat template text, or '' if none.")
     eos_token_ids = Attribute("list[int]: ids that end a turn / the text.")
     bos_token = Attribute(

@@ -101,6 +101,9 @@ class CharTokenizer:
     def vocabs(self) -> tuple[list[int], list[bytes]]:
         return list(range(128)), [bytes([i]) for i in range(128)]
 
+    def token_table(self) -> tuple[list[bytes | None], frozenset[int]]:
+        return [self.eos_token.encode()] + [bytes([i]) for i in range(1, 128)], frozenset({0})
+
 
 _queue_ids = itertools.count(1)
 
@@ -141,7 +144,7 @@ class FakeModelService:
         elif op == "forward_text":
             return succeed([([1, 2], [0.75, 0.25]) for _ in args[-1]])
         elif op == "generate":  # token 1 until a stop token or max_tokens
-            max_tokens, stop_tokens = args[-2], args[-1]
+            max_tokens, stop_tokens = args[-3], args[-2]
             return succeed([1] if 1 in stop_tokens else [1] * max_tokens)
         elif op == "synchronize":
             return succeed(True)

@@ -24,6 +24,7 @@ import os
 import re
 import time
 
+import jsonschema
 import pytest
 from twisted.internet import reactor
 from twisted.trial import unittest
@@ -537,10 +538,23 @@ class DecodingAppTests(AppTestCase):
         self.assertLessEqual(iterations, tokens)
         self.assertPagesReturned()
 
-    async def test_constrained_decoding_writes_json(self):
-        run = await self.run_app("constrained_decoding", "--max-tokens", "32")
-        self.assertIsInstance(json.loads(run.messages[0]), dict)
+    async def test_constrained_decoding_writes_json_under_the_schema(self):
+        schema = {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 8},
+                "age": {"type": "integer", "minimum": 0, "maximum": 40},
+            },
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        }
+        run = await self.run_app(
+            "constrained_decoding", "--max-tokens", "32", "--schema", json.dumps(schema)
+        )
+        jsonschema.validate(json.loads(run.messages[0]), schema)
         self.assertPagesReturned()
+        run = await self.run_app("constrained_decoding", "--schema", '{"type": 3}')
+        self.assertTrue(run.messages[0].startswith("GrammarError: "), run.messages)
 
     async def test_attention_sink_keeps_memory_bounded(self):
         run = await self.run_app(

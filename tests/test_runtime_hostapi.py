@@ -7,11 +7,12 @@ from twisted.trial import unittest
 
 import pie
 from pie.interfaces import InstanceFault, PieError
+from pie.runtime.grammar import MAX_MATCHERS
 from pie.runtime.hostcalls import HOST_CALLS
 from pie.runtime.instances import NORMAL_FINISH
 from tests.runtime_doubles import FakeModelService, launched, make_runtime
 
-Q, SUB = "<queue>", "<subscription>"
+Q, SUB, G = "<queue>", "<subscription>", "<grammar matcher>"
 
 SAMPLE_ARGS = {
     "get_version": (),
@@ -44,11 +45,18 @@ SAMPLE_ARGS = {
     "embed_text": (Q, [5], [3], [0]),
     "forward": (Q, 1, [1], [5], [6]),
     "get_next_token_distribution": (Q, [6]),
-    "generate": (Q, 1, [1], [3], [0], [2], 0.5, 0, 1.0, None, 3, [7]),
+    "generate": (Q, 1, [1], [3], [0], [2], 0.5, 0, 1.0, None, 3, [7], None),
     "tokenize": (0, "hi"),
     "detokenize": (0, [104, 105]),
     "apply_chat_template": (0, '[{"role": "user", "content": "hi"}]', True, None, None, None),
     "get_vocabs": (0,),
+    "grammar_create": (0, "regex", "ab"),
+    "grammar_allowed": (G,),
+    "grammar_consume": (G, [97]),
+    "grammar_is_accepting": (G,),
+    "grammar_is_stopped": (G,),
+    "grammar_rollback": (G, 1),
+    "grammar_drop": (G,),
     "send": ("m",),
     "outbound_drained": (),
     "receive": (),
@@ -87,9 +95,11 @@ class EveryRowTests(unittest.TestCase):
             queue = host.call("create_queue", (0,))
             # a subscription with one message waiting, for subscription_next / unsubscribe
             subscription = host.call("subscribe", ("t",))
+            matcher, _ = host.call("grammar_create", (0, "regex", "a+"))
+            placeholders = {Q: queue, SUB: subscription, G: matcher}
             for name, sample in SAMPLE_ARGS.items():
                 call_args = tuple(
-                    queue if a == Q else subscription if a == SUB else a for a in sample
+                    placeholders.get(a, a) if isinstance(a, str) else a for a in sample
                 )
                 if name == "receive":
                     self.runtime.signal(host.instance_id, "from the user")
@@ -141,6 +151,14 @@ class EveryRowTests(unittest.TestCase):
             results["apply_chat_template"], (True, "[{'role': 'user', 'content': 'hi'}]")
         )
         self.assertEqual(len(results["get_vocabs"][0]), 128)
+        self.assertEqual(results["grammar_create"][1], "")
+        mask = results["grammar_allowed"]
+        self.assertEqual(len(mask), 16)
+        self.assertEqual([i for i in range(128) if mask[i // 8] >> (i % 8) & 1], [97])
+        self.assertEqual(results["grammar_consume"], True)
+        self.assertEqual(results["grammar_is_accepting"], True)  # "a" matches a+
+        self.assertEqual(results["grammar_is_stopped"], False)
+        self.assertEqual(results["grammar_rollback"], True)
         self.assertEqual(results["receive"], "from the user")
         self.assertEqual(results["subscription_next"], "b")
         self.assertEqual(results["store_get"], None)
@@ -216,6 +234,7 @@ class BadCallTests(unittest.TestCase):
             ("allocate_kv_pages", (999, [1]), "unknown queue 999"),
             ("model_info", (7,), "unknown model service 7"),
             ("unsubscribe", (42,), "unknown subscription 42"),
+            ("grammar_allowed", (42,), "unknown grammar matcher 42"),
         ]:
             reason, seen = await self.outcome(name, args)
             self.assertEqual((reason, seen), (NORMAL_FINISH, "PieError: " + text))
@@ -263,6 +282,7 @@ _JUNK = {
     "bool": [1, None],
     "string": [3, None],
     "option<u64>": [-1, 1 << 64, "x"],
+    "option<u32>": [-1, 1 << 32, "x"],
     "list<u32>": ["x", [None], [-1], [1.5], [True], None],
     "list<bool>": [[1], "x"],
     "list<list<u32>>": [[None], [[None]], [[-1]], [1]],
@@ -300,3 +320,62 @@ class ModelCommandArgumentTests(unittest.TestCase):
                     cases += 1
         self.assertEqual(self.model.submitted, [])
         self.assertGreater(cases, 100)
+
+
+class GrammarCallTests(unittest.TestCase):
+    """Grammar matchers through the host table (issue 13, point 2)."""
+
+    def setUp(self):
+        self.model = FakeModelService()
+        self.other = FakeModelService("other-model", service_id=1)
+        self.runtime = make_runtime(self, services={"fake": self.model, "other": self.other})
+
+    async def run_script(self, script):
+        instance_id, owner = await launched(self.runtime, script)
+        reason = await owner.ended(instance_id)
+        return reason, owner.messages(instance_id)
+
+    async def test_a_malformed_grammar_answers_the_library_message(self):
+        async def script(host, _):
+            host.call("send", (repr(host.call("grammar_create", (0, "regex", "[a-"))),))
+            host.call(
+                "send",
+                (repr(host.call("grammar_create", (0, "json_schema", '{"type": "objec"}'))),),
+            )
+
+        reason, messages = await self.run_script(script)
+        self.assertEqual(reason, NORMAL_FINISH)
+        self.assertIn("unclosed character class", messages[0])
+        self.assertIn("Invalid type: objec", messages[1])
+        self.assertTrue(all(m.startswith("(0, ") for m in messages))
+
+    async def test_generate_hands_the_matcher_to_the_service(self):
+        async def script(host, _):
+            queue = host.call("create_queue", (0,))
+            matcher, _ = host.call("grammar_create", (0, "regex", "ab"))
+            args = (queue, 1, [1], [3], [0], [2], 0.0, 0, 1.0, None, 3, [7], matcher)
+            await host.call("generate", args)
+            try:
+                other = host.call("create_queue", (1,))
+                host.call("generate", (other, *args[1:]))
+            except PieError as e:
+                host.call("send", (str(e),))
+
+        reason, messages = await self.run_script(script)
+        self.assertEqual(reason, NORMAL_FINISH)
+        self.assertEqual(messages, ["grammar matcher 1 belongs to another model"])
+        (generate,) = [a for _, _, op, a in self.model.submitted if op == "generate"]
+        self.assertEqual(generate[-1].allowed(), bytes([0] * 12 + [2, 0, 0, 0]))  # only "a"
+
+    async def test_matchers_per_instance_are_bounded_and_dropped(self):
+        async def script(host, _):
+            ids = [host.call("grammar_create", (0, "regex", "a"))[0] for _ in range(MAX_MATCHERS)]
+            host.call("send", (host.call("grammar_create", (0, "regex", "a"))[1],))
+            host.call("grammar_drop", (ids[0],))
+            host.call("send", (str(host.call("grammar_create", (0, "regex", "a"))[0] > 0),))
+
+        reason, messages = await self.run_script(script)
+        self.assertEqual(reason, NORMAL_FINISH)
+        self.assertEqual(
+            messages, [f"this instance already holds {MAX_MATCHERS} grammar matchers", "True"]
+        )

@@ -62,6 +62,8 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
+    allowed: bytes | None = None  # a grammar's packed bitmask over the vocabulary (bit i of
+    # byte i // 8 set = token i allowed; pie.runtime.grammar): masked out before sampling
 
 
 @dataclass

@@ -138,6 +138,9 @@ class Tokenizer:
         ids = [i for i, b in enumerate(self._bytes) if b is not None and i not in self.special_ids]
         return ids, [self._bytes[i] for i in ids]
 
+    def token_table(self) -> tuple[list[bytes | None], frozenset[int]]:
+        return list(self._bytes), frozenset(self.special_ids)
+
     # ------------------------------------------------------------------ construction
 
     @classmethod

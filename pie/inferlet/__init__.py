@@ -21,6 +21,7 @@ docs/inferlet-api.md.
 from pie.inferlet.brle import Brle
 from pie.inferlet.context import Context
 from pie.inferlet.drafter import Drafter, EmptyDrafter
+from pie.inferlet.grammar import Grammar, GrammarError, Matcher
 from pie.inferlet.instance import (
     debug_query,
     gather,
@@ -78,9 +79,12 @@ __all__ = [
     "Distribution",
     "Drafter",
     "EmptyDrafter",
+    "Grammar",
+    "GrammarError",
     "Greedy",
     "IdPool",
     "Length",
+    "Matcher",
     "Model",
     "NoChatTemplate",
     "Queue",

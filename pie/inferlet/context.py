@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pie.inferlet import fastpath
 from pie.inferlet.brle import Brle
 from pie.inferlet.drafter import Drafter
+from pie.inferlet.grammar import Grammar, Matcher
 from pie.inferlet.messaging import store_delete, store_get, store_set
 from pie.inferlet.model import Distribution, Model, Queue
 from pie.inferlet.sampling import (
@@ -226,17 +227,40 @@ class Context:
                 await queue.wait_for(seq)
 
     # ------------------------------------------------------------------ generation
-    async def generate(self, sampler: SamplerLike, stop: StopLike) -> str:
-        """Sample tokens until `stop` says so; the generated text (stop tokens included)."""
-        tokens = await self.generate_tokens(sampler, stop)
+    async def generate(
+        self, sampler: SamplerLike, stop: StopLike, grammar: Grammar | Matcher | None = None
+    ) -> str:
+        """Sample tokens until `stop` says so (or `grammar` is complete); the generated
+        text (stop tokens included)."""
+        tokens = await self.generate_tokens(sampler, stop, grammar)
         return self.tokenizer.detokenize(tokens)
 
-    async def generate_tokens(self, sampler: SamplerLike, stop: StopLike) -> list[int]:
+    async def generate_tokens(
+        self, sampler: SamplerLike, stop: StopLike, grammar: Grammar | Matcher | None = None
+    ) -> list[int]:
         """Sampled tokens until `stop`. A standard sampler and stop condition run in the
         engine (pie.inferlet.fastpath: one host call, no round trip per token); anything
-        else runs here, one decode_step per token."""
+        else runs here, one decode_step per token.
+
+        With a grammar (a Grammar, or a Matcher to go on with), the engine masks each
+        step's full-vocabulary logits to the tokens it allows and ends when it is
+        complete; that needs the engine path (a standard sampler, a Length bound, no
+        attention mask). A custom sampler uses a Matcher itself (Grammar.matcher)."""
         engine = fastpath.plan(sampler, stop, self.model.dist_size) if self._causal() else None
-        if engine is not None:
+        if grammar is not None:
+            if engine is None:
+                raise ValueError(
+                    "grammar= runs on the engine's fast path: it needs Greedy, Temperature, "
+                    "TopK or TopP, a Length bound and no attention mask (a custom sampler "
+                    "can use Grammar.matcher(model) token by token)"
+                )
+            matcher = grammar if isinstance(grammar, Matcher) else grammar.matcher(self.model)
+            try:
+                generated = await self._generate_in_engine(engine, sampler, stop, matcher)
+            finally:
+                if matcher is not grammar:
+                    matcher.close()
+        elif engine is not None:
             generated = await self._generate_in_engine(engine, sampler, stop)
         else:
             generated = await self._decode_tokens(sampler, stop)
@@ -266,11 +290,16 @@ class Context:
         )
 
     async def _generate_in_engine(
-        self, engine: fastpath.EnginePlan, sampler: SamplerLike, stop: StopLike
+        self,
+        engine: fastpath.EnginePlan,
+        sampler: SamplerLike,
+        stop: StopLike,
+        matcher: Matcher | None = None,
     ) -> list[int]:
         """generate_tokens through the `generate` host call; the same end state (the last
         sampled token pending). The engine stops at a candidate stop token, the guest
-        decides with `stop` itself (e.g. a multi-token Until) and goes on if it is not."""
+        decides with `stop` itself (e.g. a multi-token Until) and goes on if it is not.
+        The engine also stops when the grammar matcher is complete."""
         generated: list[int] = []
         while True:
             await self._wait_for_shared_pages()
@@ -282,28 +311,34 @@ class Context:
             out = await self.queue.call(
                 "generate", last_page_len, pages, tokens, positions, spare,
                 *engine.sampling_args(sampler), step, list(engine.stop_tokens),
+                None if matcher is None else matcher.id,
             )  # fmt: skip
             out = [int(t) for t in out]
             generated.extend(out)
             self.fill_tokens(out)
             self._commit(len(out) - 1)  # the engine forwarded all but the last
             self._shrink_pages()
-            if should_stop(stop, generated):
+            if should_stop(stop, generated) or (matcher is not None and matcher.is_stopped()):
                 return generated
 
     async def generate_until(
-        self, stop: str | None = None, max_tokens: int = 256, sampler: SamplerLike | None = None
+        self,
+        stop: str | None = None,
+        max_tokens: int = 256,
+        sampler: SamplerLike | None = None,
+        grammar: Grammar | Matcher | None = None,
     ) -> str:
         """Greedy (or `sampler`) generation until the text `stop`, the model's
-        end-of-turn tokens (when stop is None) or max_tokens. The returned text
-        leaves out the stop text / end-of-turn token (the context keeps it)."""
+        end-of-turn tokens (when stop is None), max_tokens, or the end of `grammar`.
+        The returned text leaves out the stop text / end-of-turn token (the context
+        keeps it)."""
         stop_tokens = self.tokenizer.tokenize(stop) if stop else []
         condition: StopLike = Length(max_tokens)
         if stop_tokens:
             condition = any_of(condition, Until(stop_tokens))
         else:
             condition = any_of(condition, UntilAny(self.model.eos_token_ids))
-        tokens = await self.generate_tokens(sampler or Greedy(), condition)
+        tokens = await self.generate_tokens(sampler or Greedy(), condition, grammar)
         if stop_tokens and tokens[-len(stop_tokens) :] == stop_tokens:
             tokens = tokens[: -len(stop_tokens)]
         elif not stop_tokens and tokens and tokens[-1] in self.model.eos_token_ids:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 import pie
 from pie.interfaces import IBackpressure, IModelService, InstanceFault, PieError
 from pie.namespaces import instance_user, scoped, visible
-from pie.runtime import chat_template
+from pie.runtime import chat_template, grammar
 from pie.runtime.hostcalls import HOST_CALLS, MODEL_COMMANDS, PRIORITIES
 from pie.runtime.instances import Instance
 from pie.runtime.witcheck import InvalidCall, check_call
@@ -81,11 +81,14 @@ class HostApi:
         self._vocabs: dict[int, tuple[list[int], bytes, list[int]]] = {}  # by service id
         self.clock: Callable[[], float] = time.monotonic
         """Seconds that time_ms reads: monotonic (pie.inferlet.testing puts its virtual clock here)."""
+        self._grammar_vocabs: dict[int, grammar.Vocabulary] = {}  # by service id
+        self._matcher_ids = itertools.count(1)
         for name in HOST_CALLS:
             if name in MODEL_COMMANDS:
                 self._handlers[name] = functools.partial(self._model_command, name)
             else:
                 self._handlers[name] = getattr(self, "_" + name)
+        self._handlers["generate"] = self._generate
 
     def bind(self, instance: Instance) -> HostBinding:
         return HostBinding(self, instance)
@@ -177,10 +180,14 @@ class HostApi:
 
     def _model_info(self, instance: Instance, service_id: int) -> list[tuple[str, str]]:
         service = self._service(service_id)
-        if service_id not in self._vocab_sizes:  # every Model() asks; the vocabulary is big
+        return model_info(service, self._vocab_size(service))
+
+    def _vocab_size(self, service: IModelService) -> int:
+        if service.service_id not in self._vocab_sizes:  # every Model() asks; it is big
             status_size = (service.status() or {}).get("vocab_size")
-            self._vocab_sizes[service_id] = status_size or len(service.tokenizer.vocabs()[0])
-        return model_info(service, self._vocab_sizes[service_id])
+            size = status_size or len(service.tokenizer.vocabs()[0])
+            self._vocab_sizes[service.service_id] = size
+        return self._vocab_sizes[service.service_id]
 
     def _create_queue(self, instance: Instance, service_id: int) -> int:
         service = self._service(service_id)
@@ -210,6 +217,71 @@ class HostApi:
             args = list(args)
             args[where] = scoped(instance_user(instance), args[where])
         return self._queue(instance, queue).submit(instance.id, queue, name, *args)
+
+    def _generate(self, instance: Instance, queue: int, *args):
+        """generate, with its grammar matcher id resolved to the matcher itself."""
+        *rest, matcher_id = args
+        service = self._queue(instance, queue)
+        matcher = None
+        if matcher_id is not None:
+            owner, matcher = self._matcher_entry(instance, matcher_id)
+            if owner != service.service_id:
+                raise PieError(f"grammar matcher {matcher_id} belongs to another model")
+        return service.submit(instance.id, queue, "generate", *rest, matcher)
+
+    # ------------------------------------------------------------------ grammar matchers
+
+    def _grammar_create(
+        self, instance: Instance, service_id: int, kind: str, source: str
+    ) -> tuple[int, str]:
+        """A matcher, or (0, why). The first grammar of a model builds its token table
+        (about 0.1 s on the reactor; cached for the daemon's life)."""
+        service = self._service(service_id)
+        if len(instance.grammars) >= grammar.MAX_MATCHERS:
+            return 0, f"this instance already holds {grammar.MAX_MATCHERS} grammar matchers"
+        vocab = self._grammar_vocabs.get(service_id)
+        if vocab is None:
+            vocab = grammar.Vocabulary(service.tokenizer, self._vocab_size(service))
+            self._grammar_vocabs[service_id] = vocab
+        try:
+            matcher = vocab.matcher(kind, source)
+        except grammar.GrammarError as e:
+            return 0, str(e)
+        matcher_id = next(self._matcher_ids)
+        instance.grammars[matcher_id] = (service_id, matcher)
+        return matcher_id, ""
+
+    @staticmethod
+    def _matcher_entry(instance: Instance, matcher_id: int) -> tuple[int, grammar.Matcher]:
+        entry = instance.grammars.get(matcher_id)
+        if entry is None:
+            raise PieError(f"unknown grammar matcher {matcher_id}")
+        return entry
+
+    def _matcher(self, instance: Instance, matcher_id: int) -> grammar.Matcher:
+        return self._matcher_entry(instance, matcher_id)[1]
+
+    def _grammar_allowed(self, instance: Instance, matcher_id: int) -> bytes:
+        return self._matcher(instance, matcher_id).allowed()
+
+    def _grammar_consume(self, instance: Instance, matcher_id: int, tokens: list[int]) -> bool:
+        return self._matcher(instance, matcher_id).consume(tokens)
+
+    def _grammar_is_accepting(self, instance: Instance, matcher_id: int) -> bool:
+        return self._matcher(instance, matcher_id).is_accepting()
+
+    def _grammar_is_stopped(self, instance: Instance, matcher_id: int) -> bool:
+        return self._matcher(instance, matcher_id).is_stopped()
+
+    def _grammar_rollback(self, instance: Instance, matcher_id: int, count: int) -> bool:
+        try:
+            self._matcher(instance, matcher_id).rollback(count)
+        except grammar.GrammarError:
+            return False
+        return True
+
+    def _grammar_drop(self, instance: Instance, matcher_id: int) -> None:
+        instance.grammars.pop(matcher_id, None)
 
     # ------------------------------------------------------------------ tokenizer
 

@@ -160,13 +160,15 @@ HOST_CALLS: dict[str, HostCall] = {
             "generate",
             "last_page_len: u32; pages: list<u32>; tokens: list<u32>; positions: list<u32>; "
             "spare_pages: list<u32>; temperature: f32; top_k: u32; top_p: f32; "
-            "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>",
+            "seed: option<u64>; max_tokens: u32; stop_tokens: list<u32>; grammar: option<u32>",
             "list<u32>",
             "async",
             "Host-side generation: forward tokens causally (pages and last_page_len as in "
             "forward_text), then sample in the engine (temperature 0 = greedy, top_k 0 = off) "
             "and forward each sampled token, writing on into spare_pages, until a stop token "
-            "or max_tokens. The sampled ids; the last one is not forwarded yet.",
+            "or max_tokens. With a grammar matcher, each step's logits are masked to the tokens "
+            "it allows before sampling, each sampled token advances it, and generation also "
+            "ends when it is stopped. The sampled ids; the last one is not forwarded yet.",
         ),
         # ---- tokenizer
         _c("tokenize", "service: u32; text: string", "list<u32>", "sync", "Encode text."),
@@ -191,6 +193,48 @@ HOST_CALLS: dict[str, HostCall] = {
             "Regular token ids, all their bytes concatenated, and where each token's bytes "
             "end in them (one flat buffer: it crosses the sandbox boundary in milliseconds).",
         ),
+        # ---- grammar matchers (pie.runtime.grammar; ids are the instance's own)
+        _c(
+            "grammar_create",
+            "service: u32; kind: string; source: string",
+            "tuple<u32, string>",
+            "sync",
+            "A matcher over the model's vocabulary for a grammar: kind json_schema (source: "
+            "the schema), json (any object; source ignored), regex, lark or choice (source: a "
+            "JSON list of strings). (matcher id, '') or (0, the library's message) if the "
+            "grammar is malformed or the instance holds too many matchers.",
+        ),
+        _c(
+            "grammar_allowed",
+            "matcher: u32",
+            "list<u8>",
+            "sync",
+            "The tokens allowed next as a bitmask over the vocabulary (little-endian 32-bit "
+            "words: token i is bit i % 8 of byte i // 8).",
+        ),
+        _c(
+            "grammar_consume",
+            "matcher: u32; tokens: list<u32>",
+            "bool",
+            "sync",
+            "Advance over tokens; false at the first one not allowed (those before it stay).",
+        ),
+        _c("grammar_is_accepting", "matcher: u32", "bool", "sync", "The grammar may end here."),
+        _c(
+            "grammar_is_stopped",
+            "matcher: u32",
+            "bool",
+            "sync",
+            "Nothing more may follow (end of sequence consumed, or the grammar cannot go on).",
+        ),
+        _c(
+            "grammar_rollback",
+            "matcher: u32; count: u32",
+            "bool",
+            "sync",
+            "Undo the last count consumed tokens; false if there are not that many.",
+        ),
+        _c("grammar_drop", "matcher: u32", None, "sync", "Free a matcher."),
         # ---- messaging and the key-value store
         _c(
             "send",

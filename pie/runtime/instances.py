@@ -45,6 +45,7 @@ class Instance:
         self.server_id = server_id  # set for the per-request instances of a server
         self.return_value: str | None = None
         self.queues: dict[int, IModelService] = {}  # queue id -> the service that made it
+        self.grammars: dict[int, tuple[int, object]] = {}  # matcher id -> (service id, Matcher)
         self.execution = None  # IExecution once started
         self.fault: str | None = None  # a failure that will end it (set before the end runs)
         self.ended = False

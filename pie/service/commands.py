@@ -10,8 +10,10 @@ Sequence: the same command runs once per step until it is done.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from pie.engine.batch import (
     CopyKv,
@@ -23,7 +25,19 @@ from pie.engine.batch import (
     Query,
     Sampling,
 )
+from pie.interfaces import InstanceFault
 from pie.service.scheduler import Command, Sync
+
+
+class GrammarMatcher(Protocol):
+    """What a constrained Generate needs of a grammar (pie.runtime.grammar.Matcher);
+    the service stays free of any grammar library."""
+
+    def allowed(self) -> bytes: ...
+
+    def consume(self, tokens: Sequence[int]) -> bool: ...
+
+    def is_stopped(self) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -172,7 +186,14 @@ class Generate(Command):
     tokens: list[int]
     positions: list[int]
     out: list[int] = field(default_factory=list)
+    grammar: GrammarMatcher | None = None  # masks each step's sampling
     holds_queue: bool = field(default=True, kw_only=True)
+
+    def step_sampling(self) -> Sampling:
+        """This step's sampling: with a grammar, its mask of the tokens allowed now."""
+        if self.grammar is None:
+            return self.sampling
+        return dataclasses.replace(self.sampling, allowed=self.grammar.allowed())
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the generation is done."""
@@ -180,4 +201,9 @@ class Generate(Command):
         self.remaining -= 1
         self.filled += len(self.tokens)
         self.tokens, self.positions = [token], [self.positions[-1] + 1]
+        if self.grammar is not None:
+            if not self.grammar.consume([token]):
+                raise InstanceFault(f"generate: the grammar refused the sampled token {token}")
+            if self.grammar.is_stopped():
+                return True
         return token in self.stops or not self.remaining

@@ -52,6 +52,7 @@ from pie.service.commands import (
     ForwardEmbeds,
     ForwardText,
     Generate,
+    GrammarMatcher,
     ImportPages,
     MaskPage,
     ReadDistributions,
@@ -550,6 +551,7 @@ class ModelService:
         seed: int | None,
         max_tokens: int,
         stop_tokens: list[int],
+        grammar: GrammarMatcher | None = None,
     ) -> Command:
         """Generate up to max_tokens tokens in the engine, with no guest round trip per token.
 
@@ -558,7 +560,10 @@ class ModelService:
         on into spare_pages, until a stop token or max_tokens. Fires with the
         sampled ids; the last one is not forwarded yet (it is the context's next
         pending token, as after the SDK's generate). The queue holds later
-        commands until the generation ends, so its order is kept.
+        commands until the generation ends, so its order is kept. With a
+        grammar (the runtime resolves the guest's matcher id), each step
+        carries the matcher's mask to the engine as plain bytes, the sampled
+        token advances the matcher, and a stopped matcher ends the generation.
         """
         total = self._check_layout("generate", last_page_len, pages, len(tokens))
         self._check_tokens(tokens, positions)
@@ -580,7 +585,7 @@ class ModelService:
             )
         return Generate(
             inst, page_ids, sampling, max_tokens, frozenset(stop_tokens), total - len(tokens),
-            tokens, positions,
+            tokens, positions, grammar=grammar,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ CommandHandler
@@ -688,7 +693,7 @@ class ModelService:
             positions=c.positions,
             tokens=c.tokens,
             output_indices=[len(c.tokens) - 1],
-            sampling=c.sampling,
+            sampling=c.step_sampling(),
         )
 
     def finish(self, command: Command, answer: object) -> object:

@@ -34,6 +34,20 @@ def modules_of(package: str) -> list[str]:
     ]
 
 
+SHARED = ["pie.interfaces", "pie.namespaces"]
+
+
+def top_level_modules() -> list[str]:
+    """The modules directly in pie/ (not packages), found on disk, but the shared ones."""
+    found = [
+        f"pie.{info.name}"
+        for info in pkgutil.iter_modules(pie.__path__)
+        if not info.ispkg and f"pie.{info.name}" not in SHARED
+    ]
+    assert "pie.metrics" in found, found
+    return found
+
+
 def imported(modules: list[str], watched: tuple[str, ...], extra: str = "") -> set[str]:
     code = PROBE.format(modules=modules, watched=watched, extra=extra)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -50,6 +64,15 @@ class LayerTests(unittest.TestCase):
         """Everything under pie/service (and the remote wire and client) imports without torch."""
         modules = modules_of("service") + ["pie.remote.wire", "pie.remote.client"]
         self.assertEqual(imported(modules, ("torch",)), set())
+
+    def test_modules_both_sides_import_neither_twisted_nor_torch(self):
+        """pie/interfaces.py and pie/namespaces.py are imported by engine and service alike."""
+        found = imported(SHARED, ("twisted", "autobahn", "txaio", "torch"))
+        self.assertEqual(found, set())
+
+    def test_top_level_reactor_modules_import_no_torch(self):
+        """Every other top-level module (pie/config.py, pie/metrics.py, ...) is reactor-side: no torch."""
+        self.assertEqual(imported(top_level_modules(), ("torch",)), set())
 
     def test_plugin_scans_import_neither_torch_nor_the_tap(self):
         """twistd's and pie's plugin scans stay light: no torch, no pie.tap."""

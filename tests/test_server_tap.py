@@ -13,13 +13,12 @@ from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.server import Site
 
-from pie import config as pieconfig
 from pie.server.protocol import PieServerFactory
 from pie.server.uploads import hash_program
 from pie.tap import Options, makeService
 from tests import rawclient
 from tests.fakeruntime import FakeRuntime
-from tests.pieserver import ROOT, spawn_module
+from tests.pieserver import spawn_module
 from tests.protocol_helpers import PROGRAM, launch, upload
 
 
@@ -101,13 +100,6 @@ class OptionsTests(unittest.TestCase):
         for flag in ("--inferlet-server-max-body", "--inferlet-server-header-timeout-ms"):
             error = self.assertRaises(usage.UsageError, parse, flag, "0")
             self.assertIn("must be positive", str(error))
-
-    def test_every_setting_is_documented(self):
-        with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
-            doc = f.read()
-        for setting in pieconfig.SETTINGS:
-            self.assertIn(f"`{setting.key}`", doc)
-            self.assertIn(f"--{setting.flag}" if setting.kind is not bool else "--no-auth", doc)
 
 
 class ServiceTests(unittest.TestCase):

@@ -83,8 +83,9 @@ class OpenAIStreamTests(OpenAIHarness):
         return f"{self.base_url}/chat/completions", headers, data
 
     async def test_sse_framing(self):
+        messages = [{"role": "user", "content": QUESTION}]
         url, headers, data = self.request(
-            {"max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}
+            {"max_tokens": 4, "messages": messages, "logprobs": True, "top_logprobs": 2}
         )
         response = await treq.post(url, data=data, headers=headers, persistent=False)
         self.assertEqual(response.code, 200)
@@ -109,6 +110,12 @@ class OpenAIStreamTests(OpenAIHarness):
         self.assertEqual(chunks[-1]["choices"][0]["delta"], {})
         self.assertIn(chunks[-1]["choices"][0]["finish_reason"], ("stop", "length"))
         self.assertNotIn("usage", chunks[0])  # only with stream_options.include_usage
+        deltas = [c["choices"][0] for c in chunks[1:-1]]
+        entries = [e for d in deltas for e in d["logprobs"]["content"]]
+        self.assertEqual(
+            "".join(e["token"] for e in entries), "".join(d["delta"]["content"] for d in deltas)
+        )
+        self.assertEqual({len(e["top_logprobs"]) for e in entries}, {2})
 
     async def test_disconnect_mid_stream_ends_the_instance_and_frees_its_pages(self):
         messages = [{"role": "user", "content": f"Continue: {COUNTING}"}]

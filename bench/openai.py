@@ -18,7 +18,9 @@ each repeat:
 Throughput is all generated tokens over the wall time from the first request to
 the last reply, prefill included on both sides. Printed per N: the best tokens/s
 of each side over the repeats, their ratio (target >= 0.9), and the openai side's
-time to first token, p50 over all its requests. Twisted runs on asyncio here, so
+time to first token, p50 over all its requests. `--no-stream` sends the same
+requests not streamed (tokens from the usage, no time to first token), which
+separates the cost of streaming from that of a request's own instance. Twisted runs on asyncio here, so
 the official async client and pie's Twisted client share one loop.
 """
 
@@ -100,21 +102,23 @@ async def pie_run(client, digest: str, n: int, new: int) -> tuple[float, int]:
     return time.perf_counter() - start, sum(counts)
 
 
-async def openai_streams(api: openai.AsyncOpenAI, n: int, new: int) -> tuple[float, int, list]:
-    """(seconds, tokens, times to first token) of N concurrent streaming chat requests."""
+async def openai_streams(
+    api: openai.AsyncOpenAI, n: int, new: int, stream: bool = True
+) -> tuple[float, int, list]:
+    """(seconds, tokens, times to first token) of N concurrent chat requests."""
 
     async def one(i: int) -> tuple[int, float]:
         sent = time.perf_counter()
         first, tokens = None, 0
-        stream = await api.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": prompt(i)}],
-            max_tokens=new,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
+        request = {"model": MODEL, "messages": [{"role": "user", "content": prompt(i)}]}
+        request.update(max_tokens=new, temperature=0)
+        if not stream:
+            reply = await api.chat.completions.create(**request)
+            return reply.usage.completion_tokens, float("nan")
+        chunks = await api.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
         )
-        async for chunk in stream:
+        async for chunk in chunks:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter() - sent
             if chunk.usage is not None:
@@ -139,11 +143,13 @@ async def run(reactor, opts) -> None:
         )
 
         def streams(n: int, new: int):
-            return defer.Deferred.fromFuture(asyncio.ensure_future(openai_streams(api, n, new)))
+            coro = openai_streams(api, n, new, not opts.no_stream)
+            return defer.Deferred.fromFuture(asyncio.ensure_future(coro))
 
         await pie_run(client, digest, 2, 4)  # warm up both paths
         await streams(2, 4)
         print(f"model {MODEL} on cpu (daemon torch threads {opts.threads}), new tokens {opts.new}")
+        print(f"openai side {'not ' if opts.no_stream else ''}streamed, repeats {opts.repeats}")
         print(f"{'N':>3} {'pie run tok/s':>14} {'openai tok/s':>13} {'ratio':>6} {'ttft p50':>9}")
         for n in opts.n:
             pie_rates, openai_rates, ttfts = [], [], []
@@ -171,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[8, 32], help="concurrent requests")
     parser.add_argument("--new", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-stream", action="store_true", help="openai side not streamed")
     parser.add_argument("--threads", type=int, default=2, help="the daemon's OMP_NUM_THREADS")
     opts = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))

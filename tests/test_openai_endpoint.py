@@ -1,12 +1,8 @@
 """`--openai`: the daemon's OpenAI endpoint driven by the official `openai` client.
 
-Each test composes the daemon with tap.makeService (the client listener and
-the OpenAI endpoint, auth on) over a real runtime whose model is SmolLM2 in
-float32 (loaded once for the module, as test_inferlets_apps does, so greedy
-text is the same on every CPU), and talks to it over loopback: the official
-client (in a thread: it is synchronous) for what applications do, raw HTTP
-(treq) for what a client library would not send. Greedy answers are compared
-with what the `text_completion` example app gives over pie's own protocol.
+The daemon and the client helpers are tests/openai_harness.py. Greedy answers
+are compared with what the `text_completion` example app gives over pie's own
+protocol.
 """
 
 from __future__ import annotations
@@ -23,71 +19,17 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from pie import tap
 from pie.client.tx import connect
-from pie.runtime.executors.dev import DevExecutor
-from pie.runtime.runtime import Runtime
 from pie.server.auth import issue_token
 from pie.server.uploads import hash_program
-from tests.model_fixtures import model_path, shared_worker
+from tests.openai_harness import LOOPBACK, QUESTION, OpenAIHarness
 from tests.pied import Daemon
-from tests.pieserver import ROOT, SECRET
+from tests.pieserver import ROOT
 
 pytestmark = pytest.mark.slow
 
-LOOPBACK = "tcp:0:interface=127.0.0.1"
-QUESTION = "What is the capital of France?"
 
-
-class OpenAIEndpointTests(unittest.TestCase):
-    timeout = 240
-
-    async def setUp(self) -> None:
-        if model_path() is None:
-            raise unittest.SkipTest("SmolLM2 is not in $PIE_HOME/models")
-        from pie.service.service import ModelService
-
-        self.service = ModelService(shared_worker(), reactor=reactor)
-        home = os.path.abspath(self.mktemp())
-        runtime = Runtime(home, {"smollm2": self.service}, DevExecutor(), reactor)
-        options = tap.Options()
-        options.parseOptions(
-            ["--openai", LOOPBACK, "--port", LOOPBACK, "--auth-secret", SECRET, "--home", home]
-        )
-        self.daemon = tap.makeService(options, reactor, runtime=runtime)
-        self.daemon.startService()
-        self.addCleanup(self.daemon.stopService)
-        self.runtime = runtime
-        self.endpoint = self.daemon.getServiceNamed("openai")
-        await self.endpoint.whenServing()
-        self.key = issue_token(SECRET, subject="app")  # what `pie token` prints
-        self.model = self.service.name
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.endpoint.port}/v1"
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key, max_retries=0)
-
-    async def call(self, method: str, *path: str, key: str | None = None, **kwargs):
-        """client.PATH.METHOD(**kwargs) in a thread, on a client closed after it."""
-
-        def blocking():
-            with self.client(key) as client:
-                target = client
-                for name in path:
-                    target = getattr(target, name)
-                return getattr(target, method)(**kwargs)
-
-        return await deferToThread(blocking)
-
-    async def chat(self, **kwargs):
-        messages = [{"role": "user", "content": kwargs.pop("question", QUESTION)}]
-        return await self.call(
-            "create", "chat", "completions", model=self.model, messages=messages, **kwargs
-        )
-
+class OpenAIEndpointTests(OpenAIHarness):
     async def text_completion(self, *arguments: str) -> str:
         """The reply of the text_completion app (greedy) over pie's protocol."""
         listener = self.daemon.getServiceNamed("clients")
@@ -170,7 +112,11 @@ class OpenAIEndpointTests(unittest.TestCase):
         for data, param in (
             (b"{not json", None),
             (json.dumps({**good, "temperature": "hot"}).encode(), "temperature"),
-            (json.dumps({**good, "stream": True}).encode(), "stream"),
+            (json.dumps({**good, "stream": "yes"}).encode(), "stream"),
+            (
+                json.dumps({**good, "stream_options": {"include_usage": True}}).encode(),
+                "stream_options",
+            ),
             (
                 json.dumps({**good, "response_format": {"type": "json_object"}}).encode(),
                 "response_format",

@@ -117,7 +117,9 @@ class ChatTests(unittest.TestCase):
             ({"seed": 1.5}, "seed"),
             ({"logprobs": "yes"}, "logprobs"),
             ({"logprobs": True, "top_logprobs": 9}, "top_logprobs"),  # over dist_size
-            ({"stream": True}, "stream"),
+            ({"stream": "yes"}, "stream"),
+            ({"stream_options": {"include_usage": True}}, "stream_options"),
+            ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
             ({"response_format": {"type": "json_object"}}, "response_format"),
             ({"messages": []}, "messages"),
             ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
@@ -173,6 +175,66 @@ class CompletionsAndModelsTests(unittest.TestCase):
         self.assertEqual(request("/v1/models/other")[0], 404)
         self.assertEqual(request("/v1/models", {}, "POST")[0], 405)
         self.assertEqual(request("/v2/nothing")[0], 404)
+
+
+def streamed(path, body):
+    """(status, headers, chunks) of a streamed reply: the JSON of each event before [DONE]."""
+    world = FakeWorld(FakeModel(dist_size=8))
+    data = {"method": "POST", "path": path, "body": json.dumps({**body, "stream": True})}
+    world.run(OPENAI.main, [HTTP_REQUEST_ARGUMENT, json.dumps(data)])
+    reply = world.instances[0].streamed
+    events = b"".join(reply["chunks"]).decode().split("\n\n")
+    assert reply["finished"] and events[-2:] == ["data: [DONE]", ""], events
+    assert world.live_pages == 0
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    return reply["status"], dict(reply["headers"]), chunks, world
+
+
+class StreamTests(unittest.TestCase):
+    def test_streamed_chat_is_the_greedy_continuation_in_pieces(self):
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        fields = {"max_tokens": 20, "temperature": 0, "stream_options": {"include_usage": True}}
+        status, headers, chunks, world = streamed("/v1/chat/completions", {**body, **fields})
+        _, reply, _ = chat(max_tokens=20, temperature=0)
+        self.assertEqual((status, headers["content-type"][:17]), (200, "text/event-stream"))
+        self.assertEqual(
+            chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": "", "refusal": None}
+        )
+        *deltas, last, usage = chunks
+        pieces = [c["choices"][0]["delta"]["content"] for c in deltas[1:]]
+        self.assertEqual(len(pieces), 3)  # 2 tokens first, then chunks of 16 (2 + 16 + 2)
+        self.assertEqual("".join(pieces), reply["choices"][0]["message"]["content"])
+        self.assertEqual(last["choices"][0]["delta"], {})
+        self.assertEqual(last["choices"][0]["finish_reason"], "length")
+        self.assertEqual((usage["choices"], usage["usage"]), ([], reply["usage"]))
+        self.assertEqual({c["usage"] for c in chunks[:-1]}, {None})
+        self.assertEqual({c["object"] for c in chunks}, {"chat.completion.chunk"})
+        calls = [name for name, _ in world.instances[0].calls]
+        self.assertEqual(calls.count("generate"), 3)  # the fast path, in chunks
+
+    def test_streamed_choices_and_completions(self):
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        _, _, chunks, _ = streamed("/v1/chat/completions", {**body, "n": 2, "max_tokens": 5})
+        by_index = {0: [], 1: []}
+        for chunk in chunks:
+            [choice] = chunk["choices"]
+            by_index[choice["index"]].append(choice)
+        for choices in by_index.values():
+            self.assertEqual(choices[0]["delta"]["role"], "assistant")
+            self.assertEqual(choices[-1]["finish_reason"], "length")
+        self.assertNotIn("usage", chunks[0])
+
+        body = {"model": "fake-model", "prompt": "ab", "max_tokens": 5, "temperature": 0}
+        _, answer, _ = request("/v1/completions", body)
+        _, _, chunks, _ = streamed("/v1/completions", body)
+        self.assertEqual({c["object"] for c in chunks}, {"text_completion"})
+        self.assertEqual(
+            "".join(c["choices"][0]["text"] for c in chunks), answer["choices"][0]["text"]
+        )
+        self.assertEqual(
+            chunks[-1]["choices"][0],
+            {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"},
+        )
 
 
 class CompletionDeltaTests(unittest.TestCase):

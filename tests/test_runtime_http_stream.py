@@ -24,7 +24,7 @@ BIG_COUNT = 64  # 16 MiB: far more than the sockets' buffers hold
 
 STREAMER = textwrap.dedent(
     f"""
-    from pie.inferlet import get_auto_model, receive
+    from pie.inferlet import gather, get_auto_model, receive
     from pie.inferlet.server import http_main
 
     async def handle(request):
@@ -45,6 +45,15 @@ STREAMER = textwrap.dedent(
             for _ in range({BIG_COUNT}):
                 await resp.write(b"x" * {BIG_CHUNK})
             return None                          # finished for it
+        if request.path == "/big-twice":         # two tasks write at once
+            resp = await request.start_response(200)
+
+            async def writer(byte):
+                for _ in range({BIG_COUNT} // 2):
+                    await resp.write(byte * {BIG_CHUNK})
+
+            await gather(writer(b"x"), writer(b"y"))
+            return None
         if request.path == "/fail":
             resp = await request.start_response(200)
             await resp.write("partial")
@@ -131,21 +140,30 @@ class StreamTests(unittest.TestCase):
         self.assertEqual(self.free_pages(), PAGES)
         self.assertEqual(self.runtime.servers[self.server_id].in_flight, set())
 
-    async def test_a_slow_reader_parks_the_writer(self):
+    async def slow_read(self, path: bytes, writers: int) -> bytes:
+        """GET path without reading until `writers` guest tasks park in write(); then read all."""
         port = await self.serve()
         client = await connect(port)
         client.transport.pauseProducing()  # read nothing: the buffers fill up
-        client.send(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n")
+        client.send(b"GET " + path + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
         await until(lambda: self.runtime.servers[self.server_id].in_flight, "the request")
         instance = self.only_request()
         exchange = self.runtime.servers[self.server_id].exchanges[instance.id]
-        await until(lambda: exchange._drained is not None, "the writer to wait for the socket")
+        await until(lambda: len(exchange._drained) == writers, "the writers to wait")
         self.assertFalse(instance.ended)  # parked in write(), not done
         client.transport.resumeProducing()
         received = await client.response()
-        self.assertEqual(received.partition(b"\r\n\r\n")[2].count(b"x"), BIG_COUNT * BIG_CHUNK)
         self.assertTrue(received.endswith(b"\r\n0\r\n\r\n"))  # the last chunk: finished for it
         self.assertTrue(instance.ended)
+        return received.partition(b"\r\n\r\n")[2]
+
+    async def test_a_slow_reader_parks_the_writer(self):
+        body = await self.slow_read(b"/big", writers=1)
+        self.assertEqual(body.count(b"x"), BIG_COUNT * BIG_CHUNK)
+
+    async def test_every_parked_writer_resumes(self):
+        body = await self.slow_read(b"/big-twice", writers=2)
+        self.assertEqual((body.count(b"x"), body.count(b"y")), (BIG_COUNT * BIG_CHUNK // 2,) * 2)
 
     async def test_a_failure_after_the_start_cuts_the_body_short(self):
         port = await self.serve()

@@ -11,8 +11,12 @@ it starts one). Fields are checked as OpenAI's servers check them: unknown
 ones are ignored, a bad value is a 400 whose error names the field. The
 defaults are OpenAI's (temperature 1, top_p 1, n 1; max_tokens 16 for
 /v1/completions). Generation runs on the engine's fast path, except with
-log-probabilities (they need every step's distribution). Not yet:
-`stream: true` and `response_format` other than text are refused with a 400.
+log-probabilities (they need every step's distribution). With `stream: true`
+the reply is server-sent events as OpenAI sends them (a role delta first on
+chat, content deltas as the text is decoded, a chunk with the finish_reason
+per choice, the usage chunk with `stream_options.include_usage`, then
+`data: [DONE]`); a client that disconnects ends the instance. Not yet:
+`response_format` other than text is refused with a 400.
 """
 
 import json
@@ -36,6 +40,7 @@ MAX_N = 16
 MAX_STOP = 4
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 JSON = {"content-type": "application/json"}
+SSE = {"content-type": "text/event-stream; charset=utf-8"}
 
 
 class ApiError(Exception):
@@ -90,8 +95,20 @@ def parse_body(request):
         raise ApiError(f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError("the body must be a JSON object")
-    if body.get("stream"):
-        raise ApiError("stream: true is not supported yet; leave it out or set it false", "stream")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise ApiError("stream_options is only allowed with stream: true", "stream_options")
+        if not isinstance(options, dict) or not isinstance(
+            options.get("include_usage", False), bool
+        ):
+            raise ApiError(
+                'stream_options must be an object such as {"include_usage": true}',
+                "stream_options",
+            )
     response_format = body.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict) or response_format.get("type") != "text"
@@ -156,10 +173,9 @@ def max_tokens(body, default):
 # ---------------------------------------------------------------------------- generation
 
 
-async def choices(model, prompts, body, default_max, logprobs):
-    """Generate n choices per prompt (prompt i, choice j has index i * n + j), all at once:
-    [(completion, text, token logprobs)]. The pieces come from Completion.deltas, which a
-    streamed reply would send one by one."""
+async def prepare(model, prompts, body, default_max, logprobs):
+    """n choices per prompt (prompt i, choice j has index i * n + j), not started yet:
+    (prompt tokens, [Completion], the contexts to close after)."""
     n = integer(body, "n", 1, 1, MAX_N)
     limit, stops, sampler_list = max_tokens(body, default_max), stop_texts(body), samplers(body, n)
     runs, contexts, prompt_tokens = [], [], 0
@@ -173,9 +189,14 @@ async def choices(model, prompts, body, default_max, logprobs):
         forks = [ctx] if n == 1 else await ctx.fork_many(n)
         contexts += [ctx, *forks] if n > 1 else forks
         runs += [
-            Completion(f, s, limit, stops, logprobs)
+            Completion(f, s, limit, stops, logprobs, stream=bool(body.get("stream")))
             for f, s in zip(forks, sampler_list, strict=True)
         ]
+    return prompt_tokens, runs, contexts
+
+
+async def collect_all(runs, contexts):
+    """Every choice generated at once: [(completion, text, token logprobs)]."""
 
     async def collect(run):
         text, entries = [], []
@@ -187,11 +208,47 @@ async def choices(model, prompts, body, default_max, logprobs):
     results = await gather(*(collect(run) for run in runs))
     for ctx in contexts:
         ctx.close()
-    return prompt_tokens, results
+    return results
 
 
-def usage(prompt_tokens, results):
-    completion = sum(run.completion_tokens for run, _, _ in results)
+async def stream_all(request, head, prompt_tokens, runs, contexts, shape):
+    """Every choice generated at once, sent as server-sent events while it is decoded.
+
+    `shape` says how an endpoint's choice looks: opening (chat's role delta, or None),
+    piece(delta, sent so far), closing. With include_usage every chunk has
+    "usage": null and a last chunk with no choices carries the usage, as OpenAI sends it.
+    """
+    include_usage = (request.json().get("stream_options") or {}).get("include_usage", False)
+    opening, piece, closing = shape
+    resp = await request.start_response(200, SSE)
+
+    async def send(choices, usage_=None):
+        chunk = {**head, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage_
+        await resp.write(f"data: {json.dumps(chunk)}\n\n")
+
+    async def one(index, run):
+        if opening is not None:
+            await send([{"index": index, **opening, "logprobs": None, "finish_reason": None}])
+        sent = 0
+        async for delta in run.deltas():
+            await send([{"index": index, **piece(delta, sent), "finish_reason": None}])
+            sent += len(delta.text)
+        choice = {"index": index, **closing, "logprobs": None, "finish_reason": run.finish_reason}
+        await send([choice])
+
+    await gather(*(one(i, run) for i, run in enumerate(runs)))
+    for ctx in contexts:
+        ctx.close()
+    if include_usage:
+        await send([], usage(prompt_tokens, runs))
+    await resp.write("data: [DONE]\n\n")
+    await resp.finish()
+
+
+def usage(prompt_tokens, runs):
+    completion = sum(run.completion_tokens for run in runs)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -216,8 +273,8 @@ def chat_logprobs(entries):
     }
 
 
-def completion_logprobs(entries):
-    offsets, at = [], 0
+def completion_logprobs(entries, at=0):
+    offsets = []
     for e in entries:
         offsets.append(at)
         at += len(e.text)
@@ -274,16 +331,32 @@ async def chat_completion(request):
         raise ApiError(f"{e}: use /v1/completions", "messages") from None
     except TemplateError as e:  # e.g. the template refuses a role order
         raise ApiError(f"the model's chat template refused the messages: {e}", "messages") from None
-    prompt_tokens, results = await choices(
+    prompt_tokens, runs, contexts = await prepare(
         model, [prompt], body, MAX_TOKENS_LIMIT, top if want else None
     )
+    head = {
+        "id": f"chatcmpl-{get_instance_id()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "system_fingerprint": None,
+    }
+    if body.get("stream"):
+
+        def piece(delta, _sent):
+            scored = chat_logprobs(delta.logprobs) if want else None
+            return {"delta": {"content": delta.text}, "logprobs": scored}
+
+        opening = {"delta": {"role": "assistant", "content": "", "refusal": None}}
+        head["object"] = "chat.completion.chunk"
+        await stream_all(
+            request, head, prompt_tokens, runs, contexts, (opening, piece, {"delta": {}})
+        )
+        return None
+    results = await collect_all(runs, contexts)
     return ok(
         {
-            "id": f"chatcmpl-{get_instance_id()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model.name,
-            "system_fingerprint": None,
+            **head,
             "choices": [
                 {
                     "index": i,
@@ -293,7 +366,7 @@ async def chat_completion(request):
                 }
                 for i, (run, text, entries) in enumerate(results)
             ],
-            "usage": usage(prompt_tokens, results),
+            "usage": usage(prompt_tokens, runs),
         }
     )
 
@@ -317,14 +390,26 @@ async def text_completion(request):
     prompts = prompts_of(body)
     model = served_model(body)
     logprobs = integer(body, "logprobs", None, 0, model.dist_size)
-    prompt_tokens, results = await choices(model, prompts, body, 16, logprobs)
+    prompt_tokens, runs, contexts = await prepare(model, prompts, body, 16, logprobs)
+    head = {
+        "id": f"cmpl-{get_instance_id()}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model.name,
+        "system_fingerprint": None,
+    }
+    if body.get("stream"):
+
+        def piece(delta, sent):
+            scored = None if logprobs is None else completion_logprobs(delta.logprobs, sent)
+            return {"text": delta.text, "logprobs": scored}
+
+        await stream_all(request, head, prompt_tokens, runs, contexts, (None, piece, {"text": ""}))
+        return None
+    results = await collect_all(runs, contexts)
     return ok(
         {
-            "id": f"cmpl-{get_instance_id()}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model.name,
-            "system_fingerprint": None,
+            **head,
             "choices": [
                 {
                     "index": i,
@@ -334,7 +419,7 @@ async def text_completion(request):
                 }
                 for i, (run, text, entries) in enumerate(results)
             ],
-            "usage": usage(prompt_tokens, results),
+            "usage": usage(prompt_tokens, runs),
         }
     )
 

@@ -12,7 +12,11 @@ Generation stays on the engine's fast path (pie.inferlet.fastpath) unless
 log-probabilities are asked for: those need each step's distribution, so
 they take the per-token path. With stop texts the fast path runs in chunks
 of `chunk` tokens and the text is checked after each; the tokens the engine
-generated past a stop are dropped (their text is never returned).
+generated past a stop are dropped (their text is never returned). A streamed
+reply (`stream=True`) also runs in chunks, the first of `FIRST_CHUNK` tokens so
+the first text goes out soon, then of `chunk`. Chunks change nothing for greedy
+decoding; a seeded sampler draws one seed per chunk, so a seed reproduces a
+reply streamed or not streamed, but the two may differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pie.inferlet.sampling import Length, SamplerLike, UntilAny, any_of, sample_
 
 STOP_CHUNK = 16
 """Tokens per fast-path call while stop texts are checked: what a stop may overshoot."""
+
+FIRST_CHUNK = 2
+"""Tokens of a streamed reply's first fast-path call: a short wait for the first text."""
 
 UNDERFLOW_LOGPROB = -9999.0
 REPLACEMENT = "\ufffd"
@@ -67,6 +74,7 @@ class Completion:
         stop_texts: Sequence[str] = (),
         logprobs: int | None = None,
         chunk: int = STOP_CHUNK,
+        stream: bool = False,
     ) -> None:
         self.ctx = ctx
         self.sampler = sampler
@@ -74,6 +82,7 @@ class Completion:
         self.stop_texts = [s for s in stop_texts if s]
         self.logprobs = logprobs
         self.chunk = chunk
+        self.stream = stream
         self.eos = set(ctx.model.eos_token_ids)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -111,7 +120,11 @@ class Completion:
     async def _step(self, room: int) -> tuple[list[int], list[TokenLogprob]]:
         """The next tokens: one fast-path call, or one decode step with its distribution."""
         if self.logprobs is None:
-            step = min(room, self.chunk) if self.stop_texts else room
+            step = room
+            if self.stream:
+                step = min(room, self.chunk if self.completion_tokens else FIRST_CHUNK)
+            elif self.stop_texts:
+                step = min(room, self.chunk)
             stop = any_of(Length(step), UntilAny(sorted(self.eos)))
             return await self.ctx.generate_tokens(self.sampler, stop), []
         dist = await self.ctx.decode_step()

@@ -332,7 +332,8 @@ class Exchange:
     Registered as the request's push producer, so twisted pauses it when the
     socket's buffer is full; write() then returns a Deferred that fires when
     it drains (the guest parks on it: backpressure). Nothing is buffered here
-    beyond the one chunk being written.
+    beyond the chunks being written: one per guest task that writes (an OpenAI
+    reply with n choices has n), and all of them resume when the socket drains.
     """
 
     def __init__(self, request: Request, instance: Instance) -> None:
@@ -342,7 +343,7 @@ class Exchange:
         self.finished = False
         self.disconnected = False
         self._paused = False
-        self._drained: Deferred | None = None
+        self._drained: list[Deferred] = []
         request.notifyFinish().addErrback(self._gone)
 
     def _gone(self, failure) -> None:
@@ -370,8 +371,9 @@ class Exchange:
             self.request.write(data)
         if not self._paused:
             return succeed(None)
-        self._drained = Deferred()
-        return self.instance.add_timer(self._drained)
+        drained: Deferred = Deferred()
+        self._drained.append(drained)
+        return self.instance.add_timer(drained)
 
     def finish(self) -> None:
         self._check_open()
@@ -406,9 +408,10 @@ class Exchange:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.called:
-            drained.callback(None)
+        drained, self._drained = self._drained, []
+        for d in drained:
+            if not d.called:
+                d.callback(None)
 
     def stopProducing(self) -> None:
         self._paused = True  # the client is gone; notifyFinish ends the instance

@@ -105,6 +105,41 @@ class OpenAIEndpointTests(OpenAIHarness):
         body = json.loads(await response.text())
         self.assertEqual((response.code, body["error"]["code"]), (401, "invalid_api_key"))
 
+    async def test_response_format_json_schema_and_json_object(self):
+        """Structured outputs (issue 13 on the endpoint): a strict json_schema reply parses
+        and validates, at temperature 1 too; json_object gives a JSON object."""
+        import jsonschema
+
+        schema = {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "population": {"type": "integer"},
+                "coastal": {"type": "boolean"},
+            },
+            "required": ["city", "population", "coastal"],
+            "additionalProperties": False,
+        }
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema, "strict": True},
+        }
+        for temperature in (0, 1.0):
+            answer = await self.chat(
+                max_tokens=60, temperature=temperature, seed=3, response_format=response_format
+            )
+            choice = answer.choices[0]
+            jsonschema.validate(json.loads(choice.message.content), schema)
+            self.assertEqual(choice.finish_reason, "stop")
+        answer = await self.chat(
+            max_tokens=60, temperature=0, response_format={"type": "json_object"}
+        )
+        content = answer.choices[0].message.content
+        if answer.choices[0].finish_reason == "stop":
+            self.assertIsInstance(json.loads(content), dict)
+        else:  # cut at max_tokens: still the start of an object
+            self.assertTrue(content.startswith("{"), content)
+
     async def test_malformed_requests_get_openai_errors(self):
         headers = {"authorization": f"Bearer {self.key}", "content-type": "application/json"}
         url = f"{self.base_url}/chat/completions"
@@ -118,9 +153,20 @@ class OpenAIEndpointTests(OpenAIHarness):
                 "stream_options",
             ),
             (
-                json.dumps({**good, "response_format": {"type": "json_object"}}).encode(),
+                json.dumps(
+                    {
+                        **good,
+                        "response_format": {
+                            "type": "json_schema",
+                            "json_schema": {
+                                "name": "bad",
+                                "schema": {"type": "object", "properties": {"a": {"type": 7}}},
+                            },
+                        },
+                    }
+                ).encode(),
                 "response_format",
-            ),
+            ),  # a malformed schema: the grammar library's message, a 400
             (json.dumps({**good, "messages": "hi"}).encode(), "messages"),
         ):
             response = await treq.post(url, data=data, headers=headers, persistent=False)

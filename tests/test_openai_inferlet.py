@@ -120,7 +120,9 @@ class ChatTests(unittest.TestCase):
             ({"stream": "yes"}, "stream"),
             ({"stream_options": {"include_usage": True}}, "stream_options"),
             ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
-            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"response_format": {"type": "xml"}}, "response_format"),
+            ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+            ({"response_format": {"type": "json_object"}, "logprobs": True}, "logprobs"),
             ({"messages": []}, "messages"),
             ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
             (

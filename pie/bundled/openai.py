@@ -15,8 +15,10 @@ log-probabilities (they need every step's distribution). With `stream: true`
 the reply is server-sent events as OpenAI sends them (a role delta first on
 chat, content deltas as the text is decoded, a chunk with the finish_reason
 per choice, the usage chunk with `stream_options.include_usage`, then
-`data: [DONE]`); a client that disconnects ends the instance. Not yet:
-`response_format` other than text is refused with a 400.
+`data: [DONE]`); a client that disconnects ends the instance.
+`response_format` `json_object` / `json_schema` constrain the reply with a grammar
+(pie.inferlet.grammar) on the fast path: every step samples only tokens the
+grammar allows, and the reply ends when the JSON is complete.
 """
 
 import json
@@ -33,6 +35,7 @@ from pie.inferlet import (
     get_model,
 )
 from pie.inferlet.completion import Completion
+from pie.inferlet.grammar import Grammar, GrammarError
 from pie.inferlet.server import http_main
 
 MAX_TOKENS_LIMIT = 8192
@@ -109,13 +112,6 @@ def parse_body(request):
                 'stream_options must be an object such as {"include_usage": true}',
                 "stream_options",
             )
-    response_format = body.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        raise ApiError(
-            'response_format is not supported yet (only {"type": "text"})', "response_format"
-        )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise ApiError("user must be a string", "user")
@@ -173,11 +169,43 @@ def max_tokens(body, default):
 # ---------------------------------------------------------------------------- generation
 
 
+def response_grammar(body):
+    """The grammar `response_format` asks for: None for text, any JSON object for
+    json_object, the schema for json_schema (pie.inferlet.grammar, llguidance)."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                "response_format.json_schema.schema must be an object", "response_format"
+            )
+        return Grammar.json_schema(schema)
+    raise ApiError(
+        "response_format.type must be one of text, json_object, json_schema", "response_format"
+    )
+
+
 async def prepare(model, prompts, body, default_max, logprobs):
     """n choices per prompt (prompt i, choice j has index i * n + j), not started yet:
     (prompt tokens, [Completion], the contexts to close after)."""
     n = integer(body, "n", 1, 1, MAX_N)
     limit, stops, sampler_list = max_tokens(body, default_max), stop_texts(body), samplers(body, n)
+    grammar = response_grammar(body)
+    if grammar is not None:
+        if logprobs is not None:
+            raise ApiError("logprobs cannot be combined with a JSON response_format", "logprobs")
+        try:  # a malformed schema is the client's error, answered before anything runs
+            grammar.matcher(model).close()
+        except GrammarError as e:
+            raise ApiError(f"response_format: {e}", "response_format") from None
     runs, contexts, prompt_tokens = [], [], 0
     for prompt in prompts:
         ctx = model.create_context()
@@ -189,7 +217,9 @@ async def prepare(model, prompts, body, default_max, logprobs):
         forks = [ctx] if n == 1 else await ctx.fork_many(n)
         contexts += [ctx, *forks] if n > 1 else forks
         runs += [
-            Completion(f, s, limit, stops, logprobs, stream=bool(body.get("stream")))
+            Completion(
+                f, s, limit, stops, logprobs, stream=bool(body.get("stream")), grammar=grammar
+            )
             for f, s in zip(forks, sampler_list, strict=True)
         ]
     return prompt_tokens, runs, contexts

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from pie.inferlet.context import Context
+from pie.inferlet.grammar import Grammar, Matcher
 from pie.inferlet.sampling import Length, SamplerLike, UntilAny, any_of, sample_with
 
 STOP_CHUNK = 16
@@ -75,6 +76,7 @@ class Completion:
         logprobs: int | None = None,
         chunk: int = STOP_CHUNK,
         stream: bool = False,
+        grammar: Grammar | None = None,
     ) -> None:
         self.ctx = ctx
         self.sampler = sampler
@@ -83,11 +85,25 @@ class Completion:
         self.logprobs = logprobs
         self.chunk = chunk
         self.stream = stream
+        if grammar is not None and logprobs is not None:
+            raise ValueError("a grammar runs on the fast path, which gives no log-probabilities")
+        self.grammar = grammar
+        self._matcher: Matcher | None = None  # one for the whole reply, across its chunks
         self.eos = set(ctx.model.eos_token_ids)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        if self.grammar is not None:
+            self._matcher = self.grammar.matcher(self.ctx.model)
+        try:
+            async for delta in self._deltas():
+                yield delta
+        finally:
+            if self._matcher is not None:
+                self._matcher.close()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
         tokens: list[int] = []  # kept tokens (no end-of-turn token)
         entries: list[TokenLogprob] = []
         sent_text, sent_entries = 0, 0
@@ -100,6 +116,8 @@ class Completion:
                 new_entries = new_entries[: len(new)]
             tokens += new
             entries += new_entries
+            if self._matcher is not None and self._matcher.is_stopped():
+                self.finish_reason = self.finish_reason or "stop"  # the grammar is complete
             if self.finish_reason is None and len(tokens) >= self.max_tokens:
                 self.finish_reason = "length"
             text = self._decode(tokens)
@@ -126,7 +144,7 @@ class Completion:
             elif self.stop_texts:
                 step = min(room, self.chunk)
             stop = any_of(Length(step), UntilAny(sorted(self.eos)))
-            return await self.ctx.generate_tokens(self.sampler, stop), []
+            return await self.ctx.generate_tokens(self.sampler, stop, self._matcher), []
         dist = await self.ctx.decode_step()
         token = sample_with(self.sampler, dist.ids, dist.probs)
         self.ctx.fill_token(token)

@@ -155,10 +155,14 @@ def prompts_for(tokenizer, n: int) -> list[list[int]]:
 
     out = []
     for i in range(n):
-        messages = [{"role": "user", "content": f"Tell me a long story about {TOPICS[i % 12]}."}]
+        request = f"Tell me a long story about {TOPICS[i % 12]}."
+        if not tokenizer.chat_template:  # a base model (Gemma 3 270M): the plain text, after BOS
+            bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+            out.append(bos + tokenizer.tokenize(request))
+            continue
         text = render(
             tokenizer.chat_template,
-            messages,
+            [{"role": "user", "content": request}],
             add_generation_prompt=True,
             bos_token=tokenizer.bos_token,
             eos_token=tokenizer.eos_token,

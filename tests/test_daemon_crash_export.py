@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from twisted.trial import unittest
 
 from pie.server.uploads import hash_program
 from tests.model_fixtures import write_tiny_model
 from tests.pied import Daemon
 from tests.protocol_helpers import launch, upload
+
+pytestmark = pytest.mark.slow  # starts real daemons and kills them
 
 TEXT = (
     "The hardware store keeps paint in aisle one, screws and bolts in aisle two, power tools "

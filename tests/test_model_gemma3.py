@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 
+import pytest
 import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -23,6 +24,8 @@ from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
 from pie.interfaces import PieError
 from pie.service.registry import resolve_model
+
+pytestmark = pytest.mark.slow  # loads Gemma 3 270M (skipped where it is not in the cache)
 
 PS = 16
 NEW = 8

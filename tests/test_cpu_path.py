@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 from pie.engine import cpu_path
 from pie.engine.cpu_path import CpuPath, choose_cpu_path
 from pie.engine.engine import create_engine
-from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight
+from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, RescoredHead
 from tests.model_fixtures import tiny_model
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -95,10 +95,23 @@ class EngineTests(TestCase):
     def test_native_bf16_keeps_bf16_dense_copies(self):
         engine = self.engine(AVX512_BF16)
         self.assertEqual(engine.info.compute["dense_dtype"], "bfloat16")
-        self.assertEqual(engine.model.head.dense.weight.dtype, torch.bfloat16)
         self.assertEqual(engine.model.layers[0].qkv.dense.weight.dtype, torch.bfloat16)
         x = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 1, 64)
         self.assertEqual(engine.model.layers[0].qkv(x).dtype, torch.float32)
+
+    def test_bf16_many_row_head_rescores_its_top_logits_exactly(self):
+        """bf16 logits flip near-ties: the top ones of the bf16 head come from the exact weight."""
+        engine = self.engine(AVX512_BF16)
+        head = engine.model.head.dense
+        self.assertIsInstance(head, RescoredHead)
+        self.assertEqual(head.fast.weight.dtype, torch.bfloat16)
+        x = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 1, self.loaded.config.hidden_size)
+        want = x @ self.loaded.weights["model.embed_tokens.weight"].T
+        got = engine.model.head(x)
+        top = got.topk(head.k // 2, dim=-1).indices  # well inside the rescored set
+        torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=1e-5, atol=1e-5)
+        rounded = x.bfloat16().float() @ head.fast.weight.float().T
+        self.assertGreater((rounded.gather(1, top) - want.gather(1, top)).abs().max(), 1e-4)
 
     def test_int4_head_rescores_its_top_logits_and_the_embedding_is_exact(self):
         engine = self.engine(AVX2)

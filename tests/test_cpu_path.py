@@ -100,6 +100,22 @@ class EngineTests(TestCase):
         x = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 1, 64)
         self.assertEqual(engine.model.layers[0].qkv(x).dtype, torch.float32)
 
+    def test_memory_counts_each_storage_once_and_the_dense_copies_apart(self):
+        def dense_layer_bytes(engine) -> int:
+            linears = [(y.qkv, y.o, y.gate_up, y.down) for y in engine.model.layers]
+            return sum(x.dense.weight.nbytes for four in linears for x in four)
+
+        avx2, native = self.engine(AVX2), self.engine(AVX512_BF16)
+        # AVX2: the head's dense GEMM runs on the exact (tied) weight itself, no copy
+        self.assertEqual(avx2.info.memory["dense_copies"], dense_layer_bytes(avx2))
+        head_copy = native.model.head.dense.weight.nbytes
+        self.assertEqual(native.info.memory["dense_copies"], dense_layer_bytes(native) + head_copy)
+        rest = [e.info.memory["weights"] - e.info.memory["dense_copies"] for e in (avx2, native)]
+        self.assertEqual(rest[0], rest[1], "int4, embedding and norms are the same on both")
+        self.assertGreater(rest[0], native.model.embed.nbytes, "the tied embedding counts once")
+        self.assertLess(rest[0], 2 * native.model.embed.nbytes)
+        self.assertEqual(native.info.memory["kv_pool"], native.cache.bytes)
+
     def test_int4_head_rescores_its_top_logits_and_the_embedding_is_exact(self):
         engine = self.engine(AVX2)
         head = engine.model.head

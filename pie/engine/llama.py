@@ -359,6 +359,31 @@ class LlamaLayer:
     sliding: bool = False
 
 
+def held_storages(root: object, *, dense_copies: bool = True) -> dict[int, int]:
+    """data pointer -> bytes of each tensor storage reachable from `root` through attributes,
+    lists, tuples and dicts; dense_copies=False skips `Int4OrDenseLinear.dense`."""
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, Int4OrDenseLinear) and not dense_copies:
+            stack.append(obj.int4)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return found
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -486,6 +511,17 @@ class LlamaModel:
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors the model holds, each storage once (a tied head counts once):
+        "weights" all of them; "dense_copies" the part only the many-row dense GEMMs use
+        (the copies an int4 layer keeps beside its packed form, pie.engine.quant)."""
+        everything = held_storages(self)
+        without = held_storages(self, dense_copies=False)
+        return {
+            "weights": sum(everything.values()),
+            "dense_copies": sum(everything.values()) - sum(without.values()),
+        }
 
     def path_description(self) -> dict[str, str]:
         """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""

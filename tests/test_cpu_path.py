@@ -6,12 +6,14 @@ import os
 from unittest import mock
 
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 from twisted.trial.unittest import TestCase
 
 from pie.engine import cpu_path
 from pie.engine.cpu_path import CpuPath, choose_cpu_path
 from pie.engine.engine import create_engine
-from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight
+from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, Q8_0Rows, parse_q8_0
 from tests.model_fixtures import tiny_model
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -115,6 +117,26 @@ class EngineTests(TestCase):
         self.assertGreater(rest[0], native.model.embed.nbytes, "the tied embedding counts once")
         self.assertLess(rest[0], 2 * native.model.embed.nbytes)
         self.assertEqual(native.info.memory["kv_pool"], native.cache.bytes)
+
+    def test_a_q8_0_embedding_is_kept_as_q8_0_where_a_dense_head_copy_exists(self):
+        """As from a GGUF file whose tied embedding is Q8_0 (SmolLM2's): the lookup and the
+        head's rescored logits read its rows, to the bit what the float32 weight gives."""
+        name = "model.embed_tokens.weight"
+        raw = quantize(self.loaded.weights[name].numpy(), GGMLQuantizationType.Q8_0)
+        dense = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0))
+        self.loaded.weights[name] = dense
+        float32 = self.engine(AVX512_BF16)
+        self.loaded.rows[name] = parse_q8_0(raw, *dense.shape)
+        by_rows, avx2 = self.engine(AVX512_BF16), self.engine(AVX2)
+        self.assertIsInstance(by_rows.model.embed, Q8_0Rows)
+        self.assertIsInstance(avx2.model.embed, torch.Tensor, "its dense head needs all of it")
+        tokens = torch.tensor([[1, 5], [7, 319]])
+        self.assertTrue(torch.equal(by_rows.model.embed[tokens], dense[tokens]))
+        self.assertTrue(torch.equal(by_rows.model.embed_tokens(tokens[0]), dense[tokens[0]]))
+        x = torch.randn(3, self.loaded.config.hidden_size)
+        self.assertTrue(torch.equal(by_rows.model.head(x), float32.model.head(x)))
+        saved = float32.info.memory["weights"] - by_rows.info.memory["weights"]
+        self.assertEqual(saved, dense.nbytes - dense.numel() - dense.numel() // 32 * 4)
 
     def test_int4_head_rescores_its_top_logits_and_the_embedding_is_exact(self):
         engine = self.engine(AVX2)

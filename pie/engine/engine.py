@@ -443,6 +443,7 @@ def create_engine(
         device=dev,
         dtype=resolve_dtype(dtype, dev, quantized),
         quantized=loaded.quantized,
+        rows=loaded.rows,
         use_int4=use_int4,
         dense_dtype=dense_dtype,
     )

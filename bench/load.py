@@ -3,11 +3,17 @@
 Starts `pie serve` (cpu, the wasm sandbox, auth on) on a temporary home that links
 the cached SmolLM2 model. Then:
 
-1. idle RSS once it listens;
+1. idle RSS once it listens, split honestly: the weights (each tensor once, the dense
+   copies kept beside int4 included, from `model_status`'s `memory`), the KV pool, and
+   what is over them, anonymous (heap, Python objects) or file-backed (the shared
+   libraries' resident pages), from /proc/PID/smaps_rollup; again right after step 2
+   and once the daemon's memory trimmer has run (`memory_trim_interval_s`);
 2. N clients (default 1000) connect at the same moment, each authenticates with its
    own token (ten users), launches a program that sends one message and ends, and
    waits for that message: the time from connecting to the message, p50/p99/max;
 3. RSS per parked instance: 2 x 50 instances that park in receive().
+
+bench/start_memory.py gives the RSS after each stage of a daemon's start.
 
 Figures: docs/limits.md and docs/benchmarks.md.
 Run from the repository root: PYTHONPATH=$PWD python bench/load.py [--clients N]
@@ -16,6 +22,7 @@ Run from the repository root: PYTHONPATH=$PWD python bench/load.py [--clients N]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -26,11 +33,14 @@ import time
 
 from twisted.internet import defer, task
 
+from bench.start_memory import MIB, rollup_mib
 from pie.server.auth import issue_token
 from pie.server.uploads import hash_program
 from tests import rawclient
 from tests.protocol_helpers import upload
 
+TRIM_WAIT_S = 11  # the daemon's memory_trim_interval_s (10) and a second
+MODEL = "~/.cache/pie/models/smollm2-135m-instruct"
 SECRET = "bench-load-secret-long-enough-for-hs256-keys-0123456789abcdef"
 HELLO = b"from pie.inferlet import send\n\nasync def main(args):\n    send('hello')\n"
 PARK = (
@@ -44,10 +54,21 @@ def rss_mib(pid: int) -> int:
         return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
 
 
+def breakdown(pid: int, memory: dict) -> str:
+    """RSS = weights + KV pool + anonymous overhead + file-backed pages."""
+    rss, anon = rollup_mib(pid)
+    weights, kv = memory["weights"] // MIB, memory["kv_pool"] // MIB
+    return (
+        f"RSS {rss} MiB = weights {weights} (dense copies beside int4 "
+        f"{memory['dense_copies'] // MIB}) + KV pool {kv} + {rss - weights - kv} over them: "
+        f"anonymous {anon - weights - kv}, file-backed {rss - anon}"
+    )
+
+
 def start_daemon(home: str) -> tuple[subprocess.Popen, str]:
     os.makedirs(f"{home}/models")
     os.symlink(
-        os.path.expanduser("~/.cache/pie/models/smollm2-135m-instruct"),
+        os.path.expanduser(MODEL),
         f"{home}/models/smollm2-135m-instruct",
     )
     log_path = f"{home}/log"
@@ -119,8 +140,12 @@ async def main(reactor, clients: int) -> None:
     proc, log_path = start_daemon(tempfile.mkdtemp())
     try:
         port = await listening_port(reactor, proc, log_path)
-        print(f"idle RSS {rss_mib(proc.pid)} MiB")
         uploader = await authenticated(port, "uploader")
+        status = await uploader.request(
+            {"type": "query", "corr_id": 9, "subject": "model_status", "record": ""}
+        )
+        memory = json.loads(status["result"])[0]["memory"]
+        print(f"idle: {breakdown(proc.pid, memory)}")
         for corr, source in ((2, HELLO), (3, PARK)):
             assert (await upload(uploader, source, corr_id=corr))["successful"]
         started = time.perf_counter()
@@ -141,6 +166,9 @@ async def main(reactor, clients: int) -> None:
         )
         for failure in failed[:3]:
             print("  failure:", failure.getErrorMessage())
+        print(f"right after them: {breakdown(proc.pid, memory)}")
+        await task.deferLater(reactor, TRIM_WAIT_S, lambda: None)
+        print(f"{TRIM_WAIT_S} s later (trimmed): {breakdown(proc.pid, memory)}")
         await park(uploader, 50, 100)
         first = rss_mib(proc.pid)
         await park(uploader, 50, 200)

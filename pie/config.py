@@ -325,6 +325,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Longest text a chat template may render for an inferlet (and longest JSON it is given), in characters.",
     ),
     Setting(
+        "memory_trim_interval_s",
+        10,
+        int,
+        "Seconds between returns of freed heap memory to the OS (glibc malloc_trim); 0: never.",
+    ),
+    Setting(
         "shutdown_timeout_s",
         10,
         int,
@@ -440,7 +446,13 @@ def resolve(cli: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
     ):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 (automatic) or more, not {merged[key]}")
-    for key in ("num_pages", "kv_headroom_bytes", "max_kv_pages", *POOL_SHARES):
+    for key in (
+        "num_pages",
+        "kv_headroom_bytes",
+        "max_kv_pages",
+        "memory_trim_interval_s",
+        *POOL_SHARES,
+    ):
         if merged[key] < 0:
             raise ConfigError(f"{key} must be 0 or more, not {merged[key]}")
     if not 0 < merged["kv_memory_fraction"] <= 1:

@@ -6,12 +6,14 @@ import os
 from unittest import mock
 
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
 from twisted.trial.unittest import TestCase
 
 from pie.engine import cpu_path
 from pie.engine.cpu_path import CpuPath, choose_cpu_path
 from pie.engine.engine import create_engine
-from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, RescoredHead
+from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, Q8_0Rows, RescoredHead, parse_q8_0
 from tests.model_fixtures import tiny_model
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -112,6 +114,42 @@ class EngineTests(TestCase):
         torch.testing.assert_close(got.gather(1, top), want.gather(1, top), rtol=1e-5, atol=1e-5)
         rounded = x.bfloat16().float() @ head.fast.weight.float().T
         self.assertGreater((rounded.gather(1, top) - want.gather(1, top)).abs().max(), 1e-4)
+
+    def test_memory_counts_each_storage_once_and_the_dense_copies_apart(self):
+        def dense_layer_bytes(engine) -> int:
+            linears = [(y.qkv, y.o, y.gate_up, y.down) for y in engine.model.layers]
+            return sum(x.dense.weight.nbytes for four in linears for x in four)
+
+        avx2, native = self.engine(AVX2), self.engine(AVX512_BF16)
+        # AVX2: the head's dense GEMM runs on the exact (tied) weight itself, no copy
+        self.assertEqual(avx2.info.memory["dense_copies"], dense_layer_bytes(avx2))
+        head_copy = native.model.head.dense.fast.weight.nbytes
+        self.assertEqual(native.info.memory["dense_copies"], dense_layer_bytes(native) + head_copy)
+        rest = [e.info.memory["weights"] - e.info.memory["dense_copies"] for e in (avx2, native)]
+        self.assertEqual(rest[0], rest[1], "int4, embedding and norms are the same on both")
+        self.assertGreater(rest[0], native.model.embed.nbytes, "the tied embedding counts once")
+        self.assertLess(rest[0], 2 * native.model.embed.nbytes)
+        self.assertEqual(native.info.memory["kv_pool"], native.cache.bytes)
+
+    def test_a_q8_0_embedding_is_kept_as_q8_0_where_a_dense_head_copy_exists(self):
+        """As from a GGUF file whose tied embedding is Q8_0 (SmolLM2's): the lookup and the
+        head's rescored logits read its rows, to the bit what the float32 weight gives."""
+        name = "model.embed_tokens.weight"
+        raw = quantize(self.loaded.weights[name].numpy(), GGMLQuantizationType.Q8_0)
+        dense = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0))
+        self.loaded.weights[name] = dense
+        float32 = self.engine(AVX512_BF16)
+        self.loaded.rows[name] = parse_q8_0(raw, *dense.shape)
+        by_rows, avx2 = self.engine(AVX512_BF16), self.engine(AVX2)
+        self.assertIsInstance(by_rows.model.embed, Q8_0Rows)
+        self.assertIsInstance(avx2.model.embed, torch.Tensor, "its dense head needs all of it")
+        tokens = torch.tensor([[1, 5], [7, 319]])
+        self.assertTrue(torch.equal(by_rows.model.embed[tokens], dense[tokens]))
+        self.assertTrue(torch.equal(by_rows.model.embed_tokens(tokens[0]), dense[tokens[0]]))
+        x = torch.randn(3, self.loaded.config.hidden_size)
+        self.assertTrue(torch.equal(by_rows.model.head(x), float32.model.head(x)))
+        saved = float32.info.memory["weights"] - by_rows.info.memory["weights"]
+        self.assertEqual(saved, dense.nbytes - dense.numel() - dense.numel() // 32 * 4)
 
     def test_int4_head_rescores_its_top_logits_and_the_embedding_is_exact(self):
         engine = self.engine(AVX2)

@@ -7,6 +7,7 @@ import signal
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -15,7 +16,7 @@ from twisted.web.server import Site
 
 from pie.server.protocol import PieServerFactory
 from pie.server.uploads import hash_program
-from pie.tap import Options, makeService
+from pie.tap import Options, makeService, memory_trimmer
 from tests import rawclient
 from tests.fakeruntime import FakeRuntime
 from tests.pieserver import spawn_module
@@ -124,6 +125,39 @@ class ServiceTests(unittest.TestCase):
             self.assertEqual(f.read().strip(), factory.auth_secret)
         self.assertEqual(factory.maxMessagePayloadSize, 1024 * 1024)
 
+    def test_freed_memory_is_trimmed_every_interval_unless_0(self):
+        top = makeService(self.options(), reactor=MemoryReactor(), runtime=FakeRuntime())
+        self.assertEqual(top.getServiceNamed("memory-trim").step, 10)
+        options = self.options("--memory-trim-interval-s", "0")
+        top = makeService(options, reactor=MemoryReactor(), runtime=FakeRuntime())
+        self.assertNotIn("memory-trim", [s.name for s in top])
+
+        class Reactor(Clock):  # runs the pool's work at once, as a thread would
+            def getThreadPool(self):
+                return self
+
+            def callInThreadWithCallback(self, on_result, f):
+                on_result(True, f())
+
+            def callFromThread(self, f, *args):
+                f(*args)
+
+        clock, trims = Reactor(), []
+        trimmer = memory_trimmer(10, clock, trim=lambda: trims.append(clock.seconds()))
+        trimmer.startService()
+        clock.advance(9.5)
+        self.assertEqual(trims, [0])
+        clock.advance(0.5)
+        self.assertEqual(trims, [0, 10])
+        trimmer.stopService()
+        clock.advance(10)
+        self.assertEqual(trims, [0, 10])
+
+    def options(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--home", self.mktemp(), "--port", "tcp:9123", *argv])
+        return options
+
     def test_metrics_listen_on_their_own_endpoint(self):
         """--metrics (or TOML metrics) adds a listener before the client one; a bare number is
         tcp:N; without it there is none."""
@@ -136,7 +170,7 @@ class ServiceTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--config", path, "--home", self.mktemp(), "--port", "tcp:9123"])
         top = makeService(options, reactor=memory, runtime=FakeRuntime())
-        self.assertEqual([s.name for s in top], ["metrics", "clients"])
+        self.assertEqual([s.name for s in top], ["memory-trim", "metrics", "clients"])
         top.privilegedStartService()
         (port, site, _, interface), (client_port, *_) = memory.tcpServers
         self.assertEqual((port, interface, client_port), (9464, "127.0.0.1", 9123))

@@ -52,6 +52,9 @@ class WorkerInfo:
     kv_sizing: str = ""  # how num_kv_pages was chosen (pie.engine.memory.KvSizing.reason)
     # the path the weights run (dtype, weight_kernel, head, dense_dtype, threads: strings)
     compute: dict = field(default_factory=dict)
+    # bytes held: "weights" (each tensor once), "dense_copies" (the part of weights kept only
+    # for many-row GEMMs beside int4), "kv_pool" (LlamaModel.weight_bytes, KvCache.bytes)
+    memory: dict = field(default_factory=dict)
 
 
 @dataclass

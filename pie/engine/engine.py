@@ -151,6 +151,7 @@ class Engine:
             device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."),
             compute={**model.path_description(), "threads": str(torch.get_num_threads())},
+            memory={**model.weight_bytes(), "kv_pool": self.cache.bytes},
         )
         self._handlers = {
             Forward: self.forward,
@@ -442,6 +443,7 @@ def create_engine(
         device=dev,
         dtype=resolve_dtype(dtype, dev, quantized),
         quantized=loaded.quantized,
+        rows=loaded.rows,
         use_int4=use_int4,
         dense_dtype=dense_dtype,
     )

@@ -33,6 +33,7 @@ from pie.engine.quant import (
     Int4Linear,
     Int4OrDenseLinear,
     Q4_1Weight,
+    Q8_0Rows,
     int4_supported,
     quantized_head,
 )
@@ -359,6 +360,31 @@ class LlamaLayer:
     sliding: bool = False
 
 
+def held_storages(root: object, *, dense_copies: bool = True) -> dict[int, int]:
+    """data pointer -> bytes of each tensor storage reachable from `root` through attributes,
+    lists, tuples and dicts; dense_copies=False skips `Int4OrDenseLinear.dense`."""
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, Int4OrDenseLinear) and not dense_copies:
+            stack.append(obj.int4)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return found
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -381,6 +407,7 @@ class LlamaModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         quantized: dict[str, Q4_1Weight] | None = None,
+        rows: dict[str, Q8_0Rows] | None = None,
         use_int4: bool | None = None,
         dense_dtype: torch.dtype | None = None,
     ):
@@ -420,7 +447,13 @@ class LlamaModel:
             raise PieError(f"activation {config.hidden_act!r} is not supported")
         self.act = ACTIVATIONS[config.hidden_act]
         fused = config.model_type in FUSED
-        self.embed = tensor("model.embed_tokens.weight")
+        embedding = "model.embed_tokens.weight"
+        # int4 layers with a separate dense head copy read the exact embedding only by rows
+        # (lookup, rescored logits): kept as the file's Q8_0 where it has it (Q8_0Rows)
+        q8 = (rows or {}).get(embedding) if self.int4 and self.dense_dtype != dtype else None
+        self.embed: torch.Tensor | Q8_0Rows = (
+            tensor(embedding) if q8 is None else q8.to(self.device, dtype)
+        )
         self.embed_scale = (
             None
             if config.embed_scale is None
@@ -430,15 +463,20 @@ class LlamaModel:
         self.norm = norm("model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in weights else None
         self.lm_head = tensor(head_name) if head_name else self.embed  # else tied
-        self.head: Linear = DenseLinear(self.lm_head)
-        if self.int4:
+        self.head: Linear
+        if not self.int4:
+            self.head = DenseLinear(self.lm_head)
+        else:
             # The head reads more bytes than any layer (vocab x hidden): quantize it for
             # decode too, from the file's Q4_1 blocks or by rounding the float weight to
             # Q4_1, its top logits rescored; the embedding lookup keeps the exact weight.
             dense_head = self.lm_head
             if self.dense_dtype != dtype:
-                dense_head = tensor(head_name or "model.embed_tokens.weight", self.dense_dtype)
-            self.head = quantized_head(self.lm_head, quantized.get(head_name or ""), dense_head)
+                dense_head = tensor(head_name or embedding, self.dense_dtype)
+            source = weights[embedding] if q8 is not None and not head_name else self.lm_head
+            self.head = quantized_head(
+                source, quantized.get(head_name or ""), dense_head, exact=self.lm_head
+            )
         self.layers: list[LlamaLayer] = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -486,6 +524,17 @@ class LlamaModel:
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors the model holds, each storage once (a tied head counts once):
+        "weights" all of them; "dense_copies" the part only the many-row dense GEMMs use
+        (the copies an int4 layer keeps beside its packed form, pie.engine.quant)."""
+        everything = held_storages(self)
+        without = held_storages(self, dense_copies=False)
+        return {
+            "weights": sum(everything.values()),
+            "dense_copies": sum(everything.values()) - sum(without.values()),
+        }
 
     def path_description(self) -> dict[str, str]:
         """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""

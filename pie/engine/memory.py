@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,13 @@ def cuda_available(device: object) -> Available:
     return Available(free, f"free on {device} after empty_cache")
 
 
+@functools.cache
+def _malloc_trim() -> object | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else getattr(ctypes.CDLL(name), "malloc_trim", None)
+
+
 def release_freed_memory() -> bool:
     """Give the heap's freed pages back to the OS (glibc malloc_trim); False where unavailable.
 
@@ -158,11 +166,9 @@ def release_freed_memory() -> bool:
     several hundred MB; glibc keeps them in its arenas after they are freed,
     so without this the daemon stays ~350 MB above weights + KV pool for its
     whole life (SmolLM2-135M on CPU: 1304 -> 948 MiB, see docs/limits.md).
+    The daemon also calls it every `memory_trim_interval_s` (pie.tap.memory_trimmer).
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)

@@ -107,6 +107,47 @@ def parse_q4_k(raw: np.ndarray, out_features: int, in_features: int) -> Q4_1Weig
     )
 
 
+Q8_0_BLOCK_BYTES = 34  # fp16 d, 32 int8
+
+
+@dataclass
+class Q8_0Rows:
+    """A [rows, cols] weight kept as GGUF Q8_0 (w = d * q per block of 32) and read by rows.
+
+    Why: with int4 layers and a bf16 copy for many-row GEMMs, the exact float weight of the
+    embedding is only ever read a few rows at a time (the lookup, the LM head's rescored top
+    logits); as float32 it is the largest tensor of a small model (SmolLM2-135M: 108 MiB, 29
+    as Q8_0). Indexing gives what gguf's dequantization gives, to the bit: q and d widened
+    to float32 and one float32 product (then cast to `dtype`).
+    """
+
+    q: torch.Tensor  # int8 [rows, cols]
+    d: torch.Tensor  # float32 [rows, cols // 32]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        q, d = self.q[index], self.d[index]
+        blocks = q.reshape(*q.shape[:-1], -1, Q4_1_GROUP).to(torch.float32) * d[..., None]
+        return blocks.flatten(-2).to(self.dtype)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Q8_0Rows:
+        return Q8_0Rows(self.q.to(device), self.d.to(device), dtype)
+
+
+def parse_q8_0(raw: np.ndarray, rows: int, cols: int) -> Q8_0Rows:
+    """GGUF Q8_0 bytes (blocks of fp16 d and 32 int8) as Q8_0Rows."""
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, Q8_0_BLOCK_BYTES)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    q = blocks[:, 2:].copy().view(np.int8)
+    return Q8_0Rows(
+        torch.from_numpy(q.reshape(rows, cols)), torch.from_numpy(d.reshape(rows, cols // 32))
+    )
+
+
 class DenseLinear:
     """y = x @ W^T (+ b) with a dense weight on the model's device and dtype."""
 
@@ -195,10 +236,13 @@ def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def quantized_head(
-    weight: torch.Tensor, q4: Q4_1Weight | None, dense: torch.Tensor
+    weight: torch.Tensor,
+    q4: Q4_1Weight | None,
+    dense: torch.Tensor,
+    exact: torch.Tensor | Q8_0Rows | None = None,
 ) -> Int4OrDenseLinear | DenseLinear:
     """The LM head: for few rows int4 per group of 32 with the top logits rescored from
-    `weight` (RescoredHead), for many rows the dense GEMM on `dense`.
+    `exact` (default `weight`; RescoredHead), for many rows the dense GEMM on `dense`.
 
     Measured for SmolLM2's tied head (49152 x 576, Q8_0 in the file) at one row,
     2 threads: int4 1.4 ms, int8 per row 3.0 ms, dense bf16 7.2 ms (Xeon,
@@ -212,14 +256,15 @@ def quantized_head(
     the exact head over that corpus: 96.9% unrescored, 98.9% rescored; AMX Xeon).
     """
     out, inp = weight.shape
+    exact = weight if exact is None else exact
     many_rows = DenseLinear(dense)
     if dense.dtype != weight.dtype:
-        many_rows = RescoredHead(many_rows, weight)
+        many_rows = RescoredHead(many_rows, exact)
     if out % 16 or inp % Q4_1_GROUP:  # the kernel packs 16 rows by groups of 32
         return many_rows
     if q4 is None:
         q4 = Q4_1Weight.from_dense(weight.float().cpu().numpy())
-    fast = RescoredHead(Int4Linear(q4, torch.bfloat16), weight)
+    fast = RescoredHead(Int4Linear(q4, torch.bfloat16), exact)
     return Int4OrDenseLinear(fast, many_rows)
 
 
@@ -236,7 +281,10 @@ class RescoredHead:
     bias = None  # LM heads have none
 
     def __init__(
-        self, fast: Int8Linear | Int4Linear | DenseLinear, weight: torch.Tensor, k: int = 64
+        self,
+        fast: Int8Linear | Int4Linear | DenseLinear,
+        weight: torch.Tensor | Q8_0Rows,
+        k: int = 64,
     ):
         self.fast = fast
         self.weight = weight

@@ -201,6 +201,7 @@ class ModelService:
             "pending_commands": self.scheduler.pending(),
             "device": self.info.device,
             "compute": dict(self.info.compute),
+            "memory": dict(self.info.memory),
         }
 
     def create_queue(self, instance_id: str, user: str | None = None) -> int:

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
 
 Linear weights stored as Q4_1 or Q4_K are also kept in block form so that the
-CPU int4 kernel can use them losslessly (pie.engine.quant); every other type the
+CPU int4 kernel can use them losslessly (pie.engine.quant), and a Q8_0 embedding in
+its blocks too (read by rows, pie.engine.quant.Q8_0Rows); every other type the
 `gguf` package knows (F16, BF16, Q4_0, Q5_0, Q8_0, Q5_K, Q6_K, ...) is
 dequantized by gguf.quants into dense copies. Q and K rows are un-permuted:
 convert_hf_to_gguf interleaves them for llama.cpp's pair-wise RoPE (Llama
@@ -20,11 +21,12 @@ from zope.interface import implementer
 
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
-from pie.engine.quant import Q4_1Weight, parse_q4_1, parse_q4_k
+from pie.engine.quant import Q4_1Weight, Q8_0Rows, parse_q4_1, parse_q4_k, parse_q8_0
 from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import IModelLoader, PieError
 
 GGUF_MAGIC = b"GGUF"
+EMBEDDING = "model.embed_tokens.weight"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 PERMUTED_QK = ("llama",)  # architectures whose converter interleaves Q/K rows
 QK_NAMES = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
@@ -186,6 +188,7 @@ class GGUFLoader:
         target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
         weights: dict[str, torch.Tensor] = {}
         quantized: dict[str, Q4_1Weight] = {}
+        rows: dict[str, Q8_0Rows] = {}
         arch = meta.get("general.architecture")
         permuted = arch in PERMUTED_QK
         for gname, t in tensors.items():
@@ -211,6 +214,8 @@ class GGUFLoader:
             if parse is not None and array.ndim == 2:
                 q = parse(t.data, array.shape[0], array.shape[1])
                 quantized[name_hf] = q if order is None else q.permute_rows(order)
+            if name_hf == EMBEDDING and t.tensor_type == GGMLQuantizationType.Q8_0:
+                rows[name_hf] = parse_q8_0(t.data, array.shape[0], array.shape[1])
         return LoadedModel(
             name=name,
             path=path,
@@ -219,4 +224,5 @@ class GGUFLoader:
             weights=weights,
             tokenizer=tokenizer,
             quantized=quantized,
+            rows=rows,
         )

@@ -65,7 +65,7 @@ PROGRAM = textwrap.dedent(
     async def per_token(model, prompt, grammar, max_tokens):
         # a custom greedy sampler over the top-k distribution, filtered by a Matcher
         ctx = context(model, prompt)
-        matcher = grammar.matcher(model)
+        matcher = await grammar.matcher(model)
         out = []
         for _ in range(max_tokens):
             dist = await ctx.decode_step()
@@ -87,7 +87,7 @@ PROGRAM = textwrap.dedent(
         model = get_auto_model()
         try:
             grammar = grammar_of(kind, source)
-            grammar.matcher(model).close()  # a malformed grammar fails here
+            (await grammar.matcher(model)).close()  # a malformed grammar fails here
         except GrammarError as e:
             send("GrammarError: " + str(e))
             return

@@ -254,7 +254,7 @@ class Context:
                     "TopK or TopP, a Length bound and no attention mask (a custom sampler "
                     "can use Grammar.matcher(model) token by token)"
                 )
-            matcher = grammar if isinstance(grammar, Matcher) else grammar.matcher(self.model)
+            matcher = grammar if isinstance(grammar, Matcher) else await grammar.matcher(self.model)
             try:
                 generated = await self._generate_in_engine(engine, sampler, stop, matcher)
             finally:

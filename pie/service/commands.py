@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -33,7 +34,7 @@ class GrammarMatcher(Protocol):
     """What a constrained Generate needs of a grammar (pie.runtime.grammar.Matcher);
     the service stays free of any grammar library."""
 
-    def allowed(self) -> bytes: ...
+    def allowed_soon(self) -> Future: ...  # of the packed bitmask, computed off the reactor
 
     def consume(self, tokens: Sequence[int]) -> bool: ...
 
@@ -190,10 +191,12 @@ class Generate(Command):
     holds_queue: bool = field(default=True, kw_only=True)
 
     def step_sampling(self) -> Sampling:
-        """This step's sampling: with a grammar, its mask of the tokens allowed now."""
+        """This step's sampling: with a grammar, its mask of the tokens allowed now, as a
+        Future that a grammar thread fills while the engine runs the step's forward pass
+        (the token sampled last step was consumed, in `advance`, before this is called)."""
         if self.grammar is None:
             return self.sampling
-        return dataclasses.replace(self.sampling, allowed=self.grammar.allowed())
+        return dataclasses.replace(self.sampling, allowed=self.grammar.allowed_soon())
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the generation is done."""

@@ -234,9 +234,7 @@ class Engine:
             params = [
                 ready(p.sampling) for p in prepared if p.sampling is not None for _ in p.return_rows
             ]
-            ids = sample(
-                logits[len(dist_rows) :], params, positions[sample_rows].tolist(), self.generator
-            )
+            ids = sample(logits[len(dist_rows) :], params, self.generator)
             sampled_of = dict(zip(sample_rows, ids, strict=True))
         results = []
         for p in prepared:

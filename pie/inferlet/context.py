@@ -314,6 +314,7 @@ class Context:
                 None if matcher is None else matcher.id,
             )  # fmt: skip
             out = [int(t) for t in out]
+            engine.drew(sampler, len(out))
             generated.extend(out)
             self.fill_tokens(out)
             self._commit(len(out) - 1)  # the engine forwarded all but the last

@@ -26,6 +26,7 @@ from pie.engine.batch import (
     Query,
     Sampling,
 )
+from pie.engine.draw import race_key
 from pie.interfaces import InstanceFault
 from pie.service.scheduler import Command, Sync
 
@@ -194,9 +195,12 @@ class Generate(Command):
         """This step's sampling: with a grammar, its mask of the tokens allowed now, as a
         Future that a grammar thread fills while the engine runs the step's forward pass
         (the token sampled last step was consumed, in `advance`, before this is called)."""
+        sampling = self.sampling
+        if sampling.seed is not None:  # the race's key of this step (pie.engine.draw)
+            sampling = dataclasses.replace(sampling, seed=race_key(sampling.seed, len(self.out)))
         if self.grammar is None:
-            return self.sampling
-        return dataclasses.replace(self.sampling, allowed=self.grammar.allowed_soon())
+            return sampling
+        return dataclasses.replace(sampling, allowed=self.grammar.allowed_soon())
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the generation is done."""

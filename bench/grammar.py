@@ -7,9 +7,10 @@ SmolLM2 worker thread (greedy, the same prompt per stream but its own pages),
 once without a grammar and once under a JSON Schema whose strings and array
 keep the grammar open for all --tokens steps (at least 40 items), so both runs decode the same
 number of steps. A constrained step includes everything the feature adds: the
-host computes each stream's mask (pie.runtime.grammar, llguidance) when the
-step is dispatched, the mask travels in the Forward job as bytes, the engine
-masks the full-vocabulary logits, and the sampled token advances the matcher.
+host computes each stream's mask (pie.runtime.grammar, llguidance) on grammar
+threads while the engine runs the step's forward pass, the engine joins the
+masks before sampling and masks the full-vocabulary logits, and the sampled
+token advances the matcher.
 Prints ms per decode step for both and their ratio (best of --repeats each,
 runs alternating).
 """
@@ -103,11 +104,11 @@ def added_cost(vocab: Vocabulary, tokenizer, batch: int, repeats: int = 50) -> t
     gen = torch.Generator()
     began = time.perf_counter()
     for _ in range(repeats):
-        sample(logits, masked, [0] * batch, gen)
+        sample(logits, masked, gen)
     with_mask = (time.perf_counter() - began) / repeats
     began = time.perf_counter()
     for _ in range(repeats):
-        sample(logits, plain, [0] * batch, gen)
+        sample(logits, plain, gen)
     without = (time.perf_counter() - began) / repeats
     return host * 1000, (with_mask - without) * 1000
 

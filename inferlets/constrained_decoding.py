@@ -27,7 +27,7 @@ async def main(args):
     model = get_auto_model()
     grammar = Grammar.json_schema(opts.schema) if opts.schema else Grammar.json()
     try:
-        matcher = grammar.matcher(model)
+        matcher = await grammar.matcher(model)
     except GrammarError as e:
         send(f"GrammarError: {e}")
         return

@@ -3,6 +3,9 @@ every sampler to the allowed tokens over the full vocabulary, and crosses the re
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+
 import torch
 from twisted.trial import unittest
 
@@ -42,14 +45,14 @@ class MaskTests(unittest.TestCase):
             Sampling(temperature=1.5, top_p=0.5, seed=3, allowed=mask_of(allowed)),
         ]
         for _ in range(20):
-            ids = sample(self.logits, samplers, [0, 1, 2, 3], self.generator)
+            ids = sample(self.logits, samplers, self.generator)
             self.assertTrue(set(ids) <= allowed, ids)
         greedy = max(allowed, key=lambda t: self.logits[0, t].item())
-        self.assertEqual(sample(self.logits, samplers[:1] * 4, [0] * 4, self.generator)[0], greedy)
+        self.assertEqual(sample(self.logits, samplers[:1] * 4, self.generator)[0], greedy)
 
     def test_unmasked_rows_are_untouched(self):
         params = [Sampling(), Sampling(allowed=mask_of({5})), Sampling(), Sampling()]
-        self.assertEqual(sample(self.logits, params, [0] * 4, self.generator), [7, 5, 7, 7])
+        self.assertEqual(sample(self.logits, params, self.generator), [7, 5, 7, 7])
         self.assertEqual(self.logits[1].argmax().item(), 7)  # the caller's logits unchanged
 
     def test_the_mask_crosses_the_wire_as_bytes(self):
@@ -60,3 +63,16 @@ class MaskTests(unittest.TestCase):
         message = unpack(pack({"type": "job", "id": 1, "job": to_wire(Forward([item]))}))
         back = from_wire(message["job"])
         self.assertEqual(back.items[0].sampling, item.sampling)
+
+    def test_a_mask_still_being_computed_crosses_the_wire_as_its_bytes(self):
+        pending: Future = Future()
+        item = ForwardItem(
+            pages=[0], last_page_len=1, positions=[0], tokens=[1], output_indices=[0],
+            sampling=Sampling(allowed=pending),
+        )  # fmt: skip
+        computing = threading.Thread(target=pending.set_result, args=(mask_of({2}),))
+        computing.start()  # to_wire waits for it, whenever it lands
+        message = unpack(pack({"type": "job", "id": 1, "job": to_wire(Forward([item]))}))
+        back = from_wire(message["job"])
+        computing.join()
+        self.assertEqual(back.items[0].sampling.allowed, mask_of({2}))

@@ -37,6 +37,20 @@ def shared_worker():
     return _worker
 
 
+_whole = None
+
+
+def whole_vocabulary_worker():
+    """float32, and every distribution over the whole vocabulary (dist_size is clamped to
+    it): a custom sampler then sees every token the fast path may draw."""
+    global _whole
+    if _whole is None:
+        from pie.service.local import load_worker
+
+        _whole = load_worker(model_path(), dtype="float32", dist_size=1 << 20, num_embeds=16)
+    return _whole
+
+
 PROGRAM = textwrap.dedent(
     """
     import json
@@ -62,14 +76,18 @@ PROGRAM = textwrap.dedent(
         ctx.close()
         return text
 
-    async def per_token(model, prompt, grammar, max_tokens):
-        # a custom greedy sampler over the top-k distribution, filtered by a Matcher
+    async def per_token(model, prompt, grammar, seed, max_tokens):
+        # a custom sampler over the top-k distribution, filtered by a Matcher: greedy, or
+        # the SDK's seeded Temperature(1.0) over the allowed candidates
         ctx = context(model, prompt)
-        matcher = grammar.matcher(model)
+        matcher = await grammar.matcher(model)
+        draw = Temperature(1.0, seed=seed) if seed >= 0 else Greedy()
         out = []
         for _ in range(max_tokens):
             dist = await ctx.decode_step()
-            token = matcher.allowed_ids(dist.ids)[0]
+            allowed = set(matcher.allowed_ids(dist.ids))
+            kept = [(t, p) for t, p in zip(dist.ids, dist.probs) if t in allowed]
+            token = draw.sample([t for t, _ in kept], [p for _, p in kept])
             assert matcher.consume([token])
             if token in model.eos_token_ids:
                 break
@@ -87,7 +105,7 @@ PROGRAM = textwrap.dedent(
         model = get_auto_model()
         try:
             grammar = grammar_of(kind, source)
-            grammar.matcher(model).close()  # a malformed grammar fails here
+            (await grammar.matcher(model)).close()  # a malformed grammar fails here
         except GrammarError as e:
             send("GrammarError: " + str(e))
             return
@@ -99,7 +117,11 @@ PROGRAM = textwrap.dedent(
                 send(text)
         elif mode == "greedy-both":
             send(await sample(model, prompt, grammar, -1, max_tokens))
-            send(await per_token(model, prompt, grammar, max_tokens))
+            send(await per_token(model, prompt, grammar, -1, max_tokens))
+        elif mode == "seeded-both":
+            for seed in range(count):
+                send(await sample(model, prompt, grammar, seed, max_tokens))
+                send(await per_token(model, prompt, grammar, seed, max_tokens))
         elif mode == "far":
             target = json.loads(source)[0]
             first = model.tokenizer.tokenize(target)[0]
@@ -137,9 +159,12 @@ class GrammarGenerationTests(unittest.TestCase):
     def setUp(self):
         if model_path() is None:
             raise unittest.SkipTest("SmolLM2 is not in $PIE_HOME/models")
+        self.start(shared_worker())
+
+    def start(self, worker) -> None:
         from pie.service.service import ModelService
 
-        self.service = ModelService(shared_worker(), reactor=reactor)
+        self.service = ModelService(worker, reactor=reactor)
         self.runtime = make_runtime(
             self,
             home=os.path.abspath(self.mktemp()),
@@ -196,8 +221,7 @@ class GrammarGenerationTests(unittest.TestCase):
         self.assertEqual(message, "GrammarError: bad json_schema grammar: Invalid type: objec")
 
     async def test_a_per_token_matcher_agrees_with_the_fast_path(self):
-        """Greedy on both paths (a seeded sampler draws another random stream on each,
-        pie.inferlet.fastpath); the custom sampler only sees the top 64, so the grammar is
+        """Greedy on both paths; the custom sampler only sees the top 64, so the grammar is
         one whose tokens the model ranks there."""
         fast, slow = await self.run_program(
             "greedy-both", "regex", r"\d{4}-\d{2}-\d{2}", "What is today's date? (YYYY-MM-DD)",
@@ -205,3 +229,21 @@ class GrammarGenerationTests(unittest.TestCase):
         )  # fmt: skip
         self.assertRegex(fast, r"^\d{4}-\d{2}-\d{2}$")
         self.assertEqual(fast, slow)
+
+    async def test_a_seeded_per_token_sampler_agrees_with_the_fast_path(self):
+        """Temperature 1.0 on the same seed, token for token: both paths draw with the
+        counter-based race (pie.inferlet.sampling), the fast path over the masked full
+        vocabulary, the custom sampler over the allowed tokens of its distribution, here the
+        whole vocabulary too (with the top 64 they agree whenever the fast path's pick is
+        among them, tests/test_sampling_race.py)."""
+        self.start(whole_vocabulary_worker())
+        texts = await self.run_program(
+            "seeded-both", "regex", r"[0-9]{4}-[0-9]{2}-[0-9]{2}", "What is today's date? (YYYY-MM-DD)",
+            "6", "16",
+        )  # fmt: skip
+        fast, slow = texts[0::2], texts[1::2]
+        self.assertEqual(len(fast), 6)
+        for text in fast:  # ([0-9]: Rust's \d also takes other scripts' digits)
+            self.assertRegex(text, r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+        self.assertEqual(fast, slow)
+        self.assertGreater(len(set(fast)), 1)  # really sampled

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
@@ -95,7 +97,7 @@ class EveryRowTests(unittest.TestCase):
             queue = host.call("create_queue", (0,))
             # a subscription with one message waiting, for subscription_next / unsubscribe
             subscription = host.call("subscribe", ("t",))
-            matcher, _ = host.call("grammar_create", (0, "regex", "a+"))
+            matcher, _ = await host.call("grammar_create", (0, "regex", "a+"))
             placeholders = {Q: queue, SUB: subscription, G: matcher}
             for name, sample in SAMPLE_ARGS.items():
                 call_args = tuple(
@@ -335,12 +337,33 @@ class GrammarCallTests(unittest.TestCase):
         reason = await owner.ended(instance_id)
         return reason, owner.messages(instance_id)
 
+    async def test_the_token_table_is_built_once_and_off_the_reactor(self):
+        """The model's first grammars wait for one build of its token table, on a pool
+        thread: the reactor (this test's thread) never runs it."""
+        built_on = []
+        table = self.model.tokenizer.token_table
+        self.model.tokenizer.token_table = lambda: (
+            built_on.append(threading.get_ident()),
+            table(),
+        )[1]
+
+        async def script(host, _):
+            first = host.call("grammar_create", (0, "regex", "a"))
+            second = host.call("grammar_create", (0, "regex", "b"))
+            host.call("send", (repr([(await first)[1], (await second)[1]]),))
+
+        reason, messages = await self.run_script(script)
+        self.assertEqual(reason, NORMAL_FINISH)
+        self.assertEqual(messages, ["['', '']"])
+        self.assertEqual(len(built_on), 1)
+        self.assertNotEqual(built_on[0], threading.get_ident())
+
     async def test_a_malformed_grammar_answers_the_library_message(self):
         async def script(host, _):
-            host.call("send", (repr(host.call("grammar_create", (0, "regex", "[a-"))),))
+            host.call("send", (repr(await host.call("grammar_create", (0, "regex", "[a-"))),))
             host.call(
                 "send",
-                (repr(host.call("grammar_create", (0, "json_schema", '{"type": "objec"}'))),),
+                (repr(await host.call("grammar_create", (0, "json_schema", '{"type": "objec"}'))),),
             )
 
         reason, messages = await self.run_script(script)
@@ -352,7 +375,7 @@ class GrammarCallTests(unittest.TestCase):
     async def test_generate_hands_the_matcher_to_the_service(self):
         async def script(host, _):
             queue = host.call("create_queue", (0,))
-            matcher, _ = host.call("grammar_create", (0, "regex", "ab"))
+            matcher, _ = await host.call("grammar_create", (0, "regex", "ab"))
             args = (queue, 1, [1], [3], [0], [2], 0.0, 0, 1.0, None, 3, [7], matcher)
             await host.call("generate", args)
             try:
@@ -369,10 +392,13 @@ class GrammarCallTests(unittest.TestCase):
 
     async def test_matchers_per_instance_are_bounded_and_dropped(self):
         async def script(host, _):
-            ids = [host.call("grammar_create", (0, "regex", "a"))[0] for _ in range(MAX_MATCHERS)]
-            host.call("send", (host.call("grammar_create", (0, "regex", "a"))[1],))
+            ids = [
+                (await host.call("grammar_create", (0, "regex", "a")))[0]
+                for _ in range(MAX_MATCHERS)
+            ]
+            host.call("send", ((await host.call("grammar_create", (0, "regex", "a")))[1],))
             host.call("grammar_drop", (ids[0],))
-            host.call("send", (str(host.call("grammar_create", (0, "regex", "a"))[0] > 0),))
+            host.call("send", (str((await host.call("grammar_create", (0, "regex", "a")))[0] > 0),))
 
         reason, messages = await self.run_script(script)
         self.assertEqual(reason, NORMAL_FINISH)

@@ -203,7 +203,7 @@ async def prepare(model, prompts, body, default_max, logprobs):
         if logprobs is not None:
             raise ApiError("logprobs cannot be combined with a JSON response_format", "logprobs")
         try:  # a malformed schema is the client's error, answered before anything runs
-            grammar.matcher(model).close()
+            (await grammar.matcher(model)).close()
         except GrammarError as e:
             raise ApiError(f"response_format: {e}", "response_format") from None
     runs, contexts, prompt_tokens = [], [], 0

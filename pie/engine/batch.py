@@ -18,6 +18,7 @@ plain causal attention for every new token.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from pie.interfaces import PieError
@@ -65,8 +66,17 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
-    allowed: bytes | None = None  # a grammar's packed bitmask over the vocabulary (bit i of
-    # byte i // 8 set = token i allowed; pie.runtime.grammar): masked out before sampling
+    allowed: bytes | Future | None = None  # a grammar's packed bitmask over the vocabulary
+    # (bit i of byte i // 8 set = token i allowed; pie.runtime.grammar): masked out before
+    # sampling. A Future (in-process workers) is still being computed on a host thread: the
+    # engine joins it after the forward pass, just before sampling (see `ready`).
+
+
+def ready(s: Sampling) -> Sampling:
+    """s with its mask computed (waiting for a Future), as sampling and the wire need it."""
+    if isinstance(s.allowed, Future):
+        return dataclasses.replace(s, allowed=s.allowed.result())
+    return s
 
 
 @dataclass
@@ -141,7 +151,15 @@ JOB_TYPES = {
 
 
 def to_wire(job) -> dict:
-    """A msgpack-ready dict of a job."""
+    """A msgpack-ready dict of a job (a mask still being computed is waited for: the wire
+    carries bytes)."""
+    if isinstance(job, Forward):
+        job = Forward(
+            [
+                dataclasses.replace(i, sampling=ready(i.sampling)) if i.sampling else i
+                for i in job.items
+            ]
+        )
     return {"job": type(job).__name__, "args": dataclasses.asdict(job)}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent import futures
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from pie.engine.batch import (
     WorkerInfo,
     check_sampling,
     context_len,
+    ready,
 )
 from pie.engine.cpu_path import usable_cores
 from pie.engine.llama import LlamaModel
@@ -177,6 +179,17 @@ class Engine:
     # ------------------------------------------------------------------ forward
 
     def forward(self, job: Forward) -> list[list]:
+        """The forward pass; grammar masks still being computed on host threads (Futures
+        in Sampling.allowed) are joined after it, just before sampling, so the two overlap.
+        They are joined even when the job fails: the host may use the matcher once the
+        answer arrives."""
+        try:
+            return self._forward(job)
+        finally:
+            pending = [i.sampling.allowed for i in job.items if i.sampling is not None]
+            futures.wait([m for m in pending if isinstance(m, futures.Future)])
+
+    def _forward(self, job: Forward) -> list[list]:
         prepared: list[_Prepared] = []
         row = 0
         for number, item in enumerate(job.items):
@@ -219,10 +232,10 @@ class Engine:
         dist_of = dict(zip(dist_rows, dists, strict=True))
         sampled_of: dict[int, int] = {}
         if sample_rows:
-            params = [p.sampling for p in prepared if p.sampling is not None for _ in p.return_rows]
-            ids = sample(
-                logits[len(dist_rows) :], params, positions[sample_rows].tolist(), self.generator
-            )
+            params = [
+                ready(p.sampling) for p in prepared if p.sampling is not None for _ in p.return_rows
+            ]
+            ids = sample(logits[len(dist_rows) :], params, self.generator)
             sampled_of = dict(zip(sample_rows, ids, strict=True))
         results = []
         for p in prepared:

@@ -5,8 +5,9 @@ first has every other token's logit set to -inf, over the full vocabulary, so
 greedy, temperature, top-k and top-p all draw only allowed tokens. Greedy
 rows then take one batched argmax. Other rows are sampled one by one:
 temperature, then top-k, then top-p (nucleus) filtering, then a draw. A row
-with a seed draws from a generator seeded by (seed, position), so a sequence
-is reproducible while every step still gets fresh randomness.
+with a seed draws by pie.engine.draw's counter-based race keyed by it (the
+service gives each step its own key), the draw the SDK's samplers make, so a
+seeded generation picks the same tokens on the fast path and in a guest.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 
 from pie.engine.batch import Sampling
+from pie.engine.draw import race
 
 
 def sample(
     logits: torch.Tensor,
     params: list[Sampling],
-    positions: list[int],
     generator: torch.Generator,
 ) -> list[int]:
     """One token id per row of logits [R, vocab]."""
@@ -31,7 +32,7 @@ def sample(
                 keep[row] = unpack_bits(s.allowed, logits.shape[-1])
         logits = logits.masked_fill(~torch.from_numpy(keep).to(logits.device), float("-inf"))
     chosen = logits.max(dim=-1).indices  # (faster than argmax on CPU bf16)
-    for row, (s, position) in enumerate(zip(params, positions, strict=True)):
+    for row, s in enumerate(params):
         if s.temperature <= 0:
             continue
         scores = logits[row].float() / s.temperature
@@ -44,11 +45,12 @@ def sample(
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
             sorted_probs = sorted_probs.masked_fill(before >= s.top_p, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        gen = generator
         if s.seed is not None:
-            gen = torch.Generator(device=logits.device)
-            gen.manual_seed(hash((s.seed, position)) & 0x7FFF_FFFF_FFFF_FFFF)
-        chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
+            candidates = torch.nonzero(probs > 0).flatten()
+            weights = probs[candidates].double().log().cpu().numpy()
+            chosen[row] = race(s.seed, candidates.cpu().numpy(), weights)
+        else:
+            chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return chosen.tolist()
 
 

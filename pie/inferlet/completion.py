@@ -95,7 +95,7 @@ class Completion:
 
     async def deltas(self) -> AsyncIterator[Delta]:
         if self.grammar is not None:
-            self._matcher = self.grammar.matcher(self.ctx.model)
+            self._matcher = await self.grammar.matcher(self.ctx.model)
         try:
             async for delta in self._deltas():
                 yield delta

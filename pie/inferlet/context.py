@@ -254,7 +254,7 @@ class Context:
                     "TopK or TopP, a Length bound and no attention mask (a custom sampler "
                     "can use Grammar.matcher(model) token by token)"
                 )
-            matcher = grammar if isinstance(grammar, Matcher) else grammar.matcher(self.model)
+            matcher = grammar if isinstance(grammar, Matcher) else await grammar.matcher(self.model)
             try:
                 generated = await self._generate_in_engine(engine, sampler, stop, matcher)
             finally:
@@ -314,6 +314,7 @@ class Context:
                 None if matcher is None else matcher.id,
             )  # fmt: skip
             out = [int(t) for t in out]
+            engine.drew(sampler, len(out))
             generated.extend(out)
             self.fill_tokens(out)
             self._commit(len(out) - 1)  # the engine forwarded all but the last

@@ -24,12 +24,14 @@ from pie.inferlet.sampling import (
     Greedy,
     Length,
     SamplerLike,
+    SeededSampler,
     StopLike,
     Temperature,
     TopK,
     TopP,
     Until,
     UntilAny,
+    race_key,
 )
 
 MAX_STEP = 256
@@ -47,11 +49,18 @@ class EnginePlan:
     stop_tokens: tuple[int, ...]  # a generation may end after one of these (checked in the guest)
 
     def sampling_args(self, sampler: SamplerLike) -> tuple[float, int, float, int | None]:
-        """(temperature, top_k, top_p, seed) of one host call; the seed comes from the
-        sampler's own random stream, so a seeded sampler stays reproducible."""
-        rng = getattr(sampler, "rng", None)
-        seed = rng.getrandbits(63) if self.temperature > 0 and rng is not None else None
-        return self.temperature, self.top_k, self.top_p, seed
+        """(temperature, top_k, top_p, seed) of one host call; the seed is the key of the
+        sampler's next draw (the engine keys step i with race_key(seed, i)), and the
+        caller advances the sampler by the tokens the call drew (`drew`)."""
+        if self.temperature <= 0 or not isinstance(sampler, SeededSampler):
+            return self.temperature, self.top_k, self.top_p, None
+        return self.temperature, self.top_k, self.top_p, race_key(sampler.seed, sampler.draws)
+
+    @staticmethod
+    def drew(sampler: SamplerLike, count: int) -> None:
+        """The host call drew `count` tokens with the sampler's stream."""
+        if isinstance(sampler, SeededSampler):
+            sampler.draws += count
 
 
 def plan(sampler: SamplerLike, stop: StopLike, dist_size: int) -> EnginePlan | None:

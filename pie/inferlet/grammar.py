@@ -8,7 +8,7 @@ state on the host over one model's vocabulary, when it is used:
 
 or token by token from a custom sampler:
 
-    m = g.matcher(model)
+    m = await g.matcher(model)    # the model's first grammar waits for its token table
     mask = m.allowed()            # bytes: bit i % 8 of byte i // 8 = token i allowed
     m.consume([token]); m.is_accepting(); m.rollback(1)
 """
@@ -57,19 +57,23 @@ class Grammar:
         """Exactly one of the strings."""
         return cls("choice", json.dumps(list(options)))
 
-    def matcher(self, model) -> Matcher:
-        """A fresh matcher over `model`'s vocabulary; GrammarError if it is malformed."""
-        return Matcher(model.service_id, self)
+    async def matcher(self, model) -> Matcher:
+        """A fresh matcher over `model`'s vocabulary; GrammarError if it is malformed. (An
+        async call: the model's first grammar waits while the host builds its token table.)"""
+        matcher_id, error = await _abi.call_async(
+            "grammar_create", model.service_id, self.kind, self.source
+        )
+        if not matcher_id:
+            raise GrammarError(error)
+        return Matcher(int(matcher_id), model.service_id, self)
 
 
 class Matcher:
-    """One grammar's parser state on the host (a host resource; `close` frees it)."""
+    """One grammar's parser state on the host (a host resource; `close` frees it).
+    Made by `await Grammar.matcher(model)`."""
 
-    def __init__(self, service_id: int, grammar: Grammar) -> None:
-        matcher_id, error = _abi.call("grammar_create", service_id, grammar.kind, grammar.source)
-        if not matcher_id:
-            raise GrammarError(error)
-        self.id = int(matcher_id)
+    def __init__(self, matcher_id: int, service_id: int, grammar: Grammar) -> None:
+        self.id = matcher_id
         self.service_id = service_id
         self.grammar = grammar
 

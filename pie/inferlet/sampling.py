@@ -8,8 +8,16 @@ watermark or a grammar constraint is just a Python function. Samplers get the
 *untempered* distribution (Pie PR #417: tempering before a custom sampler
 made the watermark a no-op).
 
-Randomness comes from `random.Random(seed)`: the sandbox has no OS entropy
-requirement and a seed makes runs reproducible.
+Randomness is a counter-based race, the same on the engine's fast path
+(pie.engine.draw) so a seeded sampler draws the same tokens on either path:
+draw n of a sampler seeded s has the key k = (s + n * GOLDEN) mod 2**64, token
+t gets u = (mix64((mix64(k) + t * GOLDEN) mod 2**64) >> 11 + 0.5) / 2**53
+(mix64: SplitMix64's finalizer), and the draw is the candidate with the
+largest log(weight) - log(-log(u)) (Gumbel-max: a draw in proportion to the
+weights). A token's noise depends only on (seed, n, token), so the fast
+path's draw over the full (masked) vocabulary and a custom sampler's draw
+over its top-k candidates pick the same token whenever the winner is among
+those candidates. An unseeded sampler takes a random seed.
 """
 
 from __future__ import annotations
@@ -39,16 +47,50 @@ def sample_with(sampler: SamplerLike, ids: Sequence[int], probs: Sequence[float]
     raise TypeError(f"not a sampler: {sampler!r} (need .sample(ids, probs) or a callable)")
 
 
-def _draw(rng: random.Random, ids: Sequence[int], weights: Sequence[float]) -> int:
-    total = sum(weights)
-    if total <= 0:
-        return int(ids[0])
-    point = rng.random() * total
+GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's finalizer over a 64-bit integer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def race_key(seed: int, draw: int) -> int:
+    """The key of draw number `draw` of a sampler seeded `seed` (see the module docstring)."""
+    return (seed + draw * GOLDEN) & _MASK64
+
+
+def race_uniform(key: int, token: int) -> float:
+    """Token's uniform number in (0, 1) for the draw with this key."""
+    return ((mix64((mix64(key) + token * GOLDEN) & _MASK64) >> 11) + 0.5) / 2.0**53
+
+
+def race(key: int, ids: Sequence[int], weights: Sequence[float]) -> int:
+    """The candidate with the largest log(weight) + Gumbel noise (weights need not sum to 1)."""
+    best, best_score = int(ids[0]), -math.inf
     for token, weight in zip(ids, weights, strict=True):
-        point -= weight
-        if point < 0:
-            return int(token)
-    return int(ids[len(ids) - 1])
+        if weight > 0:
+            score = math.log(weight) - math.log(-math.log(race_uniform(key, int(token))))
+            if score > best_score:
+                best, best_score = int(token), score
+    return best
+
+
+class SeededSampler:
+    """A sampler's random stream: a 64-bit seed and the number of draws made so far."""
+
+    def __init__(self, seed: object) -> None:
+        self.seed = seed if isinstance(seed, int) else random.Random(seed).getrandbits(64)
+        self.seed &= _MASK64
+        self.draws = 0
+
+    def _draw(self, ids: Sequence[int], weights: Sequence[float]) -> int:
+        key = race_key(self.seed, self.draws)
+        self.draws += 1
+        return race(key, ids, weights)
 
 
 class Greedy:
@@ -59,19 +101,19 @@ class Greedy:
         return int(ids[best])
 
 
-class Temperature:
+class Temperature(SeededSampler):
     """Reweight p -> p^(1/T) and draw; T = 0 is greedy."""
 
     def __init__(self, temperature: float, seed: int | None = None) -> None:
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
+        super().__init__(seed)
         self.temperature = temperature
-        self.rng = random.Random(seed)
 
     def sample(self, ids: Sequence[int], probs: Sequence[float]) -> int:
         if self.temperature == 0:
             return Greedy().sample(ids, probs)
-        return _draw(self.rng, ids, _tempered(probs, self.temperature))
+        return self._draw(ids, _tempered(probs, self.temperature))
 
 
 def _tempered(probs: Sequence[float], temperature: float) -> list[float]:
@@ -82,33 +124,33 @@ def _tempered(probs: Sequence[float], temperature: float) -> list[float]:
     return [math.exp(v - top) if v > -math.inf else 0.0 for v in logs]
 
 
-class TopK:
+class TopK(SeededSampler):
     """Draw among the k most probable tokens (after temperature)."""
 
     def __init__(self, k: int, temperature: float = 1.0, seed: int | None = None) -> None:
         if k < 1:
             raise ValueError("top-k needs k >= 1")
+        super().__init__(seed)
         self.k = k
         self.temperature = temperature
-        self.rng = random.Random(seed)
 
     def sample(self, ids: Sequence[int], probs: Sequence[float]) -> int:
         order = sorted(range(len(ids)), key=lambda i: -probs[i])[: self.k]
         kept = [probs[i] for i in order]
         if self.temperature == 0:
             return int(ids[order[0]])
-        return _draw(self.rng, [ids[i] for i in order], _tempered(kept, self.temperature))
+        return self._draw([ids[i] for i in order], _tempered(kept, self.temperature))
 
 
-class TopP:
+class TopP(SeededSampler):
     """Nucleus sampling: the smallest prefix of the sorted list with mass >= p."""
 
     def __init__(self, p: float, temperature: float = 1.0, seed: int | None = None) -> None:
         if not 0 < p <= 1:
             raise ValueError("top-p needs 0 < p <= 1")
+        super().__init__(seed)
         self.p = p
         self.temperature = temperature
-        self.rng = random.Random(seed)
 
     def sample(self, ids: Sequence[int], probs: Sequence[float]) -> int:
         order = sorted(range(len(ids)), key=lambda i: -probs[i])
@@ -123,18 +165,18 @@ class TopP:
         if self.temperature == 0:
             return int(ids[kept[0]])
         weights = _tempered([probs[i] for i in kept], self.temperature)
-        return _draw(self.rng, [ids[i] for i in kept], weights)
+        return self._draw([ids[i] for i in kept], weights)
 
 
-class Typical:
+class Typical(SeededSampler):
     """Locally typical sampling: keep tokens whose surprisal is closest to the
     entropy until `mass` of probability is covered, then draw."""
 
     def __init__(self, mass: float = 0.9, seed: int | None = None) -> None:
         if not 0 < mass <= 1:
             raise ValueError("typical sampling needs 0 < mass <= 1")
+        super().__init__(seed)
         self.mass = mass
-        self.rng = random.Random(seed)
 
     def sample(self, ids: Sequence[int], probs: Sequence[float]) -> int:
         total = sum(probs) or 1.0
@@ -151,7 +193,7 @@ class Typical:
             mass += norm[i]
             if mass >= self.mass:
                 break
-        return _draw(self.rng, [ids[i] for i in kept], [norm[i] for i in kept])
+        return self._draw([ids[i] for i in kept], [norm[i] for i in kept])
 
 
 # --------------------------------------------------------------------------- stop conditions

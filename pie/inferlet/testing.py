@@ -241,11 +241,10 @@ class FakeWorker:
             return [dist(row) for row in item.output_indices]
         s = item.sampling
         out = []
-        for row in item.output_indices:  # seeded by (seed, position), as pie.engine.sampling
-            ids, probs = dist(row)
+        for row in item.output_indices:  # a seed is the draw's race key (pie.engine.draw):
+            ids, probs = dist(row)  # a sampler's first draw is keyed by its seed itself
             cut = s.top_k or len(ids)
-            seed = None if s.seed is None else hash((s.seed, new[row][1]))
-            out.append(TopP(s.top_p, s.temperature, seed).sample(ids[:cut], probs[:cut]))
+            out.append(TopP(s.top_p, s.temperature, s.seed).sample(ids[:cut], probs[:cut]))
         return out
 
 

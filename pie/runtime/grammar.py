@@ -13,6 +13,11 @@ full-vocabulary logits: little-endian 32-bit words, bit i of the whole byte
 string (byte i // 8, bit i % 8) set when token i is allowed. It is plain
 bytes so it travels in a pie.engine.batch job like any other field.
 
+On the fast path a step's mask is computed on a grammar thread
+(`Matcher.allowed_soon`) while the engine runs that step's forward pass:
+llguidance releases the GIL while it computes a mask (compute_bitmask runs in
+py.allow_threads), and the engine joins the mask only before sampling.
+
 Why llguidance (see docs/grammar.md): abi3 wheels (one wheel for every
 CPython), no torch dependency (the runtime must not import torch), masks in
 tens of microseconds for JSON, Lark and regex grammars alike, and
@@ -22,7 +27,9 @@ tens of microseconds for JSON, Lark and regex grammars alike, and
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 
@@ -40,6 +47,19 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 """JSON is written as json.dumps writes it: llguidance's default lets whitespace run freely
 between tokens, and a sampled model can fill its whole budget with newlines. A schema's own
 "x-guidance" options override these."""
+
+
+MASK_THREADS = min(4, os.cpu_count() or 1)
+"""Threads that compute fast-path masks (a batch's matchers compute side by side)."""
+
+_mask_pool: ThreadPoolExecutor | None = None
+
+
+def _masks() -> ThreadPoolExecutor:
+    global _mask_pool
+    if _mask_pool is None:
+        _mask_pool = ThreadPoolExecutor(MASK_THREADS, thread_name_prefix="pie-grammar")
+    return _mask_pool
 
 
 class GrammarError(PieError):
@@ -148,21 +168,51 @@ class _Encoder:
 
 
 class Matcher:
-    """One grammar's parser state over one vocabulary."""
+    """One grammar's parser state over one vocabulary.
+
+    At most one mask computation is in flight (`allowed_soon`); every other
+    method waits for it first, so the matcher is never used from two threads
+    at once and a consumed token is always applied before the next mask is
+    computed (and after the mask it is checked against).
+    """
 
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int) -> None:
         self._inner = inner
         self.vocab_size = vocab_size
         self._width = mask_bytes(vocab_size)
         self._mask: bytes | None = None  # the current step's, until the state changes
+        self._pending: Future | None = None  # the mask being computed on a grammar thread
         self._consumed = 0  # tokens consumed and not rolled back
 
     def allowed(self) -> bytes:
         """The packed bitmask of the tokens that may come next (see the module docstring)."""
+        self._join()
         if self._mask is None:
-            # (llguidance rounds its buffer up by a word; the wire form is exact)
-            self._mask = self._inner.compute_bitmask()[: self._width]
+            self._compute()
         return self._mask
+
+    def allowed_soon(self) -> Future:
+        """allowed() as a Future, computed on a grammar thread: the fast path hands it to
+        the engine with the step's forward pass, which joins it before sampling. In that
+        flow the engine has joined it before its answer reaches the reactor, so the next
+        call here does not wait."""
+        self._join()
+        if self._mask is not None:
+            ready: Future = Future()
+            ready.set_result(self._mask)
+            return ready
+        self._pending = _masks().submit(self._compute)
+        return self._pending
+
+    def _compute(self) -> bytes:
+        # (llguidance rounds its buffer up by a word; the wire form is exact)
+        self._mask = self._inner.compute_bitmask()[: self._width]
+        return self._mask
+
+    def _join(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def consume(self, tokens: Sequence[int]) -> bool:
         """Advance over tokens; False if one is not allowed (those before it stay consumed).
@@ -181,15 +231,18 @@ class Matcher:
 
     def is_accepting(self) -> bool:
         """The text so far is a complete match (the grammar may end here)."""
+        self._join()
         return self._inner.is_accepting()
 
     def is_stopped(self) -> bool:
         """Nothing more may follow (the end-of-sequence token was consumed, or the
         grammar cannot go on)."""
+        self._join()
         return self._inner.is_stopped()
 
     def rollback(self, count: int) -> None:
         """Undo the last `count` consumed tokens (a rejected speculative path)."""
+        self._join()
         if count > self._consumed:
             raise GrammarError(f"cannot roll back {count} tokens: {self._consumed} were consumed")
         self._mask = None
@@ -199,6 +252,7 @@ class Matcher:
 
     def error(self) -> str:
         """The matcher's error, '' if none."""
+        self._join()
         return self._inner.get_error()
 
 

@@ -27,7 +27,9 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 import pie
 from pie.interfaces import IBackpressure, IModelService, InstanceFault, PieError
@@ -82,6 +84,7 @@ class HostApi:
         self.clock: Callable[[], float] = time.monotonic
         """Seconds that time_ms reads: monotonic (pie.inferlet.testing puts its virtual clock here)."""
         self._grammar_vocabs: dict[int, grammar.Vocabulary] = {}  # by service id
+        self._grammar_builds: dict[int, list[Deferred]] = {}  # tables being built: waiters
         self._matcher_ids = itertools.count(1)
         for name in HOST_CALLS:
             if name in MODEL_COMMANDS:
@@ -233,16 +236,46 @@ class HostApi:
 
     def _grammar_create(
         self, instance: Instance, service_id: int, kind: str, source: str
-    ) -> tuple[int, str]:
+    ) -> Deferred:
         """A matcher, or (0, why). The first grammar of a model builds its token table
-        (about 0.1 s on the reactor; cached for the daemon's life)."""
+        (about 0.1 s) on a reactor pool thread, never on the reactor; it is cached for the
+        daemon's life, and calls made while it is built wait for the same build."""
         service = self._service(service_id)
+        return self._grammar_vocab(service).addCallback(
+            self._new_matcher, instance, service_id, kind, source
+        )
+
+    def _grammar_vocab(self, service: IModelService) -> Deferred:
+        service_id = service.service_id
+        if service_id in self._grammar_vocabs:
+            return succeed(self._grammar_vocabs[service_id])
+        waiter: Deferred = Deferred()
+        waiters = self._grammar_builds.get(service_id)
+        if waiters is None:
+            waiters = self._grammar_builds[service_id] = []
+            reactor = self._runtime.reactor
+            size = self._vocab_size(service)
+            build = deferToThreadPool(
+                reactor, reactor.getThreadPool(), grammar.Vocabulary, service.tokenizer, size
+            )
+            build.addBoth(self._grammar_vocab_built, service_id)
+        waiters.append(waiter)
+        return waiter
+
+    def _grammar_vocab_built(self, result: object, service_id: int) -> None:
+        if not isinstance(result, Failure):  # (a failed build is tried again next time)
+            self._grammar_vocabs[service_id] = result
+        for waiter in self._grammar_builds.pop(service_id):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def _new_matcher(
+        self, vocab: grammar.Vocabulary, instance: Instance, service_id: int, kind: str, source: str
+    ) -> tuple[int, str]:
         if len(instance.grammars) >= grammar.MAX_MATCHERS:
             return 0, f"this instance already holds {grammar.MAX_MATCHERS} grammar matchers"
-        vocab = self._grammar_vocabs.get(service_id)
-        if vocab is None:
-            vocab = grammar.Vocabulary(service.tokenizer, self._vocab_size(service))
-            self._grammar_vocabs[service_id] = vocab
         try:
             matcher = vocab.matcher(kind, source)
         except grammar.GrammarError as e:

@@ -198,8 +198,9 @@ HOST_CALLS: dict[str, HostCall] = {
             "grammar_create",
             "service: u32; kind: string; source: string",
             "tuple<u32, string>",
-            "sync",
-            "A matcher over the model's vocabulary for a grammar: kind json_schema (source: "
+            "async",
+            "A matcher over the model's vocabulary for a grammar (the model's first one waits "
+            "while its token table is built, off the reactor): kind json_schema (source: "
             "the schema), json (any object; source ignored), regex, lark or choice (source: a "
             "JSON list of strings). (matcher id, '') or (0, the library's message) if the "
             "grammar is malformed or the instance holds too many matchers.",

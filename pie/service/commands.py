@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -25,6 +26,7 @@ from pie.engine.batch import (
     Query,
     Sampling,
 )
+from pie.engine.draw import race_key
 from pie.interfaces import InstanceFault
 from pie.service.scheduler import Command, Sync
 
@@ -33,7 +35,7 @@ class GrammarMatcher(Protocol):
     """What a constrained Generate needs of a grammar (pie.runtime.grammar.Matcher);
     the service stays free of any grammar library."""
 
-    def allowed(self) -> bytes: ...
+    def allowed_soon(self) -> Future: ...  # of the packed bitmask, computed off the reactor
 
     def consume(self, tokens: Sequence[int]) -> bool: ...
 
@@ -190,10 +192,15 @@ class Generate(Command):
     holds_queue: bool = field(default=True, kw_only=True)
 
     def step_sampling(self) -> Sampling:
-        """This step's sampling: with a grammar, its mask of the tokens allowed now."""
+        """This step's sampling: with a grammar, its mask of the tokens allowed now, as a
+        Future that a grammar thread fills while the engine runs the step's forward pass
+        (the token sampled last step was consumed, in `advance`, before this is called)."""
+        sampling = self.sampling
+        if sampling.seed is not None:  # the race's key of this step (pie.engine.draw)
+            sampling = dataclasses.replace(sampling, seed=race_key(sampling.seed, len(self.out)))
         if self.grammar is None:
-            return self.sampling
-        return dataclasses.replace(self.sampling, allowed=self.grammar.allowed())
+            return sampling
+        return dataclasses.replace(sampling, allowed=self.grammar.allowed_soon())
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the generation is done."""

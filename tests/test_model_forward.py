@@ -111,6 +111,29 @@ class ForwardMatchesHuggingFace(TestCase_):
             self.assertSameDistribution(out_a[0], hf_probs(self.ref, a)[-1], self.vocab)
             self.assertSameDistribution(out_b[0], hf_probs(self.ref, b)[-1], self.vocab)
 
+    def test_single_sequence_decode_on_a_run_of_pages_and_on_shuffled_pages(self):
+        """One sequence decoded alone: on consecutive pages attention reads views of the
+        cache for every layer at once, on shuffled pages it gathers them; both equal HF at
+        every step, across page boundaries, also with a prefill item in the same batch."""
+        for pages in ([3, 4, 5], [12, 1, 7]):
+            eng = engine(self.loaded)
+            toks = self.tokens(14)
+            eng.run(Forward([item(pages[:1], 14, toks, range(14))]))
+            other = self.tokens(5)
+            for step in range(22):
+                toks.append(self.rng.randrange(self.vocab))
+                used = pages[: (len(toks) + PS - 1) // PS]
+                decode = item(used, len(toks), toks[-1:], [len(toks) - 1], output_indices=[0])
+                batch = [decode]
+                if step == 10:  # a prompt arrives meanwhile
+                    batch.append(item([20], 5, other, range(5), output_indices=[4]))
+                outs = eng.run(Forward(batch))
+                self.assertSameDistribution(outs[0][0], hf_probs(self.ref, toks)[-1], self.vocab)
+                if step == 10:
+                    self.assertSameDistribution(
+                        outs[1][0], hf_probs(self.ref, other)[-1], self.vocab
+                    )
+
     def test_many_prompts_in_one_pass(self):
         """Similar prompts share a padded attention call, a long one goes alone: all equal HF."""
         eng = engine(self.loaded)

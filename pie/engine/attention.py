@@ -65,6 +65,8 @@ class AttentionPlan:
     # are consecutive (attention then reads a view of the cache, no gather, no mask)
     single_len: int | None = None
     single_first_page: int | None = None
+    # the views of that run of pages, every layer (made by the first layer that attends)
+    single_run: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def causal_mask(context_len: int, num_new: int) -> np.ndarray:
@@ -266,11 +268,14 @@ def _decode(
 ) -> torch.Tensor:
     b, heads, dim = q.shape
     if plan.single_first_page is not None:
-        k, v = cache.page_run(layer, plan.single_first_page, plan.decode_pages.shape[1])
+        if plan.single_run is None:
+            pages = plan.decode_pages.shape[1]
+            plan.single_run = cache.page_run(plan.single_first_page, pages, plan.single_len)
+        k, v = plan.single_run[0][layer, :, None], plan.single_run[1][layer, :, None]
     else:
         k, v = cache.gather_pages(layer, plan.decode_pages)  # [kv_heads, B, T, dim]
-    if plan.single_len is not None:
-        k, v = k[:, :, : plan.single_len], v[:, :, : plan.single_len]
+        if plan.single_len is not None:
+            k, v = k[:, :, : plan.single_len], v[:, :, : plan.single_len]
     kv_heads = k.shape[0]
     qg = q.view(b, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, B, group, dim]
     if softcap is not None:

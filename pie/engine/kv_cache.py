@@ -79,13 +79,15 @@ class KvCache:
         heads, dim = k.shape[0], k.shape[-1]
         return k.view(heads, b, p * self.page_size, dim), v.view(heads, b, p * self.page_size, dim)
 
-    def page_run(self, layer: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of pages first .. first+count-1 as [heads, 1, count*page_size, dim] views."""
-        shape = (self.k.shape[1], 1, count * self.page_size, self.k.shape[-1])
+    def page_run(self, first: int, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `length` slots of pages first .. first+count-1, every layer,
+        as [layers, heads, length, dim] views (no copy: a head's pages are adjacent)."""
+        layers, heads, _, ps, dim = self.k.shape
+        shape = (layers, heads, count * ps, dim)
         end = first + count
-        return self.k[layer, :, first:end].reshape(shape), self.v[layer, :, first:end].reshape(
-            shape
-        )
+        k = self.k[:, :, first:end].reshape(shape)[:, :, :length]
+        v = self.v[:, :, first:end].reshape(shape)[:, :, :length]
+        return k, v
 
     def record(self, flat_slots: np.ndarray, positions: np.ndarray) -> None:
         """Note the positions of freshly written slots (they become valid)."""

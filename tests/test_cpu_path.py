@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from pie.engine import cpu_path
 from pie.engine.cpu_path import CpuPath, choose_cpu_path
 from pie.engine.engine import create_engine
-from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, Q8_0Rows, RescoredHead, parse_q8_0
+from pie.engine.quant import Int4OrDenseLinear, Int8Groups, Q4_1Weight, RescoredHead, parse_q8_0
 from tests.model_fixtures import tiny_model
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -141,7 +141,7 @@ class EngineTests(TestCase):
         float32 = self.engine(AVX512_BF16)
         self.loaded.rows[name] = parse_q8_0(raw, *dense.shape)
         by_rows, avx2 = self.engine(AVX512_BF16), self.engine(AVX2)
-        self.assertIsInstance(by_rows.model.embed, Q8_0Rows)
+        self.assertIsInstance(by_rows.model.embed, Int8Groups)
         self.assertIsInstance(avx2.model.embed, torch.Tensor, "its dense head needs all of it")
         tokens = torch.tensor([[1, 5], [7, 319]])
         self.assertTrue(torch.equal(by_rows.model.embed[tokens], dense[tokens]))

@@ -1,4 +1,5 @@
-"""Linear layers: dense weights, or GGUF Q4_1/Q4_K blocks run by torch's CPU int4 kernel.
+"""Linear layers: dense weights, or GGUF Q4_1/Q4_K blocks run by an int4 CPU kernel
+(pie's float32 one, pie.engine.cpu_kernels, where it builds; else torch's).
 
 Why int4: on a CPU a decode step is bound by the matmul kernels, and Q4_1
 maps *losslessly* onto `aten._weight_int4pack_mm_for_cpu`: Q4_1 stores
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pie.engine import cpu_kernels
+from pie.engine.cpu_kernels import Int4Packed
 
 Q4_1_GROUP = 32
 
@@ -163,12 +167,23 @@ class DenseLinear:
 
 
 class Int4Linear:
-    """y = x @ W^T with W packed for torch's CPU int4 weight-only kernel (bf16 activations)."""
+    """y = x @ W^T with W kept at 4 bits: pie's float32-activation kernel where it runs
+    (pie.engine.cpu_kernels: exact float32 arithmetic on the file's q, d and m), else
+    packed for torch's CPU int4 weight-only kernel (bf16 inputs, outputs and scales)."""
 
     def __init__(self, weight: Q4_1Weight, dtype: torch.dtype):
         out, inp = weight.shape
         if inp % Q4_1_GROUP:
             raise ValueError(f"int4 weights need in_features divisible by 32, got {inp}")
+        self.out_features = out
+        self.fp32: Int4Packed | None = None
+        if cpu_kernels.available():  # one packed copy: bf16 activations widen to it too
+            self.fp32 = Int4Packed.from_q4_1(
+                torch.from_numpy(weight.q), torch.from_numpy(weight.d), torch.from_numpy(weight.m)
+            )
+            self.kernel = "int4-fp32"
+            return
+        self.kernel = "int4"
         q = torch.from_numpy(weight.q.astype(np.int32))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         scale = torch.from_numpy(weight.d)
@@ -177,9 +192,12 @@ class Int4Linear:
         self.scales_zeros = (
             torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
         )
-        self.out_features = out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 is not None:
+            if x.dtype == torch.float32:
+                return self.fp32.matmul(x)
+            return self.fp32.matmul(x.to(torch.float32)).to(x.dtype)
         if x.dtype == self.scales_zeros.dtype:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, Q4_1_GROUP, self.scales_zeros
@@ -228,6 +246,11 @@ class Int4OrDenseLinear:
             return self.dense(x)
         y = self.int4(x)
         return y if self.dense.bias is None else y + self.dense.bias
+
+
+def int4_kernel_name() -> str:
+    """What Int4Linear runs on this machine: "int4-fp32" (pie's kernel) or "int4" (torch's)."""
+    return "int4-fp32" if cpu_kernels.available() else "int4"
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:

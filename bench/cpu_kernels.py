@@ -54,7 +54,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for name, (n, k) in SHAPES.items():
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        d, m = torch.rand(n, k // 32, generator=g) / 100, torch.randn(n, k // 32, generator=g) / 100
+        # float16 scales, as in a Q4_1 file (packed as float16)
+        d = (torch.rand(n, k // 32, generator=g) / 100).half().float()
+        m = (torch.randn(n, k // 32, generator=g) / 100).half().float()
         w = cpu_kernels.int4_group_matmul(torch.eye(k), q, d, m).T.contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         sz = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().bfloat16()

@@ -36,6 +36,7 @@ from pie.engine.quant import (
     Int8GroupLinear,
     Int8Groups,
     Q4_1Weight,
+    int4_kernel_name,
     int4_supported,
     quantized_head,
 )
@@ -554,8 +555,8 @@ class LlamaModel:
         """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""
         return {
             "dtype": str(self.dtype).removeprefix("torch."),
-            "weight_kernel": "int4" if self.int4 else "dense",
-            "head": "int4" if isinstance(self.head, Int4OrDenseLinear) else "dense",
+            "weight_kernel": int4_kernel_name() if self.int4 else "dense",
+            "head": int4_kernel_name() if isinstance(self.head, Int4OrDenseLinear) else "dense",
             "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
         }
 

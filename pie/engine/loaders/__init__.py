@@ -80,7 +80,10 @@ def resolve_dtype(
 
 def auto_cpu_path(quantized: bool) -> CpuPath:
     """The CPU path `dtype auto` takes on this machine for a model with or without Q4_1 weights."""
-    return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works())
+    from pie.engine import cpu_kernels
+
+    fp32_kernels = quantized and cpu_kernels.available()
+    return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works(), fp32_kernels)
 
 
 def model_name_for(path: str) -> str:

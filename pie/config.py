@@ -93,6 +93,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("device", "auto", str, "Torch device for the model worker (auto, cpu, cuda, cuda:1)."),
     Setting("dtype", "auto", str, "Torch dtype of the weights (auto, float32, bfloat16, float16)."),
+    Setting(
+        "cpu_kernels",
+        "auto",
+        str,
+        "pie's compiled float32-activation CPU kernels (auto: built with gcc at first use; off).",
+    ),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting(
         "num_pages",

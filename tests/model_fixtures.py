@@ -139,20 +139,32 @@ GEMMA2_GGUF_PARTS = GGUF_PARTS | {
 }
 
 
-def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Q4_K blocks for a [rows, cols] weight: random nibbles and 6-bit scales/mins, small
-    fp16 super-block scales (gguf has no Q4_K quantizer to make them from weights)."""
+# bytes per K-quant super-block of 256, and where its fp16 super-block scales lie
+K_BLOCKS = {Q.Q4_K: (144, slice(0, 4)), Q.Q5_K: (176, slice(0, 4)), Q.Q6_K: (210, slice(208, 210))}
+
+
+def random_k_quant(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """K-quant blocks for a [rows, cols] weight: random quants and sub-block scales, small fp16
+    super-block scales (gguf has no K-quant quantizer to make them from weights)."""
+    size, scales = K_BLOCKS[qtype]
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
-    scale = rng.uniform(0.001, 0.01, size=(blocks.shape[0], 2)).astype(np.float16)
-    blocks[:, 0:4] = scale.view(np.uint8)
-    return blocks.reshape(rows, cols // 256 * 144)
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.01, size=(blocks.shape[0], (scales.stop - scales.start) // 2))
+    blocks[:, scales] = d.astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, cols // 256 * size)
 
 
-def write_gguf(path: str, source: LoadedModel, arch: str = "llama", mlp: Q = Q.Q4_1) -> None:
+def random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    return random_k_quant(Q.Q4_K, rows, cols, seed)
+
+
+def write_gguf(
+    path: str, source: LoadedModel, arch: str = "llama", mlp: Q | dict[str, Q] = Q.Q4_1
+) -> None:
     """The safetensors model `source` as llama.cpp's converter writes it for `arch`
-    ("llama" or "gemma2"): F32 norms/embeddings/attention, the MLP in Q4_1 (quantized
-    from the weights) or Q4_K (random blocks in place of the weights)."""
+    ("llama" or "gemma2"): F32 norms/embeddings/attention, the MLP in `mlp` (or per part:
+    {"mlp.gate_proj": ..., ...}): quantized from the weights (Q4_1, Q5_0, Q8_0) or
+    K-quants (random blocks in place of the weights)."""
     c, tok = source.config, source.tokenizer
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
@@ -198,10 +210,12 @@ def write_gguf(path: str, source: LoadedModel, arch: str = "llama", mlp: Q = Q.Q
             array = permute(array, c.num_attention_heads)
         elif arch == "llama" and part == "self_attn.k_proj":
             array = permute(array, c.num_key_value_heads)
-        if part.startswith("mlp.") and mlp == Q.Q4_K:
-            writer.add_tensor(target, random_q4_k(*array.shape, seed=len(target)), raw_dtype=mlp)
+        qtype = mlp.get(part, Q.Q4_1) if isinstance(mlp, dict) else mlp
+        if part.startswith("mlp.") and qtype in K_BLOCKS:
+            blocks = random_k_quant(qtype, *array.shape, seed=len(target))
+            writer.add_tensor(target, blocks, raw_dtype=qtype)
         elif part.startswith("mlp."):
-            writer.add_tensor(target, quantize(array, Q.Q4_1), raw_dtype=Q.Q4_1)
+            writer.add_tensor(target, quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(target, array)
     writer.write_header_to_file()

@@ -49,18 +49,43 @@ def corpus_and_reference():
         except PieError as e:
             raise SkipTest(f"SmolLM2 is not in the model cache ({e})") from None
         loaded = load_model(path, dtype="float32")
-        texts = []
-        for name in sorted(glob.glob(os.path.join(CORPUS, "*"))):
-            with open(name, encoding="utf-8") as f:
-                texts.append(loaded.tokenizer.tokenize(f.read())[:TOKENS_PER_TEXT])
+        texts = corpus_text_ids(loaded.tokenizer)
         fp32 = create_engine(loaded, device="cpu", dtype="float32", num_pages=len(texts) * 32)
         _CACHE.update(loaded=loaded, texts=texts, reference=corpus_logprobs(fp32, texts, 210))
     return _CACHE["loaded"], _CACHE["texts"], _CACHE["reference"]
 
 
-def corpus_logprobs(engine: Engine, texts: list[list[int]], step: int) -> torch.Tensor:
-    """[positions, vocab] fp32 log-probs of each text's next token, `step` new tokens per text
-    per forward (all texts in one batch), as the model returns them before sampling."""
+def corpus_text_ids(tokenizer, bos: int | None = None) -> list[list[int]]:
+    """The first TOKENS_PER_TEXT token ids of each corpus text (after `bos`, where given)."""
+    texts = []
+    for name in sorted(glob.glob(os.path.join(CORPUS, "*"))):
+        with open(name, encoding="utf-8") as f:
+            ids = ([] if bos is None else [bos]) + tokenizer.tokenize(f.read())
+        texts.append(ids[:TOKENS_PER_TEXT])
+    return texts
+
+
+def corpus_items(texts: list[list[int]], start: int, step: int) -> list[ForwardItem]:
+    """Tokens start..start+step of every text (text i on its own pages), a row for each."""
+    pages_per_text = (TOKENS_PER_TEXT + PS - 1) // PS
+    items = []
+    for i, ids in enumerate(texts):
+        end = min(start + step, len(ids))
+        pages = list(range(i * pages_per_text, i * pages_per_text + (end + PS - 1) // PS))
+        items.append(
+            ForwardItem(
+                pages=pages,
+                last_page_len=end - PS * (len(pages) - 1),
+                positions=list(range(start, end)),
+                tokens=ids[start:end],
+                output_indices=list(range(end - start)),
+            )
+        )
+    return items
+
+
+def forward_logits(engine: Engine, items: list[ForwardItem]) -> list[torch.Tensor]:
+    """Each item's float32 logits from one forward, as the model returns them before sampling."""
     captured: list[torch.Tensor] = []
     forward = engine.model.forward
 
@@ -70,47 +95,52 @@ def corpus_logprobs(engine: Engine, texts: list[list[int]], step: int) -> torch.
         return logits
 
     engine.model.forward = spy
-    pages_per_text = (TOKENS_PER_TEXT + PS - 1) // PS
+    try:
+        engine.run(Forward(items))
+    finally:
+        engine.model.forward = forward
+    [logits] = captured
+    return list(logits.split([len(item.tokens) for item in items]))
+
+
+def corpus_logprobs(engine: Engine, texts: list[list[int]], step: int) -> torch.Tensor:
+    """[positions, vocab] fp32 log-probs of each text's next token, `step` new tokens per text
+    per forward (all texts in one batch)."""
     per_text: list[list[torch.Tensor]] = [[] for _ in texts]
     for start in range(0, TOKENS_PER_TEXT, step):
-        items = []
-        for i, ids in enumerate(texts):
-            end = min(start + step, len(ids))
-            pages = list(range(i * pages_per_text, i * pages_per_text + (end + PS - 1) // PS))
-            items.append(
-                ForwardItem(
-                    pages=pages,
-                    last_page_len=end - PS * (len(pages) - 1),
-                    positions=list(range(start, end)),
-                    tokens=ids[start:end],
-                    output_indices=list(range(end - start)),
-                )
-            )
-        captured.clear()
-        engine.run(Forward(items))
-        [logits] = captured
-        row = 0
-        for i, item in enumerate(items):
-            per_text[i].append(logits[row : row + len(item.tokens)])
-            row += len(item.tokens)
-    engine.model.forward = forward
+        for i, logits in enumerate(forward_logits(engine, corpus_items(texts, start, step))):
+            per_text[i].append(logits)
     return torch.log_softmax(torch.cat([t for parts in per_text for t in parts]), dim=-1)
 
 
-def compare(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+def position_stats(reference: torch.Tensor, got: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per position: KL(reference || got), top-1 agreement, whether the reference's top token
+    leads clearly, and the error of got's log-prob of that token (inputs: log-probs)."""
     kl = (reference.exp() * (reference - got)).sum(dim=-1).clamp_min(0)
     top = reference.argmax(dim=-1, keepdim=True)
-    agree = got.argmax(dim=-1) == top[:, 0]
     first, second = reference.exp().topk(2, dim=-1).values.unbind(-1)
-    clear = first - second >= CLEAR_LEAD
+    return {
+        "kl": kl,
+        "agree": got.argmax(dim=-1) == top[:, 0],
+        "clear": first - second >= CLEAR_LEAD,
+        "top_err": (reference.gather(1, top) - got.gather(1, top)).abs()[:, 0],
+    }
+
+
+def summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    agree, clear, kl = stats["agree"], stats["clear"], stats["kl"]
     return {
         "agree": agree.float().mean().item(),
         "agree_where_clear": agree[clear].float().mean().item(),
         "clear": clear.float().mean().item(),
         "mean_kl": kl.mean().item(),
         "p99_kl": kl.quantile(0.99).item(),
-        "max_top_logprob_err": (reference.gather(1, top) - got.gather(1, top)).abs().max().item(),
+        "max_top_logprob_err": stats["top_err"].max().item(),
     }
+
+
+def compare(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    return summarise(position_stats(reference, got))
 
 
 class DefaultPathAccuracyTests(TestCase):

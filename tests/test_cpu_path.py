@@ -8,12 +8,19 @@ from unittest import mock
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from pie.engine import cpu_path
+from pie.engine import cpu_kernels, cpu_path
 from pie.engine.cpu_path import CpuPath, choose_cpu_path
 from pie.engine.engine import create_engine
-from pie.engine.quant import Int4OrDenseLinear, Q4_1Weight, Q8_0Rows, RescoredHead, parse_q8_0
+from pie.engine.quant import (
+    Int4OrDenseLinear,
+    Int8Groups,
+    Q4_1Weight,
+    RescoredHead,
+    int4_kernel_name,
+    parse_q8_0,
+)
 from tests.model_fixtures import tiny_model
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -27,6 +34,13 @@ class ChoiceTests(TestCase):
         for flags in (AVX2, AVX512, AVX512_BF16, AMX):
             path = choose_cpu_path(flags, quantized=True, int4_bf16_works=True)
             self.assertEqual((path.dtype, path.weight_kernel), (torch.float32, "int4"))
+
+    def test_pies_fp32_kernels_take_the_int4_layers_where_they_build(self):
+        for flags in (AVX2, AVX512, AVX512_BF16, AMX):
+            for torch_int4 in (True, False):
+                path = choose_cpu_path(flags, True, torch_int4, fp32_kernels=True)
+                self.assertEqual((path.dtype, path.weight_kernel), (torch.float32, "int4-fp32"))
+        self.assertEqual(choose_cpu_path(AVX2, False, True, True).weight_kernel, "dense")
 
     def test_many_row_gemms_in_bf16_only_where_the_cpu_has_it(self):
         for flags, dense in (
@@ -80,12 +94,13 @@ class EngineTests(TestCase):
 
     def test_avx2_runs_int4_and_fp32_prefill_gemms(self):
         engine = self.engine(AVX2)
+        kernel = int4_kernel_name()  # "int4-fp32" where pie's kernels build
         self.assertEqual(
             engine.info.compute,
             {
                 "dtype": "float32",
-                "weight_kernel": "int4",
-                "head": "int4",
+                "weight_kernel": kernel,
+                "head": kernel,
                 "dense_dtype": "float32",
                 "threads": str(cpu_path.usable_cores()),
             },
@@ -93,6 +108,23 @@ class EngineTests(TestCase):
         self.assertIs(engine.model.head.dense.weight, engine.model.embed)
         self.assertEqual(engine.model.embed.dtype, torch.float32)
         self.assertEqual(engine.model.layers[0].qkv.dense.weight.dtype, torch.float32)
+
+    def test_without_pies_kernels_torchs_int4_runs_and_is_reported(self):
+        with mock.patch.object(cpu_kernels, "available", return_value=False):
+            engine = self.engine(AVX2)
+        compute = engine.info.compute
+        self.assertEqual((compute["weight_kernel"], compute["head"]), ("int4", "int4"))
+        self.assertIsNone(engine.model.layers[0].qkv.int4.fp32)
+
+    def test_with_pies_kernels_few_rows_are_the_exact_float32_product(self):
+        if not cpu_kernels.available():
+            raise SkipTest("no compiled kernels here")
+        engine = self.engine(AVX2)
+        self.assertEqual(engine.info.compute["weight_kernel"], "int4-fp32")
+        name = "model.layers.0.mlp.down_proj.weight"
+        x = torch.randn(3, self.loaded.weights[name].shape[1])
+        want = x @ self.loaded.weights[name].T
+        torch.testing.assert_close(engine.model.layers[0].down(x), want, rtol=1e-5, atol=1e-5)
 
     def test_native_bf16_keeps_bf16_dense_copies(self):
         engine = self.engine(AVX512_BF16)
@@ -141,7 +173,7 @@ class EngineTests(TestCase):
         float32 = self.engine(AVX512_BF16)
         self.loaded.rows[name] = parse_q8_0(raw, *dense.shape)
         by_rows, avx2 = self.engine(AVX512_BF16), self.engine(AVX2)
-        self.assertIsInstance(by_rows.model.embed, Q8_0Rows)
+        self.assertIsInstance(by_rows.model.embed, Int8Groups)
         self.assertIsInstance(avx2.model.embed, torch.Tensor, "its dense head needs all of it")
         tokens = torch.tensor([[1, 5], [7, 319]])
         self.assertTrue(torch.equal(by_rows.model.embed[tokens], dense[tokens]))

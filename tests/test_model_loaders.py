@@ -5,22 +5,42 @@ from __future__ import annotations
 
 import os
 import tempfile
+from unittest import mock
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 from twisted.trial.unittest import TestCase
 
+from pie.engine import cpu_kernels
 from pie.engine.batch import Forward, ForwardItem
 from pie.engine.engine import create_engine
 from pie.engine.hf_reference import hf_model
 from pie.engine.loaders import load_model
-from pie.engine.quant import Int4Linear, parse_q4_k
+from pie.engine.quant import (
+    DenseLinear,
+    Int4Linear,
+    Int4OrDenseLinear,
+    Int8GroupLinear,
+    Int8Groups,
+    parse_q4_k,
+    parse_q5_0,
+    parse_q5_k,
+    parse_q6_k,
+    parse_q8_0,
+)
 from pie.interfaces import IModelLoader, PieError
 from pie.runtime.chat_template import render_for
 from pie.service.servicetypes import model_loaders
-from tests.model_fixtures import dense, hf_probs, random_q4_k, write_gguf, write_tiny_model
+from tests.model_fixtures import (
+    dense,
+    hf_probs,
+    random_k_quant,
+    random_q4_k,
+    write_gguf,
+    write_tiny_model,
+)
 
 _FOLDER = tempfile.TemporaryDirectory()
 write_tiny_model(_FOLDER.name, tie_word_embeddings=True, seed=3)
@@ -95,6 +115,102 @@ class GGUFLoading(TestCase):
         )
         engine = create_engine(loaded, device="cpu", dtype="bfloat16", num_pages=4, dist_size=8)
         self.assertTrue(engine.model.int4)
+
+    def test_int8_group_formats_equal_gguf_dequantization(self):
+        """Q8_0, Q5_0 (from weights), Q5_K, Q6_K (random blocks) as int8 groups: the same
+        float32 bits as gguf's own dequantization, with the group size and mins of the format."""
+        rng = np.random.default_rng(3)
+        weight = rng.normal(0, 0.05, size=(48, 512)).astype(np.float32)
+        cases = [
+            (Q.Q8_0, parse_q8_0, quantize(weight, Q.Q8_0), 32, False),
+            (Q.Q5_0, parse_q5_0, quantize(weight, Q.Q5_0), 32, False),
+            (Q.Q5_K, parse_q5_k, random_k_quant(Q.Q5_K, 48, 512, seed=5), 32, True),
+            (Q.Q6_K, parse_q6_k, random_k_quant(Q.Q6_K, 48, 512, seed=6), 16, False),
+        ]
+        for qtype, parse, raw, group, has_mins in cases:
+            groups = parse(raw, 48, 512)
+            want = dequantize(raw, qtype).reshape(48, 512)
+            got = groups.dequantize().numpy()
+            self.assertTrue(np.array_equal(got.view(np.uint32), want.view(np.uint32)), qtype)
+            self.assertEqual((groups.group, groups.mins is not None), (group, has_mins), qtype)
+            self.assertEqual(groups.q.dtype, torch.int8)
+            rows = torch.tensor([[3, 0], [47, 3]])
+            self.assertTrue(torch.equal(groups[rows], torch.from_numpy(want)[rows]), qtype)
+
+    def test_fused_parts_of_mixed_formats_are_one_exact_int8_group_weight(self):
+        """Q4_K (as int8 groups, exactly), Q6_K (groups of 16) and Q8_0 stacked: groups of 16,
+        zero mins for the parts without; the product, by the reference kernel, is x @ W^T."""
+        q4k = random_q4_k(32, 256, seed=7)
+        q6k = random_k_quant(Q.Q6_K, 16, 256, seed=8)
+        q8 = quantize(np.random.default_rng(9).normal(size=(16, 256)).astype(np.float32), Q.Q8_0)
+        fused = Int8Groups.concat(
+            [
+                Int8Groups.from_q4_1(parse_q4_k(q4k, 32, 256)),
+                parse_q6_k(q6k, 16, 256),
+                parse_q8_0(q8, 16, 256),
+            ]
+        )
+        want = np.concatenate(
+            [
+                dequantize(q4k, Q.Q4_K).reshape(32, 256),
+                dequantize(q6k, Q.Q6_K).reshape(16, 256),
+                dequantize(q8, Q.Q8_0).reshape(16, 256),
+            ]
+        )
+        self.assertEqual(fused.group, 16)
+        self.assertTrue(np.array_equal(fused.dequantize().numpy(), want))
+        x = torch.randn(3, 256)
+        got = Int8GroupLinear(fused)(x)
+        self.assertLess((got - x @ torch.from_numpy(want).T).abs().max().item(), 1e-4)
+
+    def test_int8_group_linears_run_where_the_kernel_is_available(self):
+        """A GGUF whose fused gate/up mixes Q4_K and Q6_K and whose down is Q5_0: with
+        cpu_kernels available they run as int8 groups for few rows (the fp32 dense engine's
+        distribution within 1e-5), the dense copy for many; without it, dense as before."""
+        folder = self.mktemp()
+        write_tiny_model(
+            folder,
+            hidden_size=256,
+            intermediate_size=256,
+            tie_word_embeddings=True,
+            seed=4,
+            head_dim=64,  # what a llama GGUF without key_length implies
+        )
+        path = self.mktemp() + ".gguf"
+        mlp = {"mlp.gate_proj": Q.Q4_K, "mlp.up_proj": Q.Q6_K, "mlp.down_proj": Q.Q5_0}
+        write_gguf(path, load_model(folder, dtype="float32"), mlp=mlp)
+        loaded = load_model(path, dtype="float32")
+        self.assertEqual(
+            sorted(loaded.rows), sorted(n for n in loaded.weights if "up_" in n or "down" in n)
+        )
+
+        def engine(available: bool):
+            with mock.patch.object(cpu_kernels, "available", return_value=available):
+                return create_engine(
+                    loaded,
+                    device="cpu",
+                    dtype="float32",
+                    use_int4=True,
+                    num_pages=4,
+                    dist_size=loaded.config.vocab_size,
+                )
+
+        kernels, without = engine(True), engine(False)
+        layer = kernels.model.layers[0]
+        self.assertIsInstance(layer.gate_up, Int4OrDenseLinear)
+        self.assertIsInstance(layer.gate_up.int4, Int8GroupLinear)
+        self.assertIsInstance(layer.down.int4, Int8GroupLinear)
+        self.assertIsInstance(without.model.layers[0].gate_up, DenseLinear)
+        toks = [5, 17, 230, 99]
+        item = ForwardItem(
+            pages=[0], last_page_len=4, positions=[0, 1, 2, 3], tokens=toks, output_indices=[3]
+        )
+        vocab = loaded.config.vocab_size
+        [[got]], [[want]] = kernels.run(Forward([item])), without.run(Forward([item]))
+        self.assertLess((dense(got, vocab) - dense(want, vocab)).abs().max().item(), 1e-5)
+        many = torch.randn(Int4OrDenseLinear.MAX_INT4_ROWS + 1, 256)
+        with mock.patch.object(Int8GroupLinear, "__call__", side_effect=AssertionError):
+            layer.down(many)  # many rows: the dense copy
 
     def test_tokenizer_from_metadata(self):
         ours, theirs = self.loaded.tokenizer, self.source.tokenizer

@@ -7,18 +7,31 @@ fp32 reference (98.7% vs the issue's 99%), and it has no kernel for GGUF's
 These functions keep the file's integers and float32 group scales and compute
 in float32.
 
-`available()` says whether a compiled kernel runs here; where it does not, the
-callers keep their torch paths. The reference forms below define the results.
+The kernels are C (cpu_kernels.c, next to this file), built at first use with
+gcc -march=native into $PIE_HOME/kernels/<key>/ (key: the source, the flags, the
+compiler's version and the CPU's flags) and loaded with ctypes. Where gcc is
+missing, the build or its probe fails, or PIE_CPU_KERNELS=off (the `cpu_kernels`
+setting), `available()` is False and the callers keep their torch paths. The
+reference forms below define the results.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import torch
 
-
-def available() -> bool:
-    """Whether compiled kernels run on this machine (none yet: callers keep their torch paths)."""
-    return False
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=gnu11")
+BUILD_TIMEOUT_S = 60
 
 
 def int8_group_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -43,3 +56,183 @@ def int4_group_matmul(
     n, k = q.shape
     w = q.reshape(n, -1, 32).to(torch.float32) * d[:, :, None] + m[:, :, None]
     return x @ w.reshape(n, k).T
+
+
+def cache_root() -> Path:
+    """$PIE_HOME/kernels (PIE_HOME as pie.config's `home` default: else ~/.cache/pie)."""
+    home = os.environ.get("PIE_HOME") or str(Path.home() / ".cache" / "pie")
+    return Path(home) / "kernels"
+
+
+def build_key(compiler: str) -> str:
+    """What the built library depends on: source, flags, compiler version, CPU flags."""
+    from pie.engine.cpu_path import cpu_flags
+
+    version = subprocess.run(
+        [compiler, "-dumpfullversion", "-dumpversion"],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        check=True,
+    ).stdout.strip()
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, version, platform.machine(), *sorted(cpu_flags())):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:20]
+
+
+def library_path() -> Path | None:
+    """The built library for this machine, building it if absent (None: no compiler or it failed).
+
+    Concurrent processes each build into a temporary file and os.replace it into place,
+    so a reader never sees a partial library.
+    """
+    compiler = os.environ.get("CC") or shutil.which("gcc")
+    if not compiler:
+        return None
+    try:
+        target = cache_root() / build_key(compiler) / "libpie_cpu_kernels.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run(
+                [compiler, *CFLAGS, "-o", tmp, str(SOURCE)],
+                capture_output=True,
+                timeout=BUILD_TIMEOUT_S,
+                check=True,
+            )
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.pie_int4_matmul.argtypes = [p, long, i, i, p, p, p, i, p, i]
+    lib.pie_int4_matmul.restype = i
+    lib.pie_int8_matmul.argtypes = [p, long, i, i, p, p, i, i, p, i]
+    lib.pie_int8_matmul.restype = i
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, once probed against the reference forms (None where they don't run)."""
+    if os.environ.get("PIE_CPU_KERNELS", "auto") == "off":
+        return None
+    path = library_path()
+    if path is None:
+        return None
+    try:
+        lib = _declare(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError):
+        return None
+    return lib if _probe(lib) else None
+
+
+def _probe(lib: ctypes.CDLL) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 96, generator=g)
+    q4 = torch.randint(0, 16, (40, 96), dtype=torch.uint8, generator=g)
+    d, m = torch.rand(40, 3, generator=g), torch.randn(40, 3, generator=g)
+    q8 = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    s = torch.rand(40, 6, generator=g)
+    got4 = Int4Packed.from_q4_1(q4, d, m).matmul(x, lib=lib)
+    got8 = Int8Packed(q8, s).matmul(x, lib=lib)
+    return torch.allclose(got4, int4_group_matmul(x, q4, d, m), rtol=1e-4, atol=1e-4) and (
+        torch.allclose(got8, int8_group_matmul(x, q8, s), rtol=1e-4, atol=1e-3)
+    )
+
+
+def available() -> bool:
+    """Whether the compiled kernels run on this machine (else callers keep their torch paths)."""
+    return library() is not None
+
+
+def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"need float32 activations [M, {k}], got {x.dtype} {tuple(x.shape)}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+class Int4Packed:
+    """A Q4_1 weight [N, K] packed for pie_int4_matmul: per group of 32, 16 bytes with
+    element j in the low nibble of byte j and j + 16 in its high one (ggml's Q4_1 order),
+    d and m float32 [N, K // 32]."""
+
+    def __init__(self, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        self.packed, self.d, self.m = packed, d, m
+        self.out_features, self.in_features = d.shape[0], packed.shape[1] * 2
+
+    @staticmethod
+    def from_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Int4Packed:
+        """From q uint8 [N, K] (0..15) and float32 d, m [N, K // 32] (int4_group_matmul's)."""
+        n, k = q.shape
+        if k % 32 or d.shape != (n, k // 32) or m.shape != d.shape:
+            raise ValueError(f"Q4_1 needs K % 32 == 0 and d, m [N, K/32]: {q.shape}, {d.shape}")
+        blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        f32 = torch.float32
+        return Int4Packed(packed, d.to(f32).contiguous(), m.to(f32).contiguous())
+
+    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        """x float32 [M, K] -> [M, N], as int4_group_matmul on the unpacked weight."""
+        lib = lib or library()
+        x = _activations(x, self.in_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        status = lib.pie_int4_matmul(
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[0],
+            self.in_features,
+            self.packed.data_ptr(),
+            self.d.data_ptr(),
+            self.m.data_ptr(),
+            self.out_features,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise MemoryError("pie_int4_matmul: no memory for its row sums")
+        return y
+
+
+class Int8Packed:
+    """An int8 weight [N, K] with float32 scales per group of 16 or 32 (int8_group_matmul's)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        n, k = q.shape
+        if q.dtype != torch.int8 or scales.shape[0] != n or k % scales.shape[1]:
+            raise ValueError(f"need int8 q [N, K] and scales [N, K/g]: {q.shape}, {scales.shape}")
+        self.group = k // scales.shape[1]
+        if self.group not in (16, 32):
+            raise ValueError(f"groups of 16 or 32 only, got {self.group}")
+        self.q, self.scales = q.contiguous(), scales.to(torch.float32).contiguous()
+        self.out_features, self.in_features = n, k
+
+    def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        """x float32 [M, K] -> [M, N], as int8_group_matmul."""
+        lib = lib or library()
+        x = _activations(x, self.in_features)
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        status = lib.pie_int8_matmul(
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[0],
+            self.in_features,
+            self.q.data_ptr(),
+            self.scales.data_ptr(),
+            self.group,
+            self.out_features,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        assert status == 0
+        return y

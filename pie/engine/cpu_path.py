@@ -1,10 +1,13 @@
 """Which CPU path `dtype auto` takes, from the CPU it finds (kept apart so it is testable).
 
 Batch-1 decode on a CPU is bound by reading weights, so bytes per step decide
-it: the path keeps GGUF's Q4_1 weights packed for torch's int4 weight-only
-kernel, which is fast only with bf16 inputs (with fp32 ones it takes a slow
-path, ~10x). Its x86 code has AVX512 and AVX2 versions, so the int4 path serves
-every x86 CPU where a probe of the kernel gives the right answer.
+it: the path keeps GGUF's Q4_1 weights at 4 bits. Where gcc builds pie's own
+kernel (pie.engine.cpu_kernels: float32 activations, as fast as torch's at one
+row) it runs them ("int4-fp32": the exact float32 product, no rounding to
+bf16); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
+(with fp32 ones it takes a slow path, ~10x). Its x86 code has AVX512 and AVX2
+versions, so the int4 path serves every x86 CPU where a probe of the kernel
+gives the right answer.
 
 The model itself stays float32 there (residual stream, norms, attention, KV
 cache): only each kernel's input and output round to bf16. Measured on
@@ -32,20 +35,26 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 @dataclass(frozen=True)
 class CpuPath:
     """dtype: the model's (activations, KV cache); dense_dtype: the many-row GEMMs;
-    weight_kernel: the few-row linears and LM head ("int4": bf16 in and out, or "dense")."""
+    weight_kernel: the few-row linears and LM head ("int4-fp32": pie's compiled kernel,
+    float32 in and out; "int4": torch's, bf16 in and out; or "dense")."""
 
     dtype: torch.dtype
     dense_dtype: torch.dtype
-    weight_kernel: str  # "int4" (torch's int4 weight-only kernel) or "dense"
+    weight_kernel: str  # "int4-fp32", "int4" or "dense"
 
     def describe(self) -> dict[str, str]:
         return {k: str(v).removeprefix("torch.") for k, v in asdict(self).items()}
 
 
-def choose_cpu_path(flags: frozenset[str], quantized: bool, int4_bf16_works: bool) -> CpuPath:
-    """The fastest path meeting tests/test_accuracy.py's bounds on a CPU with these flags."""
+def choose_cpu_path(
+    flags: frozenset[str], quantized: bool, int4_bf16_works: bool, fp32_kernels: bool = False
+) -> CpuPath:
+    """The fastest path meeting tests/test_accuracy.py's bounds on a CPU with these flags;
+    `fp32_kernels`: pie.engine.cpu_kernels built and passed its probe here."""
     native = bool(flags & NATIVE_BF16_FLAGS)
     dense = torch.bfloat16 if native else torch.float32
+    if quantized and fp32_kernels:
+        return CpuPath(torch.float32, dense, "int4-fp32")
     if quantized and int4_bf16_works:
         return CpuPath(torch.float32, dense, "int4")
     return CpuPath(dense, dense, "dense")

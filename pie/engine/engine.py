@@ -447,7 +447,7 @@ def create_engine(
     if dtype == "auto" and dev.type == "cpu":
         path = auto_cpu_path(quantized)
         dense_dtype = path.dense_dtype
-        use_int4 = path.weight_kernel == "int4" if use_int4 is None else use_int4
+        use_int4 = path.weight_kernel.startswith("int4") if use_int4 is None else use_int4
     if dev.type == "cpu":
         torch.set_num_threads(usable_cores())
     model = LlamaModel(

@@ -26,14 +26,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pie.engine import cpu_kernels
 from pie.engine.attention import AttentionPlan, attend
 from pie.engine.kv_cache import KvCache
 from pie.engine.quant import (
     DenseLinear,
     Int4Linear,
     Int4OrDenseLinear,
+    Int8GroupLinear,
+    Int8Groups,
     Q4_1Weight,
-    Q8_0Rows,
+    int4_kernel_name,
     int4_supported,
     quantized_head,
 )
@@ -396,7 +399,8 @@ class LlamaModel:
 
     `weights` use Hugging Face names (model.layers.N.self_attn.q_proj.weight, ...),
     as float tensors; `quantized` optionally holds Q4_1 forms of the linear weights
-    under the same names, used when `use_int4` (CPU + bf16 by default).
+    under the same names, used when `use_int4` (CPU + bf16 by default); `rows` int8-group
+    forms (the embedding, read by rows; linears, run by cpu_kernels where it is available).
     """
 
     def __init__(
@@ -407,7 +411,7 @@ class LlamaModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         quantized: dict[str, Q4_1Weight] | None = None,
-        rows: dict[str, Q8_0Rows] | None = None,
+        rows: dict[str, Int8Groups] | None = None,
         use_int4: bool | None = None,
         dense_dtype: torch.dtype | None = None,
     ):
@@ -417,6 +421,7 @@ class LlamaModel:
         # the dense copies that int4 layers use for many rows (pie.engine.cpu_path)
         self.dense_dtype = dense_dtype or dtype
         quantized = quantized or {}
+        groups = rows or {}
         if use_int4 is None:
             use_int4 = bool(quantized) and int4_supported(self.device, dtype)
         self.int4 = use_int4 and bool(quantized)
@@ -433,12 +438,22 @@ class LlamaModel:
             if any(present) and not all(present):
                 raise PieError(f"biases of {names} are only partly present")
             bias = torch.cat([tensor(b) for b in biases]) if all(present) else None
-            if self.int4 and all(n in quantized for n in names):
-                d = self.dense_dtype
-                dense = DenseLinear(torch.cat([tensor(n, d) for n in names]), bias)
-                q4 = Int4Linear(Q4_1Weight.concat([quantized[n] for n in names]), torch.bfloat16)
-                return Int4OrDenseLinear(q4, dense)
-            return DenseLinear(torch.cat([tensor(n) for n in names]), bias)
+            # Q4_1/Q4_K parts: torch's int4 kernel; parts with any 8-bit format: all of them as
+            # int8 groups (Q4_1/Q4_K are that form exactly: q 0..15, d and m per 32), one call
+            parts = [quantized.get(n, groups.get(n)) for n in names]
+            few: Int4Linear | Int8GroupLinear | None = None
+            if self.int4 and all(isinstance(part, Q4_1Weight) for part in parts):
+                few = Int4Linear(Q4_1Weight.concat(parts), torch.bfloat16)
+            elif self.int4 and all(p is not None for p in parts) and cpu_kernels.available():
+                few = Int8GroupLinear(
+                    Int8Groups.concat(
+                        [p if isinstance(p, Int8Groups) else Int8Groups.from_q4_1(p) for p in parts]
+                    )
+                )
+            if few is None:
+                return DenseLinear(torch.cat([tensor(n) for n in names]), bias)
+            dense = DenseLinear(torch.cat([tensor(n, self.dense_dtype) for n in names]), bias)
+            return Int4OrDenseLinear(few, dense)
 
         def norm(name: str) -> torch.Tensor:
             return (weights[name].float() + config.norm_offset).to(self.device, dtype).contiguous()
@@ -449,9 +464,9 @@ class LlamaModel:
         fused = config.model_type in FUSED
         embedding = "model.embed_tokens.weight"
         # int4 layers with a separate dense head copy read the exact embedding only by rows
-        # (lookup, rescored logits): kept as the file's Q8_0 where it has it (Q8_0Rows)
-        q8 = (rows or {}).get(embedding) if self.int4 and self.dense_dtype != dtype else None
-        self.embed: torch.Tensor | Q8_0Rows = (
+        # (lookup, rescored logits): kept as the file's int8 groups where it has them (Int8Groups)
+        q8 = groups.get(embedding) if self.int4 and self.dense_dtype != dtype else None
+        self.embed: torch.Tensor | Int8Groups = (
             tensor(embedding) if q8 is None else q8.to(self.device, dtype)
         )
         self.embed_scale = (
@@ -540,8 +555,8 @@ class LlamaModel:
         """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""
         return {
             "dtype": str(self.dtype).removeprefix("torch."),
-            "weight_kernel": "int4" if self.int4 else "dense",
-            "head": "int4" if isinstance(self.head, Int4OrDenseLinear) else "dense",
+            "weight_kernel": int4_kernel_name() if self.int4 else "dense",
+            "head": int4_kernel_name() if isinstance(self.head, Int4OrDenseLinear) else "dense",
             "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
         }
 

@@ -157,6 +157,8 @@ class LocalModelService(Service):
     async def _load(self) -> None:
         s = self.settings
         path = resolve_model(s["model"], s["home"])
+        if s["cpu_kernels"] == "off":  # read by pie.engine.cpu_kernels (and child workers)
+            os.environ["PIE_CPU_KERNELS"] = "off"
         log.info(
             "loading model {path} on {device} ({dtype})",
             path=path,

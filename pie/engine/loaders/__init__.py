@@ -15,7 +15,7 @@ import torch
 
 from pie.engine.cpu_path import CpuPath, choose_cpu_path, cpu_flags, int4_bf16_works
 from pie.engine.llama import LlamaConfig
-from pie.engine.quant import Q4_1Weight, Q8_0Rows
+from pie.engine.quant import Int8Groups, Q4_1Weight
 from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import PieError
 
@@ -35,8 +35,8 @@ class LoadedModel:
 
     weights: Hugging Face names -> float tensors ([out, in] for linear layers);
     quantized: the same names -> Q4_1 blocks where the file had them (lossless
-    int4 kernels on CPU use these instead of the dense copies); rows: the
-    embedding as the file's Q8_0 blocks, where it had them (pie.engine.quant.Q8_0Rows).
+    int4 kernels on CPU use these instead of the dense copies); rows: the same names ->
+    int8 groups where the file had Q8_0/Q5_0/Q5_K/Q6_K (pie.engine.quant.Int8Groups).
     """
 
     name: str
@@ -46,7 +46,7 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     quantized: dict[str, Q4_1Weight] = field(default_factory=dict)
-    rows: dict[str, Q8_0Rows] = field(default_factory=dict)  # the embedding, where Q8_0
+    rows: dict[str, Int8Groups] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -80,7 +80,10 @@ def resolve_dtype(
 
 def auto_cpu_path(quantized: bool) -> CpuPath:
     """The CPU path `dtype auto` takes on this machine for a model with or without Q4_1 weights."""
-    return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works())
+    from pie.engine import cpu_kernels
+
+    fp32_kernels = quantized and cpu_kernels.available()
+    return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works(), fp32_kernels)
 
 
 def model_name_for(path: str) -> str:

@@ -1,10 +1,10 @@
 """GGUF files (llama.cpp's format), read with the `gguf` package and dequantized.
 
 Linear weights stored as Q4_1 or Q4_K are also kept in block form so that the
-CPU int4 kernel can use them losslessly (pie.engine.quant), and a Q8_0 embedding in
-its blocks too (read by rows, pie.engine.quant.Q8_0Rows); every other type the
-`gguf` package knows (F16, BF16, Q4_0, Q5_0, Q8_0, Q5_K, Q6_K, ...) is
-dequantized by gguf.quants into dense copies. Q and K rows are un-permuted:
+CPU int4 kernel can use them losslessly (pie.engine.quant), and Q8_0, Q5_0, Q5_K
+and Q6_K tensors as int8 groups (pie.engine.quant.Int8Groups: the embedding read by
+rows, linears by pie.engine.cpu_kernels), also losslessly; every tensor is also
+dequantized by gguf.quants into a dense copy (the only form of F16, BF16, Q4_0, ...). Q and K rows are un-permuted:
 convert_hf_to_gguf interleaves them for llama.cpp's pair-wise RoPE (Llama
 only), while our RoPE (like Hugging Face's) rotates halves. Gemma's RMSNorm
 weights are stored by the converter as 1 + w; we hand the model Hugging
@@ -21,7 +21,16 @@ from zope.interface import implementer
 
 from pie.engine.llama import LlamaConfig
 from pie.engine.loaders import DTYPES, LoadedModel, model_name_for
-from pie.engine.quant import Q4_1Weight, Q8_0Rows, parse_q4_1, parse_q4_k, parse_q8_0
+from pie.engine.quant import (
+    Int8Groups,
+    Q4_1Weight,
+    parse_q4_1,
+    parse_q4_k,
+    parse_q5_0,
+    parse_q5_k,
+    parse_q6_k,
+    parse_q8_0,
+)
 from pie.engine.tokenizer import Tokenizer
 from pie.interfaces import IModelLoader, PieError
 
@@ -167,6 +176,13 @@ class GGUFLoader:
 
         # tensor types the int4 kernel runs as they are (the rest become dense copies)
         int4_forms = {GGMLQuantizationType.Q4_1: parse_q4_1, GGMLQuantizationType.Q4_K: parse_q4_k}
+        # and those kept as int8 groups (exact too)
+        group_forms = {
+            GGMLQuantizationType.Q8_0: parse_q8_0,
+            GGMLQuantizationType.Q5_0: parse_q5_0,
+            GGMLQuantizationType.Q5_K: parse_q5_k,
+            GGMLQuantizationType.Q6_K: parse_q6_k,
+        }
 
         try:
             reader = GGUFReader(path)
@@ -188,7 +204,7 @@ class GGUFLoader:
         target = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
         weights: dict[str, torch.Tensor] = {}
         quantized: dict[str, Q4_1Weight] = {}
-        rows: dict[str, Q8_0Rows] = {}
+        rows: dict[str, Int8Groups] = {}
         arch = meta.get("general.architecture")
         permuted = arch in PERMUTED_QK
         for gname, t in tensors.items():
@@ -210,12 +226,13 @@ class GGUFLoader:
                 order = unpermute_order(array.shape[0], heads)
                 array = array[order]
             weights[name_hf] = torch.from_numpy(np.ascontiguousarray(array)).to(target)
-            parse = int4_forms.get(t.tensor_type)
-            if parse is not None and array.ndim == 2:
-                q = parse(t.data, array.shape[0], array.shape[1])
-                quantized[name_hf] = q if order is None else q.permute_rows(order)
-            if name_hf == EMBEDDING and t.tensor_type == GGMLQuantizationType.Q8_0:
-                rows[name_hf] = parse_q8_0(t.data, array.shape[0], array.shape[1])
+            if array.ndim != 2:
+                continue
+            for forms, kept in ((int4_forms, quantized), (group_forms, rows)):
+                parse = forms.get(t.tensor_type)
+                if parse is not None:
+                    q = parse(t.data, array.shape[0], array.shape[1])
+                    kept[name_hf] = q if order is None else q.permute_rows(order)
         return LoadedModel(
             name=name,
             path=path,

@@ -1,0 +1,223 @@
+/* Weight-only quantized matmuls with float32 activations (pie.engine.cpu_kernels).
+
+Why: batch-1 decode on a CPU is bound by reading weights, and torch's int4 kernel is
+fast only with bf16 activations (rounding them). These keep the weights as integers
+with float32 group scales, widen them in registers and accumulate in float32.
+
+Built by pie.engine.cpu_kernels with -march=native, so the #if branches pick AVX512,
+AVX2+FMA or plain C for the CPU it runs on. Threads split the output rows (OpenMP,
+sharing torch's libgomp when torch is loaded first: same soname).
+
+int4: y[r, n] = sum_g d[n, g] * (sum_{k in g} x[r, k] q[n, k]) + m[n, g] * xsum[r, g]
+  q packed per group of 32 as 16 bytes: byte j = q[j] | q[j + 16] << 4 (ggml's Q4_1).
+int8: y[r, n] = sum_g s[n, g] * (sum_{k in g} x[r, k] q[n, k]), groups of 16 or 32.
+*/
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define RT 4 /* activation rows per pass over a weight row (the weight row stays in L1) */
+
+#if defined(__AVX512F__)
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* One weight row n against R (<= RT) activation rows: out[r] = sum_g d[g] * dot_g. */
+static inline __attribute__((always_inline)) void int4_row(
+    int R, const float *x, long ldx, const float *xsum, int G, const uint8_t *q, const float *d,
+    const float *m, float *out) {
+#if defined(__AVX512F__)
+    __m512 acc[RT];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g += 16) { /* the m term, summed with the rest */
+        __mmask16 k = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        __m512 mg = _mm512_maskz_loadu_ps(k, m + g);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(mg, _mm512_maskz_loadu_ps(k, xsum + r * G + g), acc[r]);
+    }
+    const __m512i mask = _mm512_set1_epi32(0x0F);
+    for (int g = 0; g < G; g++) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g)));
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
+        __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        __m512 dg = _mm512_set1_ps(d[g]);
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + r * ldx + 32 * g;
+            __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xr), q0);
+            t = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), q1, t);
+            acc[r] = _mm512_fmadd_ps(dg, t, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#elif defined(__AVX2__)
+    __m256 acc[RT];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g += 8) { /* the m term, summed with the rest */
+        int left = G - g;
+        __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 mg = _mm256_maskload_ps(m + g, k);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(mg, _mm256_maskload_ps(xsum + r * G + g, k), acc[r]);
+    }
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (int g = 0; g < G; g++) {
+        __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * g)));
+        __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 16 * g + 8)));
+        __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, mask));
+        __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask));
+        __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+        __m256 q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+        __m256 dg = _mm256_set1_ps(d[g]);
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + r * ldx + 32 * g;
+            __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xr), q0);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), q1, t);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), q2, t);
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), q3, t);
+            acc[r] = _mm256_fmadd_ps(dg, t, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + r * ldx;
+        float s = 0.0f;
+        for (int g = 0; g < G; g++) {
+            float t = 0.0f;
+            for (int j = 0; j < 16; j++) {
+                uint8_t b = q[16 * g + j];
+                t += xr[32 * g + j] * (float)(b & 15) + xr[32 * g + 16 + j] * (float)(b >> 4);
+            }
+            s += d[g] * t + m[g] * xsum[r * G + g];
+        }
+        out[r] = s;
+    }
+#endif
+}
+
+static void int4_rows(int R, const float *x, long ldx, const float *xsum, int G,
+                      const uint8_t *q, const float *d, const float *m, float *y, long ldy) {
+    float out[RT];
+    switch (R) { /* constant R: the row loops unroll and acc[] stays in registers */
+    case 1: int4_row(1, x, ldx, xsum, G, q, d, m, out); break;
+    case 2: int4_row(2, x, ldx, xsum, G, q, d, m, out); break;
+    case 3: int4_row(3, x, ldx, xsum, G, q, d, m, out); break;
+    default: int4_row(4, x, ldx, xsum, G, q, d, m, out); break;
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = out[r];
+}
+
+/* x [M, K] (row stride ldx), q [N, K/2], d and m [N, K/32], y [M, N]; K % 32 == 0. */
+int pie_int4_matmul(const float *x, long ldx, int M, int K, const uint8_t *q, const float *d,
+                     const float *m, int N, float *y, int nthreads) {
+    const int G = K / 32;
+    if (M <= 0 || N <= 0) return 0;
+    float *xsum = malloc(sizeof(float) * (size_t)M * G); /* per row and group: sum of x */
+    if (!xsum) return -1;
+    for (int r = 0; r < M; r++)
+        for (int g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int j = 0; j < 32; j++) s += x[r * ldx + 32 * g + j];
+            xsum[r * G + g] = s;
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *qn = q + (long)n * (K / 2);
+        const float *dn = d + (long)n * G, *mn = m + (long)n * G;
+        for (int r0 = 0; r0 < M; r0 += RT) {
+            int R = M - r0 < RT ? M - r0 : RT;
+            int4_rows(R, x + r0 * ldx, ldx, xsum + r0 * G, G, qn, dn, mn, y + (long)r0 * N + n, N);
+        }
+    }
+    free(xsum);
+    return 0;
+}
+
+/* One int8 weight row against R activation rows; group size gs = 16 or 32. */
+static inline __attribute__((always_inline)) void int8_row(
+    int R, const float *x, long ldx, int K, int gs, const int8_t *q, const float *s, float *out) {
+#if defined(__AVX512F__)
+    __m512 acc[RT];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int k = 0, g = 0; k < K; k += gs, g++) {
+        __m512 sg = _mm512_set1_ps(s[g]);
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+        if (gs == 32) {
+            __m512 q1 = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16))));
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + r * ldx + k;
+                __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xr), q0);
+                t = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), q1, t);
+                acc[r] = _mm512_fmadd_ps(sg, t, acc[r]);
+            }
+        } else {
+            for (int r = 0; r < R; r++) {
+                __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + r * ldx + k), q0);
+                acc[r] = _mm512_fmadd_ps(sg, t, acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#elif defined(__AVX2__)
+    __m256 acc[RT];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int k = 0, g = 0; k < K; k += gs, g++) {
+        __m256 sg = _mm256_set1_ps(s[g]);
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + r * ldx + k;
+            __m256 t = _mm256_setzero_ps();
+            for (int j = 0; j < gs; j += 8) {
+                __m256 qj = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k + j))));
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), qj, t);
+            }
+            acc[r] = _mm256_fmadd_ps(sg, t, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+#else
+    for (int r = 0; r < R; r++) {
+        const float *xr = x + r * ldx;
+        float a = 0.0f;
+        for (int k = 0, g = 0; k < K; k += gs, g++) {
+            float t = 0.0f;
+            for (int j = 0; j < gs; j++) t += xr[k + j] * (float)q[k + j];
+            a += s[g] * t;
+        }
+        out[r] = a;
+    }
+#endif
+}
+
+/* x [M, K] (row stride ldx), q int8 [N, K], s [N, K/gs], y [M, N]; gs = 16 or 32, K % gs == 0. */
+int pie_int8_matmul(const float *x, long ldx, int M, int K, const int8_t *q, const float *s,
+                     int gs, int N, float *y, int nthreads) {
+    const int G = K / gs;
+    if (M <= 0 || N <= 0) return 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int n = 0; n < N; n++) {
+        const int8_t *qn = q + (long)n * K;
+        const float *sn = s + (long)n * G;
+        for (int r0 = 0; r0 < M; r0 += RT) {
+            int R = M - r0 < RT ? M - r0 : RT;
+            float out[RT];
+            switch (R) {
+            case 1: int8_row(1, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            case 2: int8_row(2, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            case 3: int8_row(3, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            default: int8_row(4, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            }
+            for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = out[r];
+        }
+    }
+    return 0;
+}

@@ -1,10 +1,13 @@
 """µs per call of the few-row weight kernels at SmolLM2-135M's shapes, side by side.
 
-Usage: PYTHONPATH=$PWD python bench/cpu_kernels.py [--rows 1] [--reps 200]
+Usage: PYTHONPATH=$PWD python bench/cpu_kernels.py [--rows 1] [--reps 200] [--decode]
 
 torch int4 (bf16 in and out, what Int4Linear ran before), pie's int4 with float32
 activations (pie.engine.cpu_kernels), dense float32 (F.linear) and pie's int8
 groups of 32, interleaved in one process (the figures are noisy on a shared machine).
+--decode adds batch-1 decode tokens/s of SmolLM2 on the default CPU path (dtype auto)
+with pie's kernels and without them (torch's int4, as with `cpu_kernels = "off"`),
+two engines in one process, runs interleaved.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    ap.add_argument("--decode", action="store_true", help="also batch-1 decode, on vs off")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +74,38 @@ def main() -> None:
         fns = (torch_int4, p4.matmul, lambda x, w=w: F.linear(x, w), p8.matmul)
         us = [per_call_us(f, x, args.reps if n < 10000 else args.reps // 4) for f in fns]
         print(f"{name:20}" + "".join(f"{u:18.1f}" for u in us) + f"{us[2] / us[1]:12.2f}")
+    if args.decode:
+        decode_ab()
+
+
+def decode_ab(new: int = 48, repeats: int = 5) -> None:
+    """Batch-1 decode tok/s, pie's kernels on and off, interleaved (best of `repeats`)."""
+    from unittest import mock
+
+    from bench.decode import ours, prompts
+    from pie.engine.engine import create_engine
+    from pie.engine.loaders import load_model
+    from pie.service.registry import default_model_path
+
+    loaded = load_model(default_model_path(), dtype=torch.float32)
+
+    threads = torch.get_num_threads()
+
+    def engine():  # at this process's torch threads (create_engine would take every core)
+        with mock.patch("pie.engine.engine.usable_cores", return_value=threads):
+            return create_engine(loaded, device="cpu", dtype="auto", num_pages=16)
+
+    on = engine()
+    with mock.patch.object(cpu_kernels, "available", return_value=False):
+        off = engine()
+    batch = prompts(loaded.tokenizer, 1, 32)
+    best = {"on": 0.0, "off": 0.0}
+    for _ in range(repeats):
+        for name, e in (("on", on), ("off", off)):
+            best[name] = max(best[name], ours(e, batch, new))
+    kernels = on.info.compute["weight_kernel"], off.info.compute["weight_kernel"]
+    print(f"batch-1 decode tok/s: {kernels[0]} {best['on']:.1f}, {kernels[1]} {best['off']:.1f}")
+    print(f"ratio {best['on'] / best['off']:.2f} (threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

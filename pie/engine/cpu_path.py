@@ -2,9 +2,10 @@
 
 Batch-1 decode on a CPU is bound by reading weights, so bytes per step decide
 it: the path keeps GGUF's Q4_1 weights at 4 bits. Where gcc builds pie's own
-kernel (pie.engine.cpu_kernels: float32 activations, as fast as torch's at one
-row) it runs them ("int4-fp32": the exact float32 product, no rounding to
-bf16); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
+kernel (pie.engine.cpu_kernels: float32 activations, within ~10% of torch's
+per call at one row; batch-1 decode 0.77-0.83x of torch's int4 on the AMX Xeon,
+bench/cpu_kernels.py --decode) it runs them ("int4-fp32": the exact float32
+product, next-token agreement 100% vs 98.7%); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
 (with fp32 ones it takes a slow path, ~10x). Its x86 code has AVX512 and AVX2
 versions, so the int4 path serves every x86 CPU where a probe of the kernel
 gives the right answer.

@@ -97,7 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
         "cpu_kernels",
         "auto",
         str,
-        "pie's compiled float32-activation CPU kernels (auto: built with gcc at first use; off).",
+        "pie's compiled float32-activation CPU kernels, built with gcc at first use (auto: "
+        "the int8-group kernel for GGUF's 8-bit types; all: the int4 one too, exact but slower; "
+        "off).",
     ),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting(

@@ -221,3 +221,198 @@ int pie_int8_matmul(const float *x, long ldx, int M, int K, const int8_t *q, con
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------ one decode step, batch 1
+
+Why: at batch 1 a layer is ~45 small torch ops (norms, casts, RoPE, views, the cache
+write, SDPA, residuals) around 4 weight reads; their dispatch costs as much as the
+weights take to stream. This runs every layer of one token in one call and one
+OpenMP team: serial parts (norms, RoPE, activations) in `single`, the weight rows
+and the attention heads split over the threads. The math is the torch path's
+(pie.engine.llama.LlamaModel.forward), in float32. */
+#include <math.h>
+#include <string.h>
+
+enum { PIE_INT4 = 0, PIE_INT8 = 1 };
+enum { PIE_SILU = 0, PIE_GELU_TANH = 1 };
+
+typedef struct {
+    int kind, N, K, gs; /* gs: the group size (32 for int4) */
+    const void *q;      /* int4: packed [N, K/2]; int8: [N, K] */
+    const float *d;     /* int4: d [N, K/32]; int8: scales [N, K/gs] */
+    const float *m;     /* int4: m [N, K/32]; int8: mins [N, K/gs] or NULL */
+    const float *bias;  /* [N] or NULL */
+} pie_linear;
+
+typedef struct {
+    pie_linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;       /* [H] */
+    const float *qk_norm;                      /* [hq + hkv, hd] or NULL */
+    const float *attn_out_norm, *mlp_out_norm; /* [H] or NULL (sandwich norms) */
+    float *k, *v;                              /* this layer's cache, [hkv, slots, hd] */
+    int sliding;                               /* takes the step's local tables and mask */
+} pie_layer;
+
+typedef struct {
+    int L, H, hq, hkv, hd, inter, act;
+    long head_stride; /* floats from one kv head's slots to the next in a layer's cache */
+    float eps, scale;
+    const pie_layer *layers;
+} pie_model;
+
+typedef struct {
+    const int64_t *pages; /* the sequence's pages, in order */
+    int page_size;
+    long write_slot;      /* flat slot of the new token */
+    int T, local_T;       /* context slots attended (global, sliding layers) */
+    const uint8_t *mask, *local_mask;               /* [T] 1 = attend, or NULL: all T */
+    const float *cos, *sin, *local_cos, *local_sin; /* [hd], sin sign-folded */
+} pie_step;
+
+static void rms_norm_row(const float *x, const float *w, int n, float eps, float *out) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    const float r = 1.0f / sqrtf(s / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * (w ? w[i] : 1.0f);
+}
+
+static void group_sums(const float *x, int K, int gs, float *sums) {
+    for (int g = 0; g < K / gs; g++) {
+        float s = 0.0f;
+        for (int j = 0; j < gs; j++) s += x[g * gs + j];
+        sums[g] = s;
+    }
+}
+
+/* y = W x for one row; called by every thread of the team (the rows are shared out). */
+static void linear_row(const pie_linear *W, const float *x, const float *xsum, float *y) {
+    const int G = W->K / W->gs;
+#pragma omp for schedule(static)
+    for (int n = 0; n < W->N; n++) {
+        float out;
+        if (W->kind == PIE_INT4) {
+            int4_row(1, x, 0, xsum, G, (const uint8_t *)W->q + (long)n * (W->K / 2),
+                     W->d + (long)n * G, W->m + (long)n * G, &out);
+        } else {
+            int8_row(1, x, 0, W->K, W->gs, (const int8_t *)W->q + (long)n * W->K,
+                     W->d + (long)n * G, &out);
+            if (W->m)
+                for (int g = 0; g < G; g++) out += W->m[(long)n * G + g] * xsum[g];
+        }
+        y[n] = W->bias ? out + W->bias[n] : out;
+    }
+}
+
+static void rope_head(float *x, const float *cos, const float *sin, int hd) {
+    float tmp[512];
+    memcpy(tmp, x, sizeof(float) * hd);
+    for (int i = 0; i < hd; i++) x[i] = tmp[i] * cos[i] + tmp[(i + hd / 2) % hd] * sin[i];
+}
+
+static inline long slot_of(const pie_step *S, int t) {
+    return S->pages[t / S->page_size] * S->page_size + t % S->page_size;
+}
+
+/* Attention of q head h over the context; scores is [T] scratch. */
+static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step *S, int h,
+                        const float *q, float *scores, float *out) {
+    const int hd = M->hd, T = Ly->sliding ? S->local_T : S->T;
+    const uint8_t *mask = Ly->sliding ? S->local_mask : S->mask;
+    const long base = (long)(h / (M->hq / M->hkv)) * M->head_stride;
+    float top = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        if (mask && !mask[t]) {
+            scores[t] = -INFINITY;
+            continue;
+        }
+        const float *k = Ly->k + base + slot_of(S, t) * hd;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < hd; i++) s += q[i] * k[i];
+        scores[t] = s * M->scale;
+        if (scores[t] > top) top = scores[t];
+    }
+    float total = 0.0f;
+    for (int i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int t = 0; t < T; t++) {
+        if (scores[t] == -INFINITY) continue;
+        const float p = expf(scores[t] - top);
+        total += p;
+        const float *v = Ly->v + base + slot_of(S, t) * hd;
+#pragma omp simd
+        for (int i = 0; i < hd; i++) out[i] += p * v[i];
+    }
+    for (int i = 0; i < hd; i++) out[i] /= total;
+}
+
+static float activation(int act, float x) {
+    if (act == PIE_SILU) return x / (1.0f + expf(-x));
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
+/* Every layer for one new token: x [H] in (embedded), out (before the final norm). */
+int pie_decode_step(const pie_model *M, const pie_step *S, float *x, int nthreads) {
+    const int H = M->H, hd = M->hd, nq = M->hq * hd, nkv = M->hkv * hd;
+    const int T = S->T > S->local_T ? S->T : S->local_T;
+    const int widest = H > M->inter ? (H > nq ? H : nq) : (M->inter > nq ? M->inter : nq);
+    float *buf = malloc(sizeof(float) * ((size_t)4 * widest + nq + 2 * nkv + 2 * M->inter +
+                                         (size_t)M->hq * T + widest));
+    if (!buf) return -1;
+    float *xn = buf, *h = xn + widest, *attn = h + widest, *act = attn + widest;
+    float *xsum = act + widest, *qkv = xsum + widest, *gu = qkv + nq + 2 * nkv;
+    float *scores = gu + 2 * M->inter;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int l = 0; l < M->L; l++) {
+        const pie_layer *Ly = &M->layers[l];
+#pragma omp single
+        {
+            rms_norm_row(x, Ly->input_norm, H, M->eps, xn);
+            group_sums(xn, H, Ly->qkv.gs, xsum);
+        }
+        linear_row(&Ly->qkv, xn, xsum, qkv);
+#pragma omp single
+        {
+            for (int j = 0; Ly->qk_norm && j < M->hq + M->hkv; j++)
+                rms_norm_row(qkv + j * hd, NULL, hd, M->eps, qkv + j * hd);
+            for (int j = 0; Ly->qk_norm && j < (M->hq + M->hkv) * hd; j++)
+                qkv[j] *= Ly->qk_norm[j];
+            const float *cos = Ly->sliding ? S->local_cos : S->cos;
+            const float *sin = Ly->sliding ? S->local_sin : S->sin;
+            for (int j = 0; j < M->hq + M->hkv; j++) rope_head(qkv + j * hd, cos, sin, hd);
+            for (int j = 0; j < M->hkv; j++) {
+                const long at = j * M->head_stride + S->write_slot * hd;
+                memcpy(Ly->k + at, qkv + nq + j * hd, sizeof(float) * hd);
+                memcpy(Ly->v + at, qkv + nq + nkv + j * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int j = 0; j < M->hq; j++)
+            attend_head(M, Ly, S, j, qkv + j * hd, scores + (long)j * T, attn + j * hd);
+#pragma omp single
+        group_sums(attn, nq, Ly->o.gs, xsum);
+        linear_row(&Ly->o, attn, xsum, h);
+#pragma omp single
+        {
+            if (Ly->attn_out_norm) rms_norm_row(h, Ly->attn_out_norm, H, M->eps, h);
+            for (int i = 0; i < H; i++) x[i] += h[i];
+            rms_norm_row(x, Ly->post_norm, H, M->eps, xn);
+            group_sums(xn, H, Ly->gate_up.gs, xsum);
+        }
+        linear_row(&Ly->gate_up, xn, xsum, gu);
+#pragma omp single
+        {
+            for (int i = 0; i < M->inter; i++) act[i] = activation(M->act, gu[i]) * gu[M->inter + i];
+            group_sums(act, M->inter, Ly->down.gs, xsum);
+        }
+        linear_row(&Ly->down, act, xsum, h);
+#pragma omp single
+        {
+            if (Ly->mlp_out_norm) rms_norm_row(h, Ly->mlp_out_norm, H, M->eps, h);
+            for (int i = 0; i < H; i++) x[i] += h[i];
+        }
+    }
+    free(buf);
+    return 0;
+}

@@ -119,6 +119,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pie_int4_matmul.restype = i
     lib.pie_int8_matmul.argtypes = [p, long, i, i, p, p, i, i, p, i]
     lib.pie_int8_matmul.restype = i
+    lib.pie_decode_step.argtypes = [p, p, p, i]
+    lib.pie_decode_step.restype = i
     return lib
 
 

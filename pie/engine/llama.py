@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pie.engine import cpu_kernels
+from pie.engine.cpu_decode import FusedDecode
 from pie.engine.attention import AttentionPlan, attend
 from pie.engine.kv_cache import KvCache
 from pie.engine.quant import (
@@ -539,6 +540,8 @@ class LlamaModel:
         self.local_inv_freq = None
         if config.rope_local_theta and any(layer.sliding for layer in self.layers):
             self.local_inv_freq = rope_inv_freq(config, local=True).to(self.device)
+        # batch-1 decode in one compiled call (None: this model or machine cannot)
+        self.fused = FusedDecode.build(self) if self.int4 else None
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the tensors the model holds, each storage once (a tied head counts once):
@@ -624,7 +627,10 @@ class LlamaModel:
             local_cos, local_sin = rope_tables(self.local_inv_freq, positions, self.dtype)
         x = self.embed_tokens(tokens)
         eps = c.rms_norm_eps
-        for index, layer in enumerate(self.layers):
+        fused = None
+        if n == 1 and self.fused is not None:
+            fused = self.fused.step(x, plan, local_plan, cos, sin, local_cos, local_sin, cache)
+        for index, layer in enumerate(self.layers if fused is None else ()):
             h = rms_norm(x, layer.input_norm, eps)
             qkv = layer.qkv(h)
             qk = qkv[:, : q_size + kv_size].view(n, hq + hkv, hd)
@@ -649,6 +655,8 @@ class LlamaModel:
             if layer.mlp_out_norm is not None:
                 h = rms_norm(h, layer.mlp_out_norm, eps)
             x = x + h
+        if fused is not None:
+            x = fused
         if output_rows.numel() == 0:
             return x.new_empty(0, c.vocab_size)
         x = rms_norm(x[output_rows], self.norm, eps)

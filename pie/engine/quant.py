@@ -272,8 +272,10 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
-        # fp32 GEMM for bf16 activations on CPUs without native bf16 (see pie.engine.cpu_path)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        # a GEMM in the weight's dtype (bf16 copies for many rows, or fp32 for bf16 activations
+        # on CPUs without native bf16: pie.engine.cpu_path); the bias is in the model's dtype
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class Int4Linear:

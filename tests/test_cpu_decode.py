@@ -1,0 +1,170 @@
+"""The fused batch-1 decode step (pie.engine.cpu_decode) equals the torch path, every family.
+
+Each family's tiny random model is quantized as a GGUF file would be (Q4_1 linears, and
+for Gemma 3 Q8_0 and groups of 16 as int8 groups, one with mins), then two engines on the
+same weights decode the same sequence, one step each: the fused step and the layer loop
+(pie's float32 kernels both). Pages are shuffled, positions have a gap, and some steps
+carry a BRLE mask; next-token distributions and the K/V written must agree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from unittest import mock
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+from twisted.trial.unittest import SkipTest, TestCase
+
+from pie.engine import cpu_kernels
+from pie.engine.batch import Forward, ForwardItem
+from pie.engine.engine import create_engine
+from pie.engine.quant import Int8Groups, Q4_1Weight, parse_q8_0
+from tests.model_fixtures import dense, tiny_model
+from tests.test_model_families import GEMMA2, GEMMA3
+
+PS = 16
+ATOL = 2e-5
+
+
+def quantized_like_gguf(loaded, int8: tuple[str, ...] = ()) -> None:
+    """Linears as Q4_1 blocks (names ending in one of `int8`: Q8_0, or int8 groups of 16
+    for down_proj), the dense weights their dequantization."""
+    g = torch.Generator().manual_seed(3)
+    for name in [n for n in loaded.weights if n.endswith("proj.weight")]:
+        w = loaded.weights[name]
+        if not name.endswith(int8):
+            loaded.quantized[name] = Q4_1Weight.from_dense(w.numpy())
+            loaded.weights[name] = torch.from_numpy(loaded.quantized[name].dequantize())
+        elif name.endswith("down_proj.weight"):  # Q6_K's shape: groups of 16
+            q = torch.randint(-32, 32, w.shape, dtype=torch.int8, generator=g)
+            scales = torch.rand(w.shape[0], w.shape[1] // 16, generator=g) / 50
+            loaded.rows[name] = Int8Groups(q, scales)
+            loaded.weights[name] = loaded.rows[name].dequantize()
+        else:
+            raw = quantize(w.numpy(), GGMLQuantizationType.Q8_0)
+            loaded.rows[name] = parse_q8_0(raw, *w.shape)
+            loaded.weights[name] = loaded.rows[name].dequantize()
+
+
+class FusedEqualsLayerLoop(TestCase):
+    overrides: dict = {}
+    int8: tuple[str, ...] = ()
+
+    def setUp(self):
+        if not cpu_kernels.available():
+            raise SkipTest("no compiled kernels here")
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        self.loaded, _ = tiny_model(folder.name, **self.overrides)
+        quantized_like_gguf(self.loaded, self.int8)
+        self.fused, self.loop = (
+            create_engine(self.loaded, device="cpu", dtype="auto", num_pages=32, page_size=PS)
+            for _ in range(2)
+        )
+        self.assertIsNotNone(self.fused.model.fused, "this model takes the fused step")
+        self.loop.model.fused = None
+        self.vocab = self.loaded.config.vocab_size
+        self.rng = random.Random(5)
+
+    def run_both(self, item: ForwardItem):
+        outs = [e.run(Forward([item])) for e in (self.fused, self.loop)]
+        [[a]], [[b]] = outs
+        diff = (dense(a, self.vocab) - dense(b, self.vocab)).abs().max().item()
+        self.assertLess(diff, ATOL, f"max |Δp| = {diff}")
+
+    def test_decode_on_shuffled_pages_with_a_gap_and_masks(self):
+        pages, tokens = [9, 2, 14, 30], [self.rng.randrange(self.vocab) for _ in range(21)]
+        positions = list(range(21))
+        prefill = ForwardItem(
+            pages=pages[:2], last_page_len=5, positions=positions, tokens=tokens
+        )
+        for e in (self.fused, self.loop):
+            e.run(Forward([prefill]))
+        fused_steps = self.fused.model.fused.steps
+        for step in range(24):
+            tokens.append(self.rng.randrange(self.vocab))
+            positions.append(positions[-1] + (7 if step == 3 else 1))  # a gap
+            total = len(tokens)
+            used = pages[: -(-total // PS)]
+            masks = []
+            if step % 3 == 2:  # BRLE: attend all but slots 4..9 (the new token too)
+                masks = [[4, 6, total - 10]]
+            self.run_both(
+                ForwardItem(
+                    pages=used,
+                    last_page_len=total - PS * (len(used) - 1),
+                    positions=positions[-1:],
+                    tokens=tokens[-1:],
+                    output_indices=[0],
+                    masks=masks,
+                )
+            )
+        self.assertEqual(self.fused.model.fused.steps - fused_steps, 24, "every step was fused")
+        for a, b in ((self.fused.cache.k, self.loop.cache.k), (self.fused.cache.v, self.loop.cache.v)):
+            torch.testing.assert_close(a[:, :, pages], b[:, :, pages], rtol=1e-4, atol=1e-4)
+
+    def test_two_items_take_the_layer_loop(self):
+        items = [
+            ForwardItem(pages=[p], last_page_len=3, positions=[0, 1, 2], tokens=[1, 2, 3])
+            for p in (1, 5)
+        ]
+        before = self.fused.model.fused.steps
+        self.fused.run(Forward(items))
+        for item in items:
+            item.positions, item.tokens, item.last_page_len = [3], [4], 4
+            item.output_indices = [0]
+        self.fused.run(Forward(items))
+        self.assertEqual(self.fused.model.fused.steps, before)
+
+
+class Llama(FusedEqualsLayerLoop):
+    pass
+
+
+class Qwen2(FusedEqualsLayerLoop):
+    overrides = {"architecture": "qwen2"}  # q/k/v biases
+
+
+class Qwen3(FusedEqualsLayerLoop):
+    overrides = {"architecture": "qwen3"}  # q/k norms
+
+
+class Mistral(FusedEqualsLayerLoop):
+    overrides = {"architecture": "mistral", "sliding_window": 8}
+
+
+class Gemma3(FusedEqualsLayerLoop):
+    """Sliding and global layers, GeGLU, sandwich norms; gate Q4_1 + up Q8_0 as int8 groups
+    with mins, down as groups of 16."""
+
+    overrides = GEMMA3
+    int8 = ("up_proj.weight", "down_proj.weight")
+
+
+class NotFused(TestCase):
+    def test_soft_capped_attention_keeps_the_layer_loop(self):
+        if not cpu_kernels.available():
+            raise SkipTest("no compiled kernels here")
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        loaded, _ = tiny_model(folder.name, **GEMMA2)
+        quantized_like_gguf(loaded)
+        engine = create_engine(loaded, device="cpu", dtype="auto", num_pages=8, page_size=PS)
+        self.assertIsNone(engine.model.fused)
+
+    def test_off_keeps_the_layer_loop(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        loaded, _ = tiny_model(folder.name)
+        quantized_like_gguf(loaded)
+        with mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "off"}):
+            cpu_kernels.library.cache_clear()
+            self.addCleanup(cpu_kernels.library.cache_clear)
+            engine = create_engine(loaded, device="cpu", dtype="auto", num_pages=8, page_size=PS)
+        self.assertIsNone(engine.model.fused)
+        np.testing.assert_array_equal([engine.info.compute["weight_kernel"]], ["int4"])

@@ -1,8 +1,9 @@
 """Accuracy of the default CPU path (dtype auto) against the float32 reference.
 
-The default path rounds: each int4 kernel's input and output are bf16 (the
-model is fp32 otherwise), the LM head is int4 with its top 64 logits rescored
-exactly, and on CPUs with native bf16 the many-row GEMMs run in bf16. Greedy
+The default path: the int4 layers run pie's float32 kernels (exact; torch's bf16
+int4 kernel where they do not build), one sequence's decode step is the fused call,
+the LM head is int4 with its top 64 logits rescored exactly, and on CPUs with native
+bf16 the many-row GEMMs run in bf16. Greedy
 text in low precision drifts with any rounding and differs between CPUs, so
 this compares next-token distributions position by position over a fixed
 corpus (tests/fixtures/accuracy_corpus: the repo's docs, code and a chat, 2,100
@@ -171,6 +172,28 @@ class DefaultPathAccuracyTests(TestCase):
     def test_decode_kernels(self):
         """The int4 kernels and the rescored int4 head (what decode runs), on every row."""
         self.check(few_row_kernels=True)
+
+    def test_fused_batch_1_decode(self):
+        """One text at a time, a token per forward: the fused decode step (pie.engine.cpu_decode)
+        where it runs, with the int4 head; top-1 agreement >= 99% on every position."""
+        engine = create_engine(self.loaded, device="cpu", dtype="auto", num_pages=32)
+        per_text = []
+        for ids in self.texts:
+            rows = []
+            for start in range(len(ids)):
+                [logits] = forward_logits(engine, corpus_items([ids], start, 1))
+                rows.append(logits)
+            per_text.append(torch.cat(rows))
+        stats = compare(self.reference, torch.log_softmax(torch.cat(per_text), dim=-1))
+        fused = engine.model.fused
+        message = f"{engine.model.path_description()}, fused steps {fused and fused.steps}: {stats}"
+        print(message)
+        if fused is not None:
+            self.assertEqual(fused.steps, self.reference.shape[0], "every step was fused")
+        self.assertGreaterEqual(stats["agree"], 0.99 if fused else 0.97, message)
+        self.assertGreaterEqual(stats["agree_where_clear"], 0.99, message)
+        self.assertLess(stats["mean_kl"], 0.02, message)
+        self.assertLess(stats["max_top_logprob_err"], 0.5, message)
 
     def test_prefill_gemms(self):
         """The dense GEMMs (bf16 or fp32 by CPU) and dense head that prefill runs."""

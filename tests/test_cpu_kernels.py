@@ -83,13 +83,6 @@ class KernelTests(TestCase):
         finally:
             torch.set_num_threads(before)
 
-    def test_auto_keeps_torchs_int4_kernel_for_int4_layers(self):
-        w = Q4_1Weight.from_dense(np.random.default_rng(0).standard_normal((48, 96), np.float32))
-        with mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "auto"}):
-            layer = Int4Linear(w, torch.bfloat16)
-            self.assertEqual((layer.kernel, int4_kernel_name()), ("int4", "int4"))
-
-    @mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "all"})
     def test_int4_linear_runs_it_for_float32_and_bfloat16_activations(self):
         w = Q4_1Weight.from_dense(np.random.default_rng(0).standard_normal((48, 96), np.float32))
         layer = Int4Linear(w, torch.bfloat16)

@@ -94,7 +94,7 @@ class EngineTests(TestCase):
 
     def test_avx2_runs_int4_and_fp32_prefill_gemms(self):
         engine = self.engine(AVX2)
-        kernel = int4_kernel_name()  # "int4-fp32" with cpu_kernels = all where they build
+        kernel = int4_kernel_name()  # "int4-fp32" where pie's kernels build
         self.assertEqual(
             engine.info.compute,
             {
@@ -102,6 +102,7 @@ class EngineTests(TestCase):
                 "weight_kernel": kernel,
                 "head": kernel,
                 "dense_dtype": "float32",
+                "batch1_decode": "fused" if cpu_kernels.available() else "layers",
                 "threads": str(cpu_path.usable_cores()),
             },
         )
@@ -116,7 +117,6 @@ class EngineTests(TestCase):
         self.assertEqual((compute["weight_kernel"], compute["head"]), ("int4", "int4"))
         self.assertIsNone(engine.model.layers[0].qkv.int4.fp32)
 
-    @mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "all"})
     def test_with_pies_kernels_few_rows_are_the_exact_float32_product(self):
         if not cpu_kernels.available():
             raise SkipTest("no compiled kernels here")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pie.engine import cpu_kernels
 from pie.engine.kv_cache import KvCache
 
 
@@ -60,6 +61,7 @@ class AttentionPlan:
     decode_pages: torch.Tensor | None  # [Bd, P]
     decode_bias: torch.Tensor | None  # [1, Bd, 1, P*page_size] additive (0 / -inf), or None
     decode_mask: torch.Tensor | None  # the same as bool (True = attend), for SDPA
+    decode_lens: torch.Tensor | None  # [Bd] int32 context slots of each decode item
     prefill: list[PrefillGroup]
     # one causal decode item: its context length, and its first page when its pages
     # are consecutive (attention then reads a view of the cache, no gather, no mask)
@@ -99,7 +101,7 @@ def build_plan(
         )
         multi.append(item)
     prefill = [_prefill_group(g, page_size, device) for g in _group_by_size(multi, page_size)]
-    decode_rows = decode_pages = decode_bias = decode_mask = None
+    decode_rows = decode_pages = decode_bias = decode_mask = decode_lens = None
     decode_all = False
     single_len = single_first_page = None
     if len(decode) == 1 and decode[0].mask is None:
@@ -119,6 +121,7 @@ def build_plan(
             else:
                 allowed[b, : d.context_len] = d.mask[0]
         decode_pages = torch.from_numpy(table).to(device)
+        decode_lens = torch.tensor([d.context_len for d in decode], dtype=torch.int32)
         if single_len is None and not allowed.all():
             bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)
             decode_bias = torch.from_numpy(bias).to(device=device, dtype=dtype)[None, :, None, :]
@@ -133,6 +136,7 @@ def build_plan(
         decode_pages=decode_pages,
         decode_bias=decode_bias,
         decode_mask=decode_mask,
+        decode_lens=decode_lens,
         prefill=prefill,
         single_len=single_len,
         single_first_page=single_first_page,
@@ -267,6 +271,12 @@ def _decode(
     softcap: float | None = None,
 ) -> torch.Tensor:
     b, heads, dim = q.shape
+    if softcap is None and q.dtype == torch.float32 and q.device.type == "cpu":
+        if cpu_kernels.available():  # straight from the pages (pie.engine.cpu_kernels)
+            return cpu_kernels.paged_decode_attention(
+                q, cache.k[layer], cache.v[layer], plan.decode_pages, plan.decode_lens,
+                plan.decode_mask, scale,
+            )  # fmt: skip
     if plan.single_first_page is not None:
         if plan.single_run is None:
             pages = plan.decode_pages.shape[1]

@@ -104,13 +104,17 @@ def _linear(lin: object) -> tuple[Linear, list[torch.Tensor]] | None:
     b = keep[0].data_ptr() if keep else None
     if isinstance(few, Int4Linear) and few.fp32 is not None:
         p = few.fp32
-        desc = Linear(INT4, p.out_features, p.in_features, 32, _ptr(p.packed), _ptr(p.d), _ptr(p.m), b)
+        desc = Linear(
+            INT4, p.out_features, p.in_features, 32, _ptr(p.packed), _ptr(p.d), _ptr(p.m), b
+        )
         return desc, keep + [p.packed, p.d, p.m]
     if isinstance(few, Int8GroupLinear):
         p = few.packed
         mins = None if few.mins is None else few.mins.T.contiguous()  # [N, K/g]
         keep += [p.q, p.scales] + ([] if mins is None else [mins])
-        desc = Linear(INT8, p.out_features, p.in_features, p.group, _ptr(p.q), _ptr(p.scales), _ptr(mins), b)
+        desc = Linear(
+            INT8, p.out_features, p.in_features, p.group, _ptr(p.q), _ptr(p.scales), _ptr(mins), b
+        )
         return desc, keep
     return None
 
@@ -206,7 +210,9 @@ class FusedDecode:
         pages = plan.decode_pages[0].contiguous()
         keep = [pages]
         t, mask = _context(plan, cache.page_size, keep)
-        local_t, local_mask = (t, mask) if local_plan is None else _context(local_plan, cache.page_size, keep)
+        local_t, local_mask = (
+            (t, mask) if local_plan is None else _context(local_plan, cache.page_size, keep)
+        )
         tables = [a.reshape(-1).contiguous() for a in (cos, sin, local_cos, local_sin)]
         step = Step(
             pages.data_ptr(),

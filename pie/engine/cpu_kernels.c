@@ -18,7 +18,13 @@ int8: y[r, n] = sum_g s[n, g] * (sum_{k in g} x[r, k] q[n, k]), groups of 16 or 
 #include <immintrin.h>
 #endif
 
-#define RT 4 /* activation rows per pass over a weight row (the weight row stays in L1) */
+/* activation rows per pass over a weight row (the weight row stays in L1): as many as
+   keep their accumulators in registers (32 with AVX512, 16 otherwise) */
+#if defined(__AVX512F__)
+#define RT 8
+#else
+#define RT 4
+#endif
 
 #if defined(__AVX512F__)
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -36,8 +42,9 @@ static inline __attribute__((always_inline)) void int4_row(
     int R, const float *x, long ldx, const float *xsum, int G, const uint8_t *q, const float *d,
     const float *m, float *out) {
 #if defined(__AVX512F__)
-    __m512 acc[RT];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    /* two accumulators per row (low and high halves of a group): independent FMA chains */
+    __m512 acc[RT], acc2[RT];
+    for (int r = 0; r < R; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
     for (int g = 0; g < G; g += 16) { /* the m term, summed with the rest */
         __mmask16 k = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
         __m512 mg = _mm512_maskz_loadu_ps(k, m + g);
@@ -47,17 +54,16 @@ static inline __attribute__((always_inline)) void int4_row(
     const __m512i mask = _mm512_set1_epi32(0x0F);
     for (int g = 0; g < G; g++) {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g)));
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
-        __m512 q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-        __m512 dg = _mm512_set1_ps(d[g]);
+        __m512 dg = _mm512_set1_ps(d[g]); /* d * q once per weight, shared by the rows */
+        __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, mask)), dg);
+        __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), dg);
         for (int r = 0; r < R; r++) {
             const float *xr = x + r * ldx + 32 * g;
-            __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xr), q0);
-            t = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), q1, t);
-            acc[r] = _mm512_fmadd_ps(dg, t, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc[r]);
+            acc2[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc2[r]);
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < R; r++) out[r] = hsum(_mm512_add_ps(acc[r], acc2[r]));
 #elif defined(__AVX2__)
     __m256 acc[RT];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -111,7 +117,13 @@ static void int4_rows(int R, const float *x, long ldx, const float *xsum, int G,
     case 1: int4_row(1, x, ldx, xsum, G, q, d, m, out); break;
     case 2: int4_row(2, x, ldx, xsum, G, q, d, m, out); break;
     case 3: int4_row(3, x, ldx, xsum, G, q, d, m, out); break;
-    default: int4_row(4, x, ldx, xsum, G, q, d, m, out); break;
+#if RT == 8
+    case 4: int4_row(4, x, ldx, xsum, G, q, d, m, out); break;
+    case 5: int4_row(5, x, ldx, xsum, G, q, d, m, out); break;
+    case 6: int4_row(6, x, ldx, xsum, G, q, d, m, out); break;
+    case 7: int4_row(7, x, ldx, xsum, G, q, d, m, out); break;
+#endif
+    default: int4_row(RT, x, ldx, xsum, G, q, d, m, out); break;
     }
     for (int r = 0; r < R; r++) y[r * ldy] = out[r];
 }
@@ -214,7 +226,13 @@ int pie_int8_matmul(const float *x, long ldx, int M, int K, const int8_t *q, con
             case 1: int8_row(1, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
             case 2: int8_row(2, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
             case 3: int8_row(3, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            default: int8_row(4, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+#if RT == 8
+            case 4: int8_row(4, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            case 5: int8_row(5, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            case 6: int8_row(6, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+            case 7: int8_row(7, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
+#endif
+            default: int8_row(RT, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
             }
             for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = out[r];
         }
@@ -310,27 +328,23 @@ static void rope_head(float *x, const float *cos, const float *sin, int hd) {
     for (int i = 0; i < hd; i++) x[i] = tmp[i] * cos[i] + tmp[(i + hd / 2) % hd] * sin[i];
 }
 
-static inline long slot_of(const pie_step *S, int t) {
-    return S->pages[t / S->page_size] * S->page_size + t % S->page_size;
-}
-
-/* Attention of q head h over the context; scores is [T] scratch. */
-static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step *S, int h,
-                        const float *q, float *scores, float *out) {
-    const int hd = M->hd, T = Ly->sliding ? S->local_T : S->T;
-    const uint8_t *mask = Ly->sliding ? S->local_mask : S->mask;
-    const long base = (long)(h / (M->hq / M->hkv)) * M->head_stride;
+/* Attention of one query row over T context slots of one kv head's paged cache:
+   slot t lives at base + (pages[t / ps] * ps + t % ps) * hd; mask [T] (1 = attend) or
+   NULL; scores [T] scratch. */
+static void attend_row(const float *q, const float *kbase, const float *vbase,
+                       const int64_t *pages, int ps, int T, const uint8_t *mask, int hd,
+                       float scale, float *scores, float *out) {
     float top = -INFINITY;
     for (int t = 0; t < T; t++) {
         if (mask && !mask[t]) {
             scores[t] = -INFINITY;
             continue;
         }
-        const float *k = Ly->k + base + slot_of(S, t) * hd;
+        const float *k = kbase + (pages[t / ps] * ps + t % ps) * hd;
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int i = 0; i < hd; i++) s += q[i] * k[i];
-        scores[t] = s * M->scale;
+        scores[t] = s * scale;
         if (scores[t] > top) top = scores[t];
     }
     float total = 0.0f;
@@ -339,11 +353,40 @@ static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step 
         if (scores[t] == -INFINITY) continue;
         const float p = expf(scores[t] - top);
         total += p;
-        const float *v = Ly->v + base + slot_of(S, t) * hd;
+        const float *v = vbase + (pages[t / ps] * ps + t % ps) * hd;
 #pragma omp simd
         for (int i = 0; i < hd; i++) out[i] += p * v[i];
     }
     for (int i = 0; i < hd; i++) out[i] /= total;
+}
+
+/* Decode attention of B items (one query row each) over their own pages.
+   q, out [B, hq, hd]; k, v: one layer's cache [hkv, slots, hd] (head_stride floats apart);
+   pages [B, P]; lens [B]; mask [B, P * ps] or NULL. */
+int pie_decode_attention(const float *q, const float *k, const float *v, long head_stride,
+                         const int64_t *pages, int P, int ps, const int32_t *lens,
+                         const uint8_t *mask, int B, int hq, int hkv, int hd, float scale,
+                         float *out, int nthreads) {
+    float *scores = malloc(sizeof(float) * (size_t)B * hq * P * ps);
+    if (!scores) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int j = 0; j < B * hq; j++) {
+        const int b = j / hq, h = j % hq;
+        const long base = (long)(h / (hq / hkv)) * head_stride;
+        attend_row(q + (long)j * hd, k + base, v + base, pages + (long)b * P, ps, lens[b],
+                   mask ? mask + (long)b * P * ps : NULL, hd, scale,
+                   scores + (long)j * P * ps, out + (long)j * hd);
+    }
+    free(scores);
+    return 0;
+}
+
+static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step *S, int h,
+                        const float *q, float *scores, float *out) {
+    const long base = (long)(h / (M->hq / M->hkv)) * M->head_stride;
+    attend_row(q, Ly->k + base, Ly->v + base, S->pages, S->page_size,
+               Ly->sliding ? S->local_T : S->T, Ly->sliding ? S->local_mask : S->mask, M->hd,
+               M->scale, scores, out);
 }
 
 static float activation(int act, float x) {

@@ -555,12 +555,14 @@ class LlamaModel:
         }
 
     def path_description(self) -> dict[str, str]:
-        """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype."""
+        """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype, and
+        whether one sequence's decode step is the fused call (pie.engine.cpu_decode)."""
         return {
             "dtype": str(self.dtype).removeprefix("torch."),
             "weight_kernel": int4_kernel_name() if self.int4 else "dense",
             "head": int4_kernel_name() if isinstance(self.head, Int4OrDenseLinear) else "dense",
             "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
+            "batch1_decode": "fused" if self.fused is not None else "layers",
         }
 
     def expected_weight_names(self) -> list[str]:

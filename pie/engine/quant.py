@@ -289,7 +289,7 @@ class Int4Linear:
             raise ValueError(f"int4 weights need in_features divisible by 32, got {inp}")
         self.out_features = out
         self.fp32: Int4Packed | None = None
-        if cpu_kernels.int4_fp32():  # one packed copy: bf16 activations widen to it too
+        if cpu_kernels.available():  # one packed copy: bf16 activations widen to it too
             self.fp32 = Int4Packed.from_q4_1(
                 torch.from_numpy(weight.q), torch.from_numpy(weight.d), torch.from_numpy(weight.m)
             )
@@ -394,7 +394,7 @@ class Int4OrDenseLinear:
 
 def int4_kernel_name() -> str:
     """What Int4Linear runs on this machine: "int4-fp32" (pie's kernel) or "int4" (torch's)."""
-    return "int4-fp32" if cpu_kernels.int4_fp32() else "int4"
+    return "int4-fp32" if cpu_kernels.available() else "int4"
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -77,7 +77,7 @@ def _settle(d: Deferred, job: object, result: object, error: BaseException | Non
         d.errback(Failure(PieError(f"model worker failed on {type(job).__name__}: {error}")))
 
 
-COMPUTE_KEYS = ("dtype", "weight_kernel", "head", "dense_dtype", "threads")
+COMPUTE_KEYS = ("dtype", "weight_kernel", "head", "dense_dtype", "batch1_decode", "threads")
 
 
 def load_worker(path: str, *, reactor: Any = None, **options: Any) -> LocalWorker:
@@ -157,8 +157,8 @@ class LocalModelService(Service):
     async def _load(self) -> None:
         s = self.settings
         path = resolve_model(s["model"], s["home"])
-        if s["cpu_kernels"] not in ("auto", "all", "off"):
-            raise PieError(f"cpu_kernels must be auto, all or off, not {s['cpu_kernels']!r}")
+        if s["cpu_kernels"] not in ("auto", "off"):
+            raise PieError(f"cpu_kernels must be auto or off, not {s['cpu_kernels']!r}")
         if s["cpu_kernels"] != "auto":  # read by pie.engine.cpu_kernels (and child workers)
             os.environ["PIE_CPU_KERNELS"] = s["cpu_kernels"]
         log.info(
@@ -197,7 +197,8 @@ class LocalModelService(Service):
         log.info("serving model {name}: {status}", name=service.name, status=service.status())
         log.info(
             "model {name} compute path: {dtype} activations, {weight_kernel} weight kernel, "
-            "{head} LM head, many-row GEMMs in {dense_dtype}, {threads} torch threads",
+            "{head} LM head, many-row GEMMs in {dense_dtype}, {batch1_decode} batch-1 decode step, "
+            "{threads} torch threads",
             name=service.name,
             **(dict.fromkeys(COMPUTE_KEYS, "?") | self.worker.info.compute),
         )

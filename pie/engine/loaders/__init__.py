@@ -82,7 +82,7 @@ def auto_cpu_path(quantized: bool) -> CpuPath:
     """The CPU path `dtype auto` takes on this machine for a model with or without Q4_1 weights."""
     from pie.engine import cpu_kernels
 
-    fp32_kernels = quantized and cpu_kernels.int4_fp32()
+    fp32_kernels = quantized and cpu_kernels.available()
     return choose_cpu_path(cpu_flags(), quantized, quantized and int4_bf16_works(), fp32_kernels)
 
 

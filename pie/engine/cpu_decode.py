@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
 import torch
 
 from pie.engine import cpu_kernels

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pie.engine import cpu_kernels
-from pie.engine.cpu_decode import FusedDecode
 from pie.engine.attention import AttentionPlan, attend
+from pie.engine.cpu_decode import FusedDecode
 from pie.engine.kv_cache import KvCache
 from pie.engine.quant import (
     DenseLinear,

@@ -58,6 +58,7 @@ def llama_child(model: str, threads: int) -> None:
         start = time.perf_counter()
         stamps, outputs = [], []
         for prompt in request["prompts"]:  # one after another, as a single-stream server
+            llm.reset()  # no prefix reuse from the previous request: every prompt is prefilled
             out = []
             for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
                 out.append(token)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.engine import cpu_kernels
 from pie.engine.batch import Forward, ForwardItem
+from pie.engine.cpu_decode import MAX_ITEMS
 from pie.engine.engine import create_engine
 from pie.engine.quant import Int8Groups, Q4_1Weight, parse_q8_0
 from tests.model_fixtures import dense, tiny_model
@@ -51,6 +52,8 @@ def quantized_like_gguf(loaded, int8: tuple[str, ...] = ()) -> None:
 
 
 class FusedEqualsLayerLoop(TestCase):
+    """Llama; the subclasses the other families."""
+
     overrides: dict = {}
     int8: tuple[str, ...] = ()
 
@@ -70,60 +73,76 @@ class FusedEqualsLayerLoop(TestCase):
         self.vocab = self.loaded.config.vocab_size
         self.rng = random.Random(5)
 
-    def run_both(self, item: ForwardItem):
-        outs = [e.run(Forward([item])) for e in (self.fused, self.loop)]
-        [[a]], [[b]] = outs
-        diff = (dense(a, self.vocab) - dense(b, self.vocab)).abs().max().item()
-        self.assertLess(diff, ATOL, f"max |Δp| = {diff}")
+    def run_both(self, items: list[ForwardItem]):
+        outs = [e.run(Forward(items)) for e in (self.fused, self.loop)]
+        for a, b in zip(*outs, strict=True):
+            diff = (dense(a[0], self.vocab) - dense(b[0], self.vocab)).abs().max().item()
+            self.assertLess(diff, ATOL, f"max |Δp| = {diff}")
 
-    def test_decode_on_shuffled_pages_with_a_gap_and_masks(self):
-        pages, tokens = [9, 2, 14, 30], [self.rng.randrange(self.vocab) for _ in range(21)]
-        positions = list(range(21))
-        prefill = ForwardItem(pages=pages[:2], last_page_len=5, positions=positions, tokens=tokens)
+    def prefill(self, pages: list[int], n: int) -> tuple[list[int], list[int]]:
+        tokens = [self.rng.randrange(self.vocab) for _ in range(n)]
+        item = ForwardItem(
+            pages=pages[: -(-n // PS)], last_page_len=n - PS * (-(-n // PS) - 1),
+            positions=list(range(n)), tokens=tokens,
+        )  # fmt: skip
         for e in (self.fused, self.loop):
-            e.run(Forward([prefill]))
-        fused_steps = self.fused.model.fused.steps
-        for step in range(24):
-            tokens.append(self.rng.randrange(self.vocab))
-            positions.append(positions[-1] + (7 if step == 3 else 1))  # a gap
-            total = len(tokens)
-            used = pages[: -(-total // PS)]
-            masks = []
-            if step % 3 == 2:  # BRLE: attend all but slots 4..9 (the new token too)
-                masks = [[4, 6, total - 10]]
-            self.run_both(
-                ForwardItem(
-                    pages=used,
-                    last_page_len=total - PS * (len(used) - 1),
-                    positions=positions[-1:],
-                    tokens=tokens[-1:],
-                    output_indices=[0],
-                    masks=masks,
-                )
-            )
-        self.assertEqual(self.fused.model.fused.steps - fused_steps, 24, "every step was fused")
-        for a, b in (
-            (self.fused.cache.k, self.loop.cache.k),
-            (self.fused.cache.v, self.loop.cache.v),
-        ):
+            e.run(Forward([item]))
+        return tokens, list(range(n))
+
+    def decode_item(self, pages, tokens, positions, gap=1, masks=()) -> ForwardItem:
+        tokens.append(self.rng.randrange(self.vocab))
+        positions.append(positions[-1] + gap)
+        total = len(tokens)
+        used = pages[: -(-total // PS)]
+        return ForwardItem(
+            pages=used,
+            last_page_len=total - PS * (len(used) - 1),
+            positions=positions[-1:],
+            tokens=tokens[-1:],
+            output_indices=[0],
+            masks=[list(m) for m in masks],
+        )
+
+    def assertSameCaches(self, pages: list[int]):
+        for a, b in ((self.fused.cache.k, self.loop.cache.k), (self.fused.cache.v, self.loop.cache.v)):
             torch.testing.assert_close(a[:, :, pages], b[:, :, pages], rtol=1e-4, atol=1e-4)
 
-    def test_two_items_take_the_layer_loop(self):
-        items = [
-            ForwardItem(pages=[p], last_page_len=3, positions=[0, 1, 2], tokens=[1, 2, 3])
-            for p in (1, 5)
-        ]
+    def test_one_sequence_on_shuffled_pages_with_a_gap_and_masks(self):
+        pages = [9, 2, 14, 30]
+        tokens, positions = self.prefill(pages, 21)
         before = self.fused.model.fused.steps
-        self.fused.run(Forward(items))
-        for item in items:
-            item.positions, item.tokens, item.last_page_len = [3], [4], 4
-            item.output_indices = [0]
-        self.fused.run(Forward(items))
+        for step in range(24):
+            total = len(tokens) + 1  # BRLE: attend all but slots 4..9 (the new token too)
+            masks = [[4, 6, total - 10]] if step % 3 == 2 else []
+            item = self.decode_item(pages, tokens, positions, 7 if step == 3 else 1, masks)
+            self.run_both([item])
+        self.assertEqual(self.fused.model.fused.steps - before, 24, "every step was fused")
+        self.assertSameCaches(pages)
+
+    def test_several_sequences_of_different_lengths_in_one_step(self):
+        runs = [([3, 17, 8], 5), ([25, 1], 19), ([12, 6, 20], 30)]
+        seqs = [(pages, *self.prefill(pages, n)) for pages, n in runs]
+        before = self.fused.model.fused.steps
+        for step in range(6):
+            items = []
+            for j, (pages, tokens, positions) in enumerate(seqs):
+                total = len(tokens) + 1
+                masks = [[2, 1, total - 3]] if j == step % 3 else []
+                items.append(self.decode_item(pages, tokens, positions, masks=masks))
+            self.run_both(items)
+        self.assertEqual(self.fused.model.fused.steps - before, 6)
+        self.assertSameCaches([p for pages, _ in runs for p in pages])
+
+    def test_prefill_in_the_batch_or_too_many_items_take_the_layer_loop(self):
+        before = self.fused.model.fused.steps
+        pages = [[2 * i, 2 * i + 1] for i in range(MAX_ITEMS + 3)]
+        seqs = [(p, *self.prefill(p, 3)) for p in pages]
+        mixed = [self.decode_item(*seqs[0]), self.decode_item(*seqs[1])]
+        mixed[1].tokens, mixed[1].positions = [7, 8], [3, 4]  # two new tokens: not decode
+        mixed[1].last_page_len += 1
+        self.fused.run(Forward(mixed))
+        self.fused.run(Forward([self.decode_item(*s) for s in seqs[2:]]))
         self.assertEqual(self.fused.model.fused.steps, before)
-
-
-class Llama(FusedEqualsLayerLoop):
-    pass
 
 
 class Qwen2(FusedEqualsLayerLoop):
@@ -168,4 +187,4 @@ class NotFused(TestCase):
             engine = create_engine(loaded, device="cpu", dtype="auto", num_pages=8, page_size=PS)
         self.assertIsNone(engine.model.fused)
         compute = engine.info.compute
-        self.assertEqual((compute["weight_kernel"], compute["batch1_decode"]), ("int4", "layers"))
+        self.assertEqual((compute["weight_kernel"], compute["decode_step"]), ("int4", "layers"))

@@ -102,7 +102,7 @@ class EngineTests(TestCase):
                 "weight_kernel": kernel,
                 "head": kernel,
                 "dense_dtype": "float32",
-                "batch1_decode": "fused" if cpu_kernels.available() else "layers",
+                "decode_step": "fused" if cpu_kernels.available() else "layers",
                 "threads": str(cpu_path.usable_cores()),
             },
         )

@@ -1,15 +1,16 @@
-"""Batch-1 decode in one compiled call per step (pie_decode_step in cpu_kernels.c).
+"""A decode step of up to 10 sequences in one compiled call (pie_decode_step, cpu_kernels.c).
 
-Why: one sequence decoding on a CPU is what llama.cpp is best at, and there a layer of
+Why: a few sequences decoding on a CPU is what llama.cpp is best at, and there a layer of
 the torch path is ~45 small ops around four weight reads whose dispatch costs about as
-much as streaming the weights (bench/decode_step.py's skeleton). pie_decode_step runs
-every layer of the new token in one OpenMP team: the same math in float32 on the same
-quantized weights (pie's int4 and int8-group kernels), the K/V written into the paged
-cache, attention over the item's pages with its mask.
+much as streaming the weights (bench/decode_step.py's skeleton: 8x faster fused). The
+step runs every layer of the new tokens in one OpenMP team: the same math in float32 on
+the same quantized weights (pie's int4 and int8-group kernels, each weight row read once
+per 8 sequences with AVX512), the K/V written into the paged cache, attention over each
+item's pages with its mask (and, on sliding layers, the window's).
 
 `FusedDecode.build(model)` says whether a model can take it (CPU, float32, every linear
-on pie's kernels, no soft-capping); `step` is called by LlamaModel.forward for a forward
-of exactly one decode item and returns None where that step cannot take it.
+on pie's kernels, no soft-capping); `step` is called by LlamaModel.forward and returns
+None for a forward it does not take (any prefill item, or more than MAX_ITEMS items).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pie.engine.quant import Int4Linear, Int4OrDenseLinear, Int8GroupLinear
 INT4, INT8 = 0, 1
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
 MAX_HEAD_DIM = 512  # the C side's RoPE scratch
+# past this many items the layer loop's many-row GEMMs (oneDNN, bf16 where native) win
+MAX_ITEMS = Int4OrDenseLinear.MAX_INT4_ROWS
 
 
 class Linear(ctypes.Structure):
@@ -76,11 +79,13 @@ class Model(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = [
+        ("B", ctypes.c_int),
+        ("P", ctypes.c_int),
         ("pages", ctypes.c_void_p),
         ("page_size", ctypes.c_int),
-        ("write_slot", ctypes.c_long),
-        ("T", ctypes.c_int),
-        ("local_T", ctypes.c_int),
+        ("write_slots", ctypes.c_void_p),
+        ("lens", ctypes.c_void_p),
+        ("local_lens", ctypes.c_void_p),
         ("mask", ctypes.c_void_p),
         ("local_mask", ctypes.c_void_p),
         ("cos", ctypes.c_void_p),
@@ -201,27 +206,33 @@ class FusedDecode:
         local_sin: torch.Tensor,
         cache: KvCache,
     ) -> torch.Tensor | None:
-        """x [1, H] embedded -> [1, H] after the last layer, K/V written; None: not this step."""
-        if not plan.decode_all or plan.decode_pages is None or plan.decode_pages.shape[0] != 1:
+        """x [B, H] embedded, one new token per decode item -> [B, H] after the last layer,
+        K/V written; None where the forward is not all decode items."""
+        if not plan.decode_all or plan.decode_pages is None or x.shape[0] > MAX_ITEMS:
             return None
         if cache is not self._cache:
             self._attach(cache)
-        pages = plan.decode_pages[0].contiguous()
-        keep = [pages]
-        t, mask = _context(plan, cache.page_size, keep)
-        local_t, local_mask = (
-            (t, mask) if local_plan is None else _context(local_plan, cache.page_size, keep)
-        )
-        tables = [a.reshape(-1).contiguous() for a in (cos, sin, local_cos, local_sin)]
+        local = plan if local_plan is None else local_plan
+        keep = [
+            plan.decode_pages.contiguous(),
+            plan.write_slots.contiguous(),
+            plan.decode_lens.contiguous(),
+            local.decode_lens.contiguous(),
+            *(a.reshape(a.shape[0], -1).contiguous() for a in (cos, sin, local_cos, local_sin)),
+        ]
+        masks = [
+            None if p.decode_mask is None else p.decode_mask.reshape(x.shape[0], -1).to(torch.uint8)
+            for p in (plan, local)
+        ]
+        keep += [m for m in masks if m is not None]
         step = Step(
-            pages.data_ptr(),
+            x.shape[0],
+            plan.decode_pages.shape[1],
+            keep[0].data_ptr(),
             cache.page_size,
-            int(plan.write_slots[0]),
-            t,
-            local_t,
-            mask,
-            local_mask,
-            *(a.data_ptr() for a in tables),
+            *(t.data_ptr() for t in keep[1:4]),
+            *(None if m is None else m.data_ptr() for m in masks),
+            *(t.data_ptr() for t in keep[4:8]),
         )
         out = x.to(torch.float32).contiguous().clone()
         status = cpu_kernels.library().pie_decode_step(
@@ -231,12 +242,3 @@ class FusedDecode:
             raise MemoryError("pie_decode_step: no memory for its scratch")
         self.steps += 1
         return out
-
-
-def _context(plan: AttentionPlan, page_size: int, keep: list) -> tuple[int, int | None]:
-    """Slots attended and the mask's address (None: all of them) of a one-item decode plan."""
-    if plan.decode_mask is None:
-        return plan.single_len or plan.decode_pages.shape[1] * page_size, None
-    mask = plan.decode_mask.reshape(-1).to(torch.uint8).contiguous()
-    keep.append(mask)
-    return mask.numel(), mask.data_ptr()

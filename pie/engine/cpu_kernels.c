@@ -39,8 +39,8 @@ static inline float hsum(__m256 v) {
 
 /* One weight row n against R (<= RT) activation rows: out[r] = sum_g d[g] * dot_g. */
 static inline __attribute__((always_inline)) void int4_row(
-    int R, const float *x, long ldx, const float *xsum, int G, const uint8_t *q, const float *d,
-    const float *m, float *out) {
+    int R, const float *x, long ldx, const float *xsum, long lds, int G, const uint8_t *q,
+    const float *d, const float *m, float *out) {
 #if defined(__AVX512F__)
     /* two accumulators per row (low and high halves of a group): independent FMA chains */
     __m512 acc[RT], acc2[RT];
@@ -49,7 +49,7 @@ static inline __attribute__((always_inline)) void int4_row(
         __mmask16 k = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
         __m512 mg = _mm512_maskz_loadu_ps(k, m + g);
         for (int r = 0; r < R; r++)
-            acc[r] = _mm512_fmadd_ps(mg, _mm512_maskz_loadu_ps(k, xsum + r * G + g), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mg, _mm512_maskz_loadu_ps(k, xsum + r * lds + g), acc[r]);
     }
     const __m512i mask = _mm512_set1_epi32(0x0F);
     for (int g = 0; g < G; g++) {
@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) void int4_row(
         __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256 mg = _mm256_maskload_ps(m + g, k);
         for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(mg, _mm256_maskload_ps(xsum + r * G + g, k), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mg, _mm256_maskload_ps(xsum + r * lds + g, k), acc[r]);
     }
     const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int g = 0; g < G; g++) {
@@ -103,27 +103,27 @@ static inline __attribute__((always_inline)) void int4_row(
                 uint8_t b = q[16 * g + j];
                 t += xr[32 * g + j] * (float)(b & 15) + xr[32 * g + 16 + j] * (float)(b >> 4);
             }
-            s += d[g] * t + m[g] * xsum[r * G + g];
+            s += d[g] * t + m[g] * xsum[r * lds + g];
         }
         out[r] = s;
     }
 #endif
 }
 
-static void int4_rows(int R, const float *x, long ldx, const float *xsum, int G,
+static void int4_rows(int R, const float *x, long ldx, const float *xsum, long lds, int G,
                       const uint8_t *q, const float *d, const float *m, float *y, long ldy) {
     float out[RT];
     switch (R) { /* constant R: the row loops unroll and acc[] stays in registers */
-    case 1: int4_row(1, x, ldx, xsum, G, q, d, m, out); break;
-    case 2: int4_row(2, x, ldx, xsum, G, q, d, m, out); break;
-    case 3: int4_row(3, x, ldx, xsum, G, q, d, m, out); break;
+    case 1: int4_row(1, x, ldx, xsum, lds, G, q, d, m, out); break;
+    case 2: int4_row(2, x, ldx, xsum, lds, G, q, d, m, out); break;
+    case 3: int4_row(3, x, ldx, xsum, lds, G, q, d, m, out); break;
 #if RT == 8
-    case 4: int4_row(4, x, ldx, xsum, G, q, d, m, out); break;
-    case 5: int4_row(5, x, ldx, xsum, G, q, d, m, out); break;
-    case 6: int4_row(6, x, ldx, xsum, G, q, d, m, out); break;
-    case 7: int4_row(7, x, ldx, xsum, G, q, d, m, out); break;
+    case 4: int4_row(4, x, ldx, xsum, lds, G, q, d, m, out); break;
+    case 5: int4_row(5, x, ldx, xsum, lds, G, q, d, m, out); break;
+    case 6: int4_row(6, x, ldx, xsum, lds, G, q, d, m, out); break;
+    case 7: int4_row(7, x, ldx, xsum, lds, G, q, d, m, out); break;
 #endif
-    default: int4_row(RT, x, ldx, xsum, G, q, d, m, out); break;
+    default: int4_row(RT, x, ldx, xsum, lds, G, q, d, m, out); break;
     }
     for (int r = 0; r < R; r++) y[r * ldy] = out[r];
 }
@@ -147,7 +147,7 @@ int pie_int4_matmul(const float *x, long ldx, int M, int K, const uint8_t *q, co
         const float *dn = d + (long)n * G, *mn = m + (long)n * G;
         for (int r0 = 0; r0 < M; r0 += RT) {
             int R = M - r0 < RT ? M - r0 : RT;
-            int4_rows(R, x + r0 * ldx, ldx, xsum + r0 * G, G, qn, dn, mn, y + (long)r0 * N + n, N);
+            int4_rows(R, x + r0 * ldx, ldx, xsum + r0 * G, G, G, qn, dn, mn, y + (long)r0 * N + n, N);
         }
     }
     free(xsum);
@@ -210,6 +210,22 @@ static inline __attribute__((always_inline)) void int8_row(
 #endif
 }
 
+static void int8_rows(int R, const float *x, long ldx, int K, int gs, const int8_t *q,
+                      const float *s, float *out) {
+    switch (R) { /* constant R, as int4_rows */
+    case 1: int8_row(1, x, ldx, K, gs, q, s, out); break;
+    case 2: int8_row(2, x, ldx, K, gs, q, s, out); break;
+    case 3: int8_row(3, x, ldx, K, gs, q, s, out); break;
+#if RT == 8
+    case 4: int8_row(4, x, ldx, K, gs, q, s, out); break;
+    case 5: int8_row(5, x, ldx, K, gs, q, s, out); break;
+    case 6: int8_row(6, x, ldx, K, gs, q, s, out); break;
+    case 7: int8_row(7, x, ldx, K, gs, q, s, out); break;
+#endif
+    default: int8_row(RT, x, ldx, K, gs, q, s, out); break;
+    }
+}
+
 /* x [M, K] (row stride ldx), q int8 [N, K], s [N, K/gs], y [M, N]; gs = 16 or 32, K % gs == 0. */
 int pie_int8_matmul(const float *x, long ldx, int M, int K, const int8_t *q, const float *s,
                      int gs, int N, float *y, int nthreads) {
@@ -217,23 +233,10 @@ int pie_int8_matmul(const float *x, long ldx, int M, int K, const int8_t *q, con
     if (M <= 0 || N <= 0) return 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int n = 0; n < N; n++) {
-        const int8_t *qn = q + (long)n * K;
-        const float *sn = s + (long)n * G;
         for (int r0 = 0; r0 < M; r0 += RT) {
             int R = M - r0 < RT ? M - r0 : RT;
             float out[RT];
-            switch (R) {
-            case 1: int8_row(1, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            case 2: int8_row(2, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            case 3: int8_row(3, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-#if RT == 8
-            case 4: int8_row(4, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            case 5: int8_row(5, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            case 6: int8_row(6, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            case 7: int8_row(7, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-#endif
-            default: int8_row(RT, x + r0 * ldx, ldx, K, gs, qn, sn, out); break;
-            }
+            int8_rows(R, x + r0 * ldx, ldx, K, gs, q + (long)n * K, s + (long)n * G, out);
             for (int r = 0; r < R; r++) y[(long)(r0 + r) * N + n] = out[r];
         }
     }
@@ -279,12 +282,13 @@ typedef struct {
 } pie_model;
 
 typedef struct {
-    const int64_t *pages; /* the sequence's pages, in order */
+    int B, P;             /* decode items; page-table width */
+    const int64_t *pages; /* [B, P] each item's pages in order (padded) */
     int page_size;
-    long write_slot;      /* flat slot of the new token */
-    int T, local_T;       /* context slots attended (global, sliding layers) */
-    const uint8_t *mask, *local_mask;               /* [T] 1 = attend, or NULL: all T */
-    const float *cos, *sin, *local_cos, *local_sin; /* [hd], sin sign-folded */
+    const int64_t *write_slots;           /* [B] flat slot of each new token */
+    const int32_t *lens, *local_lens;     /* [B] context slots attended (global, sliding) */
+    const uint8_t *mask, *local_mask;     /* [B, P * page_size] 1 = attend, or NULL: lens */
+    const float *cos, *sin, *local_cos, *local_sin; /* [B, hd], sin sign-folded */
 } pie_step;
 
 static void rms_norm_row(const float *x, const float *w, int n, float eps, float *out) {
@@ -303,22 +307,30 @@ static void group_sums(const float *x, int K, int gs, float *sums) {
     }
 }
 
-/* y = W x for one row; called by every thread of the team (the rows are shared out). */
-static void linear_row(const pie_linear *W, const float *x, const float *xsum, float *y) {
+/* Y [B, N] = X [B, K] W^T (row strides ldx, ldy; xsum [B, gs] sums, stride lds); called
+   by every thread of the team: the weight rows are shared out, each read once per RT rows. */
+static void linear_rows(const pie_linear *W, int B, const float *x, long ldx, const float *xsum,
+                        long lds, float *y, long ldy) {
     const int G = W->K / W->gs;
 #pragma omp for schedule(static)
     for (int n = 0; n < W->N; n++) {
-        float out;
-        if (W->kind == PIE_INT4) {
-            int4_row(1, x, 0, xsum, G, (const uint8_t *)W->q + (long)n * (W->K / 2),
-                     W->d + (long)n * G, W->m + (long)n * G, &out);
-        } else {
-            int8_row(1, x, 0, W->K, W->gs, (const int8_t *)W->q + (long)n * W->K,
-                     W->d + (long)n * G, &out);
-            if (W->m)
-                for (int g = 0; g < G; g++) out += W->m[(long)n * G + g] * xsum[g];
+        for (int r0 = 0; r0 < B; r0 += RT) {
+            const int R = B - r0 < RT ? B - r0 : RT;
+            const float *xr = x + r0 * ldx, *sr = xsum + r0 * lds;
+            float out[RT];
+            if (W->kind == PIE_INT4) {
+                int4_rows(R, xr, ldx, sr, lds, G, (const uint8_t *)W->q + (long)n * (W->K / 2),
+                          W->d + (long)n * G, W->m + (long)n * G, out, 1);
+            } else {
+                const int8_t *qn = (const int8_t *)W->q + (long)n * W->K;
+                const float *sn = W->d + (long)n * G;
+                int8_rows(R, xr, ldx, W->K, W->gs, qn, sn, out);
+                for (int r = 0; W->m && r < R; r++)
+                    for (int g = 0; g < G; g++) out[r] += W->m[(long)n * G + g] * sr[r * lds + g];
+            }
+            for (int r = 0; r < R; r++)
+                y[(r0 + r) * ldy + n] = W->bias ? out[r] + W->bias[n] : out[r];
         }
-        y[n] = W->bias ? out + W->bias[n] : out;
     }
 }
 
@@ -381,12 +393,14 @@ int pie_decode_attention(const float *q, const float *k, const float *v, long he
     return 0;
 }
 
-static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step *S, int h,
-                        const float *q, float *scores, float *out) {
+static void attend_head(const pie_model *M, const pie_layer *Ly, const pie_step *S, int b,
+                        int h, const float *q, float *scores, float *out) {
     const long base = (long)(h / (M->hq / M->hkv)) * M->head_stride;
-    attend_row(q, Ly->k + base, Ly->v + base, S->pages, S->page_size,
-               Ly->sliding ? S->local_T : S->T, Ly->sliding ? S->local_mask : S->mask, M->hd,
-               M->scale, scores, out);
+    const uint8_t *mask = Ly->sliding ? S->local_mask : S->mask;
+    const long width = (long)S->P * S->page_size;
+    attend_row(q, Ly->k + base, Ly->v + base, S->pages + (long)b * S->P, S->page_size,
+               (Ly->sliding ? S->local_lens : S->lens)[b], mask ? mask + b * width : NULL,
+               M->hd, M->scale, scores, out);
 }
 
 static float activation(int act, float x) {
@@ -395,65 +409,76 @@ static float activation(int act, float x) {
     return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
 }
 
-/* Every layer for one new token: x [H] in (embedded), out (before the final norm). */
+/* Every layer for one new token of each of B items: x [B, H] in (embedded), out (before
+   the final norm). */
 int pie_decode_step(const pie_model *M, const pie_step *S, float *x, int nthreads) {
-    const int H = M->H, hd = M->hd, nq = M->hq * hd, nkv = M->hkv * hd;
-    const int T = S->T > S->local_T ? S->T : S->local_T;
-    const int widest = H > M->inter ? (H > nq ? H : nq) : (M->inter > nq ? M->inter : nq);
-    float *buf = malloc(sizeof(float) * ((size_t)4 * widest + nq + 2 * nkv + 2 * M->inter +
-                                         (size_t)M->hq * T + widest));
+    const int B = S->B, H = M->H, hd = M->hd, nq = M->hq * hd, nkv = M->hkv * hd;
+    const int nqkv = nq + 2 * nkv, inter = M->inter, T = S->P * S->page_size;
+    int wide = H > inter ? H : inter; /* the widest linear input */
+    wide = wide > nq ? wide : nq;
+    const long lds = wide / 16 + 1; /* group sums per row (groups of 16 or more) */
+    float *buf = malloc(sizeof(float) * (size_t)B *
+                        (2 * (size_t)H + nq + inter + lds + nqkv + 2 * (size_t)inter +
+                         (size_t)M->hq * T));
     if (!buf) return -1;
-    float *xn = buf, *h = xn + widest, *attn = h + widest, *act = attn + widest;
-    float *xsum = act + widest, *qkv = xsum + widest, *gu = qkv + nq + 2 * nkv;
-    float *scores = gu + 2 * M->inter;
+    float *xn = buf, *h = xn + (long)B * H, *attn = h + (long)B * H, *act = attn + (long)B * nq;
+    float *xsum = act + (long)B * inter, *qkv = xsum + B * lds, *gu = qkv + (long)B * nqkv;
+    float *scores = gu + (long)B * 2 * inter;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     for (int l = 0; l < M->L; l++) {
         const pie_layer *Ly = &M->layers[l];
+        const float *cos = Ly->sliding ? S->local_cos : S->cos;
+        const float *sin = Ly->sliding ? S->local_sin : S->sin;
 #pragma omp single
-        {
-            rms_norm_row(x, Ly->input_norm, H, M->eps, xn);
-            group_sums(xn, H, Ly->qkv.gs, xsum);
+        for (int b = 0; b < B; b++) {
+            rms_norm_row(x + b * H, Ly->input_norm, H, M->eps, xn + b * H);
+            group_sums(xn + b * H, H, Ly->qkv.gs, xsum + b * lds);
         }
-        linear_row(&Ly->qkv, xn, xsum, qkv);
+        linear_rows(&Ly->qkv, B, xn, H, xsum, lds, qkv, nqkv);
 #pragma omp single
-        {
+        for (int b = 0; b < B; b++) {
+            float *r = qkv + (long)b * nqkv;
             for (int j = 0; Ly->qk_norm && j < M->hq + M->hkv; j++)
-                rms_norm_row(qkv + j * hd, NULL, hd, M->eps, qkv + j * hd);
-            for (int j = 0; Ly->qk_norm && j < (M->hq + M->hkv) * hd; j++)
-                qkv[j] *= Ly->qk_norm[j];
-            const float *cos = Ly->sliding ? S->local_cos : S->cos;
-            const float *sin = Ly->sliding ? S->local_sin : S->sin;
-            for (int j = 0; j < M->hq + M->hkv; j++) rope_head(qkv + j * hd, cos, sin, hd);
+                rms_norm_row(r + j * hd, NULL, hd, M->eps, r + j * hd);
+            for (int j = 0; Ly->qk_norm && j < (M->hq + M->hkv) * hd; j++) r[j] *= Ly->qk_norm[j];
+            for (int j = 0; j < M->hq + M->hkv; j++) rope_head(r + j * hd, cos + b * hd, sin + b * hd, hd);
             for (int j = 0; j < M->hkv; j++) {
-                const long at = j * M->head_stride + S->write_slot * hd;
-                memcpy(Ly->k + at, qkv + nq + j * hd, sizeof(float) * hd);
-                memcpy(Ly->v + at, qkv + nq + nkv + j * hd, sizeof(float) * hd);
+                const long at = j * M->head_stride + S->write_slots[b] * hd;
+                memcpy(Ly->k + at, r + nq + j * hd, sizeof(float) * hd);
+                memcpy(Ly->v + at, r + nq + nkv + j * hd, sizeof(float) * hd);
             }
         }
 #pragma omp for schedule(static)
-        for (int j = 0; j < M->hq; j++)
-            attend_head(M, Ly, S, j, qkv + j * hd, scores + (long)j * T, attn + j * hd);
-#pragma omp single
-        group_sums(attn, nq, Ly->o.gs, xsum);
-        linear_row(&Ly->o, attn, xsum, h);
-#pragma omp single
-        {
-            if (Ly->attn_out_norm) rms_norm_row(h, Ly->attn_out_norm, H, M->eps, h);
-            for (int i = 0; i < H; i++) x[i] += h[i];
-            rms_norm_row(x, Ly->post_norm, H, M->eps, xn);
-            group_sums(xn, H, Ly->gate_up.gs, xsum);
+        for (int j = 0; j < B * M->hq; j++) {
+            const int b = j / M->hq, hh = j % M->hq;
+            attend_head(M, Ly, S, b, hh, qkv + (long)b * nqkv + hh * hd, scores + (long)j * T,
+                        attn + (long)j * hd);
         }
-        linear_row(&Ly->gate_up, xn, xsum, gu);
 #pragma omp single
-        {
-            for (int i = 0; i < M->inter; i++) act[i] = activation(M->act, gu[i]) * gu[M->inter + i];
-            group_sums(act, M->inter, Ly->down.gs, xsum);
+        for (int b = 0; b < B; b++) group_sums(attn + (long)b * nq, nq, Ly->o.gs, xsum + b * lds);
+        linear_rows(&Ly->o, B, attn, nq, xsum, lds, h, H);
+#pragma omp single
+        for (int b = 0; b < B; b++) {
+            float *hb = h + b * H, *xb = x + b * H;
+            if (Ly->attn_out_norm) rms_norm_row(hb, Ly->attn_out_norm, H, M->eps, hb);
+            for (int i = 0; i < H; i++) xb[i] += hb[i];
+            rms_norm_row(xb, Ly->post_norm, H, M->eps, xn + b * H);
+            group_sums(xn + b * H, H, Ly->gate_up.gs, xsum + b * lds);
         }
-        linear_row(&Ly->down, act, xsum, h);
+        linear_rows(&Ly->gate_up, B, xn, H, xsum, lds, gu, 2 * inter);
 #pragma omp single
-        {
-            if (Ly->mlp_out_norm) rms_norm_row(h, Ly->mlp_out_norm, H, M->eps, h);
-            for (int i = 0; i < H; i++) x[i] += h[i];
+        for (int b = 0; b < B; b++) {
+            const float *g = gu + (long)b * 2 * inter;
+            float *ab = act + (long)b * inter;
+            for (int i = 0; i < inter; i++) ab[i] = activation(M->act, g[i]) * g[inter + i];
+            group_sums(ab, inter, Ly->down.gs, xsum + b * lds);
+        }
+        linear_rows(&Ly->down, B, act, inter, xsum, lds, h, H);
+#pragma omp single
+        for (int b = 0; b < B; b++) {
+            float *hb = h + b * H, *xb = x + b * H;
+            if (Ly->mlp_out_norm) rms_norm_row(hb, Ly->mlp_out_norm, H, M->eps, hb);
+            for (int i = 0; i < H; i++) xb[i] += hb[i];
         }
     }
     free(buf);

@@ -556,13 +556,13 @@ class LlamaModel:
 
     def path_description(self) -> dict[str, str]:
         """dtype, the kernel of few-row linears (and the head), the many-row GEMM's dtype, and
-        whether one sequence's decode step is the fused call (pie.engine.cpu_decode)."""
+        whether decode steps of few sequences are the fused call (pie.engine.cpu_decode)."""
         return {
             "dtype": str(self.dtype).removeprefix("torch."),
             "weight_kernel": int4_kernel_name() if self.int4 else "dense",
             "head": int4_kernel_name() if isinstance(self.head, Int4OrDenseLinear) else "dense",
             "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
-            "batch1_decode": "fused" if self.fused is not None else "layers",
+            "decode_step": "fused" if self.fused is not None else "layers",
         }
 
     def expected_weight_names(self) -> list[str]:
@@ -630,7 +630,7 @@ class LlamaModel:
         x = self.embed_tokens(tokens)
         eps = c.rms_norm_eps
         fused = None
-        if n == 1 and self.fused is not None:
+        if self.fused is not None and plan.decode_all:
             fused = self.fused.step(x, plan, local_plan, cos, sin, local_cos, local_sin, cache)
         for index, layer in enumerate(self.layers if fused is None else ()):
             h = rms_norm(x, layer.input_norm, eps)

@@ -77,7 +77,7 @@ def _settle(d: Deferred, job: object, result: object, error: BaseException | Non
         d.errback(Failure(PieError(f"model worker failed on {type(job).__name__}: {error}")))
 
 
-COMPUTE_KEYS = ("dtype", "weight_kernel", "head", "dense_dtype", "batch1_decode", "threads")
+COMPUTE_KEYS = ("dtype", "weight_kernel", "head", "dense_dtype", "decode_step", "threads")
 
 
 def load_worker(path: str, *, reactor: Any = None, **options: Any) -> LocalWorker:
@@ -197,7 +197,7 @@ class LocalModelService(Service):
         log.info("serving model {name}: {status}", name=service.name, status=service.status())
         log.info(
             "model {name} compute path: {dtype} activations, {weight_kernel} weight kernel, "
-            "{head} LM head, many-row GEMMs in {dense_dtype}, {batch1_decode} batch-1 decode step, "
+            "{head} LM head, many-row GEMMs in {dense_dtype}, {decode_step} decode step, "
             "{threads} torch threads",
             name=service.name,
             **(dict.fromkeys(COMPUTE_KEYS, "?") | self.worker.info.compute),

@@ -104,7 +104,10 @@ class FusedEqualsLayerLoop(TestCase):
         )
 
     def assertSameCaches(self, pages: list[int]):
-        for a, b in ((self.fused.cache.k, self.loop.cache.k), (self.fused.cache.v, self.loop.cache.v)):
+        for a, b in (
+            (self.fused.cache.k, self.loop.cache.k),
+            (self.fused.cache.v, self.loop.cache.v),
+        ):
             torch.testing.assert_close(a[:, :, pages], b[:, :, pages], rtol=1e-4, atol=1e-4)
 
     def test_one_sequence_on_shuffled_pages_with_a_gap_and_masks(self):

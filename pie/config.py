@@ -97,9 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
         "cpu_kernels",
         "auto",
         str,
-        "pie's compiled float32-activation CPU kernels, built with gcc at first use (auto: "
-        "the int8-group kernel for GGUF's 8-bit types; all: the int4 one too, exact but slower; "
-        "off).",
+        "pie's compiled CPU kernels, built with gcc at first use (auto: all of them, int4 "
+        "linears with two-int8 activations where the CPU has AVX512-VNNI; fp32: float32 "
+        "activations everywhere; off: torch's kernels and the layer loop).",
     ),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),
     Setting(

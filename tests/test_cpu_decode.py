@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.engine import cpu_kernels
 from pie.engine.batch import Forward, ForwardItem
-from pie.engine.cpu_decode import MAX_ITEMS
+from pie.engine.cpu_decode import INT4X8, MAX_ITEMS
 from pie.engine.engine import create_engine
 from pie.engine.quant import Int8Groups, Q4_1Weight, parse_q8_0
 from tests.model_fixtures import dense, tiny_model
@@ -56,10 +56,16 @@ class FusedEqualsLayerLoop(TestCase):
 
     overrides: dict = {}
     int8: tuple[str, ...] = ()
+    kernels = "fp32"  # float32 activations: the two paths agree to rounding (x8: a test below)
+    atol = ATOL  # on next-token probabilities
+    cache_tol = 1e-4  # on the K/V written
 
     def setUp(self):
         if not cpu_kernels.available():
             raise SkipTest("no compiled kernels here")
+        patcher = mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": self.kernels})
+        patcher.start()
+        self.addCleanup(patcher.stop)
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
         self.loaded, _ = tiny_model(folder.name, **self.overrides)
@@ -77,7 +83,7 @@ class FusedEqualsLayerLoop(TestCase):
         outs = [e.run(Forward(items)) for e in (self.fused, self.loop)]
         for a, b in zip(*outs, strict=True):
             diff = (dense(a[0], self.vocab) - dense(b[0], self.vocab)).abs().max().item()
-            self.assertLess(diff, ATOL, f"max |Δp| = {diff}")
+            self.assertLess(diff, self.atol, f"max |Δp| = {diff}")
 
     def prefill(self, pages: list[int], n: int) -> tuple[list[int], list[int]]:
         tokens = [self.rng.randrange(self.vocab) for _ in range(n)]
@@ -108,7 +114,8 @@ class FusedEqualsLayerLoop(TestCase):
             (self.fused.cache.k, self.loop.cache.k),
             (self.fused.cache.v, self.loop.cache.v),
         ):
-            torch.testing.assert_close(a[:, :, pages], b[:, :, pages], rtol=1e-4, atol=1e-4)
+            tol = self.cache_tol
+            torch.testing.assert_close(a[:, :, pages], b[:, :, pages], rtol=tol, atol=tol)
 
     def test_one_sequence_on_shuffled_pages_with_a_gap_and_masks(self):
         pages = [9, 2, 14, 30]
@@ -166,6 +173,24 @@ class Gemma3(FusedEqualsLayerLoop):
 
     overrides = GEMMA3
     int8 = ("up_proj.weight", "down_proj.weight")
+
+
+class LlamaX8(FusedEqualsLayerLoop):
+    """The default on AVX512-VNNI: int4 linears take int8 activations (the x8 kernel) in the
+    fused step and the layer loop alike. Their inputs differ by float32 rounding, which
+    can move an activation across an int8 rounding boundary: the distributions agree
+    to a looser bound (the real model's accuracy: tests/test_accuracy.py)."""
+
+    kernels = "auto"
+    atol = 5e-3
+    cache_tol = 1e-2
+
+    def setUp(self):
+        super().setUp()
+        if not cpu_kernels.library().pie_int4_x8():
+            raise SkipTest("no AVX512-VNNI here")
+        kinds = {layer.qkv.kind for layer in self.fused.model.fused._layers}
+        self.assertEqual(kinds, {INT4X8}, "the fused step takes the x8 kernel")
 
 
 class NotFused(TestCase):

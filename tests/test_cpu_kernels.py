@@ -1,5 +1,6 @@
-"""pie's compiled float32-activation CPU kernels: equal to the reference forms, the build
-cached under $PIE_HOME, and the torch paths kept where they are not available."""
+"""pie's compiled CPU kernels: equal to the reference forms (float32 activations, or int8
+ones for the x8 kernel, whose error against float32 is bounded), the build cached under
+$PIE_HOME, and the torch paths kept where they are not available."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import torch
 from twisted.trial.unittest import SkipTest, TestCase
 
 from pie.engine import cpu_kernels
-from pie.engine.cpu_kernels import Int4Packed, Int8Packed, int4_group_matmul, int8_group_matmul
+from pie.engine.cpu_kernels import (
+    Int4Packed,
+    Int8Packed,
+    int4_group_matmul,
+    int4_x8_matmul,
+    int8_group_matmul,
+    quantize_activations,
+)
 from pie.engine.quant import Int4Linear, Q4_1Weight, int4_kernel_name
 
 SHAPES = ((1, 32), (7, 96), (33, 608), (130, 1536))  # (N, K): odd N, K a few groups
+X8_SHAPES = ((16, 32), (48, 96), (64, 608), (144, 1536))  # 16 | N: the x8 layout
 
 
 def assert_matches(test: TestCase, got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor):
@@ -43,6 +52,45 @@ class KernelTests(TestCase):
                 x = torch.randn(rows, k, generator=self.g)
                 scale = int4_group_matmul(x.abs(), q, d, m.abs())
                 assert_matches(self, packed.matmul(x), int4_group_matmul(x, q, d, m), scale)
+
+    def x8_or_skip(self) -> None:
+        if not cpu_kernels.library().pie_int4_x8():
+            raise SkipTest("no AVX512-VNNI here: int4 weights keep the float32 kernel")
+
+    def test_x8_equals_its_reference_for_1_to_10_rows(self):
+        self.x8_or_skip()
+        for n, k in X8_SHAPES:
+            q, d, m = q4_1(n, k, self.g)
+            packed = Int4Packed.from_q4_1(q, d, m)
+            self.assertTrue(packed.x8)
+            for rows in range(1, 11):
+                x = torch.randn(rows, k, generator=self.g)
+                scale = int4_group_matmul(x.abs(), q, d, m.abs())
+                assert_matches(self, packed.matmul(x), int4_x8_matmul(x, q, d, m), scale)
+
+    def test_x8_error_against_float32_is_within_its_rounding_of_the_activations(self):
+        """|y_x8 - y_fp32| <= sum_k d q |x - x'|, x' the two-int8 x, <= sum_k d q sx / 256."""
+        self.x8_or_skip()
+        q, d, m = q4_1(144, 1536, self.g)
+        x = torch.randn(8, 1536, generator=self.g) * torch.linspace(0.1, 5, 1536)
+        x[:, ::97] *= 40  # outlier channels, as real activations have
+        _, _, sx = quantize_activations(x)
+        half_step = (sx / 256).repeat_interleave(32, dim=1)  # [8, K]
+        w = q.reshape(144, -1, 32).float() * d[:, :, None]
+        bound = half_step @ w.reshape(144, -1).T
+        err = (Int4Packed.from_q4_1(q, d, m).matmul(x) - int4_group_matmul(x, q, d, m)).abs()
+        self.assertTrue(bool((err <= bound * (1 + 1e-4) + 1e-4).all()), (err / bound).max())
+        self.assertGreater(err.max().item(), 0, "x8 rounds the activations")
+
+    def test_fp32_setting_or_n_not_a_multiple_of_16_keeps_the_float32_kernel(self):
+        q, d, m = q4_1(48, 96, self.g)
+        x = torch.randn(3, 96, generator=self.g)
+        with mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "fp32"}):
+            packed = Int4Packed.from_q4_1(q, d, m)
+        self.assertFalse(packed.x8)
+        scale = int4_group_matmul(x.abs(), q, d, m.abs())
+        assert_matches(self, packed.matmul(x), int4_group_matmul(x, q, d, m), scale)
+        self.assertFalse(Int4Packed.from_q4_1(q[:40], d[:40], m[:40]).x8)
 
     def test_int8_equals_the_reference_for_groups_of_16_and_32(self):
         for n, k in SHAPES:
@@ -86,9 +134,11 @@ class KernelTests(TestCase):
     def test_int4_linear_runs_it_for_float32_and_bfloat16_activations(self):
         w = Q4_1Weight.from_dense(np.random.default_rng(0).standard_normal((48, 96), np.float32))
         layer = Int4Linear(w, torch.bfloat16)
-        self.assertEqual((layer.kernel, int4_kernel_name()), ("int4-fp32", "int4-fp32"))
+        self.assertEqual(layer.kernel, "int4-fp32")  # pie's kernel; its packing says which
+        self.assertEqual(int4_kernel_name(), "int4-x8" if layer.fp32.x8 else "int4-fp32")
         x = torch.randn(3, 96, generator=self.g)
-        want = x @ torch.from_numpy(w.dequantize()).T
+        q, d, m = (torch.from_numpy(a) for a in (w.q, w.d, w.m))
+        want = (int4_x8_matmul if layer.fp32.x8 else int4_group_matmul)(x, q, d, m)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
         self.assertEqual(layer(x.bfloat16()).dtype, torch.bfloat16)
 

@@ -120,12 +120,26 @@ class EngineTests(TestCase):
     def test_with_pies_kernels_few_rows_are_the_exact_float32_product(self):
         if not cpu_kernels.available():
             raise SkipTest("no compiled kernels here")
-        engine = self.engine(AVX2)
+        with mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "fp32"}):
+            engine = self.engine(AVX2)
         self.assertEqual(engine.info.compute["weight_kernel"], "int4-fp32")
         name = "model.layers.0.mlp.down_proj.weight"
         x = torch.randn(3, self.loaded.weights[name].shape[1])
         want = x @ self.loaded.weights[name].T
         torch.testing.assert_close(engine.model.layers[0].down(x), want, rtol=1e-5, atol=1e-5)
+
+    def test_by_default_vnni_cpus_run_int4_x8_and_report_it(self):
+        if not cpu_kernels.available() or not cpu_kernels.library().pie_int4_x8():
+            raise SkipTest("no AVX512-VNNI kernels here")
+        engine = self.engine(AVX2)
+        self.assertEqual(engine.info.compute["weight_kernel"], "int4-x8")
+        down = engine.model.layers[0].down.int4.fp32
+        self.assertTrue(down.x8)
+        name = "model.layers.0.mlp.down_proj.weight"
+        x = torch.randn(3, self.loaded.weights[name].shape[1])
+        torch.testing.assert_close(
+            down.matmul(x), x @ self.loaded.weights[name].T, rtol=1e-3, atol=1e-3
+        )
 
     def test_native_bf16_keeps_bf16_dense_copies(self):
         engine = self.engine(AVX512_BF16)

@@ -24,7 +24,7 @@ from pie.engine.attention import AttentionPlan
 from pie.engine.kv_cache import KvCache
 from pie.engine.quant import Int4Linear, Int4OrDenseLinear, Int8GroupLinear
 
-INT4, INT8 = 0, 1
+INT4, INT8, INT4X8 = 0, 1, 2
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
 MAX_HEAD_DIM = 512  # the C side's RoPE scratch
 # past this many items the layer loop's many-row GEMMs (oneDNN, bf16 where native) win
@@ -108,8 +108,9 @@ def _linear(lin: object) -> tuple[Linear, list[torch.Tensor]] | None:
     b = keep[0].data_ptr() if keep else None
     if isinstance(few, Int4Linear) and few.fp32 is not None:
         p = few.fp32
+        kind = INT4X8 if p.x8 else INT4
         desc = Linear(
-            INT4, p.out_features, p.in_features, 32, _ptr(p.packed), _ptr(p.d), _ptr(p.m), b
+            kind, p.out_features, p.in_features, 32, _ptr(p.packed), _ptr(p.d), _ptr(p.m), b
         )
         return desc, keep + [p.packed, p.d, p.m]
     if isinstance(few, Int8GroupLinear):

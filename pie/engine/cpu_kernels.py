@@ -58,6 +58,34 @@ def int4_group_matmul(
     return x @ w.reshape(n, k).T
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] as the x8 kernel takes it, per group of 32: two int8 halves and a
+    scale, x ~= scale * (hi + lo / 256) (|error| <= scale / 512 but where lo is clamped
+    to 127: scale / 256). Returns hi, lo int8 [M, K] and scale float32 [M, K // 32]."""
+    g = x.reshape(x.shape[0], -1, 32)
+    top = g.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    t = g * inv
+    hi = torch.round(t)
+    lo = torch.round((t - hi) * 256.0).clamp(-127, 127)
+    as_int8 = [a.to(torch.int8).reshape(x.shape) for a in (hi, lo)]
+    return as_int8[0], as_int8[1], (top / 127.0)[..., 0]
+
+
+def int4_x8_matmul(
+    x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """int4_group_matmul with x as quantize_activations gives it in the d * q term (the min
+    term keeps the exact sums of x): the x8 kernel's results (AVX512-VNNI)."""
+    hi, lo, sx = quantize_activations(x)
+    n, k = q.shape
+    groups = (hi.to(torch.float32) + lo.to(torch.float32) / 256.0).reshape(x.shape[0], -1, 32)
+    xr = (groups * sx[..., None]).reshape(x.shape)
+    sums = x.reshape(x.shape[0], -1, 32).sum(dim=-1)
+    w = q.reshape(n, -1, 32).to(torch.float32) * d[:, :, None]
+    return xr @ w.reshape(n, k).T + sums @ m.T
+
+
 def cache_root() -> Path:
     """$PIE_HOME/kernels (PIE_HOME as pie.config's `home` default: else ~/.cache/pie)."""
     home = os.environ.get("PIE_HOME") or str(Path.home() / ".cache" / "pie")
@@ -117,6 +145,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.pie_int4_matmul.argtypes = [p, long, i, i, p, p, p, i, p, i]
     lib.pie_int4_matmul.restype = i
+    lib.pie_int4x8_matmul.argtypes = [p, long, i, i, p, p, p, i, p, i]
+    lib.pie_int4x8_matmul.restype = i
+    lib.pie_int4_x8.argtypes = []
+    lib.pie_int4_x8.restype = i
     lib.pie_int8_matmul.argtypes = [p, long, i, i, p, p, i, i, p, i]
     lib.pie_int8_matmul.restype = i
     lib.pie_decode_attention.argtypes = [
@@ -161,15 +193,23 @@ def library() -> ctypes.CDLL | None:
 def _probe(lib: ctypes.CDLL) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 96, generator=g)
-    q4 = torch.randint(0, 16, (40, 96), dtype=torch.uint8, generator=g)
-    d, m = torch.rand(40, 3, generator=g), torch.randn(40, 3, generator=g)
+    q4 = torch.randint(0, 16, (48, 96), dtype=torch.uint8, generator=g)
+    d, m = torch.rand(48, 3, generator=g), torch.randn(48, 3, generator=g)
     q8 = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
     s = torch.rand(40, 6, generator=g)
-    got4 = Int4Packed.from_q4_1(q4, d, m).matmul(x, lib=lib)
+    ok = True
+    for n in (40, 48):  # 40 rows: the float32 layout; 48 (16 | N): x8 where the CPU has VNNI
+        packed = Int4Packed.from_q4_1(q4[:n], d[:n], m[:n], lib=lib)
+        want = (int4_x8_matmul if packed.x8 else int4_group_matmul)(x, q4[:n], d[:n], m[:n])
+        ok = ok and torch.allclose(packed.matmul(x, lib=lib), want, rtol=1e-4, atol=1e-4)
     got8 = Int8Packed(q8, s).matmul(x, lib=lib)
-    return torch.allclose(got4, int4_group_matmul(x, q4, d, m), rtol=1e-4, atol=1e-4) and (
-        torch.allclose(got8, int8_group_matmul(x, q8, s), rtol=1e-4, atol=1e-3)
-    )
+    return ok and torch.allclose(got8, int8_group_matmul(x, q8, s), rtol=1e-4, atol=1e-3)
+
+
+def use_x8() -> bool:
+    """Whether int4 weights may take the x8 kernel (int8 activations): the `cpu_kernels`
+    setting auto (the default); fp32 keeps every activation in float32."""
+    return os.environ.get("PIE_CPU_KERNELS", "auto") == "auto"
 
 
 def available() -> bool:
@@ -186,29 +226,43 @@ def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
 class Int4Packed:
     """A Q4_1 weight [N, K] packed for pie_int4_matmul: per group of 32, 16 bytes with
     element j in the low nibble of byte j and j + 16 in its high one (ggml's Q4_1 order),
-    d and m float32 [N, K // 32]."""
+    d and m float32 [N, K // 32]; or, where `x8`, for pie_int4x8_matmul (int8
+    activations, AVX512-VNNI; its layout is described in cpu_kernels.c)."""
 
-    def __init__(self, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
-        self.packed, self.d, self.m = packed, d, m
-        self.out_features, self.in_features = d.shape[0], packed.shape[1] * 2
+    def __init__(self, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, x8: bool = False):
+        self.packed, self.d, self.m, self.x8 = packed, d, m, x8
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
 
     @staticmethod
-    def from_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Int4Packed:
-        """From q uint8 [N, K] (0..15) and float32 d, m [N, K // 32] (int4_group_matmul's)."""
+    def from_q4_1(
+        q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, lib: ctypes.CDLL | None = None
+    ) -> Int4Packed:
+        """From q uint8 [N, K] (0..15) and float32 d, m [N, K // 32] (int4_group_matmul's);
+        in the x8 layout where `lib` (default: the loaded kernels) has it and 16 | N."""
         n, k = q.shape
         if k % 32 or d.shape != (n, k // 32) or m.shape != d.shape:
             raise ValueError(f"Q4_1 needs K % 32 == 0 and d, m [N, K/32]: {q.shape}, {d.shape}")
-        blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+        lib = lib or library()
+        q, d, m = q.to(torch.uint8), d.to(torch.float32), m.to(torch.float32)
+        if lib is not None and lib.pie_int4_x8() and n % 16 == 0 and use_x8():
+            # [blocks, 16, G, half, part, 4] -> [blocks, G, part, 16, 4, half]
+            blocks = q.reshape(n // 16, 16, k // 32, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)
+            packed = (blocks[..., 0] | (blocks[..., 1] << 4)).contiguous()
+
+            def per_block(a: torch.Tensor) -> torch.Tensor:
+                return a.reshape(n // 16, 16, k // 32).transpose(1, 2).contiguous()
+
+            return Int4Packed(packed.reshape(n, k // 2), per_block(d), per_block(m), x8=True)
+        blocks = q.reshape(n, k // 32, 2, 16)
         packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-        f32 = torch.float32
-        return Int4Packed(packed, d.to(f32).contiguous(), m.to(f32).contiguous())
+        return Int4Packed(packed, d.contiguous(), m.contiguous())
 
     def matmul(self, x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
         """x float32 [M, K] -> [M, N], as int4_group_matmul on the unpacked weight."""
         lib = lib or library()
         x = _activations(x, self.in_features)
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        status = lib.pie_int4_matmul(
+        status = (lib.pie_int4x8_matmul if self.x8 else lib.pie_int4_matmul)(
             x.data_ptr(),
             x.stride(0),
             x.shape[0],

@@ -393,8 +393,13 @@ class Int4OrDenseLinear:
 
 
 def int4_kernel_name() -> str:
-    """What Int4Linear runs on this machine: "int4-fp32" (pie's kernel) or "int4" (torch's)."""
-    return "int4-fp32" if cpu_kernels.available() else "int4"
+    """What Int4Linear runs on this machine: "int4-x8" (pie's kernel with two-int8
+    activations, AVX512-VNNI), "int4-fp32" (pie's, float32 activations) or "int4" (torch's)."""
+    if not cpu_kernels.available():
+        return "int4"
+    return (
+        "int4-x8" if cpu_kernels.library().pie_int4_x8() and cpu_kernels.use_x8() else "int4-fp32"
+    )
 
 
 def int4_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -157,8 +157,8 @@ class LocalModelService(Service):
     async def _load(self) -> None:
         s = self.settings
         path = resolve_model(s["model"], s["home"])
-        if s["cpu_kernels"] not in ("auto", "off"):
-            raise PieError(f"cpu_kernels must be auto or off, not {s['cpu_kernels']!r}")
+        if s["cpu_kernels"] not in ("auto", "fp32", "off"):
+            raise PieError(f"cpu_kernels must be auto, fp32 or off, not {s['cpu_kernels']!r}")
         if s["cpu_kernels"] != "auto":  # read by pie.engine.cpu_kernels (and child workers)
             os.environ["PIE_CPU_KERNELS"] = s["cpu_kernels"]
         log.info(

@@ -24,6 +24,11 @@ llama-cpp-python lives in its own virtual environment, /work/main/.bench-venv
 it (`python -m venv .bench-venv && .bench-venv/bin/pip install llama-cpp-python`,
 a source build of several minutes) and runs llama.cpp there, in a child process
 that loads the model once and answers JSON requests on stdin/stdout.
+
+--avx2 runs both sides as an AVX2-only CPU would, on this one: pie's kernels built with
+PIE_CPU_MARCH=x86-64-v3, torch and oneDNN capped at AVX2 (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA: so `dtype auto` takes what it takes there), and llama.cpp from
+.bench-venv-avx2, built with GGML_NATIVE=OFF GGML_AVX2=ON GGML_AVX512=OFF.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+AVX2_VENV = os.path.join(ROOT, ".bench-venv-avx2")
+AVX2_ENV = {
+    "PIE_CPU_MARCH": "x86-64-v3",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+AVX2_CMAKE = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+)
 TOPICS = [
     "the ocean", "a lighthouse", "mountains", "a small robot", "the moon", "a library",
     "winter", "a train journey", "bees", "a city at night", "volcanoes", "a garden",
@@ -75,10 +89,10 @@ def llama_child(model: str, threads: int) -> None:
 class LlamaCpp:
     """The child process running llama.cpp in .bench-venv."""
 
-    def __init__(self, model: str, threads: int) -> None:
-        python = os.path.join(BENCH_VENV, "bin", "python")
+    def __init__(self, model: str, threads: int, venv: str = BENCH_VENV) -> None:
+        python = os.path.join(venv, "bin", "python")
         if not _has_llama_cpp(python):
-            _make_bench_venv(python)
+            _make_bench_venv(venv)
         self.proc = subprocess.Popen(
             [python, os.path.abspath(__file__), "--llama-child", "--model", model,
              "--threads", str(threads)],
@@ -108,15 +122,18 @@ def _has_llama_cpp(python: str) -> bool:
     return subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
 
 
-def _make_bench_venv(python: str) -> None:
-    print(f"making {BENCH_VENV} with llama-cpp-python (a source build: minutes)", flush=True)
+def _make_bench_venv(venv: str) -> None:
+    print(f"making {venv} with llama-cpp-python (a source build: minutes)", flush=True)
+    python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "llama-cpp-python"], check=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    env = dict(os.environ, CMAKE_ARGS=AVX2_CMAKE) if venv == AVX2_VENV else None
+    install = [python, "-m", "pip", "install", "--no-cache-dir", "llama-cpp-python==0.3.36"]
+    subprocess.run(install, check=True, env=env)
 
 
-def llama_version() -> str:
-    python = os.path.join(BENCH_VENV, "bin", "python")
+def llama_version(venv: str = BENCH_VENV) -> str:
+    python = os.path.join(venv, "bin", "python")
     probe = "import llama_cpp; print(llama_cpp.__version__)"
     return subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.strip()
 
@@ -194,11 +211,15 @@ async def run(reactor, opts) -> None:
     worker = load_worker(model, device="cpu", num_pages=512)
     torch.set_num_threads(opts.threads)  # after the load: the engine sets the affinity count
     service = ModelService(worker, reactor=reactor)
-    llama = LlamaCpp(model, opts.threads)
-    print(f"model {model}")
+    venv = AVX2_VENV if opts.avx2 else BENCH_VENV
+    llama = LlamaCpp(model, opts.threads, venv)
+    print(
+        f"model {model}"
+        + (f" (as an AVX2-only CPU: {AVX2_ENV}, llama.cpp {AVX2_CMAKE})" if opts.avx2 else "")
+    )
     print(
         f"threads {opts.threads} (both sides), torch {torch.__version__}, "
-        f"llama-cpp-python {llama_version()}, ours {worker.info.dtype} on {worker.info.device}, "
+        f"llama-cpp-python {llama_version(venv)}, ours {worker.info.dtype} on {worker.info.device}, "
         f"compute {getattr(worker.info, 'compute', {})}"
     )
     prompts = prompts_for(worker.tokenizer, opts.streams)
@@ -267,11 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet-wait", type=float, default=30.0,
         help="before each run wait up to this many seconds for other load to leave the CPU",
     )  # fmt: skip
+    parser.add_argument(
+        "--avx2", action="store_true", help="both sides as on an AVX2-only CPU (see above)"
+    )
     parser.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.llama_child:
         llama_child(opts.model, opts.threads)
         return 0
+    if opts.avx2:  # before torch is imported: it reads these once
+        os.environ.update(AVX2_ENV)
     from twisted.internet import defer, task
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, opts)))

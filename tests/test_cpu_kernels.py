@@ -168,6 +168,32 @@ class BuildTests(TestCase):
         with mock.patch("pie.engine.cpu_path.cpu_flags", return_value=frozenset({"sse2"})):
             self.assertNotEqual(cpu_kernels.build_key("gcc"), first.parent.name)
 
+    def test_the_avx2_build_equals_the_references(self):
+        """PIE_CPU_MARCH=x86-64-v3 builds the code an AVX2-only CPU runs (no x8 there)."""
+        with mock.patch.dict(os.environ, {"PIE_CPU_MARCH": "x86-64-v3"}):
+            path = cpu_kernels.library_path()
+        self.assertNotEqual(path, cpu_kernels.library_path(), "its own key")
+        lib = cpu_kernels._declare(cpu_kernels.ctypes.CDLL(str(path)))
+        self.assertTrue(cpu_kernels._probe(lib))
+        self.assertEqual(lib.pie_int4_x8(), 0)
+        g = torch.Generator().manual_seed(3)
+        for n, k in SHAPES:
+            q, d, m = q4_1(n, k, g)
+            packed = Int4Packed.from_q4_1(q, d, m, lib=lib)
+            self.assertFalse(packed.x8)
+            qi = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+            s = torch.rand(n, k // 32, generator=g)
+            for rows in (1, 3, 8, 10):
+                x = torch.randn(rows, k, generator=g)
+                scale = int4_group_matmul(x.abs(), q, d, m.abs())
+                assert_matches(
+                    self, packed.matmul(x, lib=lib), int4_group_matmul(x, q, d, m), scale
+                )
+                got = Int8Packed(qi, s).matmul(x, lib=lib)
+                assert_matches(
+                    self, got, int8_group_matmul(x, qi, s), int8_group_matmul(x.abs(), qi.abs(), s)
+                )
+
     def test_no_compiler_or_a_failed_build_means_not_available(self):
         with mock.patch.dict(os.environ, {"CC": "/nonexistent/gcc"}):
             self.assertIsNone(cpu_kernels.library_path())

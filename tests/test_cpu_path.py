@@ -42,6 +42,15 @@ class ChoiceTests(TestCase):
                 self.assertEqual((path.dtype, path.weight_kernel), (torch.float32, "int4-fp32"))
         self.assertEqual(choose_cpu_path(AVX2, False, True, True).weight_kernel, "dense")
 
+    def test_onednn_capped_at_avx2_hides_the_avx512_and_amx_flags(self):
+        cpuinfo = "processor: 0\nflags\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16\n"
+        with mock.patch("builtins.open", mock.mock_open(read_data=cpuinfo)):
+            self.assertIn("avx512_bf16", cpu_path.cpu_flags())
+            with mock.patch.dict(os.environ, {"ONEDNN_MAX_CPU_ISA": "avx2"}):
+                flags = cpu_path.cpu_flags()
+        self.assertEqual(flags, {"fpu", "avx2", "fma"})
+        self.assertEqual(choose_cpu_path(flags, True, True).dense_dtype, torch.float32)
+
     def test_many_row_gemms_in_bf16_only_where_the_cpu_has_it(self):
         for flags, dense in (
             (AVX2, torch.float32),

@@ -8,7 +8,7 @@ These functions keep the file's integers and float32 group scales and compute
 in float32.
 
 The kernels are C (cpu_kernels.c, next to this file), built at first use with
-gcc -march=native into $PIE_HOME/kernels/<key>/ (key: the source, the flags, the
+gcc -march=native (or $PIE_CPU_MARCH) into $PIE_HOME/kernels/<key>/ (key: the source, the flags, the
 compiler's version and the CPU's flags) and loaded with ctypes. Where gcc is
 missing, the build or its probe fails, or PIE_CPU_KERNELS=off (the `cpu_kernels`
 setting), `available()` is False and the callers keep their torch paths. The
@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=gnu11")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=gnu11")
+
+
+def march() -> str:
+    """gcc's -march: native, or $PIE_CPU_MARCH (e.g. x86-64-v3 builds the AVX2 code, so one
+    machine can test and time what an AVX2-only CPU runs)."""
+    return os.environ.get("PIE_CPU_MARCH") or "native"
+
+
 BUILD_TIMEOUT_S = 60
 
 
@@ -104,7 +112,7 @@ def build_key(compiler: str) -> str:
         check=True,
     ).stdout.strip()
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (*CFLAGS, version, platform.machine(), *sorted(cpu_flags())):
+    for part in (*CFLAGS, march(), version, platform.machine(), *sorted(cpu_flags())):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:20]
 
@@ -127,7 +135,7 @@ def library_path() -> Path | None:
         os.close(fd)
         try:
             subprocess.run(
-                [compiler, *CFLAGS, "-o", tmp, str(SOURCE)],
+                [compiler, *CFLAGS, f"-march={march()}", "-o", tmp, str(SOURCE)],
                 capture_output=True,
                 timeout=BUILD_TIMEOUT_S,
                 check=True,

@@ -5,7 +5,8 @@ it: the path keeps GGUF's Q4_1 weights at 4 bits. Where gcc builds pie's own
 kernel (pie.engine.cpu_kernels: float32 activations, within ~10% of torch's
 per call at one row; batch-1 decode 0.77-0.83x of torch's int4 on the AMX Xeon,
 bench/cpu_kernels.py --decode) it runs them ("int4-fp32": the exact float32
-product, next-token agreement 100% vs 98.7%); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
+product, next-token agreement 100% vs 98.7%; "int4-x8" where the CPU has AVX512-VNNI:
+activations as two int8 halves, 99.95%, ~2.8x faster at 8 rows); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
 (with fp32 ones it takes a slow path, ~10x). Its x86 code has AVX512 and AVX2
 versions, so the int4 path serves every x86 CPU where a probe of the kernel
 gives the right answer.
@@ -61,16 +62,25 @@ def choose_cpu_path(
     return CpuPath(dense, dense, "dense")
 
 
+AVX2_LEVEL_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"})
+
+
 def cpu_flags() -> frozenset[str]:
-    """The flags line of /proc/cpuinfo (empty where there is none)."""
+    """The flags line of /proc/cpuinfo (empty where there is none), less avx512*/amx* where
+    ONEDNN_MAX_CPU_ISA caps oneDNN at AVX2 or below: its bf16 GEMM is then emulated (~5x
+    slower than fp32), so the path must not count on native bf16."""
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in AVX2_LEVEL_ISAS:
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return flags
 
 
 @functools.cache

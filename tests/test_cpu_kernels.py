@@ -169,31 +169,29 @@ class BuildTests(TestCase):
             self.assertNotEqual(cpu_kernels.build_key("gcc"), first.parent.name)
 
     def test_the_avx2_build_equals_the_references(self):
-        """PIE_CPU_MARCH=x86-64-v3 builds the code an AVX2-only CPU runs (no x8 there)."""
+        """PIE_CPU_MARCH=x86-64-v3 builds the code an AVX2-only CPU runs (x8 on maddubs)."""
         with mock.patch.dict(os.environ, {"PIE_CPU_MARCH": "x86-64-v3"}):
             path = cpu_kernels.library_path()
         with mock.patch.dict(os.environ, {"PIE_CPU_MARCH": "native"}):
             self.assertNotEqual(path, cpu_kernels.library_path(), "its own key")
         lib = cpu_kernels._declare(cpu_kernels.ctypes.CDLL(str(path)))
         self.assertTrue(cpu_kernels._probe(lib))
-        self.assertEqual(lib.pie_int4_x8(), 0)
+        self.assertEqual(lib.pie_int4_x8(), 2)
         g = torch.Generator().manual_seed(3)
-        for n, k in SHAPES:
+        for (n, k), x8 in [(shape, False) for shape in SHAPES] + [(s, True) for s in X8_SHAPES]:
             q, d, m = q4_1(n, k, g)
-            packed = Int4Packed.from_q4_1(q, d, m, lib=lib)
-            self.assertFalse(packed.x8)
+            with mock.patch.dict(os.environ, {"PIE_CPU_KERNELS": "auto"}):
+                packed = Int4Packed.from_q4_1(q, d, m, lib=lib)
+            self.assertEqual(packed.x8, x8)
             qi = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
             s = torch.rand(n, k // 32, generator=g)
-            for rows in (1, 3, 8, 10):
+            for rows in (1, 3, 4, 5, 8, 10):
                 x = torch.randn(rows, k, generator=g)
+                want = (int4_x8_matmul if x8 else int4_group_matmul)(x, q, d, m)
                 scale = int4_group_matmul(x.abs(), q, d, m.abs())
-                assert_matches(
-                    self, packed.matmul(x, lib=lib), int4_group_matmul(x, q, d, m), scale
-                )
-                got = Int8Packed(qi, s).matmul(x, lib=lib)
-                assert_matches(
-                    self, got, int8_group_matmul(x, qi, s), int8_group_matmul(x.abs(), qi.abs(), s)
-                )
+                assert_matches(self, packed.matmul(x, lib=lib), want, scale)
+                got, want = Int8Packed(qi, s).matmul(x, lib=lib), int8_group_matmul(x, qi, s)
+                assert_matches(self, got, want, int8_group_matmul(x.abs(), qi.abs(), s))
 
     def test_no_compiler_or_a_failed_build_means_not_available(self):
         with mock.patch.dict(os.environ, {"CC": "/nonexistent/gcc"}):

@@ -173,7 +173,9 @@ Layout ("x8"): blocks of 16 output rows; per block and group 4 x 64 bytes, byte
 one load gives two 4-byte chunks for each of the 16 outputs (one per dpbusd lane); d and
 m as [N / 16, G, 16]. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define PIE_X8 1
+#define PIE_X8 1 /* vpdpbusd: 64 byte products summed by 4 in one instruction */
+#elif defined(__AVX2__)
+#define PIE_X8 2 /* vpmaddubsw + vpmaddwd: the same integer sums, 8 outputs per register */
 #else
 #define PIE_X8 0
 #endif
@@ -203,7 +205,7 @@ static void quant_row(const float *x, int K, int8_t *xq, float *sx, float *xsum)
     }
 }
 
-#if PIE_X8
+#if PIE_X8 == 1
 /* 16 outputs of one block for R (<= RT) rows: y[r * ldy + i], i < 16. */
 static inline __attribute__((always_inline)) void int4x8_block(
     int R, const int8_t *xq, long ldq, const float *sx, const float *xsum, long lds, int G,
@@ -235,6 +237,49 @@ static inline __attribute__((always_inline)) void int4x8_block(
         }
     }
     for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ldy, acc[r]);
+}
+#elif PIE_X8 == 2
+/* As above with AVX2: each 64-byte part is two registers (outputs 0-7, 8-15). maddubs gives
+   per output two int16 sums of 2 products (<= 2 * 15 * 127); 8 of them stay below 2^15, so
+   they add as int16 before maddwd sums each output's pair into int32. */
+static inline __attribute__((always_inline)) void int4x8_block(
+    int R, const int8_t *xq, long ldq, const float *sx, const float *xsum, long lds, int G,
+    const uint8_t *q, const float *d, const float *m, float *y, long ldy) {
+    __m256 acc[RT][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < G; g++) {
+        const uint8_t *qg = q + (long)g * 256;
+        for (int h = 0; h < 2; h++) {
+            __m256i w[8];
+            for (int j = 0; j < 4; j++) {
+                const __m256i b = _mm256_loadu_si256((const void *)(qg + 64 * j + 32 * h));
+                w[j] = _mm256_and_si256(b, low);
+                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+            }
+            const __m256 dg = _mm256_loadu_ps(d + 16 * g + 8 * h);
+            const __m256 mg = _mm256_loadu_ps(m + 16 * g + 8 * h);
+            for (int r = 0; r < R; r++) {
+                const int32_t *xr = (const int32_t *)(xq + r * ldq + 32 * g);
+                const int32_t *xl = (const int32_t *)(xq + r * ldq + 32 * (G + g));
+                __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xr[0]));
+                __m256i t = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xl[0]));
+                for (int c = 1; c < 8; c++) {
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(xr[c])));
+                    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(xl[c])));
+                }
+                const __m256i si = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(s, ones), 8),
+                                                    _mm256_madd_epi16(t, ones));
+                const __m256 scale = _mm256_mul_ps(dg, _mm256_set1_ps(sx[r * lds + g]));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), scale, acc[r][h]);
+                acc[r][h] = _mm256_fmadd_ps(mg, _mm256_set1_ps(xsum[r * lds + g]), acc[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+        _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+    }
 }
 #else
 static inline void int4x8_block(int R, const int8_t *xq, long ldq, const float *sx,

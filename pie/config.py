@@ -98,7 +98,7 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         str,
         "pie's compiled CPU kernels, built with gcc at first use (auto: all of them, int4 "
-        "linears with two-int8 activations where the CPU has AVX512-VNNI; fp32: float32 "
+        "linears with two-int8 activations with AVX512-VNNI or AVX2; fp32: float32 "
         "activations everywhere; off: torch's kernels and the layer loop).",
     ),
     Setting("page_size", 16, int, "Tokens per KV-cache page."),

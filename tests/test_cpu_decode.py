@@ -176,7 +176,7 @@ class Gemma3(FusedEqualsLayerLoop):
 
 
 class LlamaX8(FusedEqualsLayerLoop):
-    """The default on AVX512-VNNI: int4 linears take int8 activations (the x8 kernel) in the
+    """The default with AVX512-VNNI or AVX2: int4 linears take int8 activations (the x8 kernel) in the
     fused step and the layer loop alike. Their inputs differ by float32 rounding, which
     can move an activation across an int8 rounding boundary: the distributions agree
     to a looser bound (the real model's accuracy: tests/test_accuracy.py)."""
@@ -188,7 +188,7 @@ class LlamaX8(FusedEqualsLayerLoop):
     def setUp(self):
         super().setUp()
         if not cpu_kernels.library().pie_int4_x8():
-            raise SkipTest("no AVX512-VNNI here")
+            raise SkipTest("no x8 kernel here (no AVX2)")
         kinds = {layer.qkv.kind for layer in self.fused.model.fused._layers}
         self.assertEqual(kinds, {INT4X8}, "the fused step takes the x8 kernel")
 

@@ -55,7 +55,7 @@ class KernelTests(TestCase):
 
     def x8_or_skip(self) -> None:
         if not cpu_kernels.library().pie_int4_x8():
-            raise SkipTest("no AVX512-VNNI here: int4 weights keep the float32 kernel")
+            raise SkipTest("no x8 kernel here (no AVX2): int4 weights keep the float32 kernel")
 
     def test_x8_equals_its_reference_for_1_to_10_rows(self):
         self.x8_or_skip()

@@ -84,7 +84,7 @@ def int4_x8_matmul(
     x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
 ) -> torch.Tensor:
     """int4_group_matmul with x as quantize_activations gives it in the d * q term (the min
-    term keeps the exact sums of x): the x8 kernel's results (AVX512-VNNI)."""
+    term keeps the exact sums of x): the x8 kernel's results (AVX512-VNNI or AVX2)."""
     hi, lo, sx = quantize_activations(x)
     n, k = q.shape
     groups = (hi.to(torch.float32) + lo.to(torch.float32) / 256.0).reshape(x.shape[0], -1, 32)
@@ -235,7 +235,7 @@ class Int4Packed:
     """A Q4_1 weight [N, K] packed for pie_int4_matmul: per group of 32, 16 bytes with
     element j in the low nibble of byte j and j + 16 in its high one (ggml's Q4_1 order),
     d and m float32 [N, K // 32]; or, where `x8`, for pie_int4x8_matmul (int8
-    activations, AVX512-VNNI; its layout is described in cpu_kernels.c)."""
+    activations, AVX512-VNNI or AVX2; its layout is described in cpu_kernels.c)."""
 
     def __init__(self, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor, x8: bool = False):
         self.packed, self.d, self.m, self.x8 = packed, d, m, x8

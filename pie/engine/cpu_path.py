@@ -5,7 +5,7 @@ it: the path keeps GGUF's Q4_1 weights at 4 bits. Where gcc builds pie's own
 kernel (pie.engine.cpu_kernels: float32 activations, within ~10% of torch's
 per call at one row; batch-1 decode 0.77-0.83x of torch's int4 on the AMX Xeon,
 bench/cpu_kernels.py --decode) it runs them ("int4-fp32": the exact float32
-product, next-token agreement 100% vs 98.7%; "int4-x8" where the CPU has AVX512-VNNI:
+product, next-token agreement 100% vs 98.7%; "int4-x8" with AVX512-VNNI or AVX2:
 activations as two int8 halves, 99.95%, ~2.8x faster at 8 rows); else torch's int4 weight-only kernel, which is fast only with bf16 inputs
 (with fp32 ones it takes a slow path, ~10x). Its x86 code has AVX512 and AVX2
 versions, so the int4 path serves every x86 CPU where a probe of the kernel

@@ -394,7 +394,7 @@ class Int4OrDenseLinear:
 
 def int4_kernel_name() -> str:
     """What Int4Linear runs on this machine: "int4-x8" (pie's kernel with two-int8
-    activations, AVX512-VNNI), "int4-fp32" (pie's, float32 activations) or "int4" (torch's)."""
+    activations, AVX512-VNNI or AVX2), "int4-fp32" (pie's, float32 activations) or "int4" (torch's)."""
     if not cpu_kernels.available():
         return "int4"
     return (

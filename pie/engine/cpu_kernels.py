@@ -1,4 +1,5 @@
-"""Weight-only quantized matmuls with float32 activations on the CPU (the contract).
+"""Weight-only quantized matmuls on the CPU: float32 activations, or for int4 weights two
+int8 halves of them (the x8 kernel, its error bounded; the contract).
 
 Why: torch 2.13's int4 CPU kernel is fast only with bf16 inputs and rounds its
 inputs, outputs and scales to bf16, which costs next-token agreement with the
@@ -206,7 +207,7 @@ def _probe(lib: ctypes.CDLL) -> bool:
     q8 = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
     s = torch.rand(40, 6, generator=g)
     ok = True
-    for n in (40, 48):  # 40 rows: the float32 layout; 48 (16 | N): x8 where the CPU has VNNI
+    for n in (40, 48):  # 40 rows: the float32 layout; 48 (16 | N): x8 with AVX512-VNNI or AVX2
         packed = Int4Packed.from_q4_1(q4[:n], d[:n], m[:n], lib=lib)
         want = (int4_x8_matmul if packed.x8 else int4_group_matmul)(x, q4[:n], d[:n], m[:n])
         ok = ok and torch.allclose(packed.matmul(x, lib=lib), want, rtol=1e-4, atol=1e-4)
